@@ -40,6 +40,7 @@ import urllib.parse  # noqa: E402
 import bottle  # noqa: E402
 import gevent  # noqa: E402
 import requests  # noqa: E402
+import urllib3.exceptions  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from gevent.queue import Queue  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
@@ -110,6 +111,13 @@ settings = Settings(os.environ)
 # ---------------------------------------------------------------------------
 # Upstream client: bytes -> lines -> SSE events -> chunks (WIRE.md §5)
 # ---------------------------------------------------------------------------
+
+def redact(text):
+    """Text from the upstream with our API key blanked out (some proxies echo it back)."""
+    if text and settings.api_key and settings.api_key in text:
+        return text.replace(settings.api_key, "[redacted]")
+    return text
+
 
 class UpstreamError(Exception):
     """The model server refused, failed or broke off; the message is for the user."""
@@ -286,7 +294,9 @@ class Completion:
             if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
                 continue
             deltas.extend(self._apply_choice(choice))
-        usage = obj.get("usage") or (obj.get("x_groq") or {}).get("usage")
+        usage = obj.get("usage")
+        if not usage and isinstance(obj.get("x_groq"), dict):
+            usage = obj["x_groq"].get("usage")
         if isinstance(usage, dict):
             self.usage = usage
         # Content on the same chunk as the error (OpenRouter) was appended first.
@@ -371,7 +381,9 @@ def open_completion(session, messages):
 def connection_problem(exc):
     """A short cause for a connection error: refused, name not found, reset..."""
     text = str(exc)
-    for needle, words in (("refused", "connection refused"), ("Name or service", "unknown host"),
+    for needle, words in (("BadStatusLine", "it did not answer with HTTP"),
+                          ("RemoteDisconnected", "it closed the connection without answering"),
+                          ("refused", "connection refused"), ("Name or service", "unknown host"),
                           ("getaddrinfo", "unknown host"), ("timed out", "timed out"),
                           ("reset", "connection reset")):
         if needle in text:
@@ -463,40 +475,43 @@ class ThinkSplitter:
     def __init__(self):
         self.state = "start"  # start -> think -> content, or start -> content
         self.held = ""
+        self.trim = False     # just after a tag: newlines that follow it are layout, not text
 
     def feed(self, text):
         """Return the (kind, text) pieces of this content delta that can be shown now."""
-        if self.state == "content":
+        if self.state == "content" and not self.trim:
             return [("message", text)]
         self.held += text
-        out = []
         if self.state == "start":
             stripped = self.held.lstrip()
             if len(stripped) < len(THINK_OPEN) and THINK_OPEN.startswith(stripped):
-                return out
+                return []
             if not stripped.startswith(THINK_OPEN):
                 self.state = "content"
-                text, self.held = self.held, ""
-                return [("message", text)]
-            self.state = "think"
-            self.held = stripped[len(THINK_OPEN):].lstrip("\r\n")
+                return self._release("message", len(self.held))
+            self.state, self.held, self.trim = "think", stripped[len(THINK_OPEN):], True
+        if self.state == "content":
+            return self._release("message", len(self.held))
         end = self.held.find(THINK_CLOSE)
-        if end >= 0:
-            reasoning, rest = self.held[:end], self.held[end + len(THINK_CLOSE):].lstrip("\r\n")
-            self.state, self.held = "content", ""
-            if reasoning:
-                out.append(("reasoning", reasoning))
-            if rest:
-                out.append(("message", rest))
-            return out
-        keep = partial_suffix(self.held, THINK_CLOSE)
-        ready, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return [("reasoning", ready)] if ready else []
+        if end < 0:
+            return self._release("reasoning", len(self.held) - partial_suffix(self.held, THINK_CLOSE))
+        out = self._release("reasoning", end)
+        self.held = self.held[len(THINK_CLOSE):]
+        self.state, self.trim = "content", True
+        return out + self._release("message", len(self.held))
+
+    def _release(self, kind, upto):
+        """Emit held[:upto] as kind, minus the newlines right after a tag."""
+        ready, self.held = self.held[:upto], self.held[upto:]
+        if self.trim:
+            ready = ready.lstrip("\r\n")
+            self.trim = not ready
+        return [(kind, ready)] if ready else []
 
     def close(self):
         """Return what was held back at the end of the answer."""
         held, self.held = self.held, ""
-        if not held:
+        if not held or self.trim and not held.strip("\r\n"):
             return []
         return [("reasoning" if self.state == "think" else "message", held)]
 
@@ -587,7 +602,7 @@ class Stream:
         """Publish the finished bubble as the last event; nothing is published after it."""
         if self.finished:
             return
-        self.status, self.error = status, error
+        self.status, self.error = status, redact(error)
         try:
             bubble = render_answer(self)
         except Exception:  # noqa: BLE001 — a rendering bug must not leave the bubble streaming
@@ -685,12 +700,12 @@ def relay_upstream(stream):
     except StopRequested:
         stream.finish("stopped")
     except UpstreamTimeout:
-        stream.finish("error", f"The model server sent nothing for {settings.read_timeout:.0f} seconds; "
+        stream.finish("error", f"The model server sent nothing for {settings.read_timeout:g} seconds; "
                                "gave up waiting.")
     except UpstreamError as exc:
         stream.finish("error", str(exc))
-    except (requests.RequestException, OSError, ValueError) as exc:
-        # urllib3 raises ProtocolError (a ValueError/OSError kin) when the body breaks off.
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        # urllib3 raises ProtocolError (an HTTPError, not a RequestException) when the body breaks off.
         log.warning("upstream broke off: %r", exc)
         stream.finish("error", "The connection to the model server broke off mid-answer.")
     except Exception:  # noqa: BLE001 — the bubble must end whatever went wrong
@@ -993,6 +1008,8 @@ def demo_completions():
 @app.error(503)
 def error_page(error):
     """Short, honest error answers; tracebacks stay in the log."""
+    if error.status_code == 413:
+        return form_error(413, f"Your message is too large; the limit is {settings.max_prompt:,} characters.")
     bottle.response.content_type = "text/plain; charset=utf-8"
     return html.escape(f"{error.status_line}: {error.body or ''}\n")
 

@@ -23,7 +23,7 @@
   form.addEventListener("htmx:afterRequest", function (e) {
     if (e.detail.elt !== form) return;
     // Only a successful send clears the box: on an error the user's words stay.
-    if (e.detail.successful) {
+    if (e.detail.xhr && e.detail.xhr.status === 200) {
       form.reset();
       announce("Answering…");
       stick = true;

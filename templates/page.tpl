@@ -9,7 +9,7 @@
 <link rel="stylesheet" href="/static/chat.css">
 <link rel="stylesheet" href="/static/pygments.css">
 <!-- Show 4xx/5xx bodies (readable messages) in #form-error instead of dropping them. -->
-<meta name="htmx-config" content='{"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":true,"target":"#form-error","swapOverride":"innerHTML"}],"allowEval":false,"includeIndicatorStyles":false}'>
+<meta name="htmx-config" content='{"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":false,"target":"#form-error","swapOverride":"innerHTML"}],"allowEval":false,"includeIndicatorStyles":false}'>
 <script src="/static/htmx.min.js"></script>
 <script src="/static/htmx-ext-sse.js"></script>
 <script src="/static/chat.js" defer></script>
@@ -31,7 +31,7 @@
 <form id="composer" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send">
   <div id="form-error" aria-live="assertive"></div>
   <div class="row">
-    <textarea name="prompt" id="prompt" rows="2" maxlength="{{max_prompt}}" placeholder="Message (Enter to send, Shift+Enter for a new line)" aria-label="Message" autofocus></textarea>
+    <textarea name="prompt" id="prompt" rows="2" placeholder="Message (Enter to send, Shift+Enter for a new line)" aria-label="Message" autofocus></textarea>
     <button type="submit" id="send" aria-label="Send message">Send</button>
   </div>
 </form>

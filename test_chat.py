@@ -1,0 +1,1603 @@
+from gevent import monkey; monkey.patch_all()  # noqa: E702 — must run before anything imports socket
+# gevent must patch socket, ssl, select and threading before requests, urllib3 or chat.py
+# import them: the fake upstream, chat.py's relay greenlets, the gevent server and the
+# test's own HTTP clients all share one hub, so one unpatched blocking call would freeze
+# every one of them (and the test would hang instead of failing).
+
+# Tests for chat.py: a real loopback fake upstream replays the sample streams of
+# /work/shared/streams byte for byte (whole, one byte per chunk, random chunk boundaries;
+# chunked and close-delimited; with and without a charset), WIRE.md variations built as
+# bytes here, SSE framing against SPEC §4, escaping, input limits, a real gevent server for
+# everything that depends on timing, the built-in demo model, and the README run command.
+#
+# Random chunk boundaries use a seed printed by each test (shown on failure); rerun with
+# CHAT_TEST_SEED=<seed> to replay the same boundaries.
+
+import html  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+from collections import namedtuple  # noqa: E402
+from html.parser import HTMLParser  # noqa: E402
+from http import HTTPStatus  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+import pytest  # noqa: E402
+import requests  # noqa: E402
+import webtest  # noqa: E402
+from gevent.server import StreamServer  # noqa: E402
+
+import chat  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+STREAMS_DIR = Path(os.environ.get("CHAT_STREAMS_DIR") or next(
+    (p for p in (HERE / "streams", HERE.parent / "shared" / "streams") if p.is_dir()), HERE / "streams"))
+EXPECTED = {f["file"]: f for f in json.loads((STREAMS_DIR / "expected.json").read_text())["files"]}
+SSE_FILES = sorted(name for name in EXPECTED if name.endswith(".sse"))
+HTTP_FILES = sorted(name for name in EXPECTED if name.endswith(".http"))
+BASE_SEED = int(os.environ.get("CHAT_TEST_SEED") or random.randrange(1 << 31))
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+API_KEY = "sk-secret-123"
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch):
+    """Point chat.py at nothing real (no env upstream, key or proxy) and leave no stream running."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setattr(chat.settings, "base_url", "http://127.0.0.1:9/v1")  # discard port: refused
+    monkeypatch.setattr(chat.settings, "api_key", None)
+    monkeypatch.setattr(chat.settings, "model", "test-model")
+    yield
+    for stream in list(chat.streams.by_id.values()):
+        if stream.greenlet:
+            stream.greenlet.kill(block=True, timeout=2)
+    chat.streams.by_id.clear()
+
+
+@pytest.fixture
+def upstream(monkeypatch):
+    """A fake upstream on a random loopback port, with chat.py configured to use it."""
+    fake = FakeUpstream()
+    fake.serve("openai-basic.sse")  # a plain answer until the test serves something else
+    monkeypatch.setattr(chat.settings, "base_url", fake.url)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def client():
+    """chat.app in process through WebTest (lint on)."""
+    return webtest.TestApp(chat.app)
+
+
+@pytest.fixture
+def server():
+    """chat.app on a real gevent chat.Server on a random loopback port; yields its base URL."""
+    srv = chat.Server(("127.0.0.1", 0), chat.app, log=None)
+    srv.start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.stop(timeout=2)
+
+
+@pytest.fixture
+def open_sse(server):
+    """Open /events readers on the real server; all are closed at teardown."""
+    readers = []
+
+    def open_reader(stream_id, last_event_id=None):
+        reader = SSEReader(server, stream_id, last_event_id)
+        readers.append(reader)
+        return reader
+
+    yield open_reader
+    for reader in readers:
+        reader.close()
+
+
+@pytest.fixture
+def seed(request):
+    """A per-test seed for random chunk boundaries, printed so a failure can be replayed."""
+    value = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % (1 << 31)
+    print(f"random chunk boundaries: CHAT_TEST_SEED={BASE_SEED} (this test's seed {value})")
+    return value
+
+
+@pytest.fixture
+def demo(server, monkeypatch):
+    """chat.py on its built-in demo model, served by the real server itself."""
+    monkeypatch.setattr(chat.settings, "base_url", None)
+    monkeypatch.setattr(chat.settings, "model", None)
+    monkeypatch.setattr(chat.settings, "port", int(server.rsplit(":", 1)[1]))
+    monkeypatch.setattr(chat.settings, "demo_delay", 0)
+    return server
+
+
+def free_port():
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def clean_env(**extra):
+    """The environment without upstream, key, model, listen or proxy settings."""
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "OPENAI_BASE_URL", "OPENAI_API_KEY", "CHAT_MODEL", "HOST", "PORT", *PROXY_VARS)}
+    return {**env, **extra}
+
+
+@pytest.fixture
+def chat_process(tmp_path):
+    """`python chat.py --port <free port>` running from the repo; yields its base URL."""
+    port = free_port()
+    log_path = tmp_path / "chat.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "chat.py", "--port", str(port)], cwd=HERE, stdout=log_file, stderr=subprocess.STDOUT,
+            env=clean_env(CHAT_DB=str(tmp_path / "chat.db"), CHAT_DEMO_DELAY="0.001", PYTHONUNBUFFERED="1"))
+    base = f"http://127.0.0.1:{port}"
+
+    def answering():
+        assert process.poll() is None, f"chat.py exited: {log_path.read_text()}"
+        try:
+            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_until(answering, timeout=15, what=f"/healthz of `python chat.py --port {port}`")
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# ---------------------------------------------------------------------------
+# The fake upstream: a raw-socket OpenAI-compatible server that replays bytes exactly
+# ---------------------------------------------------------------------------
+
+class RecordedRequest:
+    """One request the fake upstream received, and what became of its connection."""
+
+    def __init__(self, method, path, headers, body):
+        self.method, self.path, self.headers, self.body = method, path, headers, body
+        self.client_closed = gevent.event.Event()   # the client hung up before we were done
+        self.answered = gevent.event.Event()        # we wrote the whole reply
+
+    @property
+    def json(self):
+        """The request body parsed as JSON."""
+        return json.loads(self.body)
+
+
+class Reply:
+    """A scripted answer: the bytes, how they are framed and cut, and where to pause, hang or drop."""
+
+    def __init__(self, head, body, *, chunked, cuts, action=None, action_at=None):
+        self.head, self.body, self.chunked = head, body, chunked
+        self.action, self.action_at = action, action_at
+        points = sorted({c for c in cuts if 0 < c < len(body)} | ({action_at} - {None, 0, len(body)}))
+        bounds = [0, *points, len(body)]
+        self.pieces = [body[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        self.gate = gevent.event.Event()  # set it to let a paused reply go on
+
+
+def cut_points(length, chunking, seed=0):
+    """Offsets to cut a body at: none (whole), after every byte, random (seeded), or given."""
+    if chunking == "whole":
+        return []
+    if chunking == "bytes":
+        return list(range(1, length))
+    if chunking == "random":
+        rng, points, at = random.Random(seed), [], 0
+        while True:
+            at += rng.randint(1, 48)
+            if at >= length:
+                return points
+            points.append(at)
+    return list(chunking)
+
+
+def cuts_after(body, needle):
+    """Cut points right after every occurrence of needle (to split CR from LF, say)."""
+    return [m.end() for m in re.finditer(re.escape(needle), body)]
+
+
+def offset_in(body, at):
+    """A byte offset: an int as is, or the end of the first occurrence of a bytes marker."""
+    if at is None or isinstance(at, int):
+        return at
+    index = body.find(at)
+    assert index >= 0, f"marker {at!r} not in the body"
+    return index + len(at)
+
+
+def content_type_header(content_type, charset):
+    """The Content-Type to send: as given, or with the charset forced on (True) or off (False)."""
+    if content_type is None or charset is None:
+        return content_type
+    base = content_type.split(";")[0].strip()
+    return base + "; charset=utf-8" if charset else base
+
+
+class FakeUpstream:
+    """An OpenAI-compatible server on a random loopback port that writes exactly the bytes it is told to."""
+
+    DEFAULT = object()
+
+    def __init__(self):
+        self.requests = []
+        self.reply = None
+        self.shutdown = gevent.event.Event()
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def serve(self, source, *, status=200, content_type=DEFAULT, charset=None, transfer="chunked",
+              chunking="whole", seed=0, raw=None, headers=(), pause_at=None, hang_at=None, drop_at=None):
+        """Answer the following chat requests with source (a streams/ file name or bytes); return the Reply.
+
+        transfer: "chunked", "close" (close-delimited) or "length"; raw (default for .http files):
+        source is a whole HTTP response written verbatim. chunking cuts the writes: "whole",
+        "bytes", "random" (seeded) or a list of offsets; each piece is one write and, when
+        chunked, one HTTP chunk. pause_at / hang_at / drop_at (an offset or a bytes marker
+        whose end is the offset) pause until reply.gate is set, stall until the client hangs
+        up, or close the socket mid-body.
+        """
+        if isinstance(source, str):
+            name, body = source, (STREAMS_DIR / source).read_bytes()
+            raw = name.endswith(".http") if raw is None else raw
+            if content_type is self.DEFAULT and not raw:
+                content_type = EXPECTED[name]["http"]["content_type"]
+        else:
+            body = source
+        if content_type is self.DEFAULT:
+            content_type = "text/event-stream"
+        head = b""
+        if not raw:
+            lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+            ctype = content_type_header(content_type, charset)
+            if ctype is not None:
+                lines.append(f"Content-Type: {ctype}")
+            if transfer == "chunked":
+                lines.append("Transfer-Encoding: chunked")
+            elif transfer == "length":
+                lines.append(f"Content-Length: {len(body)}")
+            lines += ["Connection: close", *(f"{k}: {v}" for k, v in headers)]
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        action, action_at = next(((a, offset_in(body, at)) for a, at in
+                                  (("pause", pause_at), ("hang", hang_at), ("drop", drop_at)) if at is not None),
+                                 (None, None))
+        self.reply = Reply(head, body, chunked=transfer == "chunked" and not raw,
+                           cuts=cut_points(len(body), chunking, seed), action=action, action_at=action_at)
+        return self.reply
+
+    def release(self):
+        """Let the current reply go on past its pause."""
+        self.reply.gate.set()
+
+    @property
+    def last(self):
+        """The most recent chat request."""
+        chats = [r for r in self.requests if r.path.endswith("/chat/completions")]
+        assert chats, "the fake upstream received no chat request"
+        return chats[-1]
+
+    def stop(self):
+        """Wake every paused or hanging reply and stop listening."""
+        self.shutdown.set()
+        self.server.stop(timeout=1)
+
+    # -- connection handling ------------------------------------------------
+
+    def _handle(self, sock, _address):
+        """Serve one request on one connection, then close it."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one write, one segment
+        request = self._read_request(sock)
+        if request is None:
+            return
+        self.requests.append(request)
+        watcher = gevent.spawn(self._watch_for_hangup, sock, request)
+        try:
+            if request.method == "POST" and request.path.endswith("/chat/completions"):
+                self._send(sock, self.reply, request)
+            elif request.path.endswith("/models"):
+                body = b'{"object":"list","data":[{"id":"fake-model","object":"model"}]}'
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            else:
+                sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        except OSError:
+            request.client_closed.set()
+        finally:
+            watcher.kill()
+            sock.close()
+
+    def _send(self, sock, reply, request):
+        """Write the head, then each piece (framed as a chunk if chunked), acting at action_at."""
+        assert reply is not None, "call upstream.serve() before chat.py asks the fake upstream"
+        if reply.head:
+            sock.sendall(reply.head)
+        offset = 0
+        for piece in reply.pieces:
+            if offset == reply.action_at and not self._act(reply, request):
+                return
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if reply.chunked else piece)
+            offset += len(piece)
+        if offset == reply.action_at and not self._act(reply, request):
+            return
+        if reply.chunked:
+            sock.sendall(b"0\r\n\r\n")
+        request.answered.set()
+
+    def _act(self, reply, request):
+        """Pause, hang or drop at the scripted offset; return True to go on writing."""
+        if reply.action == "pause":
+            gevent.wait([reply.gate, request.client_closed, self.shutdown], count=1)
+            return reply.gate.is_set() and not request.client_closed.is_set()
+        if reply.action == "hang":
+            gevent.wait([request.client_closed, self.shutdown], count=1)
+        return False  # drop: the socket closes mid-body
+
+    @staticmethod
+    def _read_request(sock):
+        """Read one HTTP request (head and Content-Length body); None if the client went away."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        first, *lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = first.split(" ", 2)
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        while len(body) < int(headers.get("content-length") or 0):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return RecordedRequest(method, path, headers, body)
+
+    @staticmethod
+    def _watch_for_hangup(sock, request):
+        """Notice the client closing its end while we are still writing (or paused)."""
+        try:
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        request.client_closed.set()
+
+
+# ---------------------------------------------------------------------------
+# Helpers: waiting, SSE parsing, HTML inspection, talking to chat.py
+# ---------------------------------------------------------------------------
+
+def wait_until(condition, timeout=2.0, what="the condition"):
+    """Poll condition (cooperatively) until it is true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        gevent.sleep(0.01)
+
+
+Event = namedtuple("Event", "id event data")
+
+
+def parse_sse(raw):
+    """The complete events and comments in an SSE body (LF framing, as chat.py writes it)."""
+    events, comments = [], []
+    blocks = raw.decode("utf-8").split("\n\n")
+    for block in blocks[:-1]:  # the last piece is an incomplete frame (or empty)
+        event_id, name, data = None, "message", []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                comments.append(line[1:].removeprefix(" "))
+                continue
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                name = value
+            elif field == "id":
+                event_id = int(value)
+        if data:
+            events.append(Event(event_id, name, "\n".join(data)))
+    return events, comments
+
+
+def token_text(events, kind):
+    """The concatenated, unescaped text of the <span> tokens of one event kind."""
+    parts = []
+    for event in events:
+        if event.event == kind:
+            match = re.fullmatch(r"<span>(.*)</span>", event.data, re.S)
+            assert match, f"a {kind} event is not one <span>: {event.data!r}"
+            parts.append(html.unescape(match.group(1)))
+    return "".join(parts)
+
+
+class Transcript:
+    """The parsed frames of an /events response body."""
+
+    def __init__(self, raw, headers=None):
+        self.raw, self.headers = raw, headers or {}
+        self.events, self.comments = parse_sse(raw)
+
+    @property
+    def message(self):
+        """The answer text as relayed token by token."""
+        return token_text(self.events, "message")
+
+    @property
+    def reasoning(self):
+        """The reasoning text as relayed token by token."""
+        return token_text(self.events, "reasoning")
+
+    @property
+    def ids(self):
+        """The event ids in order."""
+        return [event.id for event in self.events]
+
+    @property
+    def finished(self):
+        """True once the done event arrived."""
+        return any(event.event == "done" for event in self.events)
+
+    @property
+    def done(self):
+        """The finished bubble's HTML; it must be the one and last event."""
+        assert self.events, "no events at all"
+        assert [e.event for e in self.events].count("done") == 1, "not exactly one done event"
+        assert self.events[-1].event == "done", "done is not the last event"
+        return self.events[-1].data
+
+
+class SSEReader:
+    """An /events client over a real socket that collects frames as they arrive."""
+
+    def __init__(self, base, stream_id, last_event_id=None):
+        headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+        self.response = requests.get(f"{base}/events", params={"stream": stream_id}, headers=headers,
+                                     stream=True, timeout=10)
+        self.raw = b""
+        self.eof = False
+
+    @property
+    def transcript(self):
+        """What has arrived so far, parsed."""
+        return Transcript(self.raw, self.response.headers)
+
+    def read_until(self, condition, timeout=5.0, what="the events"):
+        """Read whatever arrives until condition(transcript) holds; return the transcript."""
+        with gevent.Timeout(timeout, AssertionError(f"timed out after {timeout} s waiting for {what}; "
+                                                    f"got {self.raw[-600:]!r}")):
+            while not condition(self.transcript):
+                assert not self.eof, f"the stream ended before {what}: {self.raw[-600:]!r}"
+                data = self.response.raw.read1(65536)
+                self.eof = not data
+                self.raw += data
+        return self.transcript
+
+    def read_to_end(self, timeout=5.0):
+        """Read until the server closes the response."""
+        return self.read_until(lambda _: self.eof, timeout, "the end of the response")
+
+    def close(self):
+        """Hang up, like a closed browser tab."""
+        self.response.close()
+
+
+def send(client, prompt="Hi", status=200):
+    """POST a prompt through WebTest; return the new stream id (or the response, for errors)."""
+    response = client.post("/streaming", {"prompt": prompt}, status=status)
+    if status != 200:
+        return response
+    match = re.search(r'sse-connect="/events\?stream=([A-Za-z0-9_-]+)"', response.text)
+    assert match, f"no sse-connect in {response.text!r}"
+    return match.group(1)
+
+
+def read_events(client, stream_id, last_event_id=None, timeout=10):
+    """GET /events through WebTest and read the (finite) stream to its end."""
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    with gevent.Timeout(timeout, AssertionError("/events did not finish")):
+        response = client.get("/events", {"stream": stream_id}, headers=headers)
+    return Transcript(response.body, response.headers)
+
+
+def relay(client, prompt="Hi"):
+    """Send a prompt and read its whole event stream."""
+    return read_events(client, send(client, prompt))
+
+
+def post_prompt(base, prompt="Hi"):
+    """POST a prompt to the real server; return the stream id."""
+    response = requests.post(f"{base}/streaming", data={"prompt": prompt}, timeout=5)
+    assert response.status_code == 200, response.text
+    return re.search(r'sse-connect="/events\?stream=([A-Za-z0-9_-]+)"', response.text).group(1)
+
+
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class Element:
+    """One HTML element: tag, attributes and the text inside it."""
+
+    def __init__(self, tag, attrs):
+        self.tag, self.attrs, self.parts = tag, dict(attrs), []
+
+    @property
+    def text(self):
+        """Its text content (entities decoded)."""
+        return "".join(self.parts)
+
+    @property
+    def classes(self):
+        """Its class names."""
+        return (self.attrs.get("class") or "").split()
+
+
+class _ElementCollector(HTMLParser):
+    """Collects every element of a fragment with its text."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.elements, self.open = [], []
+
+    def handle_starttag(self, tag, attrs):
+        element = Element(tag, attrs)
+        self.elements.append(element)
+        if tag not in VOID_TAGS:
+            self.open.append(element)
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.open) - 1, -1, -1):
+            if self.open[i].tag == tag:
+                del self.open[i:]
+                break
+
+    def handle_data(self, data):
+        for element in self.open:
+            element.parts.append(data)
+
+
+def elements(fragment, tag=None, cls=None, **attrs):
+    """The elements of an HTML fragment with this tag, class and attributes (role="alert"...)."""
+    parser = _ElementCollector()
+    parser.feed(fragment)
+    parser.close()
+    return [e for e in parser.elements if (tag is None or e.tag == tag) and (cls is None or cls in e.classes)
+            and all(k in e.attrs and e.attrs[k] == v for k, v in attrs.items())]
+
+
+def alerts(fragment):
+    """The texts of the role="alert" elements."""
+    return [e.text for e in elements(fragment, role="alert")]
+
+
+def notes(fragment):
+    """The texts of the notes under an answer."""
+    return [e.text for e in elements(fragment, "p", cls="note")]
+
+
+def footer(fragment):
+    """The footer line of a finished bubble."""
+    (span,) = elements(fragment, "span", cls="footer")
+    return span.text
+
+
+def source_text(fragment):
+    """The answer's Markdown source kept in the finished bubble."""
+    found = elements(fragment, "template", cls="source")
+    return found[0].text if found else ""
+
+
+def reasoning_text(fragment):
+    """The text of the finished bubble's reasoning block ("" if it has none)."""
+    found = elements(fragment, "div", cls="reasoning-text")
+    return found[0].text if found else ""
+
+
+def assert_no_active_markup(fragment):
+    """Nothing in the fragment can run script or act as htmx: no script/img, no on*/hx-get/src attributes."""
+    for element in elements(fragment):
+        assert element.tag not in ("script", "img", "iframe"), f"<{element.tag}> in {fragment!r}"
+        bad = [a for a in element.attrs if a.startswith("on") or a in ("hx-get", "hx-post", "src")]
+        assert not bad, f"attribute {bad} on <{element.tag}> in {fragment!r}"
+
+
+def assert_still_serving(client, upstream):
+    """After an error, the next request relays a normal answer."""
+    upstream.serve("openai-basic.sse")
+    transcript = relay(client, "again")
+    assert transcript.message == "Hello, World!"
+    assert alerts(transcript.done) == []
+
+
+def shown_answer(expect):
+    """The (answer, reasoning) the page shows for an expected parse: a leading <think> block is reasoning."""
+    content, reasoning = expect["content"], expect["reasoning"]
+    if content.lstrip().startswith("<think>"):
+        thought, _, content = content.lstrip()[len("<think>"):].partition("</think>")
+        content, reasoning = content.lstrip("\r\n"), thought.strip()
+    return content, reasoning
+
+
+def parse_stream(body, cuts=()):
+    """Feed a body through LineSplitter, SSEParser and Completion in pieces cut at cuts."""
+    lines, sse, completion = chat.LineSplitter(), chat.SSEParser(), chat.Completion()
+    bounds = [0, *sorted(c for c in cuts if 0 < c < len(body)), len(body)]
+    for start, end in zip(bounds, bounds[1:]):
+        for line in lines.feed(body[start:end]):
+            event = sse.feed(line)
+            if event:
+                completion.apply(*event)
+    for line in lines.close():
+        event = sse.feed(line)
+        if event:
+            completion.apply(*event)
+    event = sse.close()
+    if event:
+        completion.apply(*event)
+    return completion
+
+
+def data(obj, *, prefix=b"data: ", end=b"\n\n"):
+    """One SSE data event carrying obj as JSON (raw UTF-8, like pydantic and llama.cpp)."""
+    return prefix + json.dumps(obj, ensure_ascii=False).encode() + end
+
+
+def choice(delta=None, finish=None, **extra):
+    """A chunk with one choice (index 0)."""
+    c = {"index": 0, "finish_reason": finish, **extra}
+    if delta is not None:
+        c["delta"] = delta
+    return {"object": "chat.completion.chunk", "model": "fake-model", "choices": [c]}
+
+
+ROLE = data(choice({"role": "assistant", "content": ""}))
+FINISH = data(choice({}, "stop"))
+DONE = b"data: [DONE]\n\n"
+
+
+def answer(*parts, finish="stop", done=True):
+    """A streamed answer: role chunk, one chunk per part, finish chunk, [DONE]."""
+    body = ROLE + b"".join(data(choice({"content": p})) for p in parts)
+    if finish:
+        body += data(choice({}, finish))
+    return body + (DONE if done else b"")
+
+
+# ---------------------------------------------------------------------------
+# The sample streams: parsed directly, and relayed end to end
+# ---------------------------------------------------------------------------
+
+CHUNKINGS = ("whole", "bytes", "random")
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("name", SSE_FILES)
+def test_sample_stream_parses_as_expected(name, chunking, seed):
+    """LineSplitter + SSEParser + Completion extract what expected.json says, whatever the read boundaries."""
+    body, expect = (STREAMS_DIR / name).read_bytes(), EXPECTED[name]["expect"]
+    completion = parse_stream(body, cut_points(len(body), chunking, seed))
+    assert "".join(completion.content) == expect["content"]
+    assert "".join(completion.reasoning) == expect["reasoning"]
+    assert completion.finish_reason == expect["finish_reason"]
+    if not expect["error"]:
+        # After an error the parser stops (WIRE.md §5.5), so a [DONE] that follows is never read.
+        assert completion.done_marker == expect["done_marker"]
+    assert (completion.usage is not None) == expect["usage_present"]
+    assert [completion.tool_calls[i] for i in sorted(completion.tool_calls)] == expect["tool_calls"]
+    assert completion.error == (expect["error"] and expect["error"]["message"])
+
+
+@pytest.mark.parametrize("name", HTTP_FILES)
+def test_sample_error_body_gives_its_message(name):
+    """body_message() finds the human message in each sample error response."""
+    body = (STREAMS_DIR / name).read_bytes().partition(b"\r\n\r\n")[2]
+    assert chat.body_message(body) == EXPECTED[name]["expect"]["error_message"]
+
+
+@pytest.mark.parametrize("charset", (True, False), ids=("charset", "no-charset"))
+@pytest.mark.parametrize("transfer", ("chunked", "close"))
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("name", SSE_FILES)
+def test_sample_stream_is_relayed(client, upstream, name, chunking, transfer, charset, seed):
+    """Each sample, replayed over loopback, reaches the browser token by token and ends in the right bubble."""
+    expect = EXPECTED[name]["expect"]
+    content, reasoning = shown_answer(expect)
+    upstream.serve(name, transfer=transfer, chunking=chunking, seed=seed, charset=charset)
+
+    transcript = relay(client)
+
+    assert transcript.raw.startswith(b": connected\nretry: 1000\n\n")
+    assert b"\r" not in transcript.raw
+    assert transcript.ids == list(range(1, len(transcript.events) + 1))
+    assert transcript.message == content
+    # Inline <think>: the newline before </think> is part of the relayed thought; the bubble trims it.
+    assert (transcript.reasoning.rstrip("\r\n") if content != expect["content"] else transcript.reasoning) == reasoning
+    bubble = transcript.done
+    assert source_text(bubble) == content
+    assert reasoning_text(bubble) == reasoning
+    if content:
+        assert elements(bubble, "div", cls="markdown", **{"hx-disable": None})
+    if reasoning:
+        (details,) = elements(bubble, "details", cls="reasoning")
+        assert "open" not in details.attrs
+    if expect["error"]:
+        assert len(alerts(bubble)) == 1
+        assert expect["error"]["message"] in alerts(bubble)[0]
+        assert html.escape(expect["error"]["message"]) in bubble
+    else:
+        assert alerts(bubble) == []
+    expected_notes = [f"The model asked to run the tool {call['name']}({call['arguments']}); chat.py runs no tools."
+                      for call in expect["tool_calls"]]
+    if expect.get("truncation"):
+        expected_notes.insert(0, chat.NOTES["truncated"])
+    assert notes(bubble) == expected_notes
+    if expect["finish_reason"]:
+        assert f"finish: {expect['finish_reason']}" in footer(bubble)
+    if expect["usage_present"]:
+        assert re.search(r"\d+ in / \d+ out tokens", footer(bubble))
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("name", HTTP_FILES)
+def test_sample_error_response_is_shown(client, upstream, name, chunking, seed):
+    """Each sample error response, written verbatim, ends the bubble with its message in an alert."""
+    upstream.serve(name, chunking=chunking, seed=seed)
+    status = int((STREAMS_DIR / name).read_bytes().split(b" ", 2)[1])
+
+    transcript = relay(client)
+
+    assert transcript.message == ""
+    (alert,) = alerts(transcript.done)
+    assert str(status) in alert
+    assert EXPECTED[name]["expect"]["error_message"] in alert
+    assert_still_serving(client, upstream)
+
+
+def test_read_completion_yields_deltas_from_a_live_response(upstream):
+    """read_completion() over a real requests response yields the reasoning and content deltas in order."""
+    upstream.serve("vllm-reasoning.sse", transfer="close", chunking="bytes")
+    response = requests.post(upstream.url + "/chat/completions", json={}, stream=True, timeout=5)
+    completion = chat.Completion()
+
+    deltas = list(chat.read_completion(response, completion))
+
+    assert "".join(t for k, t in deltas if k == "reasoning") == "Okay, 9.11 vs 9.8."
+    assert "".join(t for k, t in deltas if k == "content") == "9.8 is greater."
+    assert [k for k, _ in deltas] == sorted((k for k, _ in deltas), key=("reasoning", "content").index)
+    assert completion.done_marker and completion.finish_reason == "stop"
+
+
+def test_request_to_upstream_is_a_streaming_chat_completion(client, upstream):
+    """chat.py POSTs the prompt to /chat/completions with stream, include_usage and the model."""
+    upstream.serve("openai-basic.sse")
+    relay(client, "What is 2+2?")
+    request = upstream.last
+    assert (request.method, request.path) == ("POST", "/v1/chat/completions")
+    assert request.json["stream"] is True
+    assert request.json["stream_options"] == {"include_usage": True}
+    assert request.json["model"] == "test-model"
+    assert request.json["messages"][-1] == {"role": "user", "content": "What is 2+2?"}
+
+
+# ---------------------------------------------------------------------------
+# WIRE.md variations the sample files do not cover
+# ---------------------------------------------------------------------------
+
+# A CRLF stream whose JSON spans two data: lines (to be cut between every CR and its LF).
+_MULTILINE_CRLF = (ROLE + b'data: {"choices":[{"index":0,\ndata: "delta":{"content":"Hi"}}]}\n\n'
+                   + data(choice({"content": " there"})) + FINISH + DONE).replace(b"\n", b"\r\n")
+_BARE_CR = answer("Hi", " there").replace(b"\n", b"\r")
+_OPENROUTER_ERROR = {"choices": [{"index": 0, "delta": {"content": " world"}, "finish_reason": "error"}],
+                     "error": {"message": "Provider returned error", "code": 502}}
+
+WIRE_VARIATIONS = [
+    pytest.param(_BARE_CR, {}, dict(content="Hi there"), id="bare-cr-line-endings"),
+    pytest.param(_BARE_CR, {"chunking": "bytes"}, dict(content="Hi there"), id="bare-cr-one-byte-per-chunk"),
+    pytest.param(_MULTILINE_CRLF, {"chunking": cuts_after(_MULTILINE_CRLF, b"\r")}, dict(content="Hi there"),
+                 id="crlf-split-between-cr-and-lf"),
+    pytest.param(ROLE + data(choice({"content": "Kimi"}), prefix=b"data:") + FINISH + b"data:[DONE]\n\n", {},
+                 dict(content="Kimi"), id="data-without-space"),
+    pytest.param(ROLE + data(choice({"content": "Hel"})) + b'event: error\ndata: {"error":{"message":'
+                 b'"Overloaded, try later"}}\n\n', {}, dict(content="Hel", alert="Overloaded, try later"),
+                 id="event-error-json"),
+    pytest.param(ROLE + data(choice({"content": "Hel"})) + b"event: error\ndata: upstream exploded\n\n", {},
+                 dict(content="Hel", alert="upstream exploded"), id="event-error-text"),
+    pytest.param(ROLE + data(choice({"content": "Hel"})) + b'error: {"code":500,"message":"llama legacy '
+                 b'failure","type":"server_error"}\n\n' + DONE, {},
+                 dict(content="Hel", alert="llama legacy failure"), id="legacy-llamacpp-error-field"),
+    pytest.param(ROLE + data({"choices": None, "id": "x"}) + data(choice({"content": "Hel"}))
+                 + data({"id": "no-choices-at-all"}) + data({"choices": []}) + data(choice({"content": "lo"}))
+                 + FINISH + DONE, {}, dict(content="Hello"), id="choices-null-missing-empty"),
+    pytest.param(ROLE + data(choice(None, content_filter_results={"hate": {"filtered": False}}))
+                 + data(choice({"content": "Azure"})) + FINISH + DONE, {}, dict(content="Azure"),
+                 id="choice-without-delta"),
+    pytest.param(ROLE + data(choice({"content": "Kimi"})) + data(choice({}, "stop", usage={
+                 "prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})) + DONE, {},
+                 dict(content="Kimi", footer="5 in / 2 out tokens"), id="usage-inside-choice"),
+    pytest.param(ROLE + data(choice({"content": "Groq"})) + data({**choice({}, "stop"), "x_groq": {"usage": {
+                 "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}}) + DONE, {},
+                 dict(content="Groq", footer="7 in / 3 out tokens"), id="usage-under-x-groq"),
+    pytest.param(ROLE + data(choice({"reasoning_content": "Think.", "reasoning": "Think."}))
+                 + data(choice({"content": "Answer."})) + FINISH + DONE, {},
+                 dict(content="Answer.", reasoning="Think."), id="reasoning-content-and-reasoning-taken-once"),
+    pytest.param(ROLE + data(choice({"reasoning_details": [{"type": "reasoning.text", "text": "Deep."}]}))
+                 + data(choice({"content": "Answer."})) + FINISH + DONE, {},
+                 dict(content="Answer.", reasoning="Deep."), id="reasoning-details"),
+    pytest.param(ROLE + data(choice({"reasoning": "Hmm.", "reasoning_details": [
+                 {"type": "reasoning.text", "text": "Hmm."}]})) + data(choice({"content": "Ok."})) + FINISH + DONE,
+                 {}, dict(content="Ok.", reasoning="Hmm."), id="reasoning-and-reasoning-details-taken-once"),
+    pytest.param(answer("Done.") + data(choice({"content": " JUNK"})) + b"garbage line\n\n" + DONE, {},
+                 dict(content="Done."), id="done-followed-by-junk"),
+    pytest.param(answer("Fin.", done=False), {}, dict(content="Fin.", footer="finish: stop"),
+                 id="finish-reason-without-done"),
+    pytest.param(answer("Half an", finish=None, done=False), {},
+                 dict(content="Half an", note=chat.NOTES["truncated"]), id="eof-without-done-or-finish"),
+    pytest.param(answer("Long", finish="length"), {}, dict(content="Long", note="cut off"), id="finish-length"),
+    pytest.param(answer("Bad", finish="content_filter"), {}, dict(content="Bad", note="content filter"),
+                 id="finish-content-filter"),
+    pytest.param(ROLE + data(choice({"content": "Hello"})) + data(_OPENROUTER_ERROR), {},
+                 dict(content="Hello world", alert="Provider returned error"), id="openrouter-error-with-content"),
+    pytest.param(ROLE + data(choice({"content": "Par"})) + b'data: {"error":"Input validation error: tgi"}\n\n'
+                 + DONE, {}, dict(content="Par", alert="Input validation error: tgi"), id="data-error-string"),
+    pytest.param(ROLE + data(choice({"content": "Par"})) + b'data: {"object":"error","message":"flat failure",'
+                 b'"type":"BadRequestError","param":null,"code":400}\n\n' + DONE, {},
+                 dict(content="Par", alert="flat failure"), id="flat-object-error-midstream"),
+    pytest.param(ROLE + data(choice({"content": None, "refusal": "I can't help with that."})) + FINISH + DONE,
+                 {}, dict(content="I can't help with that."), id="refusal-shown-as-content"),
+    pytest.param(ROLE + data(choice({"content": "a\u2028b c\u0085d \u2029e"})) + FINISH + DONE, {},
+                 dict(content="a\u2028b c\u0085d \u2029e"), id="raw-u2028-u0085-u2029-in-json"),
+    pytest.param(b":\n\n: keep-alive\n\n: OPENROUTER PROCESSING\n\n: ping - 2025-01-01 00:00:00\n\n"
+                 + ROLE + b"data:\n\ndata: \n\n" + data(choice({"content": "Ok"})) + FINISH + DONE, {},
+                 dict(content="Ok"), id="comments-and-empty-data-skipped"),
+    pytest.param(b"id: 7\nretry: 100\n" + ROLE + b"foo: bar\n" + data(choice({"content": "Ok"})) + FINISH + DONE,
+                 {}, dict(content="Ok"), id="id-retry-and-unknown-fields-ignored"),
+    pytest.param(ROLE + b"data: not json at all\n\n" + data(choice({"content": "Ok"})) + FINISH + DONE, {},
+                 dict(content="Ok"), id="non-json-event-skipped"),
+    pytest.param(ROLE + data({"choices": [{"index": 1, "delta": {"content": "other"}},
+                                          {"index": 0, "delta": {"content": "mine"}}]}) + FINISH + DONE, {},
+                 dict(content="mine"), id="only-choice-index-0"),
+    pytest.param(answer("No", " header"), {"content_type": None}, dict(content="No header"),
+                 id="no-content-type-header"),
+    pytest.param(answer("Hi", " there"), {"transfer": "close", "chunking": "bytes"}, dict(content="Hi there"),
+                 id="close-delimited-one-byte-writes"),
+    pytest.param(json.dumps({"id": "x", "object": "chat.completion", "model": "fake-model", "choices": [
+                 {"index": 0, "message": {"role": "assistant", "content": "Whole answer."}, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}).encode(),
+                 {"content_type": "application/json", "transfer": "length"},
+                 dict(content="Whole answer.", footer="3 in / 2 out tokens"), id="application-json-200-not-streamed"),
+    pytest.param(b"<!doctype html><html><head><title>Site maintenance</title></head><body><h1>Back soon"
+                 b"</h1></body></html>", {"content_type": "text/html; charset=utf-8", "transfer": "length"},
+                 dict(alert="Site maintenance"), id="text-html-200"),
+]
+
+
+@pytest.mark.parametrize("body, reply, expect", WIRE_VARIATIONS)
+def test_wire_variation(client, upstream, body, reply, expect):
+    """Each WIRE.md variation: the right tokens, reasoning, alert, note and footer; serving goes on."""
+    upstream.serve(body, **reply)
+
+    transcript = relay(client)
+
+    assert transcript.message == expect.get("content", "")
+    assert transcript.reasoning == expect.get("reasoning", "")
+    bubble = transcript.done
+    if expect.get("alert"):
+        (alert,) = alerts(bubble)
+        assert expect["alert"] in alert
+    else:
+        assert alerts(bubble) == []
+    if expect.get("note"):
+        (note,) = notes(bubble)
+        assert expect["note"] in note
+    else:
+        assert notes(bubble) == []
+    if expect.get("footer"):
+        assert expect["footer"] in footer(bubble)
+    if expect.get("alert"):
+        assert_still_serving(client, upstream)
+
+
+ERROR_RESPONSES = [
+    pytest.param(401, "application/json", b'{"error":{"message":"Incorrect API key provided.","type":'
+                 b'"invalid_request_error","param":null,"code":"invalid_api_key"}}', "Incorrect API key provided.",
+                 id="401-json"),
+    pytest.param(404, "application/json", b'{"error":{"message":"The model `nope` does not exist","type":'
+                 b'"invalid_request_error","code":"model_not_found"}}', "The model `nope` does not exist", id="404-json"),
+    pytest.param(429, "application/json", b'{"error":{"message":"Rate limit reached for requests","type":'
+                 b'"requests","code":"rate_limit_exceeded"}}', "Rate limit reached for requests", id="429-json"),
+    pytest.param(500, "application/json", b'{"error":{"message":"Internal server error","code":500}}',
+                 "Internal server error", id="500-json"),
+    pytest.param(422, "application/json", b'{"error":"Input validation error: `inputs` tokens + `max_new_tokens`'
+                 b' must be <= 4096","error_type":"validation"}',
+                 "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096", id="422-tgi-string"),
+    pytest.param(400, "application/json", b'{"object":"error","message":"The model `x` does not exist.","type":'
+                 b'"NotFoundError","param":null,"code":404}', "The model `x` does not exist.", id="400-vllm-flat"),
+    pytest.param(502, "text/plain", b"upstream connect error or disconnect/reset before headers\n",
+                 "upstream connect error or disconnect/reset before headers", id="502-plain-text"),
+    pytest.param(502, "text/html", b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center>"
+                 b"<h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n",
+                 "502 Bad Gateway", id="502-nginx-html"),
+    pytest.param(503, "text/plain", b"", "(empty response)", id="503-empty-body"),
+]
+
+
+@pytest.mark.parametrize("status, content_type, body, message", ERROR_RESPONSES)
+def test_upstream_error_status_is_shown(client, upstream, status, content_type, body, message):
+    """A non-2xx answer ends the bubble with the status and the body's message, no markup; serving goes on."""
+    upstream.serve(body, status=status, content_type=content_type, transfer="length")
+
+    transcript = relay(client)
+
+    assert transcript.message == ""
+    (alert,) = alerts(transcript.done)
+    assert str(status) in alert
+    assert message in alert
+    if body.startswith(b"<"):
+        assert "<" not in alert  # the page's text, not its markup
+    assert_still_serving(client, upstream)
+
+
+def test_garbage_instead_of_http_is_an_error(client, upstream):
+    """Bytes that are not HTTP at all end the bubble with an alert; serving goes on."""
+    upstream.serve(b"this is not HTTP\r\n\r\n", raw=True)
+    transcript = relay(client)
+    assert transcript.message == ""
+    assert len(alerts(transcript.done)) == 1
+    assert_still_serving(client, upstream)
+
+
+def test_connection_refused_is_an_error(client, monkeypatch):
+    """An upstream port nobody listens on: the bubble says the server could not be reached (refused)."""
+    port = free_port()
+    monkeypatch.setattr(chat.settings, "base_url", f"http://127.0.0.1:{port}/v1")
+
+    (alert,) = alerts(relay(client).done)
+
+    assert "Could not reach the model server" in alert
+    assert f"127.0.0.1:{port}" in alert
+    assert "refused" in alert
+
+
+def test_upstream_silence_times_out_and_keeps_partial_text(client, upstream, monkeypatch):
+    """An upstream that stops sending: after read_timeout the bubble gives up, keeping the text so far."""
+    monkeypatch.setattr(chat.settings, "read_timeout", 0.3)
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.05)
+    body = answer("Partial", " rest")
+    upstream.serve(body, hang_at=data(choice({"content": "Partial"})))
+
+    transcript = relay(client)
+
+    assert transcript.message == "Partial"
+    assert source_text(transcript.done) == "Partial"
+    (alert,) = alerts(transcript.done)
+    assert "gave up waiting" in alert
+    wait_until(lambda: upstream.last.client_closed.is_set(), what="chat.py to close the silent upstream")
+    assert_still_serving(client, upstream)
+
+
+def test_upstream_silent_before_headers_times_out(client, upstream, monkeypatch):
+    """An upstream that accepts but never answers: the bubble gives up after read_timeout."""
+    monkeypatch.setattr(chat.settings, "read_timeout", 0.3)
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.05)
+    upstream.serve(b"HTTP/1.1 200 OK\r\n", raw=True, hang_at=0)
+
+    (alert,) = alerts(relay(client).done)
+
+    assert "gave up waiting" in alert
+    assert_still_serving(client, upstream)
+
+
+def test_drop_mid_chunked_stream_keeps_partial_answer_and_alerts(client, upstream):
+    """The upstream closes in the middle of a chunked body: the partial answer stays, with one alert."""
+    upstream.serve(answer("Partial", " rest"), drop_at=data(choice({"content": "Partial"})))
+
+    transcript = relay(client)
+
+    assert transcript.message == "Partial"
+    assert source_text(transcript.done) == "Partial"
+    assert len(alerts(transcript.done)) == 1
+    assert_still_serving(client, upstream)
+
+
+def test_drop_mid_chunked_stream_says_the_connection_broke_off(client, upstream, caplog):
+    """The alert for a broken-off body says so, and it is a warning in the log, not a traceback."""
+    upstream.serve(answer("Partial", " rest"), drop_at=data(choice({"content": "Partial"})))
+
+    (alert,) = alerts(relay(client).done)
+
+    assert "broke off" in alert
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_drop_mid_close_delimited_stream_is_a_truncated_answer(client, upstream):
+    """Without chunked framing an early close looks like EOF: the partial answer gets the truncation note."""
+    upstream.serve(answer("Partial", " rest"), transfer="close", drop_at=data(choice({"content": "Partial"})))
+
+    transcript = relay(client)
+
+    assert transcript.message == "Partial"
+    assert notes(transcript.done) == [chat.NOTES["truncated"]]
+    assert alerts(transcript.done) == []
+
+
+MULTIBYTE = "进入 ✅ naïve 😀"
+_MULTIBYTE_BODY = answer("A", MULTIBYTE)
+
+
+def test_multibyte_characters_survive_every_split_point():
+    """A UTF-8 body cut into two reads at every possible offset parses to the same text."""
+    for cut in range(1, len(_MULTIBYTE_BODY)):
+        completion = parse_stream(_MULTIBYTE_BODY, [cut])
+        assert "".join(completion.content) == "A" + MULTIBYTE, f"cut at byte {cut}"
+
+
+@pytest.mark.parametrize("char", ["😀", "入", "✅", "ï"])
+def test_multibyte_character_split_across_reads_is_relayed_intact(client, upstream, char):
+    """Each interior boundary of a multibyte character, split across two separate upstream reads."""
+    encoded = char.encode()
+    for split in range(1, len(encoded)):
+        body = answer("A", f"x{char}y")
+        cut = body.index(encoded) + split
+        upstream.serve(body, pause_at=cut)
+        stream_id = send(client)
+        stream = chat.streams.get(stream_id)
+        wait_until(lambda: stream.text == ["A"], what="the bytes before the split to be relayed")
+        upstream.release()
+        transcript = read_events(client, stream_id)
+        assert transcript.message == f"Ax{char}y", f"split after byte {split} of {char!r}"
+
+
+def test_crlf_split_across_reads_does_not_break_a_multiline_event():
+    """A CR at the end of one read and its LF at the start of the next do not cut a data: event in two."""
+    for cut in cuts_after(_MULTILINE_CRLF, b"\r"):
+        completion = parse_stream(_MULTILINE_CRLF, [cut])
+        assert "".join(completion.content) == "Hi there", f"cut at byte {cut}"
+        assert completion.done_marker
+
+
+def test_line_splitter_splits_on_cr_lf_crlf_only():
+    """LineSplitter splits on CR, LF and CRLF, never on U+0085, U+2028 or form feeds."""
+    splitter = chat.LineSplitter()
+    raw = "a\u0085b\u2028c\x0cd".encode()
+    assert splitter.feed(raw + b"\r" + b"e\n" + b"f\r\n" + b"g") == [raw, b"e", b"f"]
+    assert splitter.close() == [b"g"]
+
+
+def test_line_splitter_strips_bom_split_across_reads():
+    """A UTF-8 BOM at the start is dropped even when it arrives one byte at a time."""
+    splitter = chat.LineSplitter()
+    lines = []
+    for byte in b"\xef\xbb\xbfdata: x\n\n":
+        lines += splitter.feed(bytes([byte]))
+    assert lines == [b"data: x", b""]
+
+
+def test_sse_parser_follows_the_field_rules():
+    """SSEParser: one space stripped, data lines joined with LF, comments ignored, event names kept."""
+    parser = chat.SSEParser()
+    got = [parser.feed(line) for line in
+           [b": comment", b"event: delta", b"data:  two spaces", b"data:x", b"id: 4", b""]]
+    assert got[-1] == ("delta", " two spaces\nx")
+    assert got[:-1] == [None] * 5
+    assert parser.feed(b"") is None  # a blank line with no data dispatches nothing
+    assert parser.feed(b"data") is None and parser.close() == ("message", "")
+
+
+def test_completion_ignores_everything_after_done():
+    """Events after [DONE] (content, errors, garbage) change nothing."""
+    body = answer("Done.") + data(choice({"content": " JUNK"}, "length")) + b'data: {"error":{"message":"x"}}\n\n'
+    completion = parse_stream(body)
+    assert "".join(completion.content) == "Done."
+    assert (completion.finish_reason, completion.error, completion.done_marker) == ("stop", None, True)
+
+
+def test_completion_takes_finish_reason_only_after_content():
+    """Content on the chunk that also carries finish_reason is kept (Gemini, TGI, old Ollama, vLLM)."""
+    completion = chat.Completion()
+    deltas = completion.apply("message", json.dumps(choice({"content": "last words"}, "stop")))
+    assert list(deltas) == [("content", "last words")]
+    assert completion.finish_reason == "stop"
+
+
+def test_completion_accumulates_streamed_tool_call_arguments():
+    """Tool-call fragments are joined by index: id and name from the first, arguments from all."""
+    completion = chat.Completion()
+    completion.apply("message", json.dumps(choice({"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]})))
+    for fragment in ('{"ci', 'ty":"Pa', 'ris"}'):
+        completion.apply("message", json.dumps(choice({"tool_calls": [
+            {"index": 0, "function": {"arguments": fragment}}]})))
+    assert completion.tool_calls == {0: {"id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'}}
+
+
+def test_think_splitter_moves_leading_think_block_to_reasoning():
+    """A <think> block split anywhere across deltas becomes reasoning; what follows is the answer."""
+    text = "<think>Let me see.</think>The answer."
+    for cut in range(1, len(text)):
+        splitter = chat.ThinkSplitter()
+        pieces = splitter.feed(text[:cut]) + splitter.feed(text[cut:]) + splitter.close()
+        assert "".join(t for k, t in pieces if k == "reasoning") == "Let me see.", f"cut at {cut}"
+        assert "".join(t for k, t in pieces if k == "message") == "The answer.", f"cut at {cut}"
+
+
+def test_think_splitter_leaves_text_without_think_alone():
+    """Content that does not start with <think> is all answer, even if it mentions the tag later."""
+    splitter = chat.ThinkSplitter()
+    pieces = splitter.feed("Use <think>") + splitter.feed(" tags.") + splitter.close()
+    assert pieces == [("message", "Use <think>"), ("message", " tags.")]
+
+
+def test_think_tags_split_across_deltas_leave_no_stray_newlines():
+    """Newlines after <think> and </think> in their own deltas are not relayed as text."""
+    splitter = chat.ThinkSplitter()
+    pieces = []
+    for delta in ("<think>", "\n", "Okay.", "\n", "</think>", "\n\n", "Hello!"):
+        pieces += splitter.feed(delta)
+    pieces += splitter.close()
+    assert "".join(t for k, t in pieces if k == "message") == "Hello!"
+    assert "".join(t for k, t in pieces if k == "reasoning").strip("\n") == "Okay."
+    assert not "".join(t for k, t in pieces if k == "reasoning").startswith("\n")
+
+
+# ---------------------------------------------------------------------------
+# SSE framing (SPEC §4) and escaping
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload, data_lines", [
+    ("one line", ["one line"]),
+    ("a\nb", ["a", "b"]),
+    ("a\rb", ["a", "b"]),
+    ("a\r\nb", ["a", "b"]),
+    ("a\n\nb", ["a", "", "b"]),
+    ("a\r\n\r\nb", ["a", "", "b"]),
+    ("trailing\n", ["trailing", ""]),
+    ("", [""]),
+    ("x\u2028y\u0085z\u2029w\x0cv", ["x\u2028y\u0085z\u2029w\x0cv"]),
+], ids=["single", "lf", "cr", "crlf", "empty-line", "empty-line-crlf", "trailing-newline", "empty", "unicode-breaks"])
+def test_sse_frame_data_lines(payload, data_lines):
+    """One "data: " line (with its space) per payload line, split on CR, LF and CRLF only; a blank line ends it."""
+    frame = chat.sse_frame("message", payload)
+    expected = "event: message\n" + "".join(f"data: {line}\n" for line in data_lines) + "\n"
+    assert frame == expected.encode()
+
+
+def test_sse_frame_with_id():
+    """The id line comes first when an id is given."""
+    assert chat.sse_frame("done", "<p>x</p>", 12) == b"id: 12\nevent: done\ndata: <p>x</p>\n\n"
+
+
+def test_sse_frame_round_trips_through_a_parser():
+    """A multi-line payload framed and parsed again is the same text (with LF line breaks)."""
+    payload = "<div>\n  <p>a</p>\r\n\n<p>b</p>\n</div>"
+    events, _ = parse_sse(chat.sse_frame("done", payload, 3))
+    assert events == [Event(3, "done", payload.replace("\r\n", "\n"))]
+
+
+HOSTILE = ["<script>alert(1)</script>", " <img src=x onerror=alert(1)>", ' <b hx-get="/x">click</b>',
+           " & </span><i>"]
+
+
+def test_hostile_model_output_is_escaped_in_tokens_and_bubble(client, upstream):
+    """Markup from the model is text: never a tag or attribute in message frames or the done bubble."""
+    upstream.serve(answer(*HOSTILE))
+
+    transcript = relay(client)
+
+    assert transcript.message == "".join(HOSTILE)
+    assert b"<script" not in transcript.raw and b"<img" not in transcript.raw and b"<b " not in transcript.raw
+    for event in transcript.events:
+        if event.event == "message":
+            (span,) = elements(event.data)
+            assert (span.tag, span.attrs) == ("span", {})
+    assert_no_active_markup(transcript.done)
+    assert "".join(HOSTILE).strip() in elements(transcript.done, "div", cls="markdown")[0].text
+
+
+def test_hostile_reasoning_is_escaped(client, upstream):
+    """Markup in reasoning tokens is text too, live and in the finished bubble."""
+    upstream.serve(ROLE + data(choice({"reasoning_content": "<script>alert(1)</script>"}))
+                   + data(choice({"content": "ok"})) + FINISH + DONE)
+    transcript = relay(client)
+    assert transcript.reasoning == "<script>alert(1)</script>"
+    assert b"<script" not in transcript.raw
+    assert reasoning_text(transcript.done) == "<script>alert(1)</script>"
+
+
+def test_script_in_prompt_is_escaped_in_user_bubble(client, upstream):
+    """The user's own markup is shown as text in their bubble and sent to the model unchanged."""
+    upstream.serve("openai-basic.sse")
+    prompt = '<script>alert(1)</script> <img src=x onerror=alert(1)> hx-get="/x"'
+    response = client.post("/streaming", {"prompt": prompt})
+    user_bubble = response.text.split('<div class="msg assistant')[0]
+    assert "<script" not in user_bubble and "<img" not in user_bubble
+    assert_no_active_markup(user_bubble)
+    assert elements(user_bubble, "div", cls="bubble")[0].text == prompt
+    wait_until(lambda: upstream.requests, what="the upstream request")
+    assert upstream.last.json["messages"][-1]["content"] == prompt
+
+
+def test_non_ascii_prompt_arrives_intact(client, upstream):
+    """Non-ASCII form input is intact in the user bubble and in the body the upstream received."""
+    upstream.serve("openai-basic.sse")
+    prompt = "Grüße 进入 ✅ a\u2028b"
+    response = client.post("/streaming", {"prompt": prompt})
+    assert elements(response.text, "div", cls="bubble")[0].text == prompt
+    wait_until(lambda: upstream.requests, what="the upstream request")
+    assert upstream.last.json["messages"][-1]["content"] == prompt
+
+
+def test_u2028_token_stays_on_one_data_line(client, upstream):
+    """A token with raw U+2028 and U+0085 is one data line; CR/LF in a token become separate data lines."""
+    upstream.serve(answer("a\u2028b\u0085c", "x\r\ny"))
+    transcript = relay(client)
+    assert "data: <span>a\u2028b\u0085c</span>\n".encode() in transcript.raw
+    assert b"data: <span>x\ndata: y</span>\n" in transcript.raw
+    assert transcript.message == "a\u2028b\u0085cx\ny"
+
+
+def test_streaming_bubble_connects_to_its_events(client, upstream):
+    """POST /streaming answers the user bubble and an assistant bubble wired to /events with htmx SSE."""
+    upstream.serve("openai-basic.sse")
+    response = client.post("/streaming", {"prompt": "Hi"})
+    stream_id = re.search(r"stream=([A-Za-z0-9_-]+)", response.text).group(1)
+    (bubble,) = elements(response.text, **{"hx-ext": "sse"})
+    assert bubble.attrs["sse-connect"] == f"/events?stream={stream_id}"
+    assert (bubble.attrs["sse-swap"], bubble.attrs["hx-swap"]) == ("done", "outerHTML")
+    (tokens,) = elements(response.text, **{"sse-swap": "message"})
+    assert tokens.attrs["hx-swap"] == "beforeend"
+    assert len(stream_id) >= 16
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", ["", "   \n\t  "], ids=["empty", "whitespace"])
+def test_empty_prompt_is_refused(client, prompt):
+    """An empty or blank prompt: 400 with a readable message in an alert, and no stream starts."""
+    response = send(client, prompt, status=400)
+    (alert,) = alerts(response.text)
+    assert "empty" in alert
+    assert len(chat.streams) == 0
+
+
+def test_missing_prompt_field_is_refused(client):
+    """A form without a prompt field is refused like an empty one."""
+    response = client.post("/streaming", {"other": "x"}, status=400)
+    assert len(alerts(response.text)) == 1
+
+
+def test_prompt_over_the_limit_is_refused(client):
+    """32,001 characters: 413 with the length and the limit in a readable alert."""
+    response = send(client, "x" * 32_001, status=413)
+    (alert,) = alerts(response.text)
+    assert "32,001" in alert and "32,000" in alert
+    assert len(chat.streams) == 0
+
+
+def test_prompt_at_the_limit_is_accepted(client, upstream):
+    """Exactly 32,000 characters (multibyte, even) is accepted and sent whole."""
+    prompt = "é" * 31_999 + "x"
+    transcript = relay(client, prompt)
+    upstream_prompt = upstream.last.json["messages"][-1]["content"]
+    assert len(upstream_prompt) == 32_000 and upstream_prompt == prompt
+    assert transcript.finished
+
+
+def test_healthz_says_ok_and_names_the_upstream(client, upstream):
+    """GET /healthz: 200 text starting with ok, naming the upstream it uses."""
+    response = client.get("/healthz")
+    assert response.content_type == "text/plain"
+    assert response.text.startswith("ok")
+    assert upstream.url in response.text
+
+
+def test_stop_unknown_stream_is_404(client):
+    """POST /stop for an id we do not have: 404."""
+    client.post("/stop?stream=nope", status=404)
+
+
+def test_unknown_stream_in_process_gets_one_done_event(client):
+    """GET /events for an unknown id: 200 and exactly one done event with an error bubble."""
+    transcript = read_events(client, "no-such-stream")
+    assert transcript.headers["Content-Type"].startswith("text/event-stream")
+    assert [(e.id, e.event) for e in transcript.events] == [(1, "done")]
+    assert "no longer available" in alerts(transcript.done)[0]
+
+
+# ---------------------------------------------------------------------------
+# Over a real gevent server on loopback (timing matters)
+# ---------------------------------------------------------------------------
+
+FIRST = data(choice({"content": "Hello"}))
+SLOW_ANSWER = answer("Hello", " there", ",", " friend", ".")
+
+
+def test_token_reaches_client_while_upstream_still_streams(server, upstream, open_sse):
+    """The first token arrives while the upstream is blocked mid-body, not when it finishes."""
+    reply = upstream.serve(SLOW_ANSWER, pause_at=FIRST)
+    reader = open_sse(post_prompt(server))
+
+    reader.read_until(lambda t: t.message == "Hello", what="the first token")
+
+    assert not upstream.last.answered.is_set() and not reply.gate.is_set()
+    upstream.release()
+    transcript = reader.read_until(lambda t: t.finished, what="done")
+    assert transcript.message == "Hello there, friend."
+
+
+def test_token_reaches_client_while_close_delimited_upstream_streams(server, upstream, open_sse):
+    """Same with a close-delimited (not chunked) upstream body: read1() must not wait for EOF."""
+    upstream.serve(SLOW_ANSWER, transfer="close", pause_at=FIRST)
+    reader = open_sse(post_prompt(server))
+    reader.read_until(lambda t: t.message == "Hello", what="the first token")
+    assert not upstream.last.answered.is_set()
+    upstream.release()
+    assert reader.read_until(lambda t: t.finished).message == "Hello there, friend."
+
+
+@pytest.mark.parametrize("reconnect", ["while-streaming", "after-done"])
+def test_reconnect_with_last_event_id_resumes_without_loss_or_repeat(server, upstream, open_sse, reconnect):
+    """Disconnect after one token, reconnect with Last-Event-ID: all events once, ids 1..n with no gap."""
+    upstream.serve(SLOW_ANSWER, pause_at=data(choice({"content": ","})))
+    stream_id = post_prompt(server)
+    first = open_sse(stream_id)
+    seen = first.read_until(lambda t: t.message.startswith("Hello"), what="the first token").events
+    seen = seen[:[e.event for e in seen].index("message") + 1]  # the connection "dropped" after that event
+    first.close()
+    stream = chat.streams.get(stream_id)
+    wait_until(lambda: stream.text == ["Hello", " there", ","], what="the tokens before the pause")
+    if reconnect == "after-done":
+        upstream.release()
+        wait_until(lambda: stream.finished, what="the stream to finish")
+
+    second = open_sse(stream_id, last_event_id=seen[-1].id)
+    if reconnect == "while-streaming":
+        second.read_until(lambda t: t.events, what="the backlog")
+        upstream.release()
+    rest = second.read_until(lambda t: t.finished, what="done").events
+
+    events = seen + rest
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert token_text(events, "message") == "Hello there, friend."
+    assert [e.event for e in events].count("done") == 1
+
+
+def test_second_reader_gets_the_whole_answer(server, upstream, open_sse):
+    """A second tab that connects mid-answer gets everything from the log, then the live rest."""
+    upstream.serve(SLOW_ANSWER, pause_at=data(choice({"content": " there"})))
+    stream_id = post_prompt(server)
+    first = open_sse(stream_id)
+    first.read_until(lambda t: t.message == "Hello there", what="the first tokens")
+
+    second = open_sse(stream_id)
+    second.read_until(lambda t: t.message == "Hello there", what="the backlog")
+    upstream.release()
+    one = first.read_until(lambda t: t.finished, what="done on the first tab")
+    two = second.read_until(lambda t: t.finished, what="done on the second tab")
+
+    assert one.events == two.events
+    assert two.message == "Hello there, friend."
+    third = open_sse(stream_id).read_until(lambda t: t.finished, what="done for a reader after the end")
+    assert third.events == one.events
+
+
+def test_stop_closes_upstream_and_keeps_partial_answer(server, upstream, open_sse):
+    """POST /stop mid-answer: 204, the upstream connection closes, the bubble keeps the text and says Stopped."""
+    upstream.serve(SLOW_ANSWER, pause_at=data(choice({"content": " there"})))
+    stream_id = post_prompt(server)
+    reader = open_sse(stream_id)
+    reader.read_until(lambda t: t.message == "Hello there", what="the first tokens")
+
+    response = requests.post(f"{server}/stop", params={"stream": stream_id}, timeout=5)
+
+    assert response.status_code == 204
+    wait_until(lambda: upstream.last.client_closed.is_set(), timeout=2, what="the upstream to see its connection closed")
+    bubble = reader.read_until(lambda t: t.finished, what="done").done
+    assert source_text(bubble) == "Hello there"
+    assert "Stopped." in notes(bubble)
+    assert alerts(bubble) == []
+    assert not upstream.last.answered.is_set()
+
+
+def test_finished_stream_leaves_registry_after_grace(server, upstream, open_sse, monkeypatch):
+    """With grace 0.2 s the finished stream is removed; afterwards /events answers 'no longer available'."""
+    monkeypatch.setattr(chat.settings, "grace", 0.2)
+    stream_id = post_prompt(server)
+    open_sse(stream_id).read_to_end()
+
+    wait_until(lambda: len(chat.streams) == 0, timeout=3, what="the registry to empty")
+
+    again = open_sse(stream_id).read_to_end()
+    assert "no longer available" in alerts(again.done)[0]
+
+
+def test_disconnected_reader_is_removed(server, upstream, open_sse, monkeypatch):
+    """A reader that hangs up mid-answer is dropped from stream.readers (noticed by the next ping)."""
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.05)
+    upstream.serve(SLOW_ANSWER, pause_at=FIRST)
+    stream_id = post_prompt(server)
+    stream = chat.streams.get(stream_id)
+    reader = open_sse(stream_id)
+    reader.read_until(lambda t: t.message == "Hello", what="the first token")
+    assert len(stream.readers) == 1
+
+    reader.close()
+
+    wait_until(lambda: not stream.readers, timeout=3, what="the reader to be removed")
+    assert not stream.finished  # generation goes on without readers
+
+
+def test_unknown_stream_gets_exactly_one_done_event(server):
+    """GET /events?stream=<unknown> over HTTP: 200, event-stream, one done event, then the end."""
+    response = requests.get(f"{server}/events", params={"stream": "does-not-exist"}, timeout=5)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    transcript = Transcript(response.content)
+    assert [(e.id, e.event) for e in transcript.events] == [(1, "done")]
+    assert len(alerts(transcript.done)) == 1
+
+
+def test_event_headers_arrive_before_the_first_token(server, upstream, open_sse):
+    """/events headers (event-stream, no-cache, no buffering) arrive while the upstream has sent no body."""
+    upstream.serve(SLOW_ANSWER, pause_at=0)
+    reader = open_sse(post_prompt(server))
+
+    headers = reader.response.headers
+    assert reader.response.status_code == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert headers["Cache-Control"] == "no-cache"
+    assert headers["X-Accel-Buffering"] == "no"
+    hello = reader.read_until(lambda t: "connected" in t.comments, what="the hello comment")
+    assert hello.events == []
+    assert not upstream.last.answered.is_set()
+    upstream.release()
+    assert reader.read_until(lambda t: t.finished).message == "Hello there, friend."
+
+
+def test_idle_reader_gets_pings(server, upstream, open_sse, monkeypatch):
+    """While the upstream is quiet, the reader receives ": ping" comments."""
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.1)
+    upstream.serve(SLOW_ANSWER, pause_at=FIRST)
+    reader = open_sse(post_prompt(server))
+
+    reader.read_until(lambda t: "ping" in t.comments, timeout=3, what="a ping")
+
+    upstream.release()
+    assert reader.read_until(lambda t: t.finished).message == "Hello there, friend."
+
+
+def test_generation_goes_on_without_readers(server, upstream):
+    """Nobody reading: the answer still completes and stays in the log for a later reader."""
+    stream_id = post_prompt(server)
+    wait_until(lambda: chat.streams.get(stream_id).finished, what="the stream to finish")
+    response = requests.get(f"{server}/events", params={"stream": stream_id}, timeout=5)
+    assert Transcript(response.content).message == "Hello, World!"
+
+
+# ---------------------------------------------------------------------------
+# Built-in demo model, end to end over the real server
+# ---------------------------------------------------------------------------
+
+def test_demo_model_streams_markdown_answer(demo, open_sse):
+    """The demo answer streams, says it is the demo model, and renders a list and highlighted Python."""
+    transcript = open_sse(post_prompt(demo, "Say hello\nto the demo")).read_until(lambda t: t.finished)
+
+    assert len([e for e in transcript.events if e.event == "message"]) > 10
+    assert "This is the demo model built into chat.py" in transcript.message
+    assert "> Say hello\n> to the demo" in transcript.message
+    bubble = transcript.done
+    assert "<ol>" in bubble or "<ul>" in bubble
+    assert '<pre><code class="language-python">' in bubble
+    assert elements(bubble, "span", cls="k")  # pygments token classes: really highlighted
+    assert alerts(bubble) == []
+    assert "finish: stop" in footer(bubble)
+
+
+def test_demo_endpoint_is_off_when_an_upstream_is_configured(client, upstream):
+    """/demo/v1/chat/completions answers 404 once a real upstream is set."""
+    client.post_json("/demo/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, status=404)
+
+
+# ---------------------------------------------------------------------------
+# The README run command, as a subprocess
+# ---------------------------------------------------------------------------
+
+def test_readme_run_command_serves_the_page_and_the_demo(chat_process):
+    """The page, the vendored htmx files, /healthz and a demo answer from `python chat.py --port N`."""
+    base = chat_process
+    healthz = requests.get(f"{base}/healthz", timeout=5)
+    assert healthz.text.startswith("ok") and "demo" in healthz.text
+    page = requests.get(f"{base}/", timeout=5)
+    assert page.status_code == 200
+    assert '<textarea name="prompt"' in page.text and 'id="chat-messages"' in page.text
+    for path in ("/static/htmx.min.js", "/static/htmx-ext-sse.js"):
+        assert requests.get(base + path, timeout=5).status_code == 200, path
+
+    stream_id = post_prompt(base, "hello from the smoke test")
+    events = requests.get(f"{base}/events", params={"stream": stream_id}, timeout=15)
+
+    transcript = Transcript(events.content)
+    assert "demo model" in transcript.message
+    assert alerts(transcript.done) == []
+
+
+def test_help_documents_every_setting():
+    """`python chat.py --help` exits 0 and names every environment variable."""
+    result = subprocess.run([sys.executable, "chat.py", "--help"], cwd=HERE, capture_output=True, text=True,
+                            timeout=30, env=clean_env(COLUMNS="100"))
+    assert result.returncode == 0, result.stderr
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "CHAT_MODEL", "HOST", "PORT", "CHAT_DB"):
+        assert name in result.stdout, name
+
+
+# ---------------------------------------------------------------------------
+# The API key is never rendered
+# ---------------------------------------------------------------------------
+
+def test_api_key_is_sent_but_never_shown(client, upstream, monkeypatch, caplog):
+    """The key goes to the upstream as a Bearer token and appears in no page, event or log line."""
+    caplog.set_level("DEBUG")
+    monkeypatch.setattr(chat.settings, "api_key", API_KEY)
+    upstream.serve("openai-basic.sse")
+    ok = relay(client)
+    assert upstream.last.headers["authorization"] == f"Bearer {API_KEY}"
+
+    upstream.serve(b'{"error":{"message":"Incorrect API key provided: sk-secr*******123.","type":'
+                   b'"invalid_request_error","code":"invalid_api_key"}}',
+                   status=401, content_type="application/json", transfer="length")
+    refused = relay(client)
+    assert "401" in alerts(refused.done)[0]
+
+    shown = [client.get("/").text, client.get("/healthz").text, ok.raw.decode(), refused.raw.decode(), caplog.text]
+    for text in shown:
+        assert API_KEY not in text
+
+
+def test_credentials_in_base_url_are_never_shown(client, monkeypatch, caplog):
+    """user:password in OPENAI_BASE_URL stays out of /, /healthz and error bubbles."""
+    caplog.set_level("DEBUG")
+    port = free_port()
+    monkeypatch.setattr(chat.settings, "base_url", f"http://user:pw-secret-9@127.0.0.1:{port}/v1")
+    refused = relay(client)
+    assert f"127.0.0.1:{port}" in alerts(refused.done)[0]
+    for text in (client.get("/").text, client.get("/healthz").text, refused.raw.decode()):
+        assert "pw-secret-9" not in text
+
+
+def test_api_key_echoed_by_upstream_error_is_redacted(client, upstream, monkeypatch):
+    """An upstream error body that repeats the key does not put the key on the page."""
+    monkeypatch.setattr(chat.settings, "api_key", API_KEY)
+    upstream.serve(b'{"error":{"message":"Invalid token sk-secret-123 for this proxy"}}',
+                   status=401, content_type="application/json", transfer="length")
+    transcript = relay(client)
+    assert len(alerts(transcript.done)) == 1
+    assert API_KEY not in transcript.raw.decode()
