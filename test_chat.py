@@ -141,34 +141,51 @@ def clean_env(**extra):
     return {**env, **extra}
 
 
-@pytest.fixture
-def chat_process(tmp_path):
-    """`python chat.py --port <free port>` running from the repo; yields its base URL."""
-    port = free_port()
-    log_path = tmp_path / "chat.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "chat.py", "--port", str(port)], cwd=HERE, stdout=log_file, stderr=subprocess.STDOUT,
-            env=clean_env(CHAT_DB=str(tmp_path / "chat.db"), CHAT_DEMO_DELAY="0.001", PYTHONUNBUFFERED="1"))
-    base = f"http://127.0.0.1:{port}"
+class ChatProcess:
+    """`python chat.py --port <free port>` (the README's run command) as a subprocess, with its log."""
 
-    def answering():
-        assert process.poll() is None, f"chat.py exited: {log_path.read_text()}"
+    def __init__(self, log_path, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with open(log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "chat.py", "--port", str(self.port)], cwd=HERE, stdout=log_file,
+                stderr=subprocess.STDOUT, env=clean_env(PYTHONUNBUFFERED="1", **env))
         try:
-            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
+            wait_until(self.answering, timeout=15, what=f"/healthz of `python chat.py --port {self.port}`")
+        except BaseException:
+            self.stop()
+            raise
+
+    def answering(self):
+        """True once /healthz answers; fails at once if the process died."""
+        assert self.process.poll() is None, f"chat.py exited: {self.log_path.read_text()}"
+        try:
+            return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
         except requests.ConnectionError:
             return False
 
-    try:
-        wait_until(answering, timeout=15, what=f"/healthz of `python chat.py --port {port}`")
-        yield base
-    finally:
-        process.terminate()
+    def events_requests(self, stream_id):
+        """How many /events requests for this stream the server logged (each is logged when it ends)."""
+        return self.log_path.read_text().count(f"GET /events?stream={stream_id} ")
+
+    def stop(self):
+        """Terminate the server (kill it if it does not go)."""
+        self.process.terminate()
         try:
-            process.wait(timeout=5)
+            self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def chat_process(tmp_path):
+    """`python chat.py --port <free port>` on the demo model, running from the repo; yields its base URL."""
+    app = ChatProcess(tmp_path / "chat.log", CHAT_DB=str(tmp_path / "chat.db"), CHAT_DEMO_DELAY="0.001")
+    yield app.url
+    app.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -1601,3 +1618,457 @@ def test_api_key_echoed_by_upstream_error_is_redacted(client, upstream, monkeypa
     transcript = relay(client)
     assert len(alerts(transcript.done)) == 1
     assert API_KEY not in transcript.raw.decode()
+
+
+# ---------------------------------------------------------------------------
+# The page in a real browser: Playwright driving Debian's Chromium, against
+# `python chat.py` as a subprocess and the fake upstream
+# ---------------------------------------------------------------------------
+
+CHROMIUM = os.environ.get("CHAT_CHROMIUM") or "/usr/bin/chromium"
+# Running as root in a closed network: no sandbox, and none of Chromium's background
+# connections (the network refuses them, many at a time).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+LONG_ANSWER = tuple(f"line {n:03d} of a long answer\n" for n in range(120))
+
+
+class CuttableProxy:
+    """A TCP proxy in front of chat.py that can cut the connections carrying /events, as a network would."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.events_requests = 0
+        self.events_connections = []  # (browser side, server side) of connections that asked for /events
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def _handle(self, client, _address):
+        """Pipe bytes both ways (the browser reuses keep-alive connections, so watch every request)."""
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        pump = gevent.spawn(self._pipe, upstream, client)
+        self._pipe(client, upstream, watch=True)
+        pump.join()
+
+    def _pipe(self, source, sink, watch=False):
+        """Copy until either side closes; count the /events requests going through."""
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if watch and b"GET /events?" in data:
+                    self.events_requests += 1
+                    self.events_connections.append((source, sink))
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        """Drop every connection that carried /events at once."""
+        for pair in self.events_connections:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self):
+        """Stop listening."""
+        self.server.stop(timeout=1)
+
+
+@pytest.fixture(scope="module")
+def page_upstream():
+    """One fake upstream for the browser tests; each test serves its own answer."""
+    fake = FakeUpstream()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def live_chat(page_upstream, tmp_path_factory):
+    """python chat.py talking to the fake upstream."""
+    app = ChatProcess(tmp_path_factory.mktemp("live") / "chat.log", OPENAI_BASE_URL=page_upstream.url,
+                      CHAT_MODEL="test-model", NO_PROXY="127.0.0.1", CHAT_STREAM_GRACE="30")
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium through Playwright; without it the tests skip locally and fail under CI."""
+    try:
+        from playwright.sync_api import sync_playwright
+        if not os.path.exists(CHROMIUM):
+            raise FileNotFoundError(f"{CHROMIUM} is missing (apt-get install chromium)")
+        playwright = sync_playwright().start()
+    except Exception as exc:  # noqa: BLE001 — any reason the browser cannot start
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser cannot start under CI: {exc}")
+        pytest.skip(f"no browser here: {exc}")
+    try:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except Exception as exc:  # noqa: BLE001
+        playwright.stop()
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser cannot start under CI: {exc}")
+        pytest.skip(f"the browser does not start here: {exc}")
+    yield chromium
+    chromium.close()
+    playwright.stop()
+
+
+class PageWatch:
+    """What a page did: console errors, dialogs and requests."""
+
+    def __init__(self, page):
+        self.page, self.errors, self.dialogs, self.requests = page, [], [], []
+        self.allowed_errors = []  # substrings of console errors a test expects
+        page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("request", lambda r: self.requests.append((r.method, r.url)))
+
+    def unexpected_errors(self):
+        """Console errors no test asked for."""
+        return [e for e in self.errors if not any(a in e for a in self.allowed_errors)]
+
+    def posts(self, path):
+        """How many POSTs to path the page made."""
+        return sum(1 for method, url in self.requests if method == "POST" and url.split("?")[0].endswith(path))
+
+
+@pytest.fixture
+def context(browser):
+    """A fresh browser context (own cookies, clipboard allowed)."""
+    ctx = browser.new_context(viewport={"width": 1000, "height": 700})
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"])
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def watches():
+    """Every page a test opens is checked for console errors at the end."""
+    opened = []
+    yield opened
+    for watch in opened:
+        assert watch.unexpected_errors() == [], "console errors on the page"
+
+
+@pytest.fixture
+def open_page(context, live_chat, watches):
+    """Open the chat page in a new tab (of the test's context, or a given one); returns its PageWatch."""
+    def opener(ctx=None, url=None):
+        page = (ctx or context).new_page()
+        page.set_default_timeout(10_000)
+        watch = PageWatch(page)
+        watches.append(watch)
+        page.goto(url or live_chat.url + "/")
+        page.wait_for_function("window.htmx && htmx.version")
+        return watch
+    return opener
+
+
+def after_event(body, marker):
+    """The offset just past the whole SSE event that contains marker (a pause point between tokens)."""
+    return body.index(b"\n\n", body.index(marker)) + 2
+
+
+def type_and_send(page, prompt):
+    """Type a prompt and press Enter; return the new answer's stream id."""
+    before = page.locator(".msg.assistant").count()
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+    page.locator(".msg.assistant").nth(before).wait_for()
+    return page.locator(".msg.assistant").nth(before).get_attribute("id").removeprefix("answer-")
+
+
+def finished_bubble(page, stream_id, timeout=10_000):
+    """Wait for the done bubble of a stream to replace the streaming one; return its locator."""
+    bubble = page.locator(f"#answer-{stream_id}.done")
+    bubble.wait_for(timeout=timeout)
+    return bubble
+
+
+def record_streamed_tokens(page):
+    """From now on, keep every message payload the page receives (window.__tokens)."""
+    page.evaluate("""() => { window.__tokens = [];
+      document.body.addEventListener('htmx:sseBeforeMessage', e => {
+        if (e.detail.type === 'message') window.__tokens.push(e.detail.data); }); }""")
+
+
+def streamed_text(page):
+    """The text of every message token the page received, in order."""
+    return "".join(html.unescape(re.fullmatch(r"<span>(.*)</span>", t, re.S).group(1))
+                   for t in page.evaluate("window.__tokens"))
+
+
+def test_page_shows_tokens_while_the_upstream_streams(open_page, page_upstream):
+    """A prefix of the answer is on the page before the upstream finishes, spaces between tokens intact."""
+    body = answer("Hello", " there", ",", " my", " friend", "!")
+    reply = page_upstream.serve(body, pause_at=after_event(body, b'" there"'))
+    page = open_page().page
+    stream_id = type_and_send(page, "Say hello")
+    page.wait_for_function("document.querySelector('.tokens').textContent === 'Hello there'")
+    assert not page_upstream.last.answered.is_set() and not reply.gate.is_set()
+    page_upstream.release()
+    bubble = finished_bubble(page, stream_id)
+    assert bubble.locator(".content").inner_text() == "Hello there, my friend!"
+
+
+def test_done_bubble_renders_markdown_code_and_crlf(open_page, page_upstream):
+    """The done bubble replaces the streaming one with Markdown; a code block keeps blank lines, indentation, CRLF."""
+    page_upstream.serve(answer("# Title\r\n\r\n", "Some **bold** and `code`.\r\n\r\n", "```python\r\n",
+                               "def f():\r\n", "    x = 1\r\n", "\r\n", "    return x\r\n", "```\r\n"))
+    page = open_page().page
+    stream_id = type_and_send(page, "markdown please")
+    bubble = finished_bubble(page, stream_id)
+    assert page.locator(".msg.streaming").count() == 0
+    assert bubble.locator("h1").inner_text() == "Title"
+    assert bubble.locator("strong").inner_text() == "bold"
+    assert bubble.locator("pre code").evaluate("e => e.textContent") == "def f():\n    x = 1\n\n    return x\n"
+    assert "\r" not in bubble.locator(".content").evaluate("e => e.textContent")
+
+
+def test_one_events_request_per_answer_and_none_after_done(open_page, page_upstream, live_chat):
+    """Exactly one /events request per answer, counted by the server, and no stray reconnect after done."""
+    page_upstream.serve(answer("One", " request", " only."))
+    page = open_page().page
+    ids = [type_and_send(page, "first"), None]
+    finished_bubble(page, ids[0])
+    ids[1] = type_and_send(page, "second")
+    finished_bubble(page, ids[1])
+    page.wait_for_timeout(3000)  # an observation window for stray reconnects, not a wait for a result
+    assert [live_chat.events_requests(i) for i in ids] == [1, 1]
+
+
+def test_cut_connection_resumes_without_loss_or_repeat(open_page, page_upstream, live_chat):
+    """After the server's connection is cut mid-answer the browser resumes (Last-Event-ID): no gap, no repeat, no loop."""
+    parts = [f" w{n}" for n in range(40)]
+    body = answer(*parts)
+    page_upstream.serve(body, pause_at=after_event(body, b'" w19"'))
+    proxy = CuttableProxy(live_chat.port)
+    try:
+        watch = open_page(url=proxy.url + "/")
+        # Cutting the connection makes Chromium log the broken request and htmx log its sseError.
+        watch.allowed_errors += ["net::ERR", "[object Event]"]
+        page = watch.page
+        record_streamed_tokens(page)
+        stream_id = type_and_send(page, "count")
+        page.wait_for_function("document.querySelector('.tokens').textContent.endsWith(' w19')")
+        proxy.cut()
+        wait_until(lambda: proxy.events_requests == 2, timeout=5, what="the browser to reconnect")
+        page_upstream.release()
+        bubble = finished_bubble(page, stream_id)
+        assert streamed_text(page) == "".join(parts)
+        assert bubble.locator(".content").inner_text() == "".join(parts).strip()
+        page.wait_for_timeout(3000)  # an observation window for a reconnect loop
+        assert proxy.events_requests == 2
+        assert live_chat.events_requests(stream_id) == 2
+    finally:
+        proxy.stop()
+
+
+HOSTILE = '<script>alert(1)</script><img src=x onerror="alert(2)"><b hx-get="/boom" hx-trigger="load">x</b>'
+
+
+def test_markup_in_prompt_and_answer_is_shown_as_text(open_page, page_upstream):
+    """Script, onerror and hx-get in the prompt and in the answer are text: no dialog, no request, no element."""
+    page_upstream.serve(answer("Echo: ", HOSTILE, "\n\n", HOSTILE))
+    watch = open_page()
+    page = watch.page
+    stream_id = type_and_send(page, HOSTILE)
+    bubble = finished_bubble(page, stream_id)
+    page.wait_for_timeout(500)  # give any injected load trigger or onerror the chance to fire
+    assert watch.dialogs == []
+    assert not [url for _, url in watch.requests if "/boom" in url or url.endswith("/x")]
+    messages = page.locator("#chat-messages")
+    assert messages.locator("script, img, [onerror], [hx-get], b").count() == 0
+    assert page.locator(".msg.user .bubble").inner_text() == HOSTILE
+    assert HOSTILE in bubble.locator(".content").inner_text()
+
+
+def test_stop_closes_the_upstream_and_keeps_the_partial_answer(open_page, page_upstream):
+    """Stop mid-answer: the upstream sees its connection closed within a second; the bubble says stopped."""
+    body = answer("Partial", " answer", " then", " more")
+    page_upstream.serve(body, hang_at=after_event(body, b'" answer"'))
+    page = open_page().page
+    stream_id = type_and_send(page, "go")
+    page.wait_for_function("document.querySelector('.tokens').textContent === 'Partial answer'")
+    page.get_by_role("button", name="Stop generating").click()
+    wait_until(page_upstream.last.client_closed.is_set, timeout=1.0, what="the upstream to see its connection closed")
+    bubble = finished_bubble(page, stream_id)
+    assert bubble.locator(".content").inner_text() == "Partial answer"
+    assert bubble.locator(".note").inner_text() == "Stopped."
+
+
+def test_two_answers_at_once_in_one_page(open_page, page_upstream):
+    """Two answers streaming at the same time in one page each end complete and separate."""
+    body = answer("Alpha", " beta", " gamma.")
+    page_upstream.serve(body, pause_at=after_event(body, b'" beta"'))
+    page = open_page().page
+    first = type_and_send(page, "one")
+    second = type_and_send(page, "two")
+    page.wait_for_function("[...document.querySelectorAll('.tokens')].filter("
+                           "t => t.textContent === 'Alpha beta').length === 2")
+    page_upstream.release()
+    for stream_id in (first, second):
+        assert finished_bubble(page, stream_id).locator(".content").inner_text() == "Alpha beta gamma."
+
+
+def test_three_tabs_at_once(open_page, page_upstream):
+    """Three tabs streaming at once each get their own complete answer."""
+    body = answer("Tab", " answer", " done.")
+    page_upstream.serve(body, pause_at=after_event(body, b'" answer"'))
+    tabs = [open_page().page for _ in range(3)]
+    ids = [type_and_send(tab, f"tab {n}") for n, tab in enumerate(tabs)]
+    for tab in tabs:
+        tab.wait_for_function("document.querySelector('.tokens') && "
+                              "document.querySelector('.tokens').textContent === 'Tab answer'")
+    page_upstream.release()
+    for tab, stream_id in zip(tabs, ids):
+        assert finished_bubble(tab, stream_id).locator(".content").inner_text() == "Tab answer done."
+        assert tab.locator(".msg.assistant").count() == 1
+
+
+def test_enter_shift_enter_and_ime(open_page, page_upstream):
+    """Enter sends and clears the box keeping focus; Shift+Enter is a newline; Enter mid-composition sends nothing."""
+    page_upstream.serve(answer("ok"))
+    watch = open_page()
+    page = watch.page
+    page.fill("#prompt", "line one")
+    page.press("#prompt", "Shift+Enter")
+    page.keyboard.type("line two")
+    assert page.input_value("#prompt") == "line one\nline two"
+    page.evaluate("""() => document.getElementById('prompt').dispatchEvent(new KeyboardEvent('keydown',
+        {key: 'Enter', code: 'Enter', keyCode: 229, isComposing: true, bubbles: true, cancelable: true}))""")
+    page.wait_for_timeout(300)  # an observation window: nothing may be sent
+    assert watch.posts("/streaming") == 0
+    page.press("#prompt", "Enter")
+    page.locator(".msg.user").wait_for()
+    assert page.locator(".msg.user .bubble").inner_text() == "line one\nline two"
+    assert page.input_value("#prompt") == ""
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    assert watch.posts("/streaming") == 1
+
+
+def test_send_button_is_disabled_while_sending_and_errors_keep_the_words(open_page, live_chat):
+    """An empty prompt shows the 400 message; an over-long one the 413 message and keeps the text in the box."""
+    watch = open_page()
+    # Chromium reports the 4xx answers in the console; they are the expected answers here.
+    watch.allowed_errors += ["status of 400", "status of 413"]
+    page = watch.page
+    page.fill("#prompt", "   ")
+    page.click("#send")
+    page.locator("#form-error [role=alert]").wait_for()
+    assert "empty" in page.inner_text("#form-error")
+    long_text = "x" * 32_001
+    page.fill("#prompt", long_text)
+    page.click("#send")
+    page.wait_for_function("document.querySelector('#form-error').textContent.includes('32,000')")
+    assert page.input_value("#prompt") == long_text
+    assert page.locator(".msg").count() == 0
+    # hx-disabled-elt: the button is disabled while the POST is in flight.
+    page.fill("#prompt", "   ")
+    disabled = page.evaluate("""() => new Promise(resolve => {
+        document.body.addEventListener('htmx:beforeSend',
+          () => setTimeout(() => resolve(document.getElementById('send').disabled)), {once: true});
+        document.getElementById('send').click(); })""")
+    assert disabled is True
+
+
+def test_autoscroll_follows_only_at_the_bottom(open_page, page_upstream):
+    """Autoscroll follows tokens at the bottom, stops when the reader scrolls up, resumes back at the bottom."""
+    body = answer(*LONG_ANSWER)
+    reply = page_upstream.serve(body, pause_at=after_event(body, b'"line 039'))
+    page = open_page().page
+    page.set_viewport_size({"width": 800, "height": 400})
+    stream_id = type_and_send(page, "long")
+    at_bottom = "(() => { const e = document.scrollingElement; return e.scrollHeight - e.scrollTop - e.clientHeight < 48; })()"
+    page.wait_for_function("document.querySelector('.tokens').textContent.includes('line 039')")
+    page.wait_for_function(at_bottom)
+    page.mouse.wheel(0, -100_000)
+    page.wait_for_function("document.scrollingElement.scrollTop === 0")
+    top_before = page.evaluate("document.scrollingElement.scrollTop")
+    reply.gate.set()
+    finished_bubble(page, stream_id)
+    assert page.evaluate("document.scrollingElement.scrollTop") == top_before
+    assert not page.evaluate(at_bottom)
+    # Back at the bottom, the next answer's tokens are followed again.
+    page.mouse.wheel(0, 100_000)
+    page.wait_for_function(at_bottom)
+    page_upstream.serve(answer(*LONG_ANSWER))
+    second = type_and_send(page, "again")
+    finished_bubble(page, second)
+    assert page.evaluate(at_bottom)
+
+
+def test_copy_buttons_and_live_region(open_page, page_upstream):
+    """Copy puts the answer's Markdown or one code block on the clipboard; the live region announces start and end."""
+    source = "Here:\n\n```sh\necho hi\n```\n"
+    body = answer("Here:\n\n", "```sh\n", "echo hi\n", "```\n")
+    page_upstream.serve(body, pause_at=after_event(body, b'"Here:'))
+    page = open_page().page
+    stream_id = type_and_send(page, "copy me")
+    page.wait_for_function("document.getElementById('status').textContent === 'Answering…'")
+    page_upstream.release()
+    bubble = finished_bubble(page, stream_id)
+    page.wait_for_function("document.getElementById('status').textContent === 'Answer complete'")
+    bubble.get_by_role("button", name="Copy code").click()
+    assert page.evaluate("navigator.clipboard.readText()") == "echo hi\n"
+    bubble.get_by_role("button", name="Copy answer").click()
+    wait_until(lambda: page.evaluate("navigator.clipboard.readText()") == source, what="the answer on the clipboard")
+    nameless = page.evaluate("""() => [...document.querySelectorAll('button')]
+        .filter(b => !(b.getAttribute('aria-label') || b.textContent).trim()).length""")
+    assert nameless == 0
+
+
+def test_reasoning_streams_into_its_own_collapsed_area(open_page, page_upstream):
+    """Reasoning tokens go to a collapsed area apart from the answer, and stay collapsed when done."""
+    body = (ROLE + data(choice({"reasoning_content": "Let me think."})) + data(choice({"content": "Answer."}))
+            + FINISH + DONE)
+    page_upstream.serve(body, pause_at=after_event(body, b'"Let me think."'))
+    page = open_page().page
+    stream_id = type_and_send(page, "think")
+    page.wait_for_function("document.querySelector('.reasoning-text').textContent === 'Let me think.'")
+    assert page.locator(".msg.streaming .tokens").inner_text() == ""
+    assert page.locator(".msg.streaming details.reasoning").get_attribute("open") is None
+    page_upstream.release()
+    bubble = finished_bubble(page, stream_id)
+    assert bubble.locator("details.reasoning").get_attribute("open") is None
+    assert bubble.locator(".reasoning-text").text_content() == "Let me think."
+    assert bubble.locator(".content").inner_text() == "Answer."
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_screenshot_of_a_finished_conversation(browser, live_chat, page_upstream, tmp_path, record_property, scheme):
+    """A finished conversation at phone width, light and dark: no sideways scroll; the screenshot is kept."""
+    page_upstream.serve(answer("Here is **Markdown**:\n\n", "- a list\n- of items\n\n", "```python\n",
+                               "def greet(name):\n    return f'Hello, {name}!'  # a long comment line to wrap\n",
+                               "```\n"))
+    ctx = browser.new_context(viewport={"width": 375, "height": 760}, color_scheme=scheme)
+    try:
+        page = ctx.new_page()
+        watch = PageWatch(page)
+        page.goto(live_chat.url + "/")
+        stream_id = type_and_send(page, "Show me a greeting function in Python")
+        finished_bubble(page, stream_id)
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 375
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert (background == "rgb(255, 255, 255)") == (scheme == "light")
+        shot = tmp_path / f"chat-{scheme}.png"
+        page.screenshot(path=str(shot), full_page=True)
+        record_property(f"screenshot_{scheme}", str(shot))
+        if os.environ.get("CHAT_UPDATE_SCREENSHOT"):
+            page.screenshot(path=str(HERE / "static" / f"screenshot-{scheme}.png"), full_page=True)
+        assert watch.unexpected_errors() == []
+    finally:
+        ctx.close()
