@@ -9,7 +9,7 @@ Run:    python chat.py            then open http://127.0.0.1:8080
 Help:   python chat.py --help
 
 Environment: OPENAI_BASE_URL (upstream ".../v1"; unset = built-in demo model),
-OPENAI_API_KEY, CHAT_MODEL, HOST, PORT, CHAT_DB.
+OPENAI_API_KEY, CHAT_MODEL, HOST, PORT, CHAT_DB (SQLite file), CHAT_PASSWORD.
 
 How a token travels: upstream bytes -> relay_upstream() greenlet (split lines, parse
 SSE, parse JSON chunk) -> Stream.publish() frames it once and appends it to the
@@ -26,6 +26,8 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
 import html  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -33,6 +35,7 @@ import os  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import socket  # noqa: E402
+import sqlite3  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
@@ -79,6 +82,12 @@ class Settings:
         self.ping_interval = float(env.get("CHAT_PING_INTERVAL") or 10)
         self.grace = float(env.get("CHAT_STREAM_GRACE") or 10)
         self.demo_delay = float(env.get("CHAT_DEMO_DELAY") or 0.03)
+        self.password = env.get("CHAT_PASSWORD") or None
+        self.streams_per_owner = int(env.get("CHAT_STREAMS_PER_OWNER") or 4)
+        # What is sent upstream per request, in characters; older turns are dropped beyond it.
+        self.max_context = int(env.get("CHAT_MAX_CONTEXT") or 100_000)
+        # Our own demo endpoint only answers this process (it may sit behind CHAT_PASSWORD).
+        self.demo_key = secrets.token_urlsafe(24)
 
     @property
     def demo(self):
@@ -348,16 +357,13 @@ class Completion:
         slot["arguments"] += args if isinstance(args, str) else json.dumps(args) if args else ""
 
 
-def open_completion(session, messages):
+def open_completion(session, messages, model):
     """POST the conversation to the upstream; return the streaming response or raise UpstreamError."""
     url = settings.upstream() + "/chat/completions"
     body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-    model = current_model(session)
     if model:
         body["model"] = model
-    headers = {"Accept": "text/event-stream"}
-    if settings.api_key:
-        headers["Authorization"] = f"Bearer {settings.api_key}"
+    headers = {"Accept": "text/event-stream", **auth_headers()}
     try:
         # No read timeout here: one watchdog per stream (Streams.sweep) watches for
         # silence, instead of a timer armed around every single socket read.
@@ -428,26 +434,41 @@ def read_completion(response, completion, on_read=None):
                     return
 
 
-_models_cache = {}
+def auth_headers():
+    """The Authorization header for the upstream: the API key, or our demo endpoint's own key."""
+    key = settings.demo_key if settings.demo else settings.api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def current_model(session):
-    """The model to ask for: configured, or the upstream's first listed one (cached)."""
+MODELS_TTL = 60.0
+_models_cache = {}  # upstream base URL -> (time fetched, [model ids])
+
+
+def available_models(session):
+    """The upstream's model ids from /v1/models, cached for a minute (failures too, briefly)."""
+    if settings.demo:
+        return ["demo"]
+    base = settings.upstream()
+    fetched, models = _models_cache.get(base, (-MODELS_TTL, []))
+    if time.monotonic() - fetched < MODELS_TTL:
+        return models
+    try:
+        r = session.get(base + "/models", headers=auth_headers(), timeout=min(3.0, settings.connect_timeout))
+        data = (r.json().get("data") or []) if r.ok else []
+        models = sorted(str(m["id"]) for m in data if isinstance(m, dict) and m.get("id"))
+    except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("could not list models at %s", settings.upstream_label())
+        models = []
+    _models_cache[base] = (time.monotonic(), models)
+    return models
+
+
+def default_model(session):
+    """The model to ask for when a conversation names none: configured, else the upstream's first."""
     if settings.model:
         return settings.model
-    if settings.demo:
-        return "demo"
-    base = settings.upstream()
-    if base not in _models_cache:
-        try:
-            headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-            r = session.get(base + "/models", headers=headers, timeout=settings.connect_timeout)
-            data = r.json().get("data") or [] if r.ok else []
-            _models_cache[base] = data[0]["id"] if data else None
-        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError):
-            log.warning("could not list models at %s", settings.upstream_label())
-            return None
-    return _models_cache[base]
+    models = available_models(session)
+    return models[0] if models else None
 
 
 def make_session():
@@ -554,13 +575,20 @@ SSE_PING = b": ping\n\n"
 class Stream:
     """One answer being generated: its event log, its readers and its relay greenlet."""
 
-    __slots__ = ("id", "messages", "log", "readers", "text", "reasoning", "completion",
-                 "started", "first_token_at", "finished_at", "last_activity", "greenlet",
-                 "status", "error", "tokens")
+    __slots__ = ("id", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
+                 "log", "readers", "text", "reasoning", "completion", "saved", "started",
+                 "first_token_at", "finished_at", "last_activity", "greenlet", "status", "error", "tokens")
 
-    def __init__(self, stream_id, messages):
+    def __init__(self, stream_id, messages, model=None, owner=None, conversation_id=None,
+                 message_id=None, dropped=0):
         self.id = stream_id
-        self.messages = messages
+        self.messages = messages      # what is sent upstream
+        self.model = model
+        self.owner = owner
+        self.conversation_id = conversation_id
+        self.message_id = message_id  # the answer's row in the store, flushed while it streams
+        self.dropped = dropped        # older turns left out to fit the context budget
+        self.saved = 0                # how many text pieces the store has seen
         self.log = []          # every frame sent so far; event id N is log[N-1]
         self.readers = set()   # one Queue per connected /events response
         self.text = []         # what was shown as the answer (after <think> splitting)
@@ -603,14 +631,27 @@ class Stream:
         if self.finished:
             return
         self.status, self.error = status, redact(error)
+        self.finished_at = time.monotonic()
+        answer = answer_record(self)
         try:
-            bubble = render_answer(self)
+            store.finish_answer(self.message_id, answer)
+        except sqlite3.Error:
+            log.exception("saving the answer failed")
+            answer["notes"].append("This answer could not be saved.")
+        try:
+            bubble = render_answer(answer)
         except Exception:  # noqa: BLE001 — a rendering bug must not leave the bubble streaming
             log.exception("rendering the answer failed")
-            self.error = error or "chat.py could not render this answer."
-            bubble = render_plain(self)
+            answer["error"] = answer["error"] or "chat.py could not render this answer."
+            bubble = render_plain(answer)
         self.publish("done", bubble)
-        self.finished_at = time.monotonic()
+
+    def flush(self):
+        """Save the partial answer if it grew since the last save (the janitor calls this every second)."""
+        size = len(self.text) + len(self.reasoning)
+        if self.message_id is not None and size != self.saved:
+            self.saved = size
+            store.save_partial(self.message_id, "".join(self.text), "".join(self.reasoning))
 
     def frames_after(self, last_id):
         """The logged frames a reader that has seen event last_id still needs."""
@@ -632,11 +673,17 @@ class Streams:
         """The stream with this id, or None."""
         return self.by_id.get(stream_id)
 
-    def start(self, messages):
+    def open_for(self, owner):
+        """How many unfinished streams this owner has."""
+        return sum(1 for s in self.by_id.values() if s.owner == owner and not s.finished)
+
+    def for_message(self, message_id):
+        """The live stream writing this stored answer, if any."""
+        return next((s for s in self.by_id.values() if s.message_id == message_id), None)
+
+    def start(self, messages, **fields):
         """Register a new stream and start its relay greenlet."""
-        if len(self.by_id) >= settings.max_streams:
-            raise bottle.HTTPError(503, "The server is at its limit of open answers; try again shortly.")
-        stream = Stream(secrets.token_urlsafe(18), messages)
+        stream = Stream(secrets.token_urlsafe(18), messages, **fields)
         self.by_id[stream.id] = stream
         stream.greenlet = gevent.spawn(relay_upstream, stream)
         # If the greenlet dies without finishing (killed before it ever ran), still end the stream.
@@ -666,6 +713,10 @@ class Streams:
                 continue
             if now - stream.last_activity > settings.read_timeout and stream.greenlet:
                 stream.greenlet.kill(UpstreamTimeout, block=False)
+            try:
+                stream.flush()
+            except sqlite3.Error:
+                log.exception("saving a partial answer failed")
             if ping:
                 for queue in stream.readers:
                     queue.put_nowait(SSE_PING)
@@ -684,7 +735,7 @@ def relay_upstream(stream):
     """Greenlet body: read the upstream answer and publish it token by token, then finish."""
     completion, think = stream.completion, ThinkSplitter()
     try:
-        response = open_completion(http, stream.messages)
+        response = open_completion(http, stream.messages, stream.model)
         with response:
             for kind, text in read_completion(response, completion, stream.touch):
                 for piece in (think.feed(text) if kind == "content" else [("reasoning", text)]):
@@ -765,13 +816,17 @@ NOTES = {
     "content_filter": "The model's content filter stopped the answer.",
     "truncated": "The stream ended before the model said it was finished; the answer may be incomplete.",
     "stopped": "Stopped.",
+    "interrupted": "The server stopped while this answer was being written; it may be incomplete.",
 }
 
 
 def answer_notes(stream):
-    """The notes under a finished answer: cut off, truncated, stopped, tool calls."""
+    """The notes under a finished answer: cut off, truncated, stopped, tool calls, dropped turns."""
     c = stream.completion
     notes = []
+    if stream.dropped:
+        notes.append(f"The {stream.dropped} oldest message{'s were' if stream.dropped > 1 else ' was'} "
+                     "left out of what the model saw, to fit the context budget.")
     if stream.status in ("stopped", "truncated"):
         notes.append(NOTES[stream.status])
     elif c.finish_reason in NOTES:
@@ -785,8 +840,8 @@ def answer_notes(stream):
 def answer_footer(stream):
     """One line of facts: model, finish reason, token counts, speed."""
     c, parts = stream.completion, []
-    if c.model:
-        parts.append(c.model)
+    if c.model or stream.model:
+        parts.append(c.model or stream.model)
     if c.finish_reason:
         parts.append(f"finish: {c.finish_reason}")
     usage = c.usage or {}
@@ -808,34 +863,233 @@ def split_answer(stream):
     return text.lstrip("\r\n"), reasoning.strip()
 
 
-def render_answer(stream):
-    """The finished assistant bubble, sent as the done event."""
+def answer_record(stream):
+    """Everything the finished bubble shows and the store keeps, from a finished stream."""
     text, reasoning = split_answer(stream)
-    return bottle.template("answer", stream_id=stream.id, answer_html=render_markdown(text), source=text,
-                           reasoning=reasoning, error=stream.error, notes=answer_notes(stream),
-                           footer=answer_footer(stream), status=stream.status)
+    c = stream.completion
+    return {"bubble_id": stream.id, "conversation_id": stream.conversation_id, "text": text,
+            "reasoning": reasoning, "status": stream.status, "error": stream.error,
+            "notes": answer_notes(stream), "footer": answer_footer(stream), "finish_reason": c.finish_reason,
+            "usage": c.usage, "model": c.model or stream.model,
+            "elapsed": round((stream.finished_at or time.monotonic()) - stream.started, 3)}
 
 
-def render_plain(stream):
+def render_answer(answer, last=True):
+    """The finished assistant bubble (sent as the done event, or drawn from the store)."""
+    return bottle.template("answer", answer=answer, answer_html=render_markdown(answer["text"]), last=last)
+
+
+def render_plain(answer):
     """The finished bubble without Markdown: the fallback if rendering ever fails."""
-    text = "".join(stream.text)
-    return bottle.template("answer", stream_id=stream.id, source=text, reasoning="", notes=[],
-                           answer_html=f"<pre>{html.escape(text)}</pre>" if text else "",
-                           error=stream.error, footer="", status=stream.status)
+    text = answer["text"]
+    return bottle.template("answer", answer=answer, last=False,
+                           answer_html=f"<pre>{html.escape(text)}</pre>" if text else "")
 
 
 def render_missing(stream_id):
     """The bubble for a stream we no longer have (finished long ago, or a restart)."""
-    return bottle.template("answer", stream_id=stream_id, answer_html="", source="", reasoning="",
-                           error="This answer is no longer available: the server may have restarted.",
-                           notes=[], footer="", status="error")
+    return render_answer({"bubble_id": stream_id, "conversation_id": None, "text": "", "reasoning": "",
+                          "status": "error", "notes": [], "footer": "",
+                          "error": "This answer is no longer available: the server may have restarted."})
+
+
+# ---------------------------------------------------------------------------
+# Storage: conversations in SQLite
+# ---------------------------------------------------------------------------
+
+# Each entry migrates the schema from version N to N+1 (PRAGMA user_version); append, never edit.
+MIGRATIONS = [
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        title TEXT NOT NULL,
+        system_prompt TEXT NOT NULL DEFAULT '',
+        model TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX conversations_by_owner ON conversations (owner, updated DESC);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        role TEXT NOT NULL,              -- user | assistant
+        content TEXT NOT NULL DEFAULT '',
+        reasoning TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'done',  -- streaming | done | stopped | error | truncated | interrupted
+        error TEXT,
+        notes TEXT NOT NULL DEFAULT '[]',  -- JSON list of sentences shown under the answer
+        footer TEXT NOT NULL DEFAULT '',
+        finish_reason TEXT,
+        usage TEXT,                        -- JSON, as the upstream sent it
+        model TEXT,
+        elapsed REAL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+
+class Store:
+    """Conversations and messages in one SQLite file (WAL), opened on first use."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self._db = None
+
+    @property
+    def db(self):
+        """The connection, opened, migrated and recovered on first use."""
+        if self._db is None:
+            self._db = self.connect(self.path or settings.db)
+        return self._db
+
+    @staticmethod
+    def connect(path):
+        """Open the file, migrate it to the current schema, and mark answers cut off by a crash."""
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at each checkpoint, fast
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA busy_timeout = 5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], version + 1):
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+        # Answers that were streaming when the process died keep their text, marked interrupted.
+        db.execute("UPDATE messages SET status = 'interrupted', notes = ? WHERE status = 'streaming'",
+                   (json.dumps([NOTES["interrupted"]]),))
+        return db
+
+    def close(self):
+        """Close the connection (a later use reopens it)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def secret(self, name):
+        """A random secret kept in the database (for signing cookies), made on first use."""
+        self.db.execute("INSERT OR IGNORE INTO secrets VALUES (?, ?)", (name, secrets.token_hex(32)))
+        return self.db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0]
+
+    def create_conversation(self, owner, title, system_prompt="", model=None):
+        """A new conversation; returns its id."""
+        conversation_id, now = secrets.token_urlsafe(12), time.time()
+        self.db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (conversation_id, owner, title, system_prompt, model, now, now))
+        return conversation_id
+
+    def conversation(self, conversation_id, owner):
+        """The conversation if this owner has it, else None."""
+        return self.db.execute("SELECT * FROM conversations WHERE id = ? AND owner = ?",
+                               (conversation_id, owner)).fetchone()
+
+    def conversations(self, owner):
+        """This owner's conversations, newest first."""
+        return self.db.execute("SELECT id, title, updated FROM conversations WHERE owner = ? "
+                               "ORDER BY updated DESC", (owner,)).fetchall()
+
+    def update_conversation(self, conversation_id, **fields):
+        """Change title, system_prompt or model, and mark the conversation as just used."""
+        assert set(fields) <= {"title", "system_prompt", "model"}
+        columns = "".join(f"{name} = ?, " for name in fields)
+        self.db.execute(f"UPDATE conversations SET {columns}updated = ? WHERE id = ?",
+                        (*fields.values(), time.time(), conversation_id))
+
+    def delete_conversation(self, conversation_id):
+        """Delete a conversation and its messages."""
+        self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def messages(self, conversation_id):
+        """The messages of a conversation in order."""
+        return self.db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
+                               (conversation_id,)).fetchall()
+
+    def add_message(self, conversation_id, role, content="", status="done"):
+        """Append a message; returns its id."""
+        cursor = self.db.execute("INSERT INTO messages (conversation_id, role, content, status, created) "
+                                 "VALUES (?, ?, ?, ?, ?)", (conversation_id, role, content, status, time.time()))
+        self.update_conversation(conversation_id)
+        return cursor.lastrowid
+
+    def delete_message(self, message_id):
+        """Delete one message."""
+        self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    def save_partial(self, message_id, text, reasoning):
+        """Save the text of an answer still streaming."""
+        self.db.execute("UPDATE messages SET content = ?, reasoning = ? WHERE id = ? AND status = 'streaming'",
+                        (text, reasoning, message_id))
+
+    def finish_answer(self, message_id, answer):
+        """Save a finished answer with everything its bubble shows."""
+        if message_id is None:
+            return
+        self.db.execute(
+            "UPDATE messages SET content = ?, reasoning = ?, status = ?, error = ?, notes = ?, footer = ?, "
+            "finish_reason = ?, usage = ?, model = ?, elapsed = ? WHERE id = ?",
+            (answer["text"], answer["reasoning"], answer["status"], answer["error"], json.dumps(answer["notes"]),
+             answer["footer"], answer["finish_reason"], json.dumps(answer["usage"]) if answer["usage"] else None,
+             answer["model"], answer["elapsed"], message_id))
+
+
+store = Store()
+
+
+def stored_answer(row):
+    """A stored assistant message as the record render_answer() takes."""
+    return {"bubble_id": f"m{row['id']}", "conversation_id": row["conversation_id"], "text": row["content"],
+            "reasoning": row["reasoning"], "status": row["status"], "error": row["error"],
+            "notes": json.loads(row["notes"] or "[]"), "footer": row["footer"]}
+
+
+def upstream_messages(conversation, rows):
+    """The messages to send: the system prompt, then the turns, oldest dropped past the budget."""
+    turns = [{"role": r["role"], "content": r["content"]} for r in rows
+             if r["role"] in ("user", "assistant") and r["content"]]
+    system = [{"role": "system", "content": conversation["system_prompt"]}] if conversation["system_prompt"] else []
+    budget = settings.max_context - sum(len(m["content"]) for m in system)
+    dropped = 0
+    while len(turns) > 1 and sum(len(t["content"]) for t in turns) > budget:
+        turns.pop(0)
+        dropped += 1
+    # A conversation must not open with a lone answer: drop it with its question.
+    if turns and turns[0]["role"] == "assistant" and len(turns) > 1:
+        turns.pop(0)
+        dropped += 1
+    return system + turns, dropped
+
+
+def export_markdown(conversation, rows):
+    """A conversation as a Markdown document."""
+    out = [f"# {conversation['title']}", ""]
+    if conversation["system_prompt"]:
+        out += ["**System prompt**", "", conversation["system_prompt"], ""]
+    for row in rows:
+        out += [f"## {'You' if row['role'] == 'user' else 'Assistant'}", "", row["content"], ""]
+        if row["role"] == "assistant" and row["status"] not in ("done", "streaming"):
+            out += [f"*({row['status']}{': ' + row['error'] if row['error'] else ''})*", ""]
+    return "\n".join(out)
+
+
+def export_json(conversation, rows):
+    """A conversation as plain data: the conversation's fields and every message's."""
+    return {"id": conversation["id"], "title": conversation["title"],
+            "system_prompt": conversation["system_prompt"], "model": conversation["model"],
+            "created": conversation["created"], "updated": conversation["updated"],
+            "messages": [{"role": r["role"], "content": r["content"], "reasoning": r["reasoning"],
+                          "status": r["status"], "error": r["error"], "finish_reason": r["finish_reason"],
+                          "usage": json.loads(r["usage"]) if r["usage"] else None, "model": r["model"],
+                          "created": r["created"]} for r in rows]}
 
 
 # ---------------------------------------------------------------------------
 # Built-in demo model (an OpenAI-compatible endpoint served by this same app)
 # ---------------------------------------------------------------------------
 
-def demo_reply(prompt):
+def demo_reply(prompt, turns=1):
     """The demo model's Markdown answer to a prompt: a quote, a list and a code block."""
     words = prompt.split()
     quoted = "\n".join("> " + line for line in prompt[:600].splitlines() if line.strip()) or "> (nothing)"
@@ -843,7 +1097,8 @@ def demo_reply(prompt):
     return (
         "**This is the demo model built into chat.py.** It runs offline and only echoes "
         "what you write, so you can see streaming and rendering work.\n\n"
-        f"You wrote {len(words)} word{'s' if len(words) != 1 else ''}:\n\n{quoted}\n\n"
+        f"Message {turns} of this conversation; you wrote {len(words)} word{'s' if len(words) != 1 else ''}:"
+        f"\n\n{quoted}\n\n"
         "To talk to a real model, restart chat.py with its address:\n\n"
         "1. Ollama: `OPENAI_BASE_URL=http://localhost:11434/v1 python chat.py`\n"
         "2. llama.cpp server: `OPENAI_BASE_URL=http://localhost:8080/v1 python chat.py --port 8000`\n"
@@ -858,7 +1113,7 @@ def demo_reply(prompt):
 _DEMO_TOKEN = re.compile(r"\s*\S+|\s+")
 
 
-def demo_chunks(prompt, delay):
+def demo_chunks(prompt, delay, turns=1):
     """The demo reply as OpenAI chat.completion.chunk SSE frames, paced like a real model."""
     base = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "model": "demo"}
 
@@ -866,7 +1121,7 @@ def demo_chunks(prompt, delay):
         data = dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}], **extra)
         return b"data: " + json.dumps(data).encode() + b"\n\n"
 
-    reply = demo_reply(prompt)
+    reply = demo_reply(prompt, turns)
     yield chunk({"role": "assistant", "content": ""})
     count = 0
     for count, token in enumerate(_DEMO_TOKEN.findall(reply), 1):
@@ -894,24 +1149,234 @@ def form_error(status, message):
     return bottle.template("form_error", message=message)
 
 
+# -- who is asking: owner cookie, optional password, same-origin writes --------
+
+OWNER_COOKIE, SESSION_COOKIE = "chat_owner", "chat_session"
+_OWNER_ID = re.compile(r"[A-Za-z0-9_-]{24,64}")
+PUBLIC_PATHS = ("/login", "/static/", "/demo/")  # reachable without logging in
+SESSION_DAYS = 30
+
+
+def cross_origin(request):
+    """True for a state-changing request that a page of another site sent."""
+    if request.get_header("Sec-Fetch-Site", "") in ("cross-site", "same-site"):
+        return True
+    origin = request.get_header("Origin")
+    if origin is None:
+        return False  # not sent by a browser form or fetch (curl, tests, the load client)
+    return urllib.parse.urlsplit(origin).netloc != request.get_header("Host", "")
+
+
+def session_token(expires):
+    """A session cookie value: expiry and an HMAC of it, keyed by a stored secret and the password."""
+    key = (store.secret("session") + settings.password).encode()
+    return f"{expires}.{hmac.new(key, str(expires).encode(), hashlib.sha256).hexdigest()}"
+
+
+def logged_in(request):
+    """True if the request carries a valid, unexpired session cookie."""
+    expires, _, _ = (request.get_cookie(SESSION_COOKIE) or "").partition(".")
+    return (expires.isdigit() and int(expires) > time.time()
+            and hmac.compare_digest(session_token(int(expires)), request.get_cookie(SESSION_COOKIE)))
+
+
+@app.hook("before_request")
+def guard():
+    """Refuse cross-origin writes, ask for the password when one is set, and know the owner."""
+    request = bottle.request
+    if request.method not in ("GET", "HEAD", "OPTIONS") and cross_origin(request):
+        raise bottle.HTTPError(403, "Refused: this request came from another site.")
+    if settings.password and not request.path.startswith(PUBLIC_PATHS) and not logged_in(request):
+        if request.method == "GET" and not request.get_header("HX-Request"):
+            bottle.redirect("/login")
+        raise bottle.HTTPError(401, "Log in first.", headers={"HX-Redirect": "/login"})
+    owner = request.get_cookie(OWNER_COOKIE) or ""
+    if not _OWNER_ID.fullmatch(owner):
+        owner = secrets.token_urlsafe(24)
+        bottle.response.set_cookie(OWNER_COOKIE, owner, path="/", httponly=True, samesite="lax",
+                                   max_age=10 * 365 * 86400)
+    request.environ["chat.owner"] = owner
+
+
+def owner():
+    """The owner id of this request's browser."""
+    return bottle.request.environ["chat.owner"]
+
+
+def owned_conversation(conversation_id):
+    """This browser's conversation, or a 404 (someone else's looks exactly like a missing one)."""
+    conversation = store.conversation(conversation_id, owner())
+    if conversation is None:
+        bottle.abort(404, "No such conversation.")
+    return conversation
+
+
+@app.get("/login")
+def login_page():
+    """The password page (only when CHAT_PASSWORD is set)."""
+    if not settings.password:
+        bottle.redirect("/")
+    return bottle.template("login", error=None)
+
+
+@app.post("/login")
+def login():
+    """Check the password in constant time; a failure costs a second, to slow guessing down."""
+    if not settings.password:
+        bottle.redirect("/")
+    given = (bottle.request.forms.getunicode("password", default="") or "").encode()
+    if not hmac.compare_digest(hashlib.sha256(given).digest(),
+                               hashlib.sha256(settings.password.encode()).digest()):
+        log.warning("failed login from %s", bottle.request.remote_addr)
+        gevent.sleep(1.0)
+        bottle.response.status = 401
+        return bottle.template("login", error="Wrong password.")
+    expires = int(time.time()) + SESSION_DAYS * 86400
+    bottle.response.set_cookie(SESSION_COOKIE, session_token(expires), path="/", httponly=True,
+                               samesite="lax", max_age=SESSION_DAYS * 86400)
+    bottle.redirect("/")
+
+
+@app.post("/logout")
+def logout():
+    """Forget the session cookie."""
+    bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+    bottle.redirect("/login")
+
+
+# -- the chat ------------------------------------------------------------------
+
+def render_page(conversation=None):
+    """The chat page, empty or showing one conversation with its answers (live ones reconnect)."""
+    bubbles = []
+    rows = store.messages(conversation["id"]) if conversation else []
+    last_assistant = max((r["id"] for r in rows if r["role"] == "assistant"), default=None)
+    for row in rows:
+        if row["role"] == "user":
+            bubbles.append(bottle.template("user", prompt=row["content"]))
+            continue
+        stream = streams.for_message(row["id"]) if row["status"] == "streaming" else None
+        if stream is not None and not stream.finished:
+            # Reloaded mid-answer: the new bubble replays the stream's log from the start.
+            bubbles.append(bottle.template("streaming", stream_id=stream.id))
+        else:
+            bubbles.append(render_answer(stored_answer(row), last=row["id"] == last_assistant))
+    models = available_models(http)
+    model = (conversation and conversation["model"]) or default_model(http)
+    return bottle.template("page", demo=settings.demo, upstream=settings.upstream_label(),
+                           conversation=conversation, conversations=store.conversations(owner()),
+                           bubbles=bubbles, models=models, model=model, password=bool(settings.password))
+
+
 @app.get("/")
 def index():
-    """The chat page."""
-    return bottle.template("page", demo=settings.demo, upstream=settings.upstream_label(),
-                           max_prompt=settings.max_prompt)
+    """The chat page with a new, empty conversation."""
+    return render_page()
+
+
+@app.get("/c/<conversation_id>")
+def conversation_page(conversation_id):
+    """One conversation at its own URL."""
+    return render_page(owned_conversation(conversation_id))
+
+
+def start_answer(conversation):
+    """Store an empty answer and start streaming it, with the conversation so far."""
+    if streams.open_for(owner()) >= settings.streams_per_owner:
+        bottle.abort(429, f"You already have {settings.streams_per_owner} answers streaming; "
+                          "wait for one to finish or stop one.")
+    if len(streams) >= settings.max_streams:
+        bottle.abort(503, "The server is at its limit of open answers; try again shortly.")
+    messages, dropped = upstream_messages(conversation, store.messages(conversation["id"]))
+    message_id = store.add_message(conversation["id"], "assistant", status="streaming")
+    return streams.start(messages, model=conversation["model"] or default_model(http), owner=owner(),
+                         conversation_id=conversation["id"], message_id=message_id, dropped=dropped)
 
 
 @app.post("/streaming")
 def start_streaming():
     """Start an answer: the user's bubble plus an assistant bubble that connects to /events."""
-    prompt = bottle.request.forms.getunicode("prompt", default="") or ""
+    forms = bottle.request.forms
+    prompt = forms.getunicode("prompt", default="") or ""
     if not prompt.strip():
         return form_error(400, "Type a message first: the prompt is empty.")
     if len(prompt) > settings.max_prompt:
         return form_error(413, f"Your message is {len(prompt):,} characters long; the limit is "
                                f"{settings.max_prompt:,}. Shorten it and send again.")
-    stream = streams.start([{"role": "user", "content": prompt}])
-    return bottle.template("exchange", prompt=prompt, stream_id=stream.id)
+    if streams.open_for(owner()) >= settings.streams_per_owner:
+        return form_error(429, f"You already have {settings.streams_per_owner} answers streaming; "
+                               "wait for one to finish or stop one.")
+    changes = {"model": (forms.getunicode("model") or "").strip() or None}
+    if forms.get("system") is not None:
+        changes["system_prompt"] = (forms.getunicode("system") or "").strip()
+    conversation_id = forms.getunicode("conversation") or ""
+    created = not conversation_id
+    if created:
+        title = " ".join(prompt.split())[:60] or "New conversation"
+        conversation_id = store.create_conversation(owner(), title)
+    else:
+        owned_conversation(conversation_id)
+    store.update_conversation(conversation_id, **{k: v for k, v in changes.items() if v is not None})
+    store.add_message(conversation_id, "user", prompt)
+    conversation = store.conversation(conversation_id, owner())
+    stream = start_answer(conversation)
+    if created:
+        bottle.response.set_header("HX-Push-Url", f"/c/{conversation_id}")
+    return bottle.template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation,
+                           created=created)
+
+
+@app.post("/c/<conversation_id>/regenerate")
+def regenerate(conversation_id):
+    """Answer the last question again, replacing the last answer."""
+    conversation = owned_conversation(conversation_id)
+    rows = store.messages(conversation_id)
+    if rows and rows[-1]["role"] == "assistant":
+        live = streams.for_message(rows[-1]["id"])
+        if live is not None and not live.finished:
+            return form_error(409, "This answer is still being written; stop it first.")
+        store.delete_message(rows[-1]["id"])
+    if not any(r["role"] == "user" for r in rows):
+        return form_error(409, "There is no question to answer again.")
+    return bottle.template("streaming", stream_id=start_answer(conversation).id)
+
+
+@app.post("/c/<conversation_id>/rename")
+def rename(conversation_id):
+    """Rename a conversation (the new title comes from hx-prompt, or a form field)."""
+    owned_conversation(conversation_id)
+    title = " ".join((bottle.request.get_header("HX-Prompt") or
+                      bottle.request.forms.getunicode("title") or "").split())[:120]
+    if not title:
+        return form_error(400, "A title cannot be empty.")
+    store.update_conversation(conversation_id, title=title)
+    return bottle.template("title", conversation=store.conversation(conversation_id, owner()))
+
+
+@app.delete("/c/<conversation_id>")
+def delete(conversation_id):
+    """Delete a conversation (the page asks for confirmation first) and go to a new one."""
+    owned_conversation(conversation_id)
+    for stream in list(streams.by_id.values()):
+        if stream.conversation_id == conversation_id:
+            streams.stop(stream.id)
+    store.delete_conversation(conversation_id)
+    bottle.response.set_header("HX-Redirect", "/")
+    return ""
+
+
+@app.get("/c/<conversation_id>/export.<fmt:re:md|json>")
+def export(conversation_id, fmt):
+    """Download a conversation as Markdown or JSON."""
+    conversation = owned_conversation(conversation_id)
+    rows = store.messages(conversation_id)
+    filename = re.sub(r"[^A-Za-z0-9_-]+", "-", conversation["title"]).strip("-")[:60] or "conversation"
+    bottle.response.set_header("Content-Disposition", f'attachment; filename="{filename}.{fmt}"')
+    if fmt == "json":
+        bottle.response.content_type = "application/json; charset=utf-8"
+        return json.dumps(export_json(conversation, rows), ensure_ascii=False, indent=2)
+    bottle.response.content_type = "text/markdown; charset=utf-8"
+    return export_markdown(conversation, rows)
 
 
 @app.get("/events")
@@ -922,10 +1387,12 @@ def events():
         last_id = int(bottle.request.get_header("Last-Event-ID") or 0)
     except ValueError:
         last_id = 0
+    stream = streams.get(stream_id)
+    if stream is not None and stream.owner != owner():
+        bottle.abort(404, "No such answer.")  # someone else's: not even a done bubble
     bottle.response.content_type = "text/event-stream"
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Accel-Buffering", "no")
-    stream = streams.get(stream_id)
     if stream is None:
         return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
     return stream_events(stream, last_id)
@@ -958,9 +1425,10 @@ def stream_events(stream, last_id):
 @app.post("/stop")
 def stop():
     """Stop an answer; the done bubble follows on the event stream."""
-    stream_id = bottle.request.query.getunicode("stream", default="") or ""
-    if not streams.stop(stream_id):
+    stream = streams.get(bottle.request.query.getunicode("stream", default="") or "")
+    if stream is None or stream.owner != owner():
         bottle.abort(404, "No such answer.")
+    streams.stop(stream.id)
     bottle.response.status = 204
     return ""
 
@@ -981,29 +1449,40 @@ def static(path):
 @app.get("/demo/v1/models")
 def demo_models():
     """The demo model's model list (only when no upstream is configured)."""
-    if not settings.demo:
-        bottle.abort(404)
+    demo_only()
     return {"object": "list", "data": [{"id": "demo", "object": "model", "owned_by": "chat.py"}]}
 
 
 @app.post("/demo/v1/chat/completions")
 def demo_completions():
     """The demo model: an OpenAI-compatible streaming endpoint answering over real HTTP."""
-    if not settings.demo:
-        bottle.abort(404)
+    demo_only()
     try:
         messages = bottle.request.json["messages"]
         prompt = next(m["content"] for m in reversed(messages) if m.get("role") == "user")
+        turns = sum(1 for m in messages if m.get("role") == "user")
     except (TypeError, KeyError, StopIteration, ValueError):
         bottle.response.status = 400
         return {"error": {"message": "expected a chat request with a user message", "type": "invalid_request"}}
     bottle.response.content_type = "text/event-stream"
-    return demo_chunks(str(prompt), settings.demo_delay)
+    return demo_chunks(str(prompt), settings.demo_delay, turns)
 
 
+def demo_only():
+    """The demo endpoint exists only without an upstream, and answers only this process."""
+    expected = f"Bearer {settings.demo_key}".encode()
+    given = (bottle.request.get_header("Authorization") or "").encode()
+    if not settings.demo or not hmac.compare_digest(given, expected):
+        bottle.abort(404)
+
+
+@app.error(401)
+@app.error(403)
 @app.error(404)
 @app.error(405)
+@app.error(409)
 @app.error(413)
+@app.error(429)
 @app.error(500)
 @app.error(503)
 def error_page(error):
@@ -1035,7 +1514,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="chat.py", description="A chat page that streams LLM answers token by token.",
         epilog="Environment: OPENAI_BASE_URL, OPENAI_API_KEY (sent as 'Authorization: Bearer', "
-               "never logged), CHAT_MODEL, HOST, PORT, CHAT_DB. Flags override them. Without "
+               "never logged), CHAT_MODEL, HOST, PORT, CHAT_DB, CHAT_PASSWORD (puts the whole app "
+               "behind a login page). Flags override them. Without "
                "OPENAI_BASE_URL the built-in demo model answers. Examples: "
                "OPENAI_BASE_URL=http://localhost:11434/v1 (Ollama), http://localhost:8080/v1 "
                "(llama.cpp), http://localhost:8000/v1 (vLLM), http://localhost:1234/v1 (LM Studio), "
@@ -1045,7 +1525,7 @@ def parse_args(argv):
     p.add_argument("--model", help="model name (env CHAT_MODEL; default: the upstream's first model, or demo)")
     p.add_argument("--host", help="listen address (env HOST; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (env PORT; default 8080)")
-    p.add_argument("--db", help="SQLite database file (env CHAT_DB; default chat.db)")
+    p.add_argument("--db", help="SQLite database file (env CHAT_DB; default chat.db in the working directory)")
     p.add_argument("--debug", action="store_true", help="log tracebacks and reload templates")
     return p.parse_args(argv)
 
@@ -1064,6 +1544,7 @@ def main(argv=None):
     server = Server((settings.host, settings.port), app, log=logging.getLogger("chat.access"),
                     error_log=logging.getLogger("chat.error"))
     server.init_socket()
+    store.db  # noqa: B018 — open and migrate the database now: a bad path fails at start, not at the first message
     settings.port = server.server_port  # --port 0 picks a free port; the demo needs the real one
     log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port,
              settings.upstream_label())

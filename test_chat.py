@@ -45,6 +45,10 @@ SSE_FILES = sorted(name for name in EXPECTED if name.endswith(".sse"))
 HTTP_FILES = sorted(name for name in EXPECTED if name.endswith(".http"))
 BASE_SEED = int(os.environ.get("CHAT_TEST_SEED") or random.randrange(1 << 31))
 
+# The test's own browser-like HTTP client: it keeps chat.py's owner cookie, like a browser.
+web = requests.Session()
+web.trust_env = False
+
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 API_KEY = "sk-secret-123"
 
@@ -54,19 +58,24 @@ API_KEY = "sk-secret-123"
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch):
-    """Point chat.py at nothing real (no env upstream, key or proxy) and leave no stream running."""
+def isolated(monkeypatch, tmp_path):
+    """Point chat.py at nothing real (no env upstream, key, proxy or database) and leave no stream running."""
     for name in PROXY_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setattr(chat.settings, "base_url", "http://127.0.0.1:9/v1")  # discard port: refused
     monkeypatch.setattr(chat.settings, "api_key", None)
     monkeypatch.setattr(chat.settings, "model", "test-model")
+    monkeypatch.setattr(chat.settings, "password", None)
+    monkeypatch.setattr(chat, "store", chat.Store(str(tmp_path / "chat.db")))
+    chat._models_cache.clear()
+    web.cookies.clear()
     yield
     for stream in list(chat.streams.by_id.values()):
         if stream.greenlet:
             stream.greenlet.kill(block=True, timeout=2)
     chat.streams.by_id.clear()
+    chat.store.close()
 
 
 @pytest.fixture
@@ -151,7 +160,8 @@ class ChatProcess:
         with open(log_path, "wb") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "chat.py", "--port", str(self.port)], cwd=HERE, stdout=log_file,
-                stderr=subprocess.STDOUT, env=clean_env(PYTHONUNBUFFERED="1", **env))
+                stderr=subprocess.STDOUT,
+                env=clean_env(PYTHONUNBUFFERED="1", **{"CHAT_DB": str(log_path.parent / "chat.db"), **env}))
         try:
             wait_until(self.answering, timeout=15, what=f"/healthz of `python chat.py --port {self.port}`")
         except BaseException:
@@ -497,7 +507,7 @@ class SSEReader:
 
     def __init__(self, base, stream_id, last_event_id=None):
         headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-        self.response = requests.get(f"{base}/events", params={"stream": stream_id}, headers=headers,
+        self.response = web.get(f"{base}/events", params={"stream": stream_id}, headers=headers,
                                      stream=True, timeout=10)
         self.raw = b""
         self.eof = False
@@ -552,7 +562,7 @@ def relay(client, prompt="Hi"):
 
 def post_prompt(base, prompt="Hi"):
     """POST a prompt to the real server; return the stream id."""
-    response = requests.post(f"{base}/streaming", data={"prompt": prompt}, timeout=5)
+    response = web.post(f"{base}/streaming", data={"prompt": prompt}, timeout=5)
     assert response.status_code == 200, response.text
     return re.search(r'sse-connect="/events\?stream=([A-Za-z0-9_-]+)"', response.text).group(1)
 
@@ -642,6 +652,8 @@ def assert_no_active_markup(fragment):
     """Nothing in the fragment can run script or act as htmx: no script/img, no on*/hx-get/src attributes."""
     for element in elements(fragment):
         assert element.tag not in ("script", "img", "iframe"), f"<{element.tag}> in {fragment!r}"
+        if "regenerate" in element.classes and re.fullmatch(r"/c/[\w-]+/regenerate", element.attrs["hx-post"]):
+            continue  # chat.py's own button
         bad = [a for a in element.attrs if a.startswith("on") or a in ("hx-get", "hx-post", "src")]
         assert not bad, f"attribute {bad} on <{element.tag}> in {fragment!r}"
 
@@ -1434,7 +1446,7 @@ def test_stop_closes_upstream_and_keeps_partial_answer(server, upstream, open_ss
     reader = open_sse(stream_id)
     reader.read_until(lambda t: t.message == "Hello there", what="the first tokens")
 
-    response = requests.post(f"{server}/stop", params={"stream": stream_id}, timeout=5)
+    response = web.post(f"{server}/stop", params={"stream": stream_id}, timeout=5)
 
     assert response.status_code == 204
     wait_until(lambda: upstream.last.client_closed.is_set(), timeout=2, what="the upstream to see its connection closed")
@@ -1516,7 +1528,7 @@ def test_generation_goes_on_without_readers(server, upstream):
     """Nobody reading: the answer still completes and stays in the log for a later reader."""
     stream_id = post_prompt(server)
     wait_until(lambda: chat.streams.get(stream_id).finished, what="the stream to finish")
-    response = requests.get(f"{server}/events", params={"stream": stream_id}, timeout=5)
+    response = web.get(f"{server}/events", params={"stream": stream_id}, timeout=5)
     assert Transcript(response.content).message == "Hello, World!"
 
 
@@ -1560,7 +1572,7 @@ def test_readme_run_command_serves_the_page_and_the_demo(chat_process):
         assert requests.get(base + path, timeout=5).status_code == 200, path
 
     stream_id = post_prompt(base, "hello from the smoke test")
-    events = requests.get(f"{base}/events", params={"stream": stream_id}, timeout=15)
+    events = web.get(f"{base}/events", params={"stream": stream_id}, timeout=15)
 
     transcript = Transcript(events.content)
     assert "demo model" in transcript.message

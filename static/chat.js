@@ -1,35 +1,32 @@
 // chat.py page behaviour that htmx cannot express: keyboard sending, autoscroll,
 // copy buttons and the live-region announcements. No build step, no dependencies.
+// Everything is delegated from document: boosted navigation replaces the whole body.
 (function () {
   "use strict";
-  var form = document.getElementById("composer");
-  var prompt = document.getElementById("prompt");
-  var status = document.getElementById("status");
-  var formError = document.getElementById("form-error");
-
-  function announce(text) { status.textContent = text; }
+  function byId(id) { return document.getElementById(id); }
+  function announce(text) { var s = byId("status"); if (s) s.textContent = text; }
 
   // Enter sends, Shift+Enter is a newline, and never while an IME composition is open
   // (keyCode 229 covers browsers that end the composition before keydown).
-  prompt.addEventListener("keydown", function (e) {
-    if (e.key !== "Enter" || e.shiftKey || e.isComposing || e.keyCode === 229) return;
+  document.addEventListener("keydown", function (e) {
+    if (e.target.id !== "prompt" || e.key !== "Enter" || e.shiftKey || e.isComposing || e.keyCode === 229) return;
     e.preventDefault();
-    if (!document.getElementById("send").disabled) form.requestSubmit();
+    if (!byId("send").disabled) byId("composer").requestSubmit();
   });
 
-  form.addEventListener("htmx:beforeRequest", function (e) {
-    if (e.detail.elt === form) formError.textContent = "";
+  document.addEventListener("htmx:beforeRequest", function (e) {
+    if (e.detail.elt.id === "composer") byId("form-error").textContent = "";
   });
-  form.addEventListener("htmx:afterRequest", function (e) {
-    if (e.detail.elt !== form) return;
+  document.addEventListener("htmx:afterRequest", function (e) {
+    if (e.detail.elt.id !== "composer") return;
     // Only a successful send clears the box: on an error the user's words stay.
     if (e.detail.xhr && e.detail.xhr.status === 200) {
-      form.reset();
+      byId("prompt").value = "";
       announce("Answering…");
       stick = true;
       scrollToEnd();
     }
-    prompt.focus();
+    byId("prompt").focus();
   });
 
   // Autoscroll follows new text only while the reader is at the bottom.
@@ -41,10 +38,12 @@
   function scrollToEnd() { window.scrollTo(0, document.scrollingElement.scrollHeight); }
   window.addEventListener("scroll", function () { stick = atBottom(); }, { passive: true });
   new MutationObserver(function () { if (stick) scrollToEnd(); })
-    .observe(document.getElementById("chat-messages"), { childList: true, subtree: true, characterData: true });
+    .observe(document.body, { childList: true, subtree: true, characterData: true });
+  document.addEventListener("htmx:historyRestore", function () { stick = true; scrollToEnd(); });
+  document.addEventListener("DOMContentLoaded", scrollToEnd);
 
   // The done event is about to replace a streaming bubble: the answer is complete.
-  document.body.addEventListener("htmx:sseBeforeMessage", function (e) {
+  document.addEventListener("htmx:sseBeforeMessage", function (e) {
     if (e.detail && e.detail.type === "done") announce("Answer complete");
   });
 
@@ -79,4 +78,13 @@
     area.remove();
     return Promise.resolve();
   }
+})();
+// On a phone the conversation list starts folded, so the chat is what you see first.
+(function () {
+  function fold() {
+    var list = document.querySelector(".sidebar details");
+    if (list && window.matchMedia("(max-width: 48rem)").matches) list.open = false;
+  }
+  document.addEventListener("DOMContentLoaded", fold);
+  document.addEventListener("htmx:afterSettle", function (e) { if (e.detail.elt === document.body) fold(); });
 })();

@@ -1,21 +1,24 @@
-<div class="msg assistant done {{status}}" id="answer-{{stream_id}}">
-% if reasoning:
-  <details class="reasoning"><summary>Reasoning</summary><div class="reasoning-text">{{reasoning}}</div></details>
+<div class="msg assistant done {{answer['status']}}" id="answer-{{answer['bubble_id']}}">
+% if answer['reasoning']:
+  <details class="reasoning"><summary>Reasoning</summary><div class="reasoning-text">{{answer['reasoning']}}</div></details>
 % end
 % if answer_html:
   <div class="content markdown" hx-disable>{{!answer_html}}</div>
-  <template class="source">{{source}}</template>
+  <template class="source">{{answer['text']}}</template>
 % end
-% for note in notes:
+% for note in answer['notes']:
   <p class="note">{{note}}</p>
 % end
-% if error:
-  <p class="error" role="alert">{{error}}</p>
+% if answer['error']:
+  <p class="error" role="alert">{{answer['error']}}</p>
 % end
   <div class="actions">
 % if answer_html:
     <button type="button" class="copy" data-copy="answer" aria-label="Copy answer">Copy</button>
 % end
-    <span class="footer">{{footer}}</span>
+% if answer['conversation_id'] and last:
+    <button type="button" class="regenerate" hx-post="/c/{{answer['conversation_id']}}/regenerate" hx-target="closest .msg" hx-swap="outerHTML" aria-label="Regenerate this answer">Regenerate</button>
+% end
+    <span class="footer">{{answer['footer']}}</span>
   </div>
 </div>

@@ -1,6 +1,11 @@
-<div class="msg user"><div class="bubble">{{prompt}}</div></div>
-<div class="msg assistant streaming" id="answer-{{stream_id}}" hx-ext="sse" sse-connect="/events?stream={{stream_id}}" sse-swap="done" hx-swap="outerHTML" aria-busy="true">
-  <details class="reasoning"><summary>Thinking…</summary><div class="reasoning-text" sse-swap="reasoning" hx-swap="beforeend"></div></details>
-  <div class="tokens" sse-swap="message" hx-swap="beforeend"></div>
-  <div class="actions"><button type="button" class="stop" hx-post="/stop?stream={{stream_id}}" hx-swap="none" aria-label="Stop generating">Stop</button></div>
+% include("user", prompt=prompt)
+% include("streaming", stream_id=stream_id)
+% if created:
+<input type="hidden" name="conversation" id="conversation" value="{{conversation['id']}}" hx-swap-oob="true">
+<div hx-swap-oob="afterbegin:#conversation-list">
+% include("conversation_item", item=conversation, current=True)
 </div>
+<div id="conversation-head" hx-swap-oob="true">
+% include("conversation_head", conversation=conversation)
+</div>
+% end

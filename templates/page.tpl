@@ -4,7 +4,7 @@
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
-<title>chat.py</title>
+<title>{{conversation['title'] + ' — ' if conversation else ''}}chat.py</title>
 <link rel="icon" href="data:,">
 <link rel="stylesheet" href="/static/chat.css">
 <link rel="stylesheet" href="/static/pygments.css">
@@ -16,20 +16,61 @@
 </head>
 <body>
 <header class="top">
-  <h1>chat.py</h1>
+  <h1><a href="/">chat.py</a></h1>
   <span class="upstream">{{upstream}}</span>
+% if password:
+  <form method="post" action="/logout" class="logout"><button type="submit">Log out</button></form>
+% end
 </header>
+<div class="layout">
+<nav class="sidebar" aria-label="Conversations" hx-boost="true">
+  <details open>
+    <summary>Conversations</summary>
+    <a class="button new" href="/">New chat</a>
+    <ul id="conversation-list">
+% for item in conversations:
+% include("conversation_item", item=item, current=bool(conversation and item['id'] == conversation['id']))
+% end
+    </ul>
+  </details>
+</nav>
 <main>
 % if demo:
   <p class="banner">You are talking to the <strong>built-in demo model</strong>, which only echoes you.
   To connect a real model, restart with its address, for example
   <code>OPENAI_BASE_URL=http://localhost:11434/v1 python chat.py</code> (Ollama) — see <code>python chat.py --help</code>.</p>
 % end
-  <div id="chat-messages" aria-label="Conversation"></div>
+  <div id="conversation-head">
+% include("conversation_head", conversation=conversation)
+  </div>
+  <div id="chat-messages" aria-label="Messages">
+% for bubble in bubbles:
+{{!bubble}}
+% end
+  </div>
   <div id="status" class="visually-hidden" role="status" aria-live="polite"></div>
 </main>
+</div>
 <form id="composer" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send">
   <div id="form-error" aria-live="assertive"></div>
+  <input type="hidden" name="conversation" id="conversation" value="{{conversation['id'] if conversation else ''}}">
+  <details class="options">
+    <summary>Model and system prompt</summary>
+    <label for="model">Model</label>
+    <select name="model" id="model">
+% for name in models:
+      <option value="{{name}}"{{!' selected' if name == model else ''}}>{{name}}</option>
+% end
+% if model and model not in models:
+      <option value="{{model}}" selected>{{model}}</option>
+% end
+% if not models and not model:
+      <option value="">the server's default</option>
+% end
+    </select>
+    <label for="system">System prompt</label>
+    <textarea name="system" id="system" rows="3" placeholder="Optional instructions for the model in this conversation">{{conversation['system_prompt'] if conversation else ''}}</textarea>
+  </details>
   <div class="row">
     <textarea name="prompt" id="prompt" rows="2" placeholder="Message (Enter to send, Shift+Enter for a new line)" aria-label="Message" autofocus></textarea>
     <button type="submit" id="send" aria-label="Send message">Send</button>

@@ -1,0 +1,24 @@
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>Log in — chat.py</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/static/chat.css">
+</head>
+<body class="login">
+<main>
+  <h1>chat.py</h1>
+  <form method="post" action="/login">
+    <label for="password">Password</label>
+    <input type="password" name="password" id="password" autocomplete="current-password" autofocus required>
+    <button type="submit">Log in</button>
+% if error:
+    <p class="error" role="alert">{{error}}</p>
+% end
+  </form>
+</main>
+</body>
+</html>

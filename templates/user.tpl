@@ -1,0 +1,1 @@
+<div class="msg user"><div class="bubble">{{prompt}}</div></div>
