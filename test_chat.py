@@ -19,6 +19,7 @@ import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
+import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -2084,3 +2085,399 @@ def test_screenshot_of_a_finished_conversation(browser, live_chat, page_upstream
         assert watch.unexpected_errors() == []
     finally:
         ctx.close()
+
+
+# ---------------------------------------------------------------------------
+# Conversations: multi-turn, SQLite, owners, password (issue 4)
+# ---------------------------------------------------------------------------
+
+def send_in(client, prompt, conversation=None, **fields):
+    """POST a prompt (into a conversation, if given); return (stream id, conversation id)."""
+    form = {"prompt": prompt, **fields}
+    if conversation:
+        form["conversation"] = conversation
+    response = client.post("/streaming", form)
+    stream_id = re.search(r'sse-connect="/events\?stream=([\w-]+)"', response.text).group(1)
+    pushed = response.headers.get("HX-Push-Url")
+    return stream_id, conversation or pushed.removeprefix("/c/")
+
+
+def db_rows(sql, *args):
+    """Rows straight from chat.py's database file, through a connection of our own."""
+    with sqlite3.connect(chat.store.path) as db:
+        return db.execute(sql, args).fetchall()
+
+
+def test_every_request_sends_the_conversation_so_far(client, upstream):
+    """The upstream receives the system prompt first, then the whole history in order."""
+    upstream.serve(answer("First answer."))
+    stream_id, conversation = send_in(client, "First question", system="Be brief.")
+    read_events(client, stream_id)
+    upstream.serve(answer("Second answer."))
+    stream_id, _ = send_in(client, "Second question", conversation)
+    read_events(client, stream_id)
+    assert upstream.last.json["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "First question"},
+        {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "Second question"}]
+
+
+def test_new_conversation_gets_a_url_a_title_and_a_sidebar_entry(client, upstream):
+    """A first message creates a conversation at /c/ID, titled from the prompt, newest first in the sidebar."""
+    response = client.post("/streaming", {"prompt": "Plan a trip\nto Lisbon <3"})
+    conversation = response.headers["HX-Push-Url"].removeprefix("/c/")
+    assert f'value="{conversation}"' in response.text  # the form's hidden field, swapped out of band
+    read_events(client, re.search(r"stream=([\w-]+)", response.text).group(1))
+    page = client.get(f"/c/{conversation}")
+    (link,) = elements(page.text, "a", id=f"conv-{conversation}")
+    assert link.text == "Plan a trip to Lisbon <3"
+    assert "Plan a trip" in elements(page.text, "div", cls="bubble")[0].text
+    assert elements(page.text, "div", cls="markdown")  # the stored answer, rendered
+
+
+def test_answer_is_stored_with_its_facts(client, upstream):
+    """The finished answer is stored with status, finish reason, usage, model and timing."""
+    upstream.serve("openai-usage.sse")
+    stream_id, conversation = send_in(client, "Hi")
+    read_events(client, stream_id)
+    (row,) = db_rows("SELECT content, status, finish_reason, usage, model, elapsed FROM messages "
+                     "WHERE role = 'assistant'")
+    assert row[:3] == ("The question is a classic.", "done", "stop")
+    assert json.loads(row[3])["completion_tokens"] > 0 and row[4] and row[5] >= 0
+
+
+def test_user_message_is_stored_before_the_upstream_answers(client, upstream):
+    """The user's words are in the database while the upstream has not said anything yet."""
+    upstream.serve(answer("Late."), hang_at=0)
+    stream_id, conversation = send_in(client, "Keep this safe")
+    wait_until(lambda: upstream.requests, what="the upstream request")
+    assert db_rows("SELECT role, content FROM messages ORDER BY id") == [
+        ("user", "Keep this safe"), ("assistant", "")]
+    assert chat.streams.stop(stream_id)
+
+
+def test_partial_answer_is_flushed_while_streaming(server, upstream):
+    """An answer still streaming is in the database within about a second."""
+    body = answer("Saved", " while", " streaming", " and more")
+    upstream.serve(body, pause_at=after_event(body, b'" streaming"'))
+    post_prompt(server, "flush")
+    wait_until(lambda: db_rows("SELECT content FROM messages WHERE role = 'assistant'") ==
+               [("Saved while streaming",)], timeout=3, what="the partial answer in the database")
+    upstream.release()
+
+
+def test_killed_server_restarts_with_the_partial_answer(upstream, tmp_path):
+    """SIGKILL mid-answer, restart on the same file: the conversation and the partial answer are there."""
+    body = answer("Half", " an", " answer", " and", " the", " rest")
+    upstream.serve(body, pause_at=after_event(body, b'" answer"'))
+    db_path = tmp_path / "kept.db"
+    settings = dict(OPENAI_BASE_URL=upstream.url, CHAT_MODEL="test-model", CHAT_DB=str(db_path))
+    first = ChatProcess(tmp_path / "first.log", **settings)
+    try:
+        response = web.post(first.url + "/streaming", data={"prompt": "Tell me everything"}, timeout=5)
+        conversation = response.headers["HX-Push-Url"]
+
+        def flushed():
+            with sqlite3.connect(db_path) as db:
+                return db.execute("SELECT content FROM messages WHERE role = 'assistant'").fetchall() == [
+                    ("Half an answer",)]
+        wait_until(flushed, timeout=5, what="the partial answer on disk")
+        first.process.kill()  # SIGKILL: no cleanup at all
+        first.process.wait(timeout=5)
+    finally:
+        first.stop()
+    upstream.release()
+    second = ChatProcess(tmp_path / "second.log", **settings)
+    try:
+        page = web.get(second.url + conversation, timeout=5).text
+        assert "Tell me everything" in page
+        (bubble,) = elements(page, "div", cls="interrupted")
+        assert "Half an answer" in source_text(page)
+        assert any("server stopped" in n for n in notes(page))
+        # And after a clean stop, everything is there too.
+        upstream.serve(answer("Complete", " now."))
+        stream_id = re.search(r"stream=([\w-]+)", web.post(
+            second.url + "/streaming", data={"prompt": "Again", "conversation": conversation.removeprefix("/c/")},
+            timeout=5).text).group(1)
+        events = web.get(second.url + "/events", params={"stream": stream_id}, timeout=10)
+        assert "Complete now." in Transcript(events.content).done
+    finally:
+        second.stop()
+    third = ChatProcess(tmp_path / "third.log", **settings)
+    try:
+        page = web.get(third.url + conversation, timeout=5).text
+        assert [e.text for e in elements(page, "div", cls="bubble")] == ["Tell me everything", "Again"]
+        assert "Complete now." in page
+    finally:
+        third.stop()
+
+
+def test_other_owner_gets_404_for_conversation_stream_and_export(client, upstream):
+    """Another browser (another owner cookie) cannot see, export, follow or stop someone else's answer."""
+    body = answer("Private", " words")
+    upstream.serve(body, pause_at=after_event(body, b'"Private"'))
+    stream_id, conversation = send_in(client, "secret question")
+    stranger = webtest.TestApp(chat.app)
+    stranger.get(f"/c/{conversation}", status=404)
+    stranger.get(f"/c/{conversation}/export.json", status=404)
+    stranger.get(f"/c/{conversation}/export.md", status=404)
+    stranger.get("/events", {"stream": stream_id}, status=404)
+    stranger.post(f"/stop?stream={stream_id}", status=404)
+    stranger.post(f"/c/{conversation}/rename", headers={"HX-Prompt": "mine"}, status=404)
+    stranger.delete(f"/c/{conversation}", status=404)
+    stranger.post("/streaming", {"prompt": "hijack", "conversation": conversation}, status=404)
+    assert "secret question" not in stranger.get("/").text
+    upstream.release()
+    assert "Private words" in read_events(client, stream_id).done
+
+
+def test_owner_cookie_is_httponly_and_samesite_lax(client):
+    """The owner cookie is random, HttpOnly and SameSite=Lax."""
+    header = client.get("/").headers["Set-Cookie"]
+    assert re.match(r"chat_owner=[\w-]{24,}; ", header)
+    assert "HttpOnly" in header and "samesite=lax" in header.lower()
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                                     {"Origin": "http://localhost:9999"}], ids=["origin", "fetch-site", "port"])
+def test_cross_origin_writes_are_refused(client, upstream, headers):
+    """POST and DELETE from another origin get 403; the same origin is fine."""
+    client.post("/streaming", {"prompt": "x"}, headers=headers, status=403)
+    client.delete("/c/anything", headers=headers, status=403)
+    client.post("/streaming", {"prompt": "x"}, headers={"Origin": "http://localhost:80"}, status=200)
+
+
+def test_password_guards_everything_but_login_and_static(client, upstream, monkeypatch):
+    """With CHAT_PASSWORD nothing but /login and /static is reachable before logging in."""
+    monkeypatch.setattr(chat.settings, "password", "correct horse")
+    assert client.get("/", status=302).headers["Location"].endswith("/login")
+    for path in ("/c/x", "/healthz", "/events?stream=x", "/c/x/export.json"):
+        assert client.get(path, status=302).headers["Location"].endswith("/login"), path
+    client.post("/streaming", {"prompt": "hi"}, status=401)
+    client.post("/stop?stream=x", status=401)
+    client.get("/static/chat.css", status=200)
+    client.get("/login", status=200)
+    started = time.monotonic()
+    wrong = client.post("/login", {"password": "wrong"}, status=401)
+    assert time.monotonic() - started >= 1.0 and "Wrong password" in wrong.text
+    forger = webtest.TestApp(chat.app)
+    forger.set_cookie("chat_session", "99999999999.forged")
+    forger.get("/", status=302)
+    client.post("/login", {"password": "correct horse"}, status=302)
+    assert "chat-messages" in client.get("/", status=200).text
+    stream_id, _ = send_in(client, "after login")
+    assert read_events(client, stream_id).message == "Hello, World!"
+
+
+def test_demo_model_works_behind_the_password(demo, monkeypatch):
+    """The demo endpoint stays usable by chat.py itself when a password guards the app, and by nobody else."""
+    monkeypatch.setattr(chat.settings, "password", "pw")
+    assert web.post(demo + "/demo/v1/chat/completions", json={"messages": []}, timeout=5).status_code == 404
+    web.post(demo + "/login", data={"password": "pw"}, timeout=5)
+    stream_id = post_prompt(demo, "hello behind a password")
+    events = web.get(demo + "/events", params={"stream": stream_id}, timeout=10)
+    assert "demo model" in Transcript(events.content).done
+
+
+def test_export_round_trip(client, upstream):
+    """JSON export holds every message exactly as said; the Markdown export holds the text too."""
+    upstream.serve(answer("Grüße <b>&</b> 进入\n\n```py\nx = 1\n```"))
+    stream_id, conversation = send_in(client, "Export me: <script>", system="sys")
+    read_events(client, stream_id)
+    exported = client.get(f"/c/{conversation}/export.json")
+    assert exported.headers["Content-Disposition"].startswith("attachment")
+    data_ = json.loads(exported.text)
+    assert data_["system_prompt"] == "sys"
+    assert [(m["role"], m["content"], m["status"]) for m in data_["messages"]] == [
+        ("user", "Export me: <script>", "done"), ("assistant", "Grüße <b>&</b> 进入\n\n```py\nx = 1\n```", "done")]
+    assert [(r, c) for r, c in db_rows("SELECT role, content FROM messages ORDER BY id")] == [
+        (m["role"], m["content"]) for m in data_["messages"]]
+    markdown = client.get(f"/c/{conversation}/export.md").text
+    assert "Export me: <script>" in markdown and "```py\nx = 1\n```" in markdown
+
+
+def test_rename_changes_the_title(client, upstream):
+    """Rename takes the title from hx-prompt and updates the sidebar entry out of band."""
+    stream_id, conversation = send_in(client, "old title")
+    read_events(client, stream_id)
+    response = client.post(f"/c/{conversation}/rename", headers={"HX-Prompt": "  New <name>  "})
+    assert "New &lt;name&gt;" in response.text and f'id="conv-{conversation}"' in response.text
+    assert db_rows("SELECT title FROM conversations") == [("New <name>",)]
+    client.post(f"/c/{conversation}/rename", headers={"HX-Prompt": "   "}, status=400)
+
+
+def test_delete_removes_the_rows(client, upstream):
+    """Delete removes the conversation and its messages, and sends the page to a new chat."""
+    stream_id, conversation = send_in(client, "delete me")
+    read_events(client, stream_id)
+    response = client.delete(f"/c/{conversation}")
+    assert response.headers["HX-Redirect"] == "/"
+    assert db_rows("SELECT count(*) FROM conversations") == [(0,)]
+    assert db_rows("SELECT count(*) FROM messages") == [(0,)]
+    client.get(f"/c/{conversation}", status=404)
+
+
+def test_regenerate_replaces_the_last_answer(client, upstream):
+    """Regenerate drops the last answer and asks again with the history up to the last question."""
+    upstream.serve(answer("First try."))
+    stream_id, conversation = send_in(client, "Question")
+    read_events(client, stream_id)
+    upstream.serve(answer("Second try."))
+    response = client.post(f"/c/{conversation}/regenerate")
+    new_stream = re.search(r"stream=([\w-]+)", response.text).group(1)
+    assert "Second try." in read_events(client, new_stream).done
+    assert upstream.last.json["messages"] == [{"role": "user", "content": "Question"}]
+    assert db_rows("SELECT role, content FROM messages ORDER BY id") == [
+        ("user", "Question"), ("assistant", "Second try.")]
+
+
+def test_model_picker_lists_upstream_models_and_sends_the_choice(client, upstream, monkeypatch):
+    """The page offers the upstream's /v1/models; the chosen model is sent and kept for the conversation."""
+    monkeypatch.setattr(chat.settings, "model", None)
+    page = client.get("/")
+    assert [o.attrs["value"] for o in elements(page.text, "option")] == ["fake-model"]
+    stream_id, conversation = send_in(client, "hi", model="other-model")
+    read_events(client, stream_id)
+    assert upstream.last.json["model"] == "other-model"
+    assert elements(client.get(f"/c/{conversation}").text, "option", selected=None)[0].attrs["value"] == "other-model"
+    assert sum(1 for r in upstream.requests if r.path.endswith("/models")) == 1  # cached
+
+
+def test_streams_per_owner_are_limited(client, upstream, monkeypatch):
+    """The fifth answer at once for one browser is refused with a clear message; others are not affected."""
+    upstream.serve(answer("x"), hang_at=0)
+    ids = [send_in(client, f"q{n}")[0] for n in range(4)]
+    refused = client.post("/streaming", {"prompt": "one more"}, status=429)
+    assert "4 answers streaming" in alerts(refused.text)[0]
+    webtest.TestApp(chat.app).post("/streaming", {"prompt": "someone else"}, status=200)
+    for stream_id in ids:
+        chat.streams.stop(stream_id)
+
+
+def test_long_conversations_drop_older_turns_and_say_so(client, upstream, monkeypatch):
+    """Past the context budget the oldest turns are not sent, and the answer notes it."""
+    monkeypatch.setattr(chat.settings, "max_context", 250)
+    conversation = None
+    for n in range(3):
+        upstream.serve(answer("A" * 60))
+        stream_id, conversation = send_in(client, f"question {n} " + "Q" * 60, conversation)
+        transcript = read_events(client, stream_id)
+    sent = upstream.last.json["messages"]
+    assert sent[-1]["content"].startswith("question 2") and sent[0]["role"] == "user"
+    assert sum(len(m["content"]) for m in sent) <= 250 and len(sent) < 5
+    assert any("left out" in n for n in notes(transcript.done))
+
+
+def test_concurrent_streams_leave_the_database_consistent(server, upstream):
+    """Several answers streaming at once into several conversations are all stored; integrity_check is ok."""
+    upstream.serve(answer(*[f" t{n}" for n in range(30)]), chunking="random", seed=7)
+    stream_ids = [post_prompt(server, f"conversation {n}") for n in range(8)]
+    readers = [SSEReader(server, stream_id) for stream_id in stream_ids]
+    try:
+        for reader in readers:
+            reader.read_until(lambda t: t.finished, timeout=10)
+    finally:
+        for reader in readers:
+            reader.close()
+    assert db_rows("PRAGMA integrity_check") == [("ok",)]
+    assert db_rows("SELECT count(*) FROM conversations") == [(8,)]
+    contents = db_rows("SELECT content, status FROM messages WHERE role = 'assistant'")
+    assert contents == [("".join(f" t{n}" for n in range(30)), "done")] * 8
+
+
+def test_schema_has_a_version_and_interrupted_answers_are_marked(tmp_path):
+    """A new database is at the latest schema version; an answer left streaming is marked interrupted on open."""
+    path = str(tmp_path / "fresh.db")
+    first = chat.Store(path)
+    conversation = first.create_conversation("owner-" + "x" * 24, "t")
+    message = first.add_message(conversation, "assistant", status="streaming")
+    first.save_partial(message, "so far", "")
+    first.close()
+    second = chat.Store(path)
+    assert second.db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
+    assert second.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    (row,) = second.messages(conversation)
+    assert (row["content"], row["status"]) == ("so far", "interrupted")
+    second.close()
+
+
+def test_reload_mid_answer_shows_everything_once(open_page, page_upstream, context):
+    """Reloading /c/ID mid-answer shows the answer so far and the rest live, nothing repeated."""
+    context.add_init_script("""window.__tokens = [];
+      document.addEventListener('htmx:sseBeforeMessage', e => {
+        if (e.detail.type === 'message') window.__tokens.push(e.detail.data); });""")
+    parts = [f" r{n}" for n in range(30)]
+    body = answer(*parts)
+    page_upstream.serve(body, pause_at=after_event(body, b'" r14"'))
+    page = open_page().page
+    type_and_send(page, "reload me")
+    page.wait_for_function("document.querySelector('.tokens').textContent.endsWith(' r14')")
+    before = page.inner_text(".tokens")
+    assert re.search(r"/c/[\w-]+$", page.url), "the new conversation's URL was pushed"
+    page.reload()
+    page.wait_for_function("document.querySelector('.tokens') && "
+                           "document.querySelector('.tokens').textContent.endsWith(' r14')")
+    assert page.inner_text(".tokens") == before
+    page_upstream.release()
+    page.locator(".msg.assistant.done").wait_for()
+    assert streamed_text(page) == "".join(parts)
+    assert page.locator(".msg.assistant.done .content").inner_text() == "".join(parts).strip()
+    page.reload()  # after the end, the stored answer shows
+    assert page.locator(".msg.assistant.done .content").inner_text() == "".join(parts).strip()
+    assert page.locator(".msg.user .bubble").all_inner_texts() == ["reload me"]
+
+
+def test_two_browsers_cannot_see_each_others_conversations(browser, open_page, page_upstream, live_chat, context):
+    """Two browser contexts are two owners: 404 for the other's conversation, export, events and stop."""
+    body = answer("Mine", " alone")
+    page_upstream.serve(body, pause_at=after_event(body, b'"Mine"'))
+    page = open_page().page
+    stream_id = type_and_send(page, "private")
+    page.wait_for_function("document.querySelector('.tokens').textContent === 'Mine'")
+    conversation_url = page.url
+    other = browser.new_context()
+    try:
+        assert other.new_page().goto(conversation_url).status == 404
+        for method, path in (("get", conversation_url + "/export.json"), ("get", f"/events?stream={stream_id}"),
+                             ("post", f"/stop?stream={stream_id}")):
+            url = path if path.startswith("http") else live_chat.url + path
+            assert getattr(other.request, method)(url).status == 404, path
+        assert "private" not in other.new_page().goto(live_chat.url + "/").text()
+    finally:
+        other.close()
+    page_upstream.release()
+    assert finished_bubble(page, stream_id).locator(".content").inner_text() == "Mine alone"
+
+
+def test_sidebar_navigation_and_plain_links(browser, open_page, page_upstream, live_chat):
+    """Sidebar links navigate with htmx and push the URL; the same link works with JavaScript off."""
+    page = open_page().page
+    page_upstream.serve(answer("Answer one."))
+    finished_bubble(page, type_and_send(page, "first chat"))
+    first_url = page.url
+    page.get_by_role("link", name="New chat").click()
+    page.wait_for_url(live_chat.url + "/")
+    page_upstream.serve(answer("Answer two."))
+    finished_bubble(page, type_and_send(page, "second chat"))
+    assert page.locator("#conversation-list a").all_inner_texts() == ["second chat", "first chat"]
+    page.get_by_role("link", name="first chat").click()
+    page.wait_for_url(first_url)
+    assert page.locator(".msg.user .bubble").all_inner_texts() == ["first chat"]
+    assert page.locator(".msg.assistant .content").inner_text() == "Answer one."
+    # The conversation goes on where it was left.
+    page_upstream.serve(answer("Answer three."))
+    finished_bubble(page, type_and_send(page, "more"))
+    assert page_upstream.last.json["messages"][-3:] == [
+        {"role": "user", "content": "first chat"}, {"role": "assistant", "content": "Answer one."},
+        {"role": "user", "content": "more"}]
+    state = page.context.storage_state()
+    no_js = browser.new_context(java_script_enabled=False, storage_state=state)
+    try:
+        plain = no_js.new_page()
+        plain.goto(live_chat.url + "/")
+        plain.get_by_role("link", name="first chat").click()
+        plain.wait_for_url(first_url)
+        assert plain.locator(".msg.assistant .content").all_inner_texts() == ["Answer one.", "Answer three."]
+    finally:
+        no_js.close()
