@@ -25,6 +25,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
@@ -39,6 +40,7 @@ import sqlite3  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
+from http.client import HTTPException  # noqa: E402
 
 import bottle  # noqa: E402
 import gevent  # noqa: E402
@@ -410,11 +412,23 @@ def read_completion(response, completion, on_read=None):
         raise UpstreamError("The model server answered with a web page instead of a stream: "
                             + body_message(response.raw.read(65536, decode_content=True)))
     lines, sse = LineSplitter(), SSEParser()
+    # read1() returns whatever has arrived, chunked or close-delimited alike (iter_lines()
+    # and iter_content() hold tokens back on a close-delimited body). Without a
+    # Content-Encoding, read http.client's response under urllib3 directly: urllib3's own
+    # read1() adds bookkeeping to every read that costs ~10 % of the relay's CPU.
     raw = response.raw
+    fp = getattr(raw, "_fp", None)
+    if fp is not None and not response.headers.get("Content-Encoding"):
+        read1 = fp.read1
+    else:
+        def read1(size):
+            return raw.read1(size, decode_content=True)
     while not completion.finished:
-        # read1() returns whatever has arrived, chunked or close-delimited alike;
-        # iter_lines()/iter_content() would hold tokens back on a close-delimited body.
-        data = raw.read1(65536, decode_content=True)
+        # gevent switches only when a read would block: an upstream that always has data
+        # ready would keep this greenlet running and starve every other stream.
+        if loop_turn.overdue():
+            gevent.sleep(0)
+        data = read1(65536)
         if on_read:
             on_read()  # keep-alive comments count as life too
         if not data:
@@ -432,6 +446,28 @@ def read_completion(response, completion, on_read=None):
                 yield from completion.apply(*event)
                 if completion.finished:
                     return
+
+
+class LoopTurn:
+    """When the event loop last polled for I/O: a prepare watcher stamps every turn."""
+
+    def __init__(self):
+        self.at = time.monotonic()
+        self.watcher = None
+
+    def overdue(self, limit=0.005):
+        """True if this greenlet has kept the loop from polling for more than limit seconds."""
+        if self.watcher is None:
+            self.watcher = gevent.get_hub().loop.prepare(ref=False)
+            self.watcher.start(self.stamp)
+        return time.monotonic() - self.at > limit
+
+    def stamp(self):
+        """Called by the loop before every poll."""
+        self.at = time.monotonic()
+
+
+loop_turn = LoopTurn()
 
 
 def auth_headers():
@@ -577,7 +613,8 @@ class Stream:
 
     __slots__ = ("id", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "text", "reasoning", "completion", "saved", "started",
-                 "first_token_at", "finished_at", "last_activity", "greenlet", "status", "error", "tokens")
+                 "first_token_at", "finished_at", "last_activity", "left_at", "greenlet", "status", "error",
+                 "tokens")
 
     def __init__(self, stream_id, messages, model=None, owner=None, conversation_id=None,
                  message_id=None, dropped=0):
@@ -594,7 +631,7 @@ class Stream:
         self.text = []         # what was shown as the answer (after <think> splitting)
         self.reasoning = []
         self.completion = Completion()
-        self.started = self.last_activity = time.monotonic()
+        self.started = self.last_activity = self.left_at = time.monotonic()
         self.first_token_at = None
         self.finished_at = None
         self.greenlet = None
@@ -646,12 +683,13 @@ class Stream:
             bubble = render_plain(answer)
         self.publish("done", bubble)
 
-    def flush(self):
-        """Save the partial answer if it grew since the last save (the janitor calls this every second)."""
+    def partial(self):
+        """(text, reasoning, message id) if the answer grew since the janitor last saved it, else None."""
         size = len(self.text) + len(self.reasoning)
-        if self.message_id is not None and size != self.saved:
-            self.saved = size
-            store.save_partial(self.message_id, "".join(self.text), "".join(self.reasoning))
+        if self.message_id is None or size == self.saved:
+            return None
+        self.saved = size
+        return "".join(self.text), "".join(self.reasoning), self.message_id
 
     def frames_after(self, last_id):
         """The logged frames a reader that has seen event last_id still needs."""
@@ -663,6 +701,7 @@ class Streams:
 
     def __init__(self):
         self.by_id = {}
+        self.by_owner = {}  # owner -> ids of that owner's registered streams
         self.janitor = None
         self.last_ping = 0.0
 
@@ -675,7 +714,7 @@ class Streams:
 
     def open_for(self, owner):
         """How many unfinished streams this owner has."""
-        return sum(1 for s in self.by_id.values() if s.owner == owner and not s.finished)
+        return sum(1 for i in self.by_owner.get(owner, ()) if not self.by_id[i].finished)
 
     def for_message(self, message_id):
         """The live stream writing this stored answer, if any."""
@@ -685,6 +724,7 @@ class Streams:
         """Register a new stream and start its relay greenlet."""
         stream = Stream(secrets.token_urlsafe(18), messages, **fields)
         self.by_id[stream.id] = stream
+        self.by_owner.setdefault(stream.owner, set()).add(stream.id)
         stream.greenlet = gevent.spawn(relay_upstream, stream)
         # If the greenlet dies without finishing (killed before it ever ran), still end the stream.
         stream.greenlet.link(lambda _: stream.finish("stopped"))
@@ -706,20 +746,34 @@ class Streams:
         ping = now - self.last_ping >= settings.ping_interval
         if ping:
             self.last_ping = now
-        for stream_id, stream in list(self.by_id.items()):
+        partials = []
+        for stream in list(self.by_id.values()):
             if stream.finished:
-                if now - stream.finished_at >= settings.grace and not stream.readers:
-                    del self.by_id[stream_id]
+                # Kept for reconnects until nobody has watched for the grace period; the
+                # answer itself is in the store by then.
+                if not stream.readers and now - stream.left_at >= settings.grace:
+                    self.forget(stream)
                 continue
             if now - stream.last_activity > settings.read_timeout and stream.greenlet:
                 stream.greenlet.kill(UpstreamTimeout, block=False)
-            try:
-                stream.flush()
-            except sqlite3.Error:
-                log.exception("saving a partial answer failed")
+            partial = stream.partial()
+            if partial:
+                partials.append(partial)
             if ping:
                 for queue in stream.readers:
                     queue.put_nowait(SSE_PING)
+        try:
+            store.save_partials(partials)  # one transaction for all: one WAL commit a second
+        except sqlite3.Error:
+            log.exception("saving partial answers failed")
+
+    def forget(self, stream):
+        """Drop a finished stream from the registry."""
+        del self.by_id[stream.id]
+        ids = self.by_owner[stream.owner]
+        ids.discard(stream.id)
+        if not ids:
+            del self.by_owner[stream.owner]
 
     def sweep_forever(self):
         """The janitor greenlet: one timer for every stream, instead of one per read."""
@@ -755,7 +809,8 @@ def relay_upstream(stream):
                                "gave up waiting.")
     except UpstreamError as exc:
         stream.finish("error", str(exc))
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError, HTTPException, OSError,
+            ValueError) as exc:
         # urllib3 raises ProtocolError (an HTTPError, not a RequestException) when the body breaks off.
         log.warning("upstream broke off: %r", exc)
         stream.finish("error", "The connection to the model server broke off mid-answer.")
@@ -1018,10 +1073,24 @@ class Store:
         """Delete one message."""
         self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
-    def save_partial(self, message_id, text, reasoning):
-        """Save the text of an answer still streaming."""
-        self.db.execute("UPDATE messages SET content = ?, reasoning = ? WHERE id = ? AND status = 'streaming'",
-                        (text, reasoning, message_id))
+    def save_partials(self, partials):
+        """Save the text of answers still streaming, (text, reasoning, message id) each, in one transaction."""
+        if not partials:
+            return
+        with self.transaction():
+            self.db.executemany("UPDATE messages SET content = ?, reasoning = ? "
+                                "WHERE id = ? AND status = 'streaming'", partials)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN … COMMIT, or ROLLBACK on an error (the connection is in autocommit mode otherwise)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def finish_answer(self, message_id, answer):
         """Save a finished answer with everything its bubble shows."""
@@ -1420,6 +1489,7 @@ def stream_events(stream, last_id):
                 return
     finally:
         stream.readers.discard(queue)
+        stream.left_at = time.monotonic()
 
 
 @app.post("/stop")

@@ -2392,7 +2392,7 @@ def test_schema_has_a_version_and_interrupted_answers_are_marked(tmp_path):
     first = chat.Store(path)
     conversation = first.create_conversation("owner-" + "x" * 24, "t")
     message = first.add_message(conversation, "assistant", status="streaming")
-    first.save_partial(message, "so far", "")
+    first.save_partials([("so far", "", message)])
     first.close()
     second = chat.Store(path)
     assert second.db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
