@@ -76,6 +76,7 @@ def isolated(monkeypatch, tmp_path):
         if stream.greenlet:
             stream.greenlet.kill(block=True, timeout=2)
     chat.streams.by_id.clear()
+    chat.streams.by_owner.clear()
     chat.store.close()
 
 
@@ -2481,3 +2482,22 @@ def test_sidebar_navigation_and_plain_links(browser, open_page, page_upstream, l
         assert plain.locator(".msg.assistant .content").all_inner_texts() == ["Answer one.", "Answer three."]
     finally:
         no_js.close()
+
+
+def test_stream_nobody_watches_is_dropped_as_soon_as_it_ends(server, upstream, monkeypatch):
+    """Readers gone longer than the grace period: the stream leaves the registry right after it ends, saved."""
+    monkeypatch.setattr(chat.settings, "grace", 0.3)
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.1)
+    body = answer("Nobody", " watching")
+    upstream.serve(body, pause_at=after_event(body, b'"Nobody"'))
+    stream_id = post_prompt(server)
+    reader = SSEReader(server, stream_id)
+    reader.read_until(lambda t: t.message == "Nobody")
+    reader.close()
+    stream = chat.streams.get(stream_id)
+    wait_until(lambda: not stream.readers and time.monotonic() - stream.left_at > 0.3, timeout=3,
+               what="the ping to notice the reader is gone")
+    upstream.release()
+    wait_until(lambda: stream.finished, what="the answer to end")
+    wait_until(lambda: chat.streams.get(stream_id) is None, timeout=0.5, what="the stream to leave the registry")
+    assert db_rows("SELECT content, status FROM messages WHERE role = 'assistant'") == [("Nobody watching", "done")]
