@@ -30,6 +30,8 @@ import time
 import urllib.parse
 from array import array
 
+from fastloop import new_loop
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SPAN_RE = re.compile(rb"<span> t(\d+)</span>")
 DONE_RE = re.compile(rb"event: ?done")
@@ -527,6 +529,14 @@ class Client:
         lo, hi = int(t0 * 1e9), int(t1 * 1e9)
         return percentiles([ms for at, ms in self.tth if lo <= at <= hi], (0.5, 0.99))
 
+    async def measure(self, seconds):
+        """Record tokens for a window of this many seconds; the process samples at its two ends."""
+        s0 = self.sample()
+        self.measuring = True
+        await asyncio.sleep(seconds)
+        self.measuring = False
+        return s0, self.sample()
+
     async def main(self):
         a = self.args
         if a.warmup:
@@ -536,11 +546,7 @@ class Client:
         if a.kind == "stream":
             await self.ramp(a.chats, a.ramp)
             await asyncio.sleep(a.settle)
-            s0 = self.sample()
-            self.measuring = True
-            await asyncio.sleep(a.window)
-            self.measuring = False
-            s1 = self.sample()
+            s0, s1 = await self.measure(a.window)
             out.update(self.window_result(s0, s1))
             out["open_chats_at_end"] = len(self.chats)
             out["rss_kb"] = s1["server_rss_kb"]
@@ -562,11 +568,7 @@ class Client:
             await self.wait_for(lambda: not self.pending_tasks, 30)
             self.opening = True
             await asyncio.sleep(a.settle)
-            s0 = self.sample()
-            self.measuring = True
-            await asyncio.sleep(a.window)
-            self.measuring = False
-            s1 = self.sample()
+            s0, s1 = await self.measure(a.window)
             held = sum(1 for c in self.chats if c.events is not None and c.events.headers_done
                        and not c.events.transport.is_closing())
             out.update(self.window_result(s0, s1))
@@ -640,12 +642,6 @@ class Client:
         return out
 
 
-def raise_nofile():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main():
     p = argparse.ArgumentParser(description="chat.py benchmark load client")
     p.add_argument("--url", required=True, help="the relay, http://127.0.0.1:PORT")
@@ -674,13 +670,7 @@ def main():
     p.add_argument("--dump", help="write every window token's receipt time and latency (JSON) here")
     p.add_argument("--out")
     args = p.parse_args()
-    raise_nofile()
-    try:
-        import uvloop
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
+    loop = new_loop()
     client = Client(args)
     try:
         result = loop.run_until_complete(asyncio.wait_for(client.main(), args.deadline))

@@ -24,10 +24,11 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import signal
 import sys
 import time
+
+from fastloop import new_loop
 
 HEAD_SSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
@@ -231,24 +232,12 @@ class Upstream(asyncio.Protocol):
             self.data_received(b"")
 
 
-def raise_nofile():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
-    raise_nofile()
-    try:
-        import uvloop
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
+    loop = new_loop()
     server = loop.run_until_complete(
         loop.create_server(lambda: Upstream(loop), args.host, args.port, backlog=4096))
     port = server.sockets[0].getsockname()[1]
