@@ -431,21 +431,15 @@ def read_completion(response, completion, on_read=None):
         data = read1(65536)
         if on_read:
             on_read()  # keep-alive comments count as life too
-        if not data:
-            for line in lines.close():
-                event = sse.feed(line)
-                if event:
-                    yield from completion.apply(*event)
-            event = sse.close()
-            if event:
-                yield from completion.apply(*event)
-            return
-        for line in lines.feed(data):
+        # At EOF a last line without its ending, and an event without its blank line, still count.
+        for line in lines.feed(data) if data else lines.close() + [b""]:
             event = sse.feed(line)
             if event:
                 yield from completion.apply(*event)
                 if completion.finished:
                     return
+        if not data:
+            return
 
 
 class LoopTurn:
