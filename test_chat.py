@@ -1509,6 +1509,8 @@ def test_event_headers_arrive_before_the_first_token(server, upstream, open_sse)
     assert headers["X-Accel-Buffering"] == "no"
     hello = reader.read_until(lambda t: "connected" in t.comments, what="the hello comment")
     assert hello.events == []
+    # The headers may even beat the relay's request to the upstream; either way no body was sent.
+    wait_until(lambda: upstream.requests, what="the relay's request upstream")
     assert not upstream.last.answered.is_set()
     upstream.release()
     assert reader.read_until(lambda t: t.finished).message == "Hello there, friend."
