@@ -35,6 +35,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import sys  # noqa: E402
@@ -56,6 +57,7 @@ from pygments.util import ClassNotFound  # noqa: E402
 
 log = logging.getLogger("chat")
 
+VERSION = "1.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC = os.path.join(HERE, "static")
 bottle.TEMPLATE_PATH.insert(0, os.path.join(HERE, "templates"))
@@ -120,7 +122,7 @@ settings = Settings(os.environ)
 
 
 # ---------------------------------------------------------------------------
-# Upstream client: bytes -> lines -> SSE events -> chunks (WIRE.md §5)
+# Upstream client: bytes -> lines -> SSE events -> chunks (docs/WIRE.md §5)
 # ---------------------------------------------------------------------------
 
 def redact(text):
@@ -140,6 +142,10 @@ class StopRequested(Exception):
 
 class UpstreamTimeout(Exception):
     """Raised inside a relay greenlet by the watchdog when the upstream went silent."""
+
+
+class ServerStopping(Exception):
+    """Raised inside a relay greenlet when chat.py itself is shutting down."""
 
 
 BOM = b"\xef\xbb\xbf"
@@ -798,6 +804,8 @@ def relay_upstream(stream):
             stream.finish("truncated")
     except StopRequested:
         stream.finish("stopped")
+    except ServerStopping:
+        stream.finish("interrupted")
     except UpstreamTimeout:
         stream.finish("error", f"The model server sent nothing for {settings.read_timeout:g} seconds; "
                                "gave up waiting.")
@@ -876,7 +884,7 @@ def answer_notes(stream):
     if stream.dropped:
         notes.append(f"The {stream.dropped} oldest message{'s were' if stream.dropped > 1 else ' was'} "
                      "left out of what the model saw, to fit the context budget.")
-    if stream.status in ("stopped", "truncated"):
+    if stream.status in ("stopped", "truncated", "interrupted"):
         notes.append(NOTES[stream.status])
     elif c.finish_reason in NOTES:
         notes.append(NOTES[c.finish_reason])
@@ -1573,6 +1581,22 @@ class Server(WSGIServer):
         return super().handle(sock, address)
 
 
+def build_commit():
+    """The short commit hash this copy was built from (ship/build.py writes COMMIT) or runs from."""
+    try:
+        with open(os.path.join(HERE, "COMMIT"), encoding="ascii") as f:
+            return f.read().strip() or "unknown"
+    except OSError:
+        pass
+    import subprocess  # only here: a source checkout asks git, once, for --version
+    try:
+        out = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
 def parse_args(argv):
     """Command-line flags; each overrides its environment variable."""
     p = argparse.ArgumentParser(
@@ -1591,6 +1615,8 @@ def parse_args(argv):
     p.add_argument("--port", type=int, help="listen port (env PORT; default 8080)")
     p.add_argument("--db", help="SQLite database file (env CHAT_DB; default chat.db in the working directory)")
     p.add_argument("--debug", action="store_true", help="log tracebacks and reload templates")
+    p.add_argument("--version", action="version", version=f"chat.py {VERSION} ({build_commit()})",
+                   help="print the version and the commit it was built from, then exit")
     return p.parse_args(argv)
 
 
@@ -1615,10 +1641,20 @@ def main(argv=None):
     # Everything loaded so far lives for the whole process: keep it out of the collector's way.
     gc.collect()
     gc.freeze()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    # Ctrl-C and SIGTERM (systemd, docker, the PyInstaller bootloader forwarding it) end the
+    # server the same quiet way: no traceback, partial answers saved, the database closed.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, server.stop, 1)
+    server.serve_forever()
+    shutdown()
+
+
+def shutdown():
+    """Save what is streaming, mark it interrupted, and close the database."""
+    log.info("shutting down")
+    live = [s.greenlet for s in streams.by_id.values() if not s.finished and s.greenlet]
+    gevent.killall(live, ServerStopping, block=True, timeout=3)
+    store.close()
 
 
 if __name__ == "__main__":

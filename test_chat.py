@@ -5,7 +5,7 @@ from gevent import monkey; monkey.patch_all()  # noqa: E702 — must run before 
 # every one of them (and the test would hang instead of failing).
 
 # Tests for chat.py: a real loopback fake upstream replays the sample streams of
-# /work/shared/streams byte for byte (whole, one byte per chunk, random chunk boundaries;
+# testdata/streams byte for byte (whole, one byte per chunk, random chunk boundaries;
 # chunked and close-delimited; with and without a charset), WIRE.md variations built as
 # bytes here, SSE framing against SPEC §4, escaping, input limits, a real gevent server for
 # everything that depends on timing, the built-in demo model, and the README run command.
@@ -39,8 +39,7 @@ from gevent.server import StreamServer  # noqa: E402
 import chat  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STREAMS_DIR = Path(os.environ.get("CHAT_STREAMS_DIR") or next(
-    (p for p in (HERE / "streams", HERE.parent / "shared" / "streams") if p.is_dir()), HERE / "streams"))
+STREAMS_DIR = HERE / "testdata" / "streams"
 EXPECTED = {f["file"]: f for f in json.loads((STREAMS_DIR / "expected.json").read_text())["files"]}
 SSE_FILES = sorted(name for name in EXPECTED if name.endswith(".sse"))
 HTTP_FILES = sorted(name for name in EXPECTED if name.endswith(".http"))
