@@ -83,6 +83,12 @@ class Settings:
         # Longer than any keep-alive interval (llama.cpp pings every 30 s, DeepSeek
         # may queue for minutes but sends comments meanwhile): silence this long is dead.
         self.read_timeout = float(env.get("CHAT_READ_TIMEOUT") or 120)
+        # Before its first byte a server may be queueing the request for a free slot or reading
+        # a long prompt on a CPU (llama.cpp sends not even headers meanwhile): that is waiting,
+        # not silence, and gets its own, much longer limit.
+        self.first_byte_timeout = float(env.get("CHAT_FIRST_BYTE_TIMEOUT") or 600)
+        # The model's context in tokens, for servers that do not say (Ollama); 0 = ask the server.
+        self.context_tokens = int(env.get("CHAT_CONTEXT_TOKENS") or 0) or None
         self.ping_interval = float(env.get("CHAT_PING_INTERVAL") or 10)
         self.grace = float(env.get("CHAT_STREAM_GRACE") or 10)
         self.demo_delay = float(env.get("CHAT_DEMO_DELAY") or 0.03)
@@ -134,6 +140,10 @@ def redact(text):
 
 class UpstreamError(Exception):
     """The model server refused, failed or broke off; the message is for the user."""
+
+    def __init__(self, message, status=None, body=None):
+        super().__init__(message)
+        self.status, self.body = status, body  # the refusal as the server sent it, if it answered
 
 
 class StopRequested(Exception):
@@ -265,9 +275,9 @@ def body_message(body):
     if text.lstrip()[:1] == "<":
         title = _TITLE.search(text)
         text = title.group(1) if title else _TAGS.sub(" ", text)
-        text = html.unescape(text)
-    text = " ".join(text.split())
-    return (text[:300] + "…") if len(text) > 300 else (text or "(empty response)")
+        text = " ".join(html.unescape(text).split())
+    text = text.strip()
+    return (text[:4000] + "…") if len(text) > 4000 else (text or "(empty response)")
 
 
 class Completion:
@@ -388,7 +398,8 @@ def open_completion(session, messages, model):
         with response:
             body = response.raw.read(65536, decode_content=True) or b""
         raise UpstreamError(f"The model server answered {response.status_code} "
-                            f"{response.reason or ''}: {body_message(body)}".replace("  ", " "))
+                            f"{response.reason or ''}: {body_message(body)}".replace("  ", " "),
+                            response.status_code, body)
     return response
 
 
@@ -476,37 +487,6 @@ def auth_headers():
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-MODELS_TTL = 60.0
-_models_cache = {}  # upstream base URL -> (time fetched, [model ids])
-
-
-def available_models(session):
-    """The upstream's model ids from /v1/models, cached for a minute (failures too, briefly)."""
-    if settings.demo:
-        return ["demo"]
-    base = settings.upstream()
-    fetched, models = _models_cache.get(base, (-MODELS_TTL, []))
-    if time.monotonic() - fetched < MODELS_TTL:
-        return models
-    try:
-        r = session.get(base + "/models", headers=auth_headers(), timeout=min(3.0, settings.connect_timeout))
-        data = (r.json().get("data") or []) if r.ok else []
-        models = sorted(str(m["id"]) for m in data if isinstance(m, dict) and m.get("id"))
-    except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError):
-        log.warning("could not list models at %s", settings.upstream_label())
-        models = []
-    _models_cache[base] = (time.monotonic(), models)
-    return models
-
-
-def default_model(session):
-    """The model to ask for when a conversation names none: configured, else the upstream's first."""
-    if settings.model:
-        return settings.model
-    models = available_models(session)
-    return models[0] if models else None
-
-
 def make_session():
     """A requests session whose pool holds as many upstream connections as we have streams."""
     session = requests.Session()
@@ -517,6 +497,208 @@ def make_session():
 
 
 http = make_session()
+
+
+# ---------------------------------------------------------------------------
+# Models and their context: what the server says, learned in the background
+# ---------------------------------------------------------------------------
+
+MODELS_TTL, MODELS_RETRY = 60.0, 5.0   # a failed list is asked again soon: the server may be starting
+MODELS_DEADLINE, MODELS_MAX_BYTES = 5.0, 1 << 20
+ANSWER_ROOM = (256, 4096)  # tokens kept free for the answer: a quarter of the context, within these
+CHARS_PER_TOKEN = 3.0      # until the server's usage says otherwise (English is ~4; code and CJK fewer)
+MESSAGE_TOKENS = 8         # what a chat template adds around each message
+
+
+class ModelCatalog:
+    """The upstream's model ids and context sizes, fetched in the background one request at a time."""
+
+    def __init__(self):
+        self.ids = []
+        self.context = {}          # model id -> context size in tokens, as the server states it
+        self.chars_per_token = {}  # model id -> characters per prompt token, from the server's usage
+        self.fetched_at = None
+        self.ok = False
+        self.fetching = None       # the greenlet asking the server now, if any
+
+    def models(self):
+        """The model ids known now, maybe none yet; starts a refresh when stale, never waits for it."""
+        if settings.demo:
+            return ["demo"]
+        ttl = MODELS_TTL if self.ok else MODELS_RETRY
+        stale = self.fetched_at is None or time.monotonic() - self.fetched_at >= ttl
+        if stale and self.fetching is None:
+            self.fetching = gevent.spawn(self.refresh)
+        return self.ids
+
+    def wait(self, timeout=MODELS_DEADLINE):
+        """The model ids, after waiting up to timeout for the first answer if none is known yet."""
+        ids = self.models()
+        if not ids and self.fetching is not None:
+            self.fetching.join(timeout)
+        return self.ids
+
+    def default(self, timeout=MODELS_DEADLINE):
+        """The model to ask for when a conversation names none: configured, else the server's first."""
+        if settings.model or settings.demo:
+            return settings.model
+        ids = self.wait(timeout)
+        return ids[0] if ids else None
+
+    def refresh(self):
+        """Greenlet body: GET /models (and llama.cpp's /props) within a total deadline and a size cap."""
+        try:
+            with gevent.Timeout(MODELS_DEADLINE):
+                listing = get_json(settings.upstream() + "/models")
+                entries = [m for m in (listing.get("data") or []) if isinstance(m, dict) and m.get("id")]
+                self.ids = sorted(str(m["id"]) for m in entries)
+                for entry in entries:
+                    size = stated_context(entry)
+                    if size:
+                        self.context[str(entry["id"])] = size
+                if self.ids and not any(m in self.context for m in self.ids):
+                    self.learn_from_props()
+            self.ok = True
+        except (gevent.Timeout, requests.RequestException, urllib3.exceptions.HTTPError, OSError,
+                ValueError, AttributeError, TypeError):
+            log.warning("could not list models at %s; asking again in %g s", settings.upstream_label(),
+                        MODELS_RETRY)
+            self.ok = False
+        finally:
+            self.fetched_at = time.monotonic()
+            self.fetching = None
+
+    def learn_from_props(self, *models):
+        """llama.cpp states its context in /props (beside /v1, not under it); other servers answer 404."""
+        root = settings.upstream().rsplit("/v1", 1)[0]
+        try:
+            props = get_json(root + "/props")
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError):
+            return
+        generation = props.get("default_generation_settings") or {}
+        size = positive_int(generation.get("n_ctx") if isinstance(generation, dict) else None) \
+            or positive_int(props.get("n_ctx"))
+        if size:
+            for model in models or self.ids:
+                self.context.setdefault(model, size)
+
+    def context_size(self, model):
+        """The model's context in tokens if known: the setting, else what the server said."""
+        if settings.context_tokens:
+            return settings.context_tokens
+        if model in self.context:
+            return self.context[model]
+        return self.context.get(None)  # learned from an error before the model's name was known
+
+    def learn_context(self, model, size):
+        """Remember a context size stated in a context-overflow error."""
+        if size:
+            self.context[model] = size
+
+    def calibrate(self, model, messages, prompt_tokens):
+        """Learn characters per token from the prompt_tokens the server counted for messages."""
+        tokens = (prompt_tokens or 0) - MESSAGE_TOKENS * len(messages)
+        chars = sum(len(m["content"]) for m in messages)
+        if tokens > 16 and chars > 64:
+            self.chars_per_token[model] = max(1.0, min(8.0, chars / tokens))
+
+    def estimate(self, model, messages):
+        """Tokens these messages will take, estimated from characters (no tokenizer dependency)."""
+        per_token = self.chars_per_token.get(model, CHARS_PER_TOKEN)
+        return int(sum(len(m["content"]) / per_token + MESSAGE_TOKENS for m in messages)) + 16
+
+    def prompt_budget(self, model):
+        """How many prompt tokens fit with room left for an answer, or None when the context is unknown."""
+        size = self.context_size(model)
+        if not size:
+            return None
+        room = min(max(size // 4, ANSWER_ROOM[0]), ANSWER_ROOM[1])
+        return int((size - room) * 0.95)  # the estimate is rough: keep a margin
+
+
+def get_json(url):
+    """GET a JSON document from the upstream, refusing one over MODELS_MAX_BYTES."""
+    with http.get(url, headers=auth_headers(), stream=True,
+                  timeout=(settings.connect_timeout, MODELS_DEADLINE)) as r:
+        r.raise_for_status()
+        body = r.raw.read(MODELS_MAX_BYTES + 1, decode_content=True)
+    if len(body) > MODELS_MAX_BYTES:
+        raise ValueError("the model list is too large")
+    obj = json.loads(body)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
+
+
+def positive_int(value):
+    """value if it is a positive whole number (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def stated_context(entry):
+    """The context size a /models entry states: vLLM, llama.cpp, OpenRouter and Groq each name it."""
+    meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+    for value in (entry.get("max_model_len"), meta.get("n_ctx"), entry.get("context_length"),
+                  entry.get("context_window")):
+        if positive_int(value):
+            return value
+    return None
+
+
+def model_label(model_id):
+    """A model id for people: llama.cpp names a model by its file path, so show the file's name."""
+    if model_id and (model_id[:1] in "/~\\" or re.match(r"[A-Za-z]:[\\/]", model_id)
+                     or model_id.lower().endswith((".gguf", ".bin", ".safetensors"))):
+        return re.split(r"[\\/]", model_id.rstrip("/\\"))[-1] or model_id
+    return model_id
+
+
+catalog = ModelCatalog()
+
+
+# Context-overflow errors in every shape we know: llama.cpp's exceed_context_size_error (with
+# n_ctx / n_prompt_tokens, or in words), OpenAI's context_length_exceeded, vLLM's "maximum
+# context length is N tokens", TGI's validation errors, LM Studio's "context length".
+_OVERFLOW = re.compile(r"context[ _](length|size|window)|maximum context|exceed_context|"
+                       r"must be <= \d+|must have less than \d+ tokens", re.I)
+_CONTEXT_SIZE = re.compile(r"maximum context length is (\d+)|context size \((\d+) tokens\)|"
+                           r"limit of (\d+) tokens|must be <= (\d+)|less than (\d+) tokens", re.I)
+_PROMPT_SIZE = re.compile(r"\((\d+) tokens\) exceeds|resulted in (\d+) tokens|requested (\d+) tokens|"
+                          r"request has (\d+) input tokens|Given: (\d+)", re.I)
+
+
+class ContextOverflow:
+    """What a context-overflow error says: the context size and the prompt's tokens, when stated."""
+
+    def __init__(self, size=None, prompt_tokens=None):
+        self.size, self.prompt_tokens = size, prompt_tokens
+
+
+def context_overflow(status, body):
+    """A ContextOverflow if this error response says the prompt did not fit, else None."""
+    if status not in (400, 413, 422, 500) or not body:
+        return None
+    text = body.decode("utf-8", "replace")
+    try:
+        err = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        err = None
+    if isinstance(err, dict) and (err.get("type") == "exceed_context_size_error"
+                                  or err.get("code") == "context_length_exceeded"):
+        size, prompt = positive_int(err.get("n_ctx")), positive_int(err.get("n_prompt_tokens"))
+    elif _OVERFLOW.search(text):
+        size = prompt = None
+    else:
+        return None
+    size = size or first_number(_CONTEXT_SIZE, text)
+    prompt = prompt or first_number(_PROMPT_SIZE, text)
+    return ContextOverflow(size, prompt)
+
+
+def first_number(pattern, text):
+    """The first group of pattern that matched in text, as an int, or None."""
+    match = pattern.search(text)
+    return int(next(g for g in match.groups() if g)) if match else None
 
 
 # ---------------------------------------------------------------------------
@@ -602,6 +784,16 @@ def sse_frame(event, payload, event_id=None):
 # the browser reconnect after 1 s (not 3) if the connection drops.
 SSE_HELLO = b": connected\nretry: 1000\n\n"
 SSE_PING = b": ping\n\n"
+WAITING_SHOWN_AFTER = 1.0  # seconds without text before the bubble shows the waiting clock
+
+
+def waiting_frame(seconds):
+    """The status event a bubble shows while the server has not started answering.
+
+    Like a ping it is not part of the answer: it has no id, is not logged and is not replayed.
+    The page hides it once text arrives.
+    """
+    return sse_frame("status", f'<span class="waiting">Waiting for the model server… {seconds:.0f} s</span>')
 
 
 # ---------------------------------------------------------------------------
@@ -611,20 +803,21 @@ SSE_PING = b": ping\n\n"
 class Stream:
     """One answer being generated: its event log, its readers and its relay greenlet."""
 
-    __slots__ = ("id", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
-                 "log", "readers", "text", "reasoning", "completion", "saved", "started",
+    __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
+                 "log", "readers", "text", "reasoning", "completion", "saved", "started", "first_byte_at",
                  "first_token_at", "finished_at", "last_activity", "left_at", "greenlet", "status", "error",
-                 "tokens")
+                 "tokens", "resent")
 
-    def __init__(self, stream_id, messages, model=None, owner=None, conversation_id=None,
-                 message_id=None, dropped=0):
+    def __init__(self, stream_id, history, model=None, owner=None, conversation_id=None, message_id=None):
         self.id = stream_id
-        self.messages = messages      # what is sent upstream
+        self.history = history        # the whole conversation, roles alternating, ending with the question
+        self.messages = history       # what is sent upstream: the history, fitted to the model's context
         self.model = model
         self.owner = owner
         self.conversation_id = conversation_id
         self.message_id = message_id  # the answer's row in the store, flushed while it streams
-        self.dropped = dropped        # older turns left out to fit the context budget
+        self.dropped = 0              # older turns left out to fit the context
+        self.resent = None            # the context size, when the server refused and we sent again
         self.saved = 0                # how many text pieces the store has seen
         self.log = []          # every frame sent so far; event id N is log[N-1]
         self.readers = set()   # one Queue per connected /events response
@@ -632,6 +825,7 @@ class Stream:
         self.reasoning = []
         self.completion = Completion()
         self.started = self.last_activity = self.left_at = time.monotonic()
+        self.first_byte_at = None     # the upstream's first body byte: waiting ends, silence counts
         self.first_token_at = None
         self.finished_at = None
         self.greenlet = None
@@ -654,6 +848,8 @@ class Stream:
     def touch(self):
         """Note that the upstream is alive (the watchdog reads this)."""
         self.last_activity = time.monotonic()
+        if self.first_byte_at is None:
+            self.first_byte_at = self.last_activity
 
     def token(self, kind, text):
         """Publish one piece of answer or reasoning text."""
@@ -682,6 +878,11 @@ class Stream:
             answer["error"] = answer["error"] or "chat.py could not render this answer."
             bubble = render_plain(answer)
         self.publish("done", bubble)
+
+    def tell_readers(self, frame):
+        """Send a frame to the readers connected now without logging it (pings, the waiting clock)."""
+        for queue in self.readers:
+            queue.put_nowait(frame)
 
     def partial(self):
         """(text, reasoning, message id) if the answer grew since the janitor last saved it, else None."""
@@ -754,14 +955,17 @@ class Streams:
                 if not stream.readers and now - stream.left_at >= settings.grace:
                     self.forget(stream)
                 continue
-            if now - stream.last_activity > settings.read_timeout and stream.greenlet:
+            if stream.greenlet and (
+                    now - stream.started > settings.first_byte_timeout if stream.first_byte_at is None
+                    else now - stream.last_activity > settings.read_timeout):
                 stream.greenlet.kill(UpstreamTimeout, block=False)
             partial = stream.partial()
             if partial:
                 partials.append(partial)
-            if ping:
-                for queue in stream.readers:
-                    queue.put_nowait(SSE_PING)
+            if stream.first_token_at is None and now - stream.started >= WAITING_SHOWN_AFTER:
+                stream.tell_readers(waiting_frame(now - stream.started))
+            elif ping:
+                stream.tell_readers(SSE_PING)
         try:
             store.save_partials(partials)  # one transaction for all: one WAL commit a second
         except sqlite3.Error:
@@ -789,13 +993,17 @@ def relay_upstream(stream):
     """Greenlet body: read the upstream answer and publish it token by token, then finish."""
     completion, think = stream.completion, ThinkSplitter()
     try:
-        response = open_completion(http, stream.messages, stream.model)
+        stream.model = stream.model or catalog.default()
+        stream.messages, stream.dropped = fit_history(stream.history, stream.model)
+        response = open_fitted(stream)
         with response:
             for kind, text in read_completion(response, completion, stream.touch):
                 for piece in (think.feed(text) if kind == "content" else [("reasoning", text)]):
                     stream.token(*piece)
         for piece in think.close():
             stream.token(*piece)
+        usage = completion.usage or {}
+        catalog.calibrate(stream.model, stream.messages, positive_int(usage.get("prompt_tokens")))
         if completion.error:
             stream.finish("error", completion.error)
         elif completion.finished or completion.finish_reason:
@@ -807,8 +1015,13 @@ def relay_upstream(stream):
     except ServerStopping:
         stream.finish("interrupted")
     except UpstreamTimeout:
-        stream.finish("error", f"The model server sent nothing for {settings.read_timeout:g} seconds; "
-                               "gave up waiting.")
+        if stream.first_byte_at is None:
+            stream.finish("error", f"The model server did not start answering within "
+                                   f"{settings.first_byte_timeout:g} seconds (it may be busy with other "
+                                   "requests or still reading a long prompt); gave up waiting.")
+        else:
+            stream.finish("error", f"The model server sent nothing for {settings.read_timeout:g} seconds; "
+                                   "gave up waiting.")
     except UpstreamError as exc:
         stream.finish("error", str(exc))
     except (requests.RequestException, urllib3.exceptions.HTTPError, HTTPException, OSError,
@@ -819,6 +1032,52 @@ def relay_upstream(stream):
     except Exception:  # noqa: BLE001 — the bubble must end whatever went wrong
         log.exception("relay failed")
         stream.finish("error", "chat.py hit an internal error while relaying this answer.")
+
+
+def open_fitted(stream):
+    """Open the completion; if the server says the prompt overflows its context, trim and send once more."""
+    try:
+        return open_completion(http, stream.messages, stream.model)
+    except UpstreamError as exc:
+        overflow = context_overflow(exc.status, exc.body)
+        if overflow is None:
+            raise
+        sent = stream.messages
+        catalog.learn_context(stream.model, overflow.size)
+        if not catalog.context_size(stream.model):
+            with gevent.Timeout(MODELS_DEADLINE, False):
+                catalog.learn_from_props(stream.model)
+        if overflow.prompt_tokens:
+            catalog.calibrate(stream.model, sent, overflow.prompt_tokens)
+        messages, dropped = fit_history(stream.history, stream.model, below=sent)
+        if len(messages) >= len(sent):
+            raise UpstreamError(str(exc) + " Your message alone does not fit the model's context; "
+                                "shorten it.", exc.status, exc.body) from None
+        log.info("context overflow (%s tokens); sending again without %d older messages",
+                 overflow.size or "?", dropped)
+        stream.messages, stream.dropped = messages, dropped
+        stream.resent = overflow.size or 0
+        return open_completion(http, stream.messages, stream.model)
+
+
+def fit_history(history, model, below=None):
+    """The history without its oldest turns until it fits the model's context; also how many were left out.
+
+    The system prompt and the question always stay; turns leave in pairs so that roles keep
+    alternating. below: a list the server refused; the result must be shorter than it (when
+    nothing says how large the context is, only the question goes: the one retry must work).
+    """
+    system = history[:1] if history and history[0]["role"] == "system" else []
+    turns = history[len(system):]
+    chars = settings.max_context - sum(len(m["content"]) for m in system)
+    budget = catalog.prompt_budget(model)
+    if below is not None and budget is None:
+        turns = turns[-1:]
+    while len(turns) > 1 and (sum(len(t["content"]) for t in turns) > chars or (
+            budget is not None and catalog.estimate(model, system + turns) > budget)
+            or (below is not None and len(system) + len(turns) >= len(below))):
+        turns = turns[2:]
+    return system + turns, (len(history) - len(system) - len(turns))
 
 
 # ---------------------------------------------------------------------------
@@ -881,9 +1140,13 @@ def answer_notes(stream):
     """The notes under a finished answer: cut off, truncated, stopped, tool calls, dropped turns."""
     c = stream.completion
     notes = []
-    if stream.dropped:
-        notes.append(f"The {stream.dropped} oldest message{'s were' if stream.dropped > 1 else ' was'} "
-                     "left out of what the model saw, to fit the context budget.")
+    left_out = f"The {stream.dropped} oldest message{'s were' if stream.dropped > 1 else ' was'} left out"
+    if stream.resent is not None:
+        size = f" ({stream.resent:,} tokens)" if stream.resent else ""
+        notes.append(f"The model's context{size} was full, so chat.py sent the question again: "
+                     f"{left_out[0].lower()}{left_out[1:]} of what the model saw.")
+    elif stream.dropped:
+        notes.append(f"{left_out} of what the model saw, to fit the model's context.")
     if stream.status in ("stopped", "truncated", "interrupted"):
         notes.append(NOTES[stream.status])
     elif c.finish_reason in NOTES:
@@ -898,13 +1161,17 @@ def answer_footer(stream):
     """One line of facts: model, finish reason, token counts, speed."""
     c, parts = stream.completion, []
     if c.model or stream.model:
-        parts.append(c.model or stream.model)
+        parts.append(model_label(c.model or stream.model))
     if c.finish_reason:
         parts.append(f"finish: {c.finish_reason}")
     usage = c.usage or {}
     out_tokens = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
-    if isinstance(usage.get("prompt_tokens"), int) and out_tokens is not None:
-        parts.append(f"{usage['prompt_tokens']} in / {out_tokens} out tokens")
+    in_tokens = positive_int(usage.get("prompt_tokens"))
+    if in_tokens and out_tokens is not None:
+        parts.append(f"{in_tokens} in / {out_tokens} out tokens")
+    context = catalog.context_size(stream.model)
+    if context and in_tokens:
+        parts.append(f"{in_tokens + (out_tokens or 0):,} of {context:,} tokens")
     end = stream.finished_at or time.monotonic()
     if stream.first_token_at and end - stream.first_token_at > 0.05:
         count = out_tokens or stream.tokens
@@ -933,14 +1200,40 @@ def answer_record(stream):
 
 def render_answer(answer, last=True):
     """The finished assistant bubble (sent as the done event, or drawn from the store)."""
-    return bottle.template("answer", answer=answer, answer_html=render_markdown(answer["text"]), last=last)
+    return bottle.template("answer", answer=answer, answer_html=render_markdown(answer["text"]), last=last,
+                           error=short_error(answer["error"]))
 
 
 def render_plain(answer):
     """The finished bubble without Markdown: the fallback if rendering ever fails."""
     text = answer["text"]
-    return bottle.template("answer", answer=answer, last=False,
+    return bottle.template("answer", answer=answer, last=False, error=short_error(answer["error"]),
                            answer_html=f"<pre>{html.escape(text)}</pre>" if text else "")
+
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_EXCEPTION_LINE = re.compile(r"^\s*[\w.]*(Error|Exception)\b[^:]*:\s*\S")
+SHORT_ERROR = 400
+
+
+def short_error(text):
+    """The first meaningful sentence of an error, for the bubble; the whole text goes in a <details>.
+
+    Servers answer with Jinja stack traces, HTML pages and pages of JSON: a traceback is
+    read from its last exception line, anything else from its first line.
+    """
+    if not text:
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0]
+    if first.endswith("Traceback (most recent call last):"):
+        cause = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), None)
+        if cause:
+            first = first[:-len("Traceback (most recent call last):")] + cause
+    if len(first) > SHORT_ERROR:
+        end = next((m.end() for m in _SENTENCE_END.finditer(first, 40) if m.end() <= SHORT_ERROR), None)
+        first = first[:end] if end else first[:SHORT_ERROR].rsplit(" ", 1)[0] + "…"
+    return first
 
 
 def render_missing(stream_id):
@@ -1116,21 +1409,26 @@ def stored_answer(row):
             "notes": json.loads(row["notes"] or "[]"), "footer": row["footer"]}
 
 
-def upstream_messages(conversation, rows):
-    """The messages to send: the system prompt, then the turns, oldest dropped past the budget."""
-    turns = [{"role": r["role"], "content": r["content"]} for r in rows
-             if r["role"] in ("user", "assistant") and r["content"]]
+def upstream_history(conversation, rows):
+    """What goes upstream: the system prompt, then user and assistant strictly alternating, ending with a question.
+
+    Strict chat templates (Mistral, Gemma, Llama 2) refuse two messages of one role in a row.
+    A question whose answer is empty (stopped before the first token, an error, cut off while
+    thinking) is left out together with that answer: the next question usually repeats or
+    rephrases it, and merging the two would send it twice. The store keeps every message as it was.
+    """
+    turns = []
+    for row in rows:
+        if row["role"] == "user":
+            if turns and turns[-1]["role"] == "user":
+                turns.pop()  # unanswered
+            turns.append({"role": "user", "content": row["content"]})
+        elif row["role"] == "assistant" and row["content"].strip() and turns and turns[-1]["role"] == "user":
+            turns.append({"role": "assistant", "content": row["content"]})
+    while turns and turns[-1]["role"] == "assistant":
+        turns.pop()
     system = [{"role": "system", "content": conversation["system_prompt"]}] if conversation["system_prompt"] else []
-    budget = settings.max_context - sum(len(m["content"]) for m in system)
-    dropped = 0
-    while len(turns) > 1 and sum(len(t["content"]) for t in turns) > budget:
-        turns.pop(0)
-        dropped += 1
-    # A conversation must not open with a lone answer: drop it with its question.
-    if turns and turns[0]["role"] == "assistant" and len(turns) > 1:
-        turns.pop(0)
-        dropped += 1
-    return system + turns, dropped
+    return system + turns
 
 
 def export_markdown(conversation, rows):
@@ -1172,7 +1470,7 @@ def demo_reply(prompt, turns=1):
         f"\n\n{quoted}\n\n"
         "To talk to a real model, restart chat.py with its address:\n\n"
         "1. Ollama: `OPENAI_BASE_URL=http://localhost:11434/v1 python chat.py`\n"
-        "2. llama.cpp server: `OPENAI_BASE_URL=http://localhost:8080/v1 python chat.py --port 8000`\n"
+        "2. llama.cpp server (`llama-server -m model.gguf --port 8081`): `OPENAI_BASE_URL=http://localhost:8081/v1 python chat.py`\n"
         "3. OpenAI: `OPENAI_BASE_URL=https://api.openai.com/v1 OPENAI_API_KEY=sk-… python chat.py`\n\n"
         "Here is your message as a tiny program:\n\n"
         "```python\n"
@@ -1332,17 +1630,26 @@ def render_page(conversation=None):
             bubbles.append(bottle.template("streaming", stream_id=stream.id))
         else:
             bubbles.append(render_answer(stored_answer(row), last=row["id"] == last_assistant))
-    models = available_models(http)
-    model = (conversation and conversation["model"]) or default_model(http)
+    models = catalog.models()
+    model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
     return bottle.template("page", demo=settings.demo, upstream=settings.upstream_label(),
                            conversation=conversation, conversations=store.conversations(owner()),
-                           bubbles=bubbles, models=models, model=model, password=bool(settings.password))
+                           bubbles=bubbles, models=models, model=model, label=model_label,
+                           password=bool(settings.password))
 
 
 @app.get("/")
 def index():
     """The chat page with a new, empty conversation."""
     return render_page()
+
+
+@app.get("/model-options")
+def model_options():
+    """The model picker's options, once the background fetch of /models has answered (or given up)."""
+    models = catalog.wait()
+    return bottle.template("model_options", models=models, model=settings.model or (models[0] if models else None),
+                           label=model_label)
 
 
 @app.get("/c/<conversation_id>")
@@ -1358,10 +1665,10 @@ def start_answer(conversation):
                           "wait for one to finish or stop one.")
     if len(streams) >= settings.max_streams:
         bottle.abort(503, "The server is at its limit of open answers; try again shortly.")
-    messages, dropped = upstream_messages(conversation, store.messages(conversation["id"]))
+    history = upstream_history(conversation, store.messages(conversation["id"]))
     message_id = store.add_message(conversation["id"], "assistant", status="streaming")
-    return streams.start(messages, model=conversation["model"] or default_model(http), owner=owner(),
-                         conversation_id=conversation["id"], message_id=message_id, dropped=dropped)
+    return streams.start(history, model=conversation["model"], owner=owner(),
+                         conversation_id=conversation["id"], message_id=message_id)
 
 
 @app.post("/streaming")
@@ -1603,9 +1910,11 @@ def parse_args(argv):
         prog="chat.py", description="A chat page that streams LLM answers token by token.",
         epilog="Environment: OPENAI_BASE_URL, OPENAI_API_KEY (sent as 'Authorization: Bearer', "
                "never logged), CHAT_MODEL, HOST, PORT, CHAT_DB, CHAT_PASSWORD (puts the whole app "
-               "behind a login page). Flags override them. Without "
+               "behind a login page), CHAT_FIRST_BYTE_TIMEOUT (seconds to wait for the server to start "
+               "answering, default 600), CHAT_READ_TIMEOUT (seconds of silence mid-answer, default 120), "
+               "CHAT_CONTEXT_TOKENS (the model's context, when the server does not say). Flags override them. Without "
                "OPENAI_BASE_URL the built-in demo model answers. Examples: "
-               "OPENAI_BASE_URL=http://localhost:11434/v1 (Ollama), http://localhost:8080/v1 "
+               "OPENAI_BASE_URL=http://localhost:11434/v1 (Ollama), http://localhost:8081/v1 "
                "(llama.cpp), http://localhost:8000/v1 (vLLM), http://localhost:1234/v1 (LM Studio), "
                "https://openrouter.ai/api/v1, https://api.openai.com/v1.")
     p.add_argument("--base-url", help="OpenAI-compatible base URL ending in /v1 (env OPENAI_BASE_URL; "

@@ -18,6 +18,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
@@ -29,6 +30,7 @@ from html.parser import HTMLParser  # noqa: E402
 from http import HTTPStatus  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import bottle  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import pytest  # noqa: E402
@@ -68,7 +70,7 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setattr(chat.settings, "model", "test-model")
     monkeypatch.setattr(chat.settings, "password", None)
     monkeypatch.setattr(chat, "store", chat.Store(str(tmp_path / "chat.db")))
-    chat._models_cache.clear()
+    monkeypatch.setattr(chat, "catalog", chat.ModelCatalog())
     web.cookies.clear()
     yield
     for stream in list(chat.streams.by_id.values()):
@@ -272,9 +274,16 @@ class FakeUpstream:
 
     DEFAULT = object()
 
+    MODELS = b'{"object":"list","data":[{"id":"fake-model","object":"model"}]}'
+
     def __init__(self):
         self.requests = []
         self.reply = None
+        # GET /models answers: each a JSON body (200), an int status, or "hang"; the last one repeats.
+        self.models = [self.MODELS]
+        self.props = None          # GET /props body (llama.cpp), or None for 404
+        self.refuse = None         # (characters, raw response or f(characters)): refuse longer prompts
+        self.strict_roles = False  # answer 400 like a strict chat template when roles do not alternate
         self.shutdown = gevent.event.Event()
         self.server = StreamServer(("127.0.0.1", 0), self._handle)
         self.server.start()
@@ -347,11 +356,17 @@ class FakeUpstream:
         watcher = gevent.spawn(self._watch_for_hangup, sock, request)
         try:
             if request.method == "POST" and request.path.endswith("/chat/completions"):
-                self._send(sock, self.reply, request)
+                self._send(sock, self._refusal(request) or self.reply, request)
             elif request.path.endswith("/models"):
-                body = b'{"object":"list","data":[{"id":"fake-model","object":"model"}]}'
-                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                answer_ = self.models.pop(0) if len(self.models) > 1 else self.models[0]
+                if answer_ == "hang":
+                    gevent.wait([request.client_closed, self.shutdown], count=1)
+                elif isinstance(answer_, int):
+                    sock.sendall(b"HTTP/1.1 %d Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % answer_)
+                else:
+                    sock.sendall(json_response(answer_))
+            elif request.path == "/props" and self.props is not None:
+                sock.sendall(json_response(self.props))
             else:
                 sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         except OSError:
@@ -359,6 +374,22 @@ class FakeUpstream:
         finally:
             watcher.kill()
             sock.close()
+
+    def _refusal(self, request):
+        """A raw error Reply if this chat request breaks the refuse / strict_roles rules, else None."""
+        messages = request.json.get("messages") or []
+        chars = sum(len(m["content"]) for m in messages)
+        if self.refuse and chars > self.refuse[0]:
+            response = self.refuse[1](chars) if callable(self.refuse[1]) else self.refuse[1]
+            return Reply(b"", response, chunked=False, cuts=[], action=None, action_at=None)
+        roles = [m["role"] for m in messages if m["role"] != "system"]
+        if self.strict_roles and (roles[:1] != ["user"] or any(a == b for a, b in zip(roles, roles[1:]))):
+            body = json.dumps({"error": {"code": 400, "type": "invalid_request_error", "message":
+                               "Conversation roles must alternate user/assistant/user/assistant/..."}})
+            return Reply(b"", b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                              b"Connection: close\r\n\r\n" + body.encode(), chunked=False, cuts=[],
+                         action=None, action_at=None)
+        return None
 
     def _send(self, sock, reply, request):
         """Write the head, then each piece (framed as a chunk if chunked), acting at action_at."""
@@ -415,6 +446,14 @@ class FakeUpstream:
         except OSError:
             pass
         request.client_closed.set()
+
+
+def json_response(body):
+    """A whole HTTP 200 response carrying a JSON body (bytes, or an object to encode)."""
+    if not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
 # ---------------------------------------------------------------------------
@@ -713,11 +752,18 @@ FINISH = data(choice({}, "stop"))
 DONE = b"data: [DONE]\n\n"
 
 
-def answer(*parts, finish="stop", done=True):
-    """A streamed answer: role chunk, one chunk per part, finish chunk, [DONE]."""
-    body = ROLE + b"".join(data(choice({"content": p})) for p in parts)
+def answer(*parts, finish="stop", done=True, reasoning=None, usage_tokens=None, model=None):
+    """A streamed answer: role chunk, reasoning, one chunk per part, finish chunk, usage, [DONE]."""
+    body = ROLE + (data(choice({"reasoning_content": reasoning})) if reasoning else b"")
+    body += b"".join(data(choice({"content": p})) for p in parts)
     if finish:
         body += data(choice({}, finish))
+    if usage_tokens:
+        prompt, completion = usage_tokens
+        body += data({"object": "chat.completion.chunk", "model": "fake-model", "choices": [], "usage": {
+            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+    if model:
+        body = body.replace(b'"model": "fake-model"', b'"model": ' + json.dumps(model).encode())
     return body + (DONE if done else b"")
 
 
@@ -1034,14 +1080,17 @@ def test_upstream_silence_times_out_and_keeps_partial_text(client, upstream, mon
 
 
 def test_upstream_silent_before_headers_times_out(client, upstream, monkeypatch):
-    """An upstream that accepts but never answers: the bubble gives up after read_timeout."""
-    monkeypatch.setattr(chat.settings, "read_timeout", 0.3)
+    """An upstream that accepts but never answers: the bubble gives up after first_byte_timeout."""
+    monkeypatch.setattr(chat.settings, "read_timeout", 0.1)
+    monkeypatch.setattr(chat.settings, "first_byte_timeout", 0.4)
     monkeypatch.setattr(chat.settings, "ping_interval", 0.05)
     upstream.serve(b"HTTP/1.1 200 OK\r\n", raw=True, hang_at=0)
 
+    started = time.monotonic()
     (alert,) = alerts(relay(client).done)
 
-    assert "gave up waiting" in alert
+    assert time.monotonic() - started >= 0.4  # not the (shorter) silence limit
+    assert "did not start answering within 0.4 seconds" in alert and "gave up waiting" in alert
     assert_still_serving(client, upstream)
 
 
@@ -2337,6 +2386,8 @@ def test_regenerate_replaces_the_last_answer(client, upstream):
 def test_model_picker_lists_upstream_models_and_sends_the_choice(client, upstream, monkeypatch):
     """The page offers the upstream's /v1/models; the chosen model is sent and kept for the conversation."""
     monkeypatch.setattr(chat.settings, "model", None)
+    client.get("/")  # asks for the list in the background
+    wait_until(lambda: chat.catalog.ids, what="the model list")
     page = client.get("/")
     assert [o.attrs["value"] for o in elements(page.text, "option")] == ["fake-model"]
     stream_id, conversation = send_in(client, "hi", model="other-model")
@@ -2502,3 +2553,638 @@ def test_stream_nobody_watches_is_dropped_as_soon_as_it_ends(server, upstream, m
     wait_until(lambda: stream.finished, what="the answer to end")
     wait_until(lambda: chat.streams.get(stream_id) is None, timeout=0.5, what="the stream to leave the registry")
     assert db_rows("SELECT content, status FROM messages WHERE role = 'assistant'") == [("Nobody watching", "done")]
+
+
+# ---------------------------------------------------------------------------
+# Real model servers: waiting is not silence, the history fits, roles alternate
+# ---------------------------------------------------------------------------
+
+def context_error(shape, size=2048, prompt=2081):
+    """A whole HTTP context-overflow response as llama.cpp, OpenAI, vLLM or TGI sends it."""
+    bodies = {
+        "llama.cpp": {"error": {"code": 400, "message": f"request ({prompt} tokens) exceeds the available "
+                                f"context size ({size} tokens), try increasing it",
+                                "type": "exceed_context_size_error", "n_prompt_tokens": prompt, "n_ctx": size}},
+        "openai": {"error": {"message": f"This model's maximum context length is {size} tokens. However, your "
+                             f"messages resulted in {prompt} tokens. Please reduce the length of the messages.",
+                             "type": "invalid_request_error", "param": "messages",
+                             "code": "context_length_exceeded"}},
+        "vllm": {"object": "error", "message": f"This model's maximum context length is {size} tokens. However, "
+                 f"you requested {prompt} tokens in the messages, Please reduce the length of the messages.",
+                 "type": "BadRequestError", "param": None, "code": 400},
+        "tgi": {"error": f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {size}. "
+                f"Given: {prompt} `inputs` tokens and 20 `max_new_tokens`", "error_type": "validation"},
+        "llama.cpp-words": {"error": {"code": 400, "type": "invalid_request_error", "message":
+                                      "the request exceeds the available context size, try increasing it"}},
+    }
+    status = b"422 Unprocessable Entity" if shape == "tgi" else b"400 Bad Request"
+    body = json.dumps(bodies[shape]).encode()
+    return (b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, len(body), body))
+
+
+def sent_chars(request):
+    """The characters of every message in a chat request."""
+    return sum(len(m["content"]) for m in request.json["messages"])
+
+
+def chat_requests(upstream):
+    """The chat requests the fake upstream received, in order."""
+    return [r for r in upstream.requests if r.path.endswith("/chat/completions")]
+
+
+def test_waiting_for_the_first_byte_is_not_silence(server, upstream, open_sse, monkeypatch):
+    """Headers withheld longer than read_timeout: the bubble counts the wait, then the answer streams."""
+    monkeypatch.setattr(chat.settings, "read_timeout", 0.2)
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.05)
+    monkeypatch.setattr(chat, "WAITING_SHOWN_AFTER", 0.1)
+    body = b"".join(data(choice(d)) for d in ({"content": "Finally"}, {"content": " here."})) + b"data: [DONE]\n\n"
+    response = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body)
+    upstream.serve(response, raw=True, pause_at=0)  # llama-server: not even headers until the first token
+    stream_id = post_prompt(server)
+    reader = open_sse(stream_id)
+    stream = chat.streams.get(stream_id)
+
+    waited = reader.read_until(lambda t: any(e.event == "status" for e in t.events)
+                               and time.monotonic() - stream.started > 3 * chat.settings.read_timeout,
+                               what="the waiting clock to pass three read timeouts")
+    status = [e for e in waited.events if e.event == "status"]
+    assert "Waiting for the model server…" in status[-1].data and status[-1].id is None  # not logged
+    assert not waited.finished
+    upstream.release()
+    transcript = reader.read_until(lambda t: t.finished, what="the answer")
+
+    assert transcript.message == "Finally here."
+    assert alerts(transcript.done) == [] and "Finally here." in source_text(transcript.done)
+    assert [e.id for e in transcript.events if e.event != "status"] == [1, 2, 3]
+
+
+def test_waiting_answer_can_be_stopped(server, upstream, open_sse, monkeypatch):
+    """Stop while the server has not started answering: the upstream request is closed, the bubble says Stopped."""
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.05)
+    upstream.serve(b"HTTP/1.1 200 OK\r\n", raw=True, hang_at=0)
+    stream_id = post_prompt(server)
+    reader = open_sse(stream_id)
+    wait_until(lambda: chat_requests(upstream), what="the request to reach the server")
+
+    assert web.post(f"{server}/stop", params={"stream": stream_id}, timeout=5).status_code == 204
+    transcript = reader.read_until(lambda t: t.finished, what="the done bubble")
+
+    assert "Stopped." in notes(transcript.done)
+    wait_until(lambda: upstream.last.client_closed.is_set(), what="the upstream connection to close")
+
+
+@pytest.mark.parametrize("entry", [
+    pytest.param({"id": "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf", "object": "model", "owned_by": "llamacpp",
+                  "meta": {"n_ctx": 512, "n_ctx_train": 32768, "n_vocab": 151936}}, id="llama.cpp meta.n_ctx"),
+    pytest.param({"id": "Qwen/Qwen2.5-0.5B-Instruct", "object": "model", "owned_by": "vllm",
+                  "max_model_len": 512}, id="vLLM max_model_len"),
+])
+def test_history_is_trimmed_to_the_context_the_server_states(client, upstream, monkeypatch, entry):
+    """/v1/models states a small context: older turns are left out before sending, and the answer says so."""
+    monkeypatch.setattr(chat.settings, "model", None)
+    upstream.models = [{"object": "list", "data": [entry]}]
+    conversation = None
+    for n in range(6):
+        upstream.serve(answer("A" * 200, usage_tokens=(60 + 120 * n, 50)))
+        stream_id, conversation = send_in(client, f"question {n} " + "Q" * 200, conversation)
+        transcript = read_events(client, stream_id)
+        assert alerts(transcript.done) == []
+    sent = upstream.last.json["messages"]
+    assert sent[-1]["content"].startswith("question 5") and sent[0]["role"] == "user"
+    assert chat.catalog.estimate(entry["id"], sent) <= chat.catalog.prompt_budget(entry["id"]) < 512
+    assert len(sent) < 11
+    assert any("left out of what the model saw, to fit the model's context" in n for n in notes(transcript.done))
+    assert len(chat_requests(upstream)) == 6  # fitted before sending: never refused, never sent twice
+
+
+def test_context_size_from_llama_cpp_props(client, upstream, monkeypatch):
+    """No context in /v1/models: llama.cpp's /props tells it, and the footer shows the context in use."""
+    monkeypatch.setattr(chat.settings, "model", None)
+    upstream.props = {"default_generation_settings": {"n_ctx": 4096}, "total_slots": 4}
+    client.get("/")
+    wait_until(lambda: chat.catalog.context_size("fake-model") == 4096, what="the context size from /props")
+    upstream.serve(answer("Fine.", usage_tokens=(3000, 24)))
+
+    transcript = relay(client)
+
+    assert "3,024 of 4,096 tokens" in footer(transcript.done)
+
+
+@pytest.mark.parametrize("shape", ["llama.cpp", "openai", "vllm", "tgi", "llama.cpp-words"])
+def test_context_error_is_retried_once_with_the_history_trimmed(client, upstream, shape):
+    """The server refuses a prompt over its context: chat.py trims the oldest turns, sends again once, says so."""
+    conversation = None
+    for n in range(4):
+        upstream.serve(answer(f"Answer {n} " + "A" * 300))
+        stream_id, conversation = send_in(client, f"question {n} " + "Q" * 300, conversation)
+        read_events(client, stream_id)
+    # Like a real server: it counts tokens (2 characters each here) and states the numbers.
+    upstream.refuse = (1000, lambda chars: context_error(shape, size=500, prompt=chars // 2))
+    upstream.serve(answer("Short enough now."))
+
+    stream_id, _ = send_in(client, "question 4 " + "Q" * 300, conversation)
+    transcript = read_events(client, stream_id)
+
+    refused, resent = chat_requests(upstream)[-2:]
+    assert sent_chars(refused) > 1000 >= sent_chars(resent)
+    assert resent.json["messages"][-1]["content"].startswith("question 4")
+    assert resent.json["messages"][0]["role"] == "user"
+    assert transcript.message == "Short enough now." and alerts(transcript.done) == []
+    (note,) = [n for n in notes(transcript.done) if "sent the question again" in n]
+    assert "oldest messages were left out" in note
+    if shape not in ("llama.cpp-words",):
+        assert "(500 tokens)" in note
+        # Learned: the next question is fitted before sending, not refused first.
+        before = len(chat_requests(upstream))
+        upstream.serve(answer("Fitted."))
+        read_events(client, send_in(client, "question 5 " + "Q" * 300, conversation)[0])
+        assert len(chat_requests(upstream)) == before + 1
+
+
+def test_a_message_alone_over_the_context_says_so(client, upstream):
+    """Nothing left to trim: one request, the server's message and a clear sentence, and the question is kept."""
+    upstream.refuse = (100, context_error("llama.cpp"))
+    transcript = relay(client, "Q" * 500)
+    (alert,) = alerts(transcript.done)
+    assert "exceeds the available context size" in alert and "Your message alone does not fit" in alert
+    assert len(chat_requests(upstream)) == 1
+    assert db_rows("SELECT role, content FROM messages WHERE role = 'user'") == [("user", "Q" * 500)]
+
+
+@pytest.mark.parametrize("how", ["error", "stopped before the first token", "reasoning only"])
+def test_roles_alternate_after_an_empty_answer(client, upstream, how):
+    """An answer with no text never leaves two user messages in a row for a strict chat template."""
+    upstream.strict_roles = True
+    upstream.serve(answer("First answer."))
+    stream_id, conversation = send_in(client, "one")
+    read_events(client, stream_id)
+    if how == "error":
+        upstream.serve(b"data: {\"error\": {\"message\": \"boom\"}}\n\n")
+        read_events(client, send_in(client, "two", conversation)[0])
+    elif how == "reasoning only":
+        upstream.serve(answer(reasoning="Let me think", finish="length"))
+        read_events(client, send_in(client, "two", conversation)[0])
+    else:
+        upstream.serve(answer("never"), hang_at=0)
+        stream_id, _ = send_in(client, "two", conversation)
+        wait_until(lambda: len(chat_requests(upstream)) == 2, what="the second request")
+        chat.streams.stop(stream_id)
+        read_events(client, stream_id)
+    upstream.serve(answer("Third answer."))
+
+    transcript = read_events(client, send_in(client, "three", conversation)[0])
+
+    assert transcript.message == "Third answer." and alerts(transcript.done) == []
+    assert upstream.last.json["messages"] == [
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "three"}]
+    # The store keeps every message as it was.
+    assert [r[0] for r in db_rows("SELECT role FROM messages ORDER BY id")] == [
+        "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert db_rows("SELECT content FROM messages WHERE role = 'user' ORDER BY id") == [("one",), ("two",), ("three",)]
+
+
+def test_fifty_turns_on_a_small_strict_model(client, upstream, monkeypatch):
+    """A 2k-context llama.cpp-like server with a strict template: fifty turns, none stuck, none refused."""
+    monkeypatch.setattr(chat.settings, "model", None)
+    upstream.models = [{"object": "list", "data": [{"id": "/m/small.gguf", "meta": {"n_ctx": 2048}}]}]
+    upstream.strict_roles = True
+    # About 4 characters a token, like English on a real tokenizer.
+    upstream.refuse = (2048 * 4, lambda chars: context_error("llama.cpp", size=2048, prompt=chars // 4))
+    conversation = None
+    for turn in range(50):
+        if turn == 20:
+            upstream.serve(b'data: {"error": {"message": "slot unavailable"}}\n\n')  # an empty answer
+        else:
+            upstream.serve(answer(f"Answer {turn}: " + "words and more words " * 20))
+        stream_id, conversation = send_in(client, f"Question {turn}: " + "tell me more about it " * 15, conversation)
+        transcript = read_events(client, stream_id)
+        assert (alerts(transcript.done) == []) is (turn != 20), (turn, alerts(transcript.done))
+    requests_ = chat_requests(upstream)
+    assert len(requests_) == 50  # fitted every time: never refused, never sent twice
+    assert all(sent_chars(r) <= 2048 * 4 for r in requests_)
+    assert len(db_rows("SELECT id FROM messages")) == 100
+
+
+def test_upstream_history_alternates_and_ends_with_a_question():
+    """Unit: empty answers leave with their question, a trailing answer is dropped, the system prompt leads."""
+    rows = [{"role": r, "content": c} for r, c in (
+        ("user", "a"), ("assistant", ""), ("user", "b"), ("assistant", "B"), ("user", "c"), ("assistant", " "),
+        ("user", "d"))]
+    history = chat.upstream_history({"system_prompt": "Be brief."}, rows)
+    assert [(m["role"], m["content"]) for m in history] == [
+        ("system", "Be brief."), ("user", "b"), ("assistant", "B"), ("user", "d")]
+
+
+def test_a_failed_model_list_is_asked_again_soon(client, upstream, monkeypatch):
+    """/v1/models fails, then works: the picker fills in seconds, not a minute."""
+    monkeypatch.setattr(chat.settings, "model", None)
+    monkeypatch.setattr(chat, "MODELS_RETRY", 0.2)
+    upstream.models = [503, FakeUpstream.MODELS]
+    client.get("/")
+    wait_until(lambda: chat.catalog.fetched_at is not None and not chat.catalog.ok, what="the failed fetch")
+    assert chat.catalog.ids == []
+
+    def listed():
+        return [o.attrs["value"] for o in elements(client.get("/").text, "option")] == ["fake-model"]
+    wait_until(listed, timeout=3, what="the picker to list the model")
+
+
+def test_the_page_never_waits_for_the_model_list(server, upstream, monkeypatch):
+    """/v1/models hangs: the page is served at once, and the picker's options come later by htmx."""
+    monkeypatch.setattr(chat.settings, "model", None)
+    monkeypatch.setattr(chat, "MODELS_DEADLINE", 0.5)
+    upstream.models = ["hang"]
+    started = time.monotonic()
+    page = web.get(f"{server}/", timeout=5)
+    assert page.status_code == 200 and time.monotonic() - started < 0.4
+    (select,) = elements(page.text, "select", id="model")
+    assert select.attrs["hx-get"] == "/model-options"
+    assert select.attrs["hx-target"] == "this"  # not the form's #chat-messages, which it would inherit
+    options = web.get(f"{server}/model-options", timeout=5)  # waits for the fetch's deadline, no longer
+    assert "the server&#039;s default" in options.text or "the server's default" in options.text
+    assert any(r.path.endswith("/models") for r in upstream.requests)
+
+
+def test_path_like_model_ids_are_shown_by_file_name(client, upstream, monkeypatch):
+    """llama.cpp's model id is a file path: the picker and footer show its file name; the full id is sent."""
+    monkeypatch.setattr(chat.settings, "model", None)
+    model_id = "/home/me/models/Llama-3.2-1B-Instruct-Q4_K_M.gguf"
+    upstream.models = [{"object": "list", "data": [{"id": model_id, "object": "model"}]}]
+    client.get("/")
+    wait_until(lambda: chat.catalog.ids, what="the model list")
+    (option,) = elements(client.get("/").text, "option")
+    assert option.attrs["value"] == model_id and option.text == "Llama-3.2-1B-Instruct-Q4_K_M.gguf"
+    upstream.serve(answer("Hi.", model=model_id))
+    transcript = relay(client)
+    assert upstream.last.json["model"] == model_id
+    assert footer(transcript.done).startswith("Llama-3.2-1B-Instruct-Q4_K_M.gguf ·")
+    assert chat.model_label("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"  # a hub name is not a path
+
+
+def test_long_server_errors_are_shortened_with_the_whole_text_folded(client, upstream):
+    """A Jinja stack trace: the alert shows its meaningful sentence, the whole message is in a <details>."""
+    trace = ("Traceback (most recent call last):\n" + "".join(
+        f'  File "/usr/lib/python3/site-packages/jinja2/environment.py", line {n}, in render\n    return x\n'
+        for n in range(30)) + "jinja2.exceptions.TemplateError: Conversation roles must alternate "
+        "user/assistant/user/assistant/...")
+    body = json.dumps({"error": {"message": trace, "type": "BadRequestError", "code": 400}}).encode()
+    upstream.serve(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                   b"Connection: close\r\n\r\n%s" % (len(body), body), raw=True)
+
+    done = relay(client).done
+
+    (alert,) = alerts(done)
+    assert alert == ("The model server answered 400 Bad Request: jinja2.exceptions.TemplateError: "
+                     "Conversation roles must alternate user/assistant/user/assistant/...")
+    (details,) = elements(done, "details", cls="error-details")
+    assert 'File "/usr/lib/python3/site-packages/jinja2/environment.py", line 29' in details.text
+
+
+@pytest.mark.parametrize("text, short", [
+    ("Short and clear.", "Short and clear."),
+    ("First line.\nSecond line.", "First line."),
+    ("x " * 300, None),
+    ("A sentence that is long enough to count as one. " + "y" * 500, "A sentence that is long enough to count as one."),
+])
+def test_short_error(text, short):
+    """Unit: the first meaningful sentence, at most SHORT_ERROR characters."""
+    got = chat.short_error(text)
+    assert len(got) <= chat.SHORT_ERROR + 1
+    if short is not None:
+        assert got == short
+    else:
+        assert got.endswith("…")
+
+
+@pytest.mark.parametrize("shape, size, prompt", [
+    ("llama.cpp", 2048, 2081), ("openai", 2048, 2081), ("vllm", 2048, 2081), ("tgi", 2048, 2081),
+    ("llama.cpp-words", None, None)])
+def test_context_overflow_shapes(shape, size, prompt):
+    """Unit: every known context error is recognised, with the numbers it states."""
+    head, _, body = context_error(shape).partition(b"\r\n\r\n")
+    overflow = chat.context_overflow(int(head.split()[1]), body)
+    assert (overflow.size, overflow.prompt_tokens) == (size, prompt)
+
+
+def test_other_errors_are_not_context_overflows():
+    """Unit: a plain 400, a 404 and a 503 are not mistaken for a full context."""
+    for name in ("ollama-404-model-not-found.http", "llamacpp-503-loading.http", "openrouter-402.http"):
+        head, _, body = (STREAMS_DIR / name).read_bytes().partition(b"\r\n\r\n")
+        assert chat.context_overflow(int(head.split()[1]), body) is None, name
+    for name in ("llamacpp-400-context-size.http", "openai-400-context-length.http", "vllm-400-nested.http"):
+        head, _, body = (STREAMS_DIR / name).read_bytes().partition(b"\r\n\r\n")
+        assert chat.context_overflow(int(head.split()[1]), body) is not None, name
+
+
+# ---------------------------------------------------------------------------
+# Behind nginx: the README's configuration, exactly, in front of a real chat.Server
+# ---------------------------------------------------------------------------
+
+def readme_nginx_block():
+    """The one ```nginx block of the README's ## Deploy section."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    deploy = re.search(r"^## Deploy\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
+    assert deploy, "README.md has no ## Deploy section"
+    blocks = re.findall(r"^```nginx\n(.*?)^```$", deploy.group(1), re.M | re.S)
+    assert len(blocks) == 1, f"expected one ```nginx block under ## Deploy, found {len(blocks)}"
+    return blocks[0]
+
+
+def substitute(text, old, new):
+    """text with old replaced by new; old must be there exactly once, so the README cannot drift from the test."""
+    assert text.count(old) == 1, f"the README's nginx block should contain {old!r} exactly once"
+    return text.replace(old, new)
+
+
+def required_tool(name, *fallbacks):
+    """The path of a program the nginx tests need; without it they skip locally and fail under CI."""
+    path = shutil.which(name) or next((p for p in fallbacks if os.access(p, os.X_OK)), None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing under CI (apt-get install {name})")
+        pytest.skip(f"no {name} here (apt-get install {name})")
+    return path
+
+
+class Seen:
+    """chat.app as is, noting what each request looked like when it reached chat.py."""
+
+    def __init__(self, app):
+        self.app, self.requests = app, []
+
+    def __call__(self, environ, start_response):
+        request = bottle.BaseRequest(environ)
+        self.requests.append({"path": request.path, "host": environ.get("HTTP_HOST"),
+                              "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
+                              "forwarded_proto": environ.get("HTTP_X_FORWARDED_PROTO"),
+                              "remote_addr": request.remote_addr, "peer_port": environ.get("REMOTE_PORT")})
+        return self.app(environ, start_response)
+
+
+class Nginx:
+    """/usr/sbin/nginx running an nginx block in front of chat_port, on loopback ports, with a self-signed certificate."""
+
+    def __init__(self, folder, chat_port, block):
+        executable = required_tool("nginx", "/usr/sbin/nginx")
+        openssl = required_tool("openssl")
+        self.folder, self.chat_port, self.port, self.http_port = folder, chat_port, free_port(), free_port()
+        self.url = self.origin = f"https://127.0.0.1:{self.port}"
+        self.cert, key = folder / "cert.pem", folder / "key.pem"
+        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(self.cert)], check=True, capture_output=True, timeout=30)
+        # Only what cannot run on loopback as is changes; each must be found exactly once.
+        block = substitute(block, "server 127.0.0.1:8080;", f"server 127.0.0.1:{chat_port};")
+        block = substitute(block, "listen 443 ssl", f"listen 127.0.0.1:{self.port} ssl")
+        block = substitute(block, "listen 80;", f"listen 127.0.0.1:{self.http_port};")
+        block = substitute(block, "/etc/letsencrypt/live/chat.example.com/fullchain.pem", str(self.cert))
+        block = substitute(block, "/etc/letsencrypt/live/chat.example.com/privkey.pem", str(key))
+        self.error_log = folder / "error.log"
+        # user root: workers must reach the temp folders in a root-only tmp dir (ignored when not root).
+        (folder / "nginx.conf").write_text(f"""
+daemon off;
+user root;
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {self.error_log} info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {folder}/access.log;
+    client_body_temp_path {folder}/client_body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+{block}
+}}
+""")
+        with open(folder / "stderr.log", "wb") as stderr:
+            self.process = subprocess.Popen([executable, "-p", str(folder), "-c", str(folder / "nginx.conf")],
+                                            stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_until(self.answering, timeout=10, what=f"nginx on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self):
+        """nginx's error log and stderr, for failure messages."""
+        return "".join(p.read_text() for p in (self.folder / "stderr.log", self.error_log) if p.exists())
+
+    def answering(self):
+        """True once /healthz answers through nginx over TLS; fails at once if nginx exited."""
+        assert self.process.poll() is None, f"nginx exited: {self.log()}"
+        try:
+            return requests.get(f"{self.url}/healthz", verify=str(self.cert), timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def stop(self):
+        """Fast shutdown (SIGTERM), waited for; SIGKILL if it lingers."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory):
+    """chat.app on a real chat.Server (TCP on loopback) behind the README's nginx block; yields the Nginx."""
+    seen = Seen(chat.app)
+    srv = chat.Server(("127.0.0.1", 0), seen, log=None)
+    srv.start()
+    try:
+        front = Nginx(tmp_path_factory.mktemp("nginx"), srv.server_port, readme_nginx_block())
+    except BaseException:
+        srv.stop(timeout=2)
+        raise
+    front.seen = seen.requests
+    yield front
+    front.stop()
+    srv.stop(timeout=2)
+
+
+@pytest.fixture
+def via_nginx(nginx, monkeypatch):
+    """The README's nginx in front of chat.py; the test's browser-like client trusts its certificate."""
+    monkeypatch.setattr(web, "verify", str(nginx.cert))
+    nginx.seen.clear()
+    return nginx
+
+
+@pytest.fixture
+def sse_via_nginx(via_nginx):
+    """Open /events readers through nginx; all are closed at teardown."""
+    readers = []
+
+    def open_reader(stream_id, last_event_id=None):
+        reader = SSEReader(via_nginx.url, stream_id, last_event_id)
+        readers.append(reader)
+        return reader
+
+    yield open_reader
+    for reader in readers:
+        reader.close()
+
+
+def post_from_page(front, path, origin=None, **data):
+    """POST like the page does: through nginx, with the page's own Origin (or the one given)."""
+    return web.post(f"{front.url}{path}", data=data, headers={"Origin": origin or front.origin}, timeout=5)
+
+
+def prompt_via(front, prompt="Hi"):
+    """POST a prompt from the page through nginx; return the stream id."""
+    response = post_from_page(front, "/streaming", prompt=prompt)
+    assert response.status_code == 200, response.text
+    return re.search(r'sse-connect="/events\?stream=([A-Za-z0-9_-]+)"', response.text).group(1)
+
+
+def test_nginx_passes_a_token_on_while_the_upstream_still_streams(upstream, via_nginx, sse_via_nginx):
+    """Through nginx the first token arrives while the upstream is blocked mid-body, not when it finishes."""
+    reply = upstream.serve(SLOW_ANSWER, pause_at=FIRST)
+    reader = sse_via_nginx(prompt_via(via_nginx))
+
+    reader.read_until(lambda t: t.message == "Hello", what="the first token through nginx")
+
+    assert not upstream.last.answered.is_set() and not reply.gate.is_set()
+    upstream.release()
+    assert reader.read_until(lambda t: t.finished, what="done").message == "Hello there, friend."
+
+
+def test_nginx_sends_event_stream_headers_before_the_first_token(upstream, via_nginx, sse_via_nginx):
+    """/events through nginx: 200, text/event-stream, no-cache, before the upstream sent any body."""
+    upstream.serve(SLOW_ANSWER, pause_at=0)
+    reader = sse_via_nginx(prompt_via(via_nginx))
+
+    headers = reader.response.headers
+    assert reader.response.status_code == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert headers["Cache-Control"] == "no-cache"
+    assert headers["Server"].startswith("nginx")  # really through nginx
+    assert reader.read_until(lambda t: "connected" in t.comments, what="the hello comment").events == []
+    upstream.release()
+    assert reader.read_until(lambda t: t.finished).message == "Hello there, friend."
+
+
+@pytest.mark.parametrize("reconnect", ["while-streaming", "after-done"])
+def test_nginx_last_event_id_resumes_without_loss_or_repeat(upstream, via_nginx, sse_via_nginx, reconnect):
+    """Disconnect from nginx after one token, reconnect with Last-Event-ID: all events once, ids 1..n."""
+    upstream.serve(SLOW_ANSWER, pause_at=data(choice({"content": ","})))
+    stream_id = prompt_via(via_nginx)
+    first = sse_via_nginx(stream_id)
+    seen = first.read_until(lambda t: t.message.startswith("Hello"), what="the first token").events
+    seen = seen[:[e.event for e in seen].index("message") + 1]  # the connection "dropped" after that event
+    first.close()
+    stream = chat.streams.get(stream_id)
+    wait_until(lambda: stream.text == ["Hello", " there", ","], what="the tokens before the pause")
+    if reconnect == "after-done":
+        upstream.release()
+        wait_until(lambda: stream.finished, what="the stream to finish")
+
+    second = sse_via_nginx(stream_id, last_event_id=seen[-1].id)
+    if reconnect == "while-streaming":
+        second.read_until(lambda t: t.events, what="the backlog")
+        upstream.release()
+    rest = second.read_until(lambda t: t.finished, what="done").events
+
+    events = seen + rest
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert token_text(events, "message") == "Hello there, friend."
+    assert [e.event for e in events].count("done") == 1
+
+
+def test_nginx_stop_closes_upstream_and_keeps_partial_answer(upstream, via_nginx, sse_via_nginx):
+    """POST /stop through nginx: 204, the upstream connection closes, the bubble keeps the text and says Stopped."""
+    upstream.serve(SLOW_ANSWER, pause_at=data(choice({"content": " there"})))
+    stream_id = prompt_via(via_nginx)
+    reader = sse_via_nginx(stream_id)
+    reader.read_until(lambda t: t.message == "Hello there", what="the first tokens")
+
+    response = web.post(f"{via_nginx.url}/stop", params={"stream": stream_id},
+                        headers={"Origin": via_nginx.origin}, timeout=5)
+
+    assert response.status_code == 204
+    wait_until(lambda: upstream.last.client_closed.is_set(), what="the upstream to see its connection closed")
+    bubble = reader.read_until(lambda t: t.finished, what="done").done
+    assert source_text(bubble) == "Hello there"
+    assert "Stopped." in notes(bubble)
+    assert alerts(bubble) == []
+    assert not upstream.last.answered.is_set()
+
+
+def test_nginx_keeps_the_pages_own_posts_same_origin(upstream, via_nginx):
+    """Through nginx the page's own Origin (host:port) is accepted and another site's is refused."""
+    assert post_from_page(via_nginx, "/streaming", prompt="Hi").status_code == 200
+    assert post_from_page(via_nginx, "/streaming", origin="https://evil.example", prompt="Hi").status_code == 403
+    assert via_nginx.seen[0]["host"] == f"127.0.0.1:{via_nginx.port}"
+
+
+def test_nginx_host_without_port_would_refuse_the_pages_own_posts(nginx, upstream, tmp_path):
+    """With `Host $host` (port dropped) instead of the README's `$http_host`, chat.py refuses the page's POST."""
+    block = substitute(readme_nginx_block(), "proxy_set_header Host $http_host;", "proxy_set_header Host $host;")
+    front = Nginx(tmp_path, nginx.chat_port, block)
+    try:
+        response = web.post(f"{front.url}/streaming", data={"prompt": "Hi"}, headers={"Origin": front.origin},
+                            verify=str(front.cert), timeout=5)
+    finally:
+        front.stop()
+    assert response.status_code == 403
+
+
+def test_nginx_tells_chat_py_the_host_scheme_and_client(via_nginx, monkeypatch):
+    """chat.py sees the browser's Host with its port, https, and the real client (a forged X-Forwarded-For is replaced)."""
+    monkeypatch.setattr(chat.settings, "password", "correct horse")
+    response = web.get(f"{via_nginx.url}/", headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http"},
+                       allow_redirects=False, timeout=5)
+
+    assert response.status_code in (302, 303)
+    assert response.headers["Location"] == f"{via_nginx.url}/login"
+    (seen,) = [r for r in via_nginx.seen if r["path"] == "/"]
+    assert seen["host"] == f"127.0.0.1:{via_nginx.port}"
+    assert seen["forwarded_proto"] == "https"
+    assert seen["forwarded_for"] == seen["remote_addr"] == "127.0.0.1"
+
+
+def test_nginx_reuses_its_connection_to_chat_py(via_nginx):
+    """keepalive + HTTP/1.1 + empty Connection: requests one after another share one connection to chat.py."""
+    for _ in range(3):
+        assert web.get(f"{via_nginx.url}/healthz", timeout=5).status_code == 200
+    assert len({r["peer_port"] for r in via_nginx.seen}) == 1
+
+
+def test_nginx_lets_a_prompt_at_the_limit_through(upstream, via_nginx):
+    """A prompt at the limit in 4-byte characters passes nginx; one more character gets chat.py's own 413."""
+    at_limit = "😀" * chat.settings.max_prompt
+    assert post_from_page(via_nginx, "/streaming", prompt=at_limit).status_code == 200
+
+    response = post_from_page(via_nginx, "/streaming", prompt=at_limit + "😀")
+    assert response.status_code == 413
+    assert f"the limit is {chat.settings.max_prompt:,}" in response.text
+
+
+def test_nginx_redirects_plain_http_to_https(via_nginx):
+    """The port-80 server answers every request with a permanent redirect to the same URL over https."""
+    response = requests.get(f"http://127.0.0.1:{via_nginx.http_port}/c/abc?x=1", allow_redirects=False, timeout=5)
+    assert response.status_code == 301
+    assert response.headers["Location"] == "https://127.0.0.1/c/abc?x=1"
+
+
+def nginx_seconds(value):
+    """An nginx time ("90", "90s", "15m", "1h", "1h 30m") in seconds."""
+    units = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\d+)([smhd]?)", value)
+    assert parts and "".join(n + u for n, u in parts) == value.replace(" ", ""), f"not an nginx time: {value!r}"
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def test_nginx_event_streams_outlast_the_longest_answer():
+    """The README's /events location buffers nothing and waits longer than a 15-minute answer between reads."""
+    events = re.search(r"location = /events \{(.*?)\}", readme_nginx_block(), re.S)
+    assert events, "the README's nginx block has no `location = /events`"
+    assert re.search(r"^\s*proxy_buffering off;", events.group(1), re.M)
+    timeout = re.search(r"^\s*proxy_read_timeout ([^;]+);", events.group(1), re.M)
+    assert timeout and nginx_seconds(timeout.group(1)) >= 15 * 60

@@ -10,7 +10,10 @@
   <p class="note">{{note}}</p>
 % end
 % if answer['error']:
-  <p class="error" role="alert">{{answer['error']}}</p>
+  <p class="error" role="alert">{{error}}</p>
+%   if error != answer['error']:
+  <details class="error-details"><summary>The server's whole message</summary><pre>{{answer['error']}}</pre></details>
+%   end
 % end
   <div class="actions">
 % if answer_html:

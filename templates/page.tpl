@@ -57,16 +57,13 @@
   <details class="options">
     <summary>Model and system prompt</summary>
     <label for="model">Model</label>
+% if models:
     <select name="model" id="model">
-% for name in models:
-      <option value="{{name}}"{{!' selected' if name == model else ''}}>{{name}}</option>
+% else:
+    <!-- The model list is asked for in the background; fetch it once it is there. -->
+    <select name="model" id="model" hx-get="/model-options" hx-trigger="load" hx-target="this" hx-swap="innerHTML">
 % end
-% if model and model not in models:
-      <option value="{{model}}" selected>{{model}}</option>
-% end
-% if not models and not model:
-      <option value="">the server's default</option>
-% end
+% include("model_options", models=models, model=model, label=label)
     </select>
     <label for="system">System prompt</label>
     <textarea name="system" id="system" rows="3" placeholder="Optional instructions for the model in this conversation">{{conversation['system_prompt'] if conversation else ''}}</textarea>
