@@ -25,15 +25,21 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import base64  # noqa: E402
+import array  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
+import functools  # noqa: E402
 import hmac  # noqa: E402
+import io  # noqa: E402
 import html  # noqa: E402
+import ipaddress  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import secrets  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -45,9 +51,10 @@ from http.client import HTTPException  # noqa: E402
 
 import bottle  # noqa: E402
 import gevent  # noqa: E402
+import gevent.lock  # noqa: E402
 import requests  # noqa: E402
 import urllib3.exceptions  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
+from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 from gevent.queue import Queue  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 from pygments import highlight as pygments_highlight  # noqa: E402
@@ -96,6 +103,25 @@ class Settings:
         self.streams_per_owner = int(env.get("CHAT_STREAMS_PER_OWNER") or 4)
         # What is sent upstream per request, in characters; older turns are dropped beyond it.
         self.max_context = int(env.get("CHAT_MAX_CONTEXT") or 100_000)
+        # Every resource an outsider can make the server spend has a limit (README "Security").
+        # A prompt at the limit, every character 4 UTF-8 bytes, %-encoded (x3), plus the other fields.
+        self.max_body = int(env.get("CHAT_MAX_BODY") or self.max_prompt * 12 + 65536)
+        self.header_timeout = float(env.get("CHAT_HEADER_TIMEOUT") or 15)
+        # Also how long a keep-alive connection may sit idle between requests.
+        self.write_timeout = float(env.get("CHAT_WRITE_TIMEOUT") or 30)
+        self.max_answer_chars = int(env.get("CHAT_MAX_ANSWER_CHARS") or 400_000)
+        self.max_answer_seconds = float(env.get("CHAT_MAX_ANSWER_SECONDS") or 900)
+        self.allowed_hosts = {h.strip().lower() for h in (env.get("CHAT_ALLOWED_HOSTS") or "").split(",")
+                              if h.strip()}
+        self.trusted_proxies = [ipaddress.ip_network(n.strip(), strict=False) for n in
+                                (env.get("CHAT_TRUSTED_PROXIES") or "127.0.0.0/8,::1").split(",") if n.strip()]
+        self.new_owners_per_minute = float(env.get("CHAT_NEW_OWNERS_PER_MINUTE") or 10)
+        self.max_connections = int(env.get("CHAT_MAX_CONNECTIONS") or 0) or default_max_connections()
+        self.readers_per_stream = int(env.get("CHAT_READERS_PER_STREAM") or 16)
+        self.readers_per_owner = int(env.get("CHAT_READERS_PER_OWNER") or 64)
+        # Stored text per owner (bytes of messages); beyond it new messages are refused.
+        self.owner_quota = int(env.get("CHAT_OWNER_QUOTA") or 100 << 20)
+        self.retention_days = float(env.get("CHAT_RETENTION_DAYS") or 0) or None  # None: keep forever
         # Our own demo endpoint only answers this process (it may sit behind CHAT_PASSWORD).
         self.demo_key = secrets.token_urlsafe(24)
 
@@ -122,6 +148,15 @@ class Settings:
         if parts.port:
             netloc += f":{parts.port}"
         return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def default_max_connections():
+    """Connections one process may hold: under half the file descriptors (a streaming answer uses two)."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        soft = 1024
+    return max(64, min(10_000, int(soft * 0.45)))
 
 
 settings = Settings(os.environ)
@@ -156,6 +191,10 @@ class UpstreamTimeout(Exception):
 
 class ServerStopping(Exception):
     """Raised inside a relay greenlet when chat.py itself is shutting down."""
+
+
+class AnswerLimit(Exception):
+    """Raised inside a relay greenlet when an answer outgrows CHAT_MAX_ANSWER_CHARS or _SECONDS."""
 
 
 BOM = b"\xef\xbb\xbf"
@@ -283,7 +322,8 @@ def body_message(body):
 class Completion:
     """Everything an upstream has said about one answer, parsed from its chunks."""
 
-    def __init__(self):
+    def __init__(self, keep_text=True):
+        self.keep_text = keep_text  # the relay keeps the text in its stream's log instead
         self.content = []
         self.reasoning = []
         self.finish_reason = None
@@ -340,19 +380,22 @@ class Completion:
             for key in ("reasoning_content", "reasoning"):
                 text = delta.get(key)
                 if isinstance(text, str) and text:
-                    self.reasoning.append(text)
+                    if self.keep_text:
+                        self.reasoning.append(text)
                     deltas.append(("reasoning", text))
                     break
             else:
                 for detail in delta.get("reasoning_details") or ():
                     text = detail.get("text") if isinstance(detail, dict) else None
                     if isinstance(text, str) and text:
-                        self.reasoning.append(text)
+                        if self.keep_text:
+                            self.reasoning.append(text)
                         deltas.append(("reasoning", text))
             for key in ("content", "refusal"):
                 text = delta.get(key)
                 if isinstance(text, str) and text:
-                    self.content.append(text)
+                    if self.keep_text:
+                        self.content.append(text)
                     deltas.append(("content", text))
             for call in delta.get("tool_calls") or ():
                 self._add_tool_call(call)
@@ -800,13 +843,71 @@ def waiting_frame(seconds):
 # Streams
 # ---------------------------------------------------------------------------
 
+class AnswerLog:
+    """Every event of an answer, kept as its text once: frames are made again for a reader that reconnects.
+
+    A four-character token framed as an SSE event is ~50 bytes, and ~150 as Python objects: a
+    log of frames grows with the framing. This one holds each kind's text as UTF-8 in one
+    bytearray, plus one byte (kind) and four bytes (where it ends) per event.
+    """
+
+    KINDS = ("message", "reasoning")
+
+    def __init__(self):
+        self.text = {kind: bytearray() for kind in self.KINDS}
+        self.kinds = bytearray()    # event N's kind is KINDS[kinds[N-1]]
+        self.ends = array.array("I")  # event N's text ends at ends[N-1] in its kind's buffer
+        self.done = None            # the final frame, once the answer is finished
+
+    def __len__(self):
+        return len(self.kinds) + (self.done is not None)
+
+    def append(self, kind, text):
+        """Log one token; returns its event id."""
+        buffer = self.text[kind]
+        buffer += text.encode()
+        self.kinds.append(self.KINDS.index(kind))
+        self.ends.append(len(buffer))
+        return len(self.kinds)
+
+    def joined(self, kind):
+        """All the text of one kind so far."""
+        return self.text[kind].decode()
+
+    def frames(self, after, upto, batch=1 << 16):
+        """Yield the token frames of events after..upto (ids), joined into writes of about batch bytes.
+
+        A reader that is slow to take them holds one batch, not a copy of the whole answer.
+        """
+        starts = {kind: 0 for kind in self.KINDS}
+        pending, size = [], 0
+        for index in range(upto):
+            kind, end = self.KINDS[self.kinds[index]], self.ends[index]
+            start, starts[kind] = starts[kind], end
+            if index < after:
+                continue
+            frame = token_frame(kind, self.text[kind][start:end].decode(), index + 1)
+            pending.append(frame)
+            size += len(frame)
+            if size >= batch:
+                yield b"".join(pending)
+                pending, size = [], 0
+        if pending:
+            yield b"".join(pending)
+
+
+def token_frame(kind, text, event_id):
+    """The frame of one token: its text escaped in a <span>."""
+    return sse_frame(kind, "<span>" + html.escape(text, quote=False) + "</span>", event_id)
+
+
 class Stream:
     """One answer being generated: its event log, its readers and its relay greenlet."""
 
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
-                 "log", "readers", "text", "reasoning", "completion", "saved", "started", "first_byte_at",
-                 "first_token_at", "finished_at", "last_activity", "left_at", "greenlet", "status", "error",
-                 "tokens", "resent")
+                 "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
+                 "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
+                 "chars", "notes")
 
     def __init__(self, stream_id, history, model=None, owner=None, conversation_id=None, message_id=None):
         self.id = stream_id
@@ -818,32 +919,29 @@ class Stream:
         self.message_id = message_id  # the answer's row in the store, flushed while it streams
         self.dropped = 0              # older turns left out to fit the context
         self.resent = None            # the context size, when the server refused and we sent again
-        self.saved = 0                # how many text pieces the store has seen
-        self.log = []          # every frame sent so far; event id N is log[N-1]
-        self.readers = set()   # one Queue per connected /events response
-        self.text = []         # what was shown as the answer (after <think> splitting)
-        self.reasoning = []
-        self.completion = Completion()
+        self.saved = 0                # how many events the store has seen
+        self.log = AnswerLog()
+        self.readers = set()          # one Queue per connected /events response
+        self.completion = Completion(keep_text=False)  # the log keeps the text
         self.started = self.last_activity = self.left_at = time.monotonic()
         self.first_byte_at = None     # the upstream's first body byte: waiting ends, silence counts
         self.first_token_at = None
-        self.finished_at = None
+        self.finished_at = None       # set when finishing starts; the done frame follows
         self.greenlet = None
-        self.status = "streaming"  # -> done | stopped | error | truncated
+        self.status = "streaming"     # -> done | stopped | error | truncated | interrupted | limit
         self.error = None
         self.tokens = 0
+        self.chars = 0
+        self.notes = []               # extra sentences for the finished bubble (limits, storage)
 
     @property
     def finished(self):
         """True once the done event is in the log."""
-        return self.finished_at is not None
+        return self.log.done is not None
 
-    def publish(self, event, payload):
-        """Frame an event once, log it, and hand it to every connected reader."""
-        frame = sse_frame(event, payload, len(self.log) + 1)
-        self.log.append(frame)
-        for queue in self.readers:
-            queue.put_nowait(frame)
+    def text(self, kind="message"):
+        """The text shown so far of one kind (message or reasoning)."""
+        return self.log.joined(kind)
 
     def touch(self):
         """Note that the upstream is alive (the watchdog reads this)."""
@@ -852,49 +950,53 @@ class Stream:
             self.first_byte_at = self.last_activity
 
     def token(self, kind, text):
-        """Publish one piece of answer or reasoning text."""
+        """Log one piece of answer or reasoning text and hand its frame to every connected reader."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.tokens += 1
-        (self.text if kind == "message" else self.reasoning).append(text)
-        self.publish(kind, "<span>" + html.escape(text, quote=False) + "</span>")
+        self.chars += len(text)
+        event_id = self.log.append(kind, text)
+        if self.readers:
+            self.tell_readers(token_frame(kind, text, event_id))
+        if self.chars > settings.max_answer_chars:
+            raise AnswerLimit(f"The answer reached chat.py's limit of {settings.max_answer_chars:,} "
+                              "characters and was cut off there.")
 
     def finish(self, status, error=None):
         """Publish the finished bubble as the last event; nothing is published after it."""
-        if self.finished:
+        if self.finished_at is not None:
             return
         self.status, self.error = status, redact(error)
         self.finished_at = time.monotonic()
         answer = answer_record(self)
         try:
             store.finish_answer(self.message_id, answer)
-        except sqlite3.Error:
-            log.exception("saving the answer failed")
-            answer["notes"].append("This answer could not be saved.")
+        except sqlite3.Error as exc:
+            log.error("saving the answer failed: %s", exc)
+            answer["notes"].append(storage_note(exc))
         try:
-            bubble = render_answer(answer)
+            # Markdown and highlighting of a long answer take a while: in a worker thread they
+            # share the CPU with the hub instead of stopping every other stream.
+            bubble = gevent.get_hub().threadpool.apply(render_answer, (answer,))
         except Exception:  # noqa: BLE001 — a rendering bug must not leave the bubble streaming
             log.exception("rendering the answer failed")
             answer["error"] = answer["error"] or "chat.py could not render this answer."
             bubble = render_plain(answer)
-        self.publish("done", bubble)
+        self.log.done = sse_frame("done", bubble, len(self.log.kinds) + 1)
+        self.tell_readers(self.log.done)
 
     def tell_readers(self, frame):
-        """Send a frame to the readers connected now without logging it (pings, the waiting clock)."""
+        """Send a frame to the readers connected now (pings and the waiting clock are not logged)."""
         for queue in self.readers:
             queue.put_nowait(frame)
 
     def partial(self):
         """(text, reasoning, message id) if the answer grew since the janitor last saved it, else None."""
-        size = len(self.text) + len(self.reasoning)
-        if self.message_id is None or size == self.saved:
+        size = len(self.log.kinds)
+        if self.message_id is None or size == self.saved or self.finished_at is not None:
             return None
         self.saved = size
-        return "".join(self.text), "".join(self.reasoning), self.message_id
-
-    def frames_after(self, last_id):
-        """The logged frames a reader that has seen event last_id still needs."""
-        return self.log[max(0, last_id):]
+        return self.text(), self.text("reasoning"), self.message_id
 
 
 class Streams:
@@ -904,6 +1006,7 @@ class Streams:
         self.by_id = {}
         self.by_owner = {}  # owner -> ids of that owner's registered streams
         self.janitor = None
+        self.saving = None  # the greenlet saving partial answers, if one is under way
         self.last_ping = 0.0
 
     def __len__(self):
@@ -913,6 +1016,10 @@ class Streams:
         """The stream with this id, or None."""
         return self.by_id.get(stream_id)
 
+    def readers_of(self, owner):
+        """How many /events readers this owner has connected to live answers."""
+        return sum(len(self.by_id[i].readers) for i in self.by_owner.get(owner, ()))
+
     def open_for(self, owner):
         """How many unfinished streams this owner has."""
         return sum(1 for i in self.by_owner.get(owner, ()) if not self.by_id[i].finished)
@@ -921,14 +1028,32 @@ class Streams:
         """The live stream writing this stored answer, if any."""
         return next((s for s in self.by_id.values() if s.message_id == message_id), None)
 
-    def start(self, messages, **fields):
-        """Register a new stream and start its relay greenlet."""
-        stream = Stream(secrets.token_urlsafe(18), messages, **fields)
+    def reserve(self, owner):
+        """Register a stream for this owner if the limits allow, or raise Refused.
+
+        The check and the registration happen with no switch in between, so concurrent sends
+        cannot all pass a check that only one of them should.
+        """
+        if self.open_for(owner) >= settings.streams_per_owner:
+            raise Refused(429, f"You already have {settings.streams_per_owner} answers streaming; "
+                               "wait for one to finish or stop one.")
+        if len(self.by_id) >= settings.max_streams:
+            raise Refused(503, "The server is at its limit of open answers; try again shortly.")
+        stream = Stream(secrets.token_urlsafe(18), [], owner=owner)
         self.by_id[stream.id] = stream
-        self.by_owner.setdefault(stream.owner, set()).add(stream.id)
+        self.by_owner.setdefault(owner, set()).add(stream.id)
+        return stream
+
+    def begin(self, stream, history, **fields):
+        """Start a reserved stream's relay greenlet."""
+        stream.history = stream.messages = history
+        for name, value in fields.items():
+            setattr(stream, name, value)
+        stream.started = stream.last_activity = stream.left_at = time.monotonic()
         stream.greenlet = gevent.spawn(relay_upstream, stream)
-        # If the greenlet dies without finishing (killed before it ever ran), still end the stream.
-        stream.greenlet.link(lambda _: stream.finish("stopped"))
+        # If the greenlet dies without finishing (killed before it ever ran), still end the stream
+        # (in a greenlet of its own: link callbacks run in the hub, which must never wait).
+        stream.greenlet.link(lambda _: stream.finished_at is None and gevent.spawn(stream.finish, "stopped"))
         if self.janitor is None or self.janitor.dead:
             self.janitor = gevent.spawn(self.sweep_forever)
         return stream
@@ -947,6 +1072,9 @@ class Streams:
         ping = now - self.last_ping >= settings.ping_interval
         if ping:
             self.last_ping = now
+        # The store may be slow (a lock held by another process, a full disk): it saves in a
+        # greenlet of its own, and this pass only collects for it when the last save is done.
+        can_save = self.saving is None or self.saving.ready()
         partials = []
         for stream in list(self.by_id.values()):
             if stream.finished:
@@ -955,25 +1083,37 @@ class Streams:
                 if not stream.readers and now - stream.left_at >= settings.grace:
                     self.forget(stream)
                 continue
-            if stream.greenlet and (
+            if stream.finished_at is not None:
+                continue  # finishing: saving and rendering its bubble
+            if stream.greenlet and now - stream.started > settings.max_answer_seconds:
+                stream.greenlet.kill(AnswerLimit(f"The answer reached chat.py's limit of "
+                                                 f"{settings.max_answer_seconds:g} seconds and was cut off "
+                                                 "there."), block=False)
+            elif stream.greenlet and (
                     now - stream.started > settings.first_byte_timeout if stream.first_byte_at is None
                     else now - stream.last_activity > settings.read_timeout):
                 stream.greenlet.kill(UpstreamTimeout, block=False)
-            partial = stream.partial()
+            partial = stream.partial() if can_save else None
             if partial:
                 partials.append(partial)
             if stream.first_token_at is None and now - stream.started >= WAITING_SHOWN_AFTER:
                 stream.tell_readers(waiting_frame(now - stream.started))
             elif ping:
                 stream.tell_readers(SSE_PING)
-        try:
-            store.save_partials(partials)  # one transaction for all: one WAL commit a second
-        except sqlite3.Error:
-            log.exception("saving partial answers failed")
+        if partials:
+            self.saving = gevent.spawn(save_partials, partials)
+
+    def start(self, history, owner=None, **fields):
+        """Register a new stream and start its relay greenlet (no limits: for tools and tests)."""
+        stream = Stream(secrets.token_urlsafe(18), [], owner=owner)
+        self.by_id[stream.id] = stream
+        self.by_owner.setdefault(owner, set()).add(stream.id)
+        return self.begin(stream, history, **fields)
 
     def forget(self, stream):
-        """Drop a finished stream from the registry."""
-        del self.by_id[stream.id]
+        """Drop a finished (or never started) stream from the registry."""
+        if self.by_id.pop(stream.id, None) is None:
+            return
         ids = self.by_owner[stream.owner]
         ids.discard(stream.id)
         if not ids:
@@ -987,6 +1127,26 @@ class Streams:
 
 
 streams = Streams()
+
+
+def save_partials(partials):
+    """Save the answers still streaming, all in one transaction: one WAL commit a second."""
+    try:
+        store.save_partials(partials)
+    except sqlite3.Error as exc:
+        log.error("saving partial answers failed: %s", exc)
+
+
+def storage_note(exc):
+    """The sentence under an answer the store could not save."""
+    if is_disk_full(exc):
+        return "The server's disk is full: this answer could not be saved, and will not be there after a reload."
+    return "This answer could not be saved."
+
+
+def is_disk_full(exc):
+    """True if a database error means the disk (or the database's size limit) is full."""
+    return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
 
 
 def relay_upstream(stream):
@@ -1014,6 +1174,9 @@ def relay_upstream(stream):
         stream.finish("stopped")
     except ServerStopping:
         stream.finish("interrupted")
+    except AnswerLimit as exc:
+        stream.notes.append(str(exc))
+        stream.finish("limit")
     except UpstreamTimeout:
         if stream.first_byte_at is None:
             stream.finish("error", f"The model server did not start answering within "
@@ -1181,7 +1344,7 @@ def answer_footer(stream):
 
 def split_answer(stream):
     """Answer and reasoning text; a lone </think> (opening tag in the prompt) splits late."""
-    text, reasoning = "".join(stream.text), "".join(stream.reasoning)
+    text, reasoning = stream.text(), stream.text("reasoning")
     if not reasoning and THINK_CLOSE in text and THINK_OPEN not in text:
         reasoning, _, text = text.partition(THINK_CLOSE)
     return text.lstrip("\r\n"), reasoning.strip()
@@ -1279,7 +1442,68 @@ MIGRATIONS = [
     CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
     CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    """
+    CREATE TABLE sessions (
+        token_hash TEXT PRIMARY KEY,     -- sha256 of the cookie: a stolen database holds no live cookie
+        password_tag TEXT NOT NULL,      -- which password it was issued under: a new one logs everyone out
+        expires REAL NOT NULL
+    );
+    """,
 ]
+
+
+class Result:
+    """What a statement returned, fetched whole inside the database thread."""
+
+    __slots__ = ("rows", "lastrowid", "rowcount")
+
+    def __init__(self, rows, lastrowid, rowcount):
+        self.rows, self.lastrowid, self.rowcount = rows, lastrowid, rowcount
+
+    def fetchone(self):
+        """The first row, or None."""
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self):
+        """Every row."""
+        return self.rows
+
+
+class Database:
+    """One SQLite connection whose every call runs in gevent's thread pool, one caller at a time.
+
+    SQLite blocks while another process holds the write lock (busy_timeout) or the disk is
+    slow. On the hub that would freeze every stream; in a worker thread it delays only the
+    greenlets that wait for this lock, and the others go on.
+    """
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.lock = gevent.lock.RLock()  # a greenlet's transaction spans several calls
+
+    def call(self, fn, *args):
+        """Run fn(*args) in the thread pool while holding the lock; the calling greenlet waits cooperatively."""
+        with self.lock:
+            return gevent.get_hub().threadpool.apply(fn, args)
+
+    def execute(self, sql, args=()):
+        """Run one statement; return its rows, lastrowid and rowcount."""
+        def run():
+            cursor = self.connection.execute(sql, args)
+            return Result(cursor.fetchall(), cursor.lastrowid, cursor.rowcount)
+        return self.call(run)
+
+    def executemany(self, sql, rows):
+        """Run one statement for each row."""
+        return self.call(lambda: self.connection.executemany(sql, rows).rowcount)
+
+    def executescript(self, script):
+        """Run several statements."""
+        self.call(self.connection.executescript, script)
+
+    def close(self):
+        """Close the connection."""
+        self.call(self.connection.close)
 
 
 class Store:
@@ -1288,12 +1512,13 @@ class Store:
     def __init__(self, path=None):
         self.path = path
         self._db = None
+        self.secrets = {}
 
     @property
     def db(self):
         """The connection, opened, migrated and recovered on first use."""
         if self._db is None:
-            self._db = self.connect(self.path or settings.db)
+            self._db = Database(gevent.get_hub().threadpool.apply(self.connect, (self.path or settings.db,)))
         return self._db
 
     @staticmethod
@@ -1321,8 +1546,33 @@ class Store:
 
     def secret(self, name):
         """A random secret kept in the database (for signing cookies), made on first use."""
-        self.db.execute("INSERT OR IGNORE INTO secrets VALUES (?, ?)", (name, secrets.token_hex(32)))
-        return self.db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0]
+        if name not in self.secrets:
+            self.db.execute("INSERT OR IGNORE INTO secrets VALUES (?, ?)", (name, secrets.token_hex(32)))
+            self.secrets[name] = self.db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0]
+        return self.secrets[name]
+
+    def owner_usage(self, owner):
+        """Bytes of text this owner's conversations hold (for the per-owner quota)."""
+        return self.db.execute("SELECT COALESCE(SUM(LENGTH(CAST(m.content AS BLOB)) + LENGTH(CAST(m.reasoning AS BLOB))), 0) "
+                               "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                               "WHERE c.owner = ?", (owner,)).fetchone()[0]
+
+    def owner_exists(self, owner):
+        """True if this owner has any conversation."""
+        return self.db.execute("SELECT 1 FROM conversations WHERE owner = ? LIMIT 1", (owner,)).fetchone() is not None
+
+    def add_session(self, token_hash, tag, expires):
+        """Remember a login."""
+        self.db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (token_hash, tag, expires))
+
+    def session_valid(self, token_hash, tag):
+        """True if this login exists, is unexpired, and was made under the current password."""
+        return self.db.execute("SELECT 1 FROM sessions WHERE token_hash = ? AND password_tag = ? AND expires > ?",
+                               (token_hash, tag, time.time())).fetchone() is not None
+
+    def delete_session(self, token_hash):
+        """Forget a login (log out)."""
+        self.db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
 
     def create_conversation(self, owner, title, system_prompt="", model=None):
         """A new conversation; returns its id."""
@@ -1379,13 +1629,14 @@ class Store:
     @contextlib.contextmanager
     def transaction(self):
         """BEGIN … COMMIT, or ROLLBACK on an error (the connection is in autocommit mode otherwise)."""
-        self.db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self.db.lock:  # no other greenlet's statement may land inside this transaction
+            self.db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def finish_answer(self, message_id, answer):
         """Save a finished answer with everything its bubble shows."""
@@ -1507,9 +1758,146 @@ def demo_chunks(prompt, delay, turns=1):
 # Routes
 # ---------------------------------------------------------------------------
 
-app = bottle.Bottle()
-# Room for a prompt at the limit even when every character is 4 UTF-8 bytes, %-encoded.
-bottle.BaseRequest.MEMFILE_MAX = 512 * 1024
+DEMO_MAX_BODY = 32 << 20  # our own requests to the demo model carry a whole (fitted) conversation
+# Bodies up to this are read into memory, never spooled to a temporary file (the checks
+# below refuse anything larger before a byte of it is read).
+bottle.BaseRequest.MEMFILE_MAX = DEMO_MAX_BODY + 1
+
+# What the page needs and nothing more: scripts, styles and images only from chat.py itself
+# (data: for the empty favicon), no plugins, no framing by other sites.
+SECURITY_HEADERS = [
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+                                "form-action 'self'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+    ("X-Frame-Options", "DENY"),
+]
+
+
+class App(bottle.Bottle):
+    """Bottle, with the checks every request passes before any route reads it, and the security headers."""
+
+    def wsgi(self, environ, start_response):
+        """Refuse a foreign Host or an oversized body at once; add the security headers to every answer."""
+        def start(status, headers, exc_info=None):
+            names = {name.lower() for name, _ in headers}
+            return start_response(status, headers + [h for h in SECURITY_HEADERS if h[0].lower() not in names],
+                                  exc_info)
+        refusal = check_request(environ)
+        if refusal:
+            status, message = refusal
+            start(status, [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close")])
+            return [message.encode()]
+        return super().wsgi(environ, start)
+
+
+def check_request(environ):
+    """(status, message) if the request must be refused before routing: Host, body size and shape, slow body."""
+    host = (environ.get("HTTP_HOST") or "").strip().lower()
+    if not host_allowed(host):
+        log_limited("host", "refused a request for the host %r (set CHAT_ALLOWED_HOSTS to allow it)", host[:100])
+        return ("421 Misdirected Request", "This server does not answer for that host name. Its operator can "
+                                           "allow it with CHAT_ALLOWED_HOSTS.\n")
+    if environ.get("REQUEST_METHOD") in ("GET", "HEAD", "OPTIONS", "DELETE") and not environ.get("CONTENT_LENGTH"):
+        return None
+    length = environ.get("CONTENT_LENGTH") or ""
+    limit = settings.max_body
+    if environ.get("PATH_INFO", "").startswith("/demo/") and demo_caller(environ):
+        limit = DEMO_MAX_BODY
+    if "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower() or (length and not length.isdigit()):
+        return ("413 Payload Too Large", "Refused: this server takes request bodies with a Content-Length only.\n")
+    if (environ.get("CONTENT_TYPE") or "").lower().startswith("multipart/"):
+        return ("413 Payload Too Large", "Refused: this server takes no file uploads.\n")
+    if int(length or 0) > limit:
+        return ("413 Payload Too Large", f"Refused: the request is larger than {limit:,} bytes. "
+                                         "Shorten your message and send it again.\n")
+    # Read the (small) body now, within a deadline: a client that trickles it is cut off.
+    body = environ["wsgi.input"]
+    try:
+        with gevent.Timeout(settings.header_timeout):
+            data = body.read(int(length or 0))
+    except gevent.Timeout:
+        return ("408 Request Timeout", "The request body did not arrive in time.\n")
+    environ["wsgi.input"] = io.BytesIO(data)
+    return None
+
+
+def host_allowed(host):
+    """True for a Host this server answers: IP literals, localhost, its own names and CHAT_ALLOWED_HOSTS.
+
+    A page that rebinds its own DNS name to 127.0.0.1 sends that name as Host; refusing names
+    we do not know stops it (an IP literal cannot be rebound, so those are always fine).
+    """
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").rstrip(".")
+    if not name or "*" in settings.allowed_hosts or name in settings.allowed_hosts:
+        return bool(name) or "*" in settings.allowed_hosts
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost") or name == settings.host.lower():
+        return True
+    return settings.host in ("0.0.0.0", "::", "") and name in machine_names()
+
+
+@functools.lru_cache(maxsize=1)
+def machine_names():
+    """This machine's own host names (allowed as Host when listening on every address)."""
+    names = {socket.gethostname().lower()}
+    with contextlib.suppress(OSError):
+        names.add(socket.getfqdn().lower())
+    return names
+
+
+def demo_caller(environ):
+    """True if the request carries this process's own demo key."""
+    expected = f"Bearer {settings.demo_key}".encode()
+    return settings.demo and hmac.compare_digest((environ.get("HTTP_AUTHORIZATION") or "").encode(), expected)
+
+
+_LOG_LIMITED = {}
+
+
+def log_limited(kind, message, *args, every=10.0):
+    """Log a warning at most once every `every` seconds per kind, with how many were left out."""
+    now = time.monotonic()
+    last, skipped = _LOG_LIMITED.get(kind, (-every, 0))
+    if now - last < every:
+        _LOG_LIMITED[kind] = (last, skipped + 1)
+        return
+    _LOG_LIMITED[kind] = (now, 0)
+    log.warning(message + (f" (and {skipped} more like it)" if skipped else ""), *args)
+
+
+class TokenBuckets:
+    """Token buckets by key (a client address, or one global key): rate tokens a second, up to burst."""
+
+    def __init__(self, rate, burst, max_keys=100_000):
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self.buckets = {}  # key -> (tokens, when counted)
+
+    def tokens(self, key, now=None):
+        """The tokens this key has now."""
+        now = time.monotonic() if now is None else now
+        tokens, at = self.buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def take(self, key):
+        """Take a token; False (and nothing taken) if the bucket is empty."""
+        now = time.monotonic()
+        tokens = self.tokens(key, now)
+        if tokens < 1:
+            return False
+        if len(self.buckets) >= self.max_keys:  # forget the full ones: they are as good as new
+            self.buckets = {k: v for k, v in self.buckets.items() if self.tokens(k, now) < self.burst}
+        self.buckets[key] = (tokens - 1, now)
+        return True
+
+
+app = App()
 
 
 def form_error(status, message):
@@ -1518,12 +1906,71 @@ def form_error(status, message):
     return bottle.template("form_error", message=message)
 
 
-# -- who is asking: owner cookie, optional password, same-origin writes --------
+# -- who is asking: client address, owner cookie, optional password, same-origin writes
 
 OWNER_COOKIE, SESSION_COOKIE = "chat_owner", "chat_session"
 _OWNER_ID = re.compile(r"[A-Za-z0-9_-]{24,64}")
-PUBLIC_PATHS = ("/login", "/static/", "/demo/")  # reachable without logging in
+_SESSION_TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
+PUBLIC_PATHS = ("/login", "/static/", "/demo/", "/healthz")  # reachable without logging in
 SESSION_DAYS = 30
+
+
+class Limits:
+    """The rate limits that outlive a request: password guesses and new owners, by client address."""
+
+    def __init__(self):
+        # However many connections guess, at most 10 wrong passwords a second are checked in all,
+        # and one address gets 5 at once, then one every 6 s.
+        self.login_all = TokenBuckets(rate=10, burst=10)
+        self.login = TokenBuckets(rate=1 / 6, burst=5)
+        self.new_owners = TokenBuckets(rate=settings.new_owners_per_minute / 60,
+                                       burst=max(1, min(3, int(settings.new_owners_per_minute))))
+        self.sessions = {}  # token hash -> when this process last found it valid (saves a query a request)
+
+
+limits = Limits()
+
+
+def trusted_proxy(address):
+    """True if address is one of CHAT_TRUSTED_PROXIES."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in settings.trusted_proxies)
+
+
+def client_address(environ):
+    """Who is asking: the peer, or the X-Forwarded-For entry that the nearest trusted proxy added."""
+    peer = environ.get("REMOTE_ADDR") or ""
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    if not forwarded or not trusted_proxy(peer):
+        return peer
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    # Read from the right: entries left of the first untrusted one may be made up by the client.
+    return next((hop for hop in reversed(hops) if not trusted_proxy(hop)), hops[0] if hops else peer)
+
+
+def from_this_machine(environ):
+    """True for loopback with no proxy in between: the operator and local tools, exempt from per-address limits."""
+    try:
+        return ipaddress.ip_address(environ.get("REMOTE_ADDR") or "").is_loopback \
+            and not environ.get("HTTP_X_FORWARDED_FOR")
+    except ValueError:
+        return False
+
+
+def https(request):
+    """True if the browser reached us over TLS (directly, or as a trusted proxy says)."""
+    if trusted_proxy(request.environ.get("REMOTE_ADDR") or ""):
+        return (request.get_header("X-Forwarded-Proto") or request.urlparts.scheme).lower() == "https"
+    return request.environ.get("wsgi.url_scheme") == "https"
+
+
+def set_cookie(name, value, max_age):
+    """Set an HttpOnly, SameSite=Lax cookie, Secure when the page came over TLS."""
+    bottle.response.set_cookie(name, value, path="/", httponly=True, samesite="lax", max_age=max_age,
+                               secure=https(bottle.request))
 
 
 def cross_origin(request):
@@ -1536,17 +1983,45 @@ def cross_origin(request):
     return urllib.parse.urlsplit(origin).netloc != request.get_header("Host", "")
 
 
-def session_token(expires):
-    """A session cookie value: expiry and an HMAC of it, keyed by a stored secret and the password."""
-    key = (store.secret("session") + settings.password).encode()
-    return f"{expires}.{hmac.new(key, str(expires).encode(), hashlib.sha256).hexdigest()}"
+def signed(owner_id):
+    """The owner cookie's value: the id and an HMAC of it, so that no client can choose an id."""
+    mac = hmac.new(store.secret("owner").encode(), owner_id.encode(), hashlib.sha256).digest()
+    return f"{owner_id}.{base64.urlsafe_b64encode(mac[:16]).decode().rstrip('=')}"
+
+
+def cookie_owner(value):
+    """The owner id a cookie proves, or None; a valid unsigned id from before signing is re-signed."""
+    owner_id, dot, _ = value.partition(".")
+    if not _OWNER_ID.fullmatch(owner_id):
+        return None
+    if dot:
+        return owner_id if hmac.compare_digest(signed(owner_id), value) else None
+    return owner_id if store.owner_exists(owner_id) else None  # a browser from an older chat.py
+
+
+def password_tag():
+    """Which password sessions were issued under: changing CHAT_PASSWORD logs everyone out."""
+    return hmac.new(store.secret("session").encode(), settings.password.encode(), hashlib.sha256).hexdigest()
+
+
+def session_hash(token):
+    """What the store keeps of a session cookie."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def logged_in(request):
-    """True if the request carries a valid, unexpired session cookie."""
-    expires, _, _ = (request.get_cookie(SESSION_COOKIE) or "").partition(".")
-    return (expires.isdigit() and int(expires) > time.time()
-            and hmac.compare_digest(session_token(int(expires)), request.get_cookie(SESSION_COOKIE)))
+    """True if the request carries a session cookie that the store knows and has not revoked."""
+    token = request.get_cookie(SESSION_COOKIE) or ""
+    if not _SESSION_TOKEN.fullmatch(token):
+        return False
+    key = session_hash(token)
+    if time.monotonic() - limits.sessions.get(key, -60) < 5:
+        return True
+    if not store.session_valid(key, password_tag()):
+        limits.sessions.pop(key, None)
+        return False
+    limits.sessions[key] = time.monotonic()
+    return True
 
 
 @app.hook("before_request")
@@ -1557,14 +2032,16 @@ def guard():
         raise bottle.HTTPError(403, "Refused: this request came from another site.")
     if settings.password and not request.path.startswith(PUBLIC_PATHS) and not logged_in(request):
         if request.method == "GET" and not request.get_header("HX-Request"):
-            bottle.redirect("/login")
+            here = request.fullpath + ("?" + request.query_string if request.query_string else "")
+            bottle.redirect("/login?" + urllib.parse.urlencode({"next": here}))
         raise bottle.HTTPError(401, "Log in first.", headers={"HX-Redirect": "/login"})
-    owner = request.get_cookie(OWNER_COOKIE) or ""
-    if not _OWNER_ID.fullmatch(owner):
-        owner = secrets.token_urlsafe(24)
-        bottle.response.set_cookie(OWNER_COOKIE, owner, path="/", httponly=True, samesite="lax",
-                                   max_age=10 * 365 * 86400)
-    request.environ["chat.owner"] = owner
+    owner_id = cookie_owner(request.get_cookie(OWNER_COOKIE) or "")
+    if owner_id is None:
+        owner_id = secrets.token_urlsafe(24)
+        request.environ["chat.new_owner"] = True
+    if request.get_cookie(OWNER_COOKIE) != signed(owner_id):
+        set_cookie(OWNER_COOKIE, signed(owner_id), 10 * 365 * 86400)
+    request.environ["chat.owner"] = owner_id
 
 
 def owner():
@@ -1580,35 +2057,54 @@ def owned_conversation(conversation_id):
     return conversation
 
 
+def next_page():
+    """Where to go after logging in: the local page that asked for it, else the start page."""
+    target = bottle.request.params.getunicode("next", default="") or ""
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+
+
 @app.get("/login")
 def login_page():
     """The password page (only when CHAT_PASSWORD is set)."""
     if not settings.password:
         bottle.redirect("/")
-    return bottle.template("login", error=None)
+    return bottle.template("login", error=None, next=next_page())
 
 
 @app.post("/login")
 def login():
-    """Check the password in constant time; a failure costs a second, to slow guessing down."""
+    """Check the password in constant time, within the global and per-address guessing limits."""
     if not settings.password:
         bottle.redirect("/")
+    environ = bottle.request.environ
+    address, local = client_address(environ), from_this_machine(environ)
+    if limits.login_all.tokens("all") < 1 or (not local and limits.login.tokens(address) < 1):
+        bottle.response.status = 429
+        bottle.response.set_header("Retry-After", "6")
+        return bottle.template("login", error="Too many wrong passwords. Wait a few seconds and try again.",
+                               next=next_page())
     given = (bottle.request.forms.getunicode("password", default="") or "").encode()
     if not hmac.compare_digest(hashlib.sha256(given).digest(),
                                hashlib.sha256(settings.password.encode()).digest()):
-        log.warning("failed login from %s", bottle.request.remote_addr)
-        gevent.sleep(1.0)
+        limits.login_all.take("all")
+        if not local:
+            limits.login.take(address)
+        log_limited("login", "failed login from %s", address)
         bottle.response.status = 401
-        return bottle.template("login", error="Wrong password.")
-    expires = int(time.time()) + SESSION_DAYS * 86400
-    bottle.response.set_cookie(SESSION_COOKIE, session_token(expires), path="/", httponly=True,
-                               samesite="lax", max_age=SESSION_DAYS * 86400)
-    bottle.redirect("/")
+        return bottle.template("login", error="Wrong password.", next=next_page())
+    token = secrets.token_urlsafe(32)
+    store.add_session(session_hash(token), password_tag(), time.time() + SESSION_DAYS * 86400)
+    set_cookie(SESSION_COOKIE, token, SESSION_DAYS * 86400)
+    bottle.redirect(next_page())
 
 
 @app.post("/logout")
 def logout():
-    """Forget the session cookie."""
+    """End the session here and in the store, so the cookie is worthless even if it was copied."""
+    token = bottle.request.get_cookie(SESSION_COOKIE) or ""
+    if _SESSION_TOKEN.fullmatch(token):
+        limits.sessions.pop(session_hash(token), None)
+        store.delete_session(session_hash(token))
     bottle.response.delete_cookie(SESSION_COOKIE, path="/")
     bottle.redirect("/login")
 
@@ -1658,17 +2154,48 @@ def conversation_page(conversation_id):
     return render_page(owned_conversation(conversation_id))
 
 
-def start_answer(conversation):
-    """Store an empty answer and start streaming it, with the conversation so far."""
-    if streams.open_for(owner()) >= settings.streams_per_owner:
-        bottle.abort(429, f"You already have {settings.streams_per_owner} answers streaming; "
-                          "wait for one to finish or stop one.")
-    if len(streams) >= settings.max_streams:
-        bottle.abort(503, "The server is at its limit of open answers; try again shortly.")
+class Refused(Exception):
+    """A send the limits refuse: an HTTP status and a sentence for the person."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def reserve_stream():
+    """Hold a stream for this browser if the limits allow, before anything is written; or raise Refused."""
+    environ = bottle.request.environ
+    if (environ.get("chat.new_owner") and not from_this_machine(environ)
+            and not limits.new_owners.take(client_address(environ))):
+        raise Refused(429, "Too many new visitors from your address in the last minute. Allow cookies for "
+                           "this site, or wait a minute and send again.")
+    return streams.reserve(owner())
+
+
+def start_answer(stream, conversation):
+    """Store an empty answer and start streaming it into a reserved stream, with the conversation so far."""
     history = upstream_history(conversation, store.messages(conversation["id"]))
     message_id = store.add_message(conversation["id"], "assistant", status="streaming")
-    return streams.start(history, model=conversation["model"], owner=owner(),
-                         conversation_id=conversation["id"], message_id=message_id)
+    return streams.begin(stream, history, model=conversation["model"], conversation_id=conversation["id"],
+                         message_id=message_id)
+
+
+@contextlib.contextmanager
+def sending():
+    """Reserve a stream for a send; if anything refuses or fails before it starts, release it and say why."""
+    stream = reserve_stream()
+    try:
+        if store.owner_usage(owner()) >= settings.owner_quota:
+            raise Refused(507, f"Your conversations use the {settings.owner_quota / 2**20:,.0f} MB this server "
+                               "keeps for each person. Delete some to go on.")
+        yield stream
+    except sqlite3.Error as exc:
+        log.error("storing a message failed: %s", exc)
+        raise Refused(507, "The server's disk is full: your message was not saved. Try again later."
+                      if is_disk_full(exc) else "The server could not save your message. Try again.") from None
+    finally:
+        if stream.greenlet is None:
+            streams.forget(stream)
 
 
 @app.post("/streaming")
@@ -1681,23 +2208,27 @@ def start_streaming():
     if len(prompt) > settings.max_prompt:
         return form_error(413, f"Your message is {len(prompt):,} characters long; the limit is "
                                f"{settings.max_prompt:,}. Shorten it and send again.")
-    if streams.open_for(owner()) >= settings.streams_per_owner:
-        return form_error(429, f"You already have {settings.streams_per_owner} answers streaming; "
-                               "wait for one to finish or stop one.")
     changes = {"model": (forms.getunicode("model") or "").strip() or None}
     if forms.get("system") is not None:
         changes["system_prompt"] = (forms.getunicode("system") or "").strip()
+        if len(changes["system_prompt"]) > settings.max_prompt:
+            return form_error(413, f"The system prompt is {len(changes['system_prompt']):,} characters long; "
+                                   f"the limit is {settings.max_prompt:,}.")
     conversation_id = forms.getunicode("conversation") or ""
     created = not conversation_id
-    if created:
-        title = " ".join(prompt.split())[:60] or "New conversation"
-        conversation_id = store.create_conversation(owner(), title)
-    else:
-        owned_conversation(conversation_id)
-    store.update_conversation(conversation_id, **{k: v for k, v in changes.items() if v is not None})
-    store.add_message(conversation_id, "user", prompt)
-    conversation = store.conversation(conversation_id, owner())
-    stream = start_answer(conversation)
+    try:
+        with sending() as stream:
+            if created:
+                title = " ".join(prompt.split())[:60] or "New conversation"
+                conversation_id = store.create_conversation(owner(), title)
+            else:
+                owned_conversation(conversation_id)
+            store.update_conversation(conversation_id, **{k: v for k, v in changes.items() if v is not None})
+            store.add_message(conversation_id, "user", prompt)
+            conversation = store.conversation(conversation_id, owner())
+            start_answer(stream, conversation)
+    except Refused as refused:
+        return form_error(refused.status, str(refused))
     if created:
         bottle.response.set_header("HX-Push-Url", f"/c/{conversation_id}")
     return bottle.template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation,
@@ -1716,7 +2247,12 @@ def regenerate(conversation_id):
         store.delete_message(rows[-1]["id"])
     if not any(r["role"] == "user" for r in rows):
         return form_error(409, "There is no question to answer again.")
-    return bottle.template("streaming", stream_id=start_answer(conversation).id)
+    try:
+        with sending() as stream:
+            start_answer(stream, conversation)
+    except Refused as refused:
+        return form_error(refused.status, str(refused))
+    return bottle.template("streaming", stream_id=stream.id)
 
 
 @app.post("/c/<conversation_id>/rename")
@@ -1773,21 +2309,27 @@ def events():
     bottle.response.set_header("X-Accel-Buffering", "no")
     if stream is None:
         return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
+    if not stream.finished and (len(stream.readers) >= settings.readers_per_stream
+                                or streams.readers_of(stream.owner) >= settings.readers_per_owner):
+        bottle.abort(429, "Too many open readers for this answer; close a tab and reload.")
     return stream_events(stream, last_id)
 
 
 def stream_events(stream, last_id):
     """Yield the frames after last_id, then live ones, draining the reader's queue into one write each time."""
-    backlog = stream.frames_after(last_id)
+    logged = len(stream.log.kinds)  # token events; a reader's queue takes everything after these
     if stream.finished:
         # A reader that already has everything still gets done again: an empty
         # response would only make the browser reconnect, again and again.
-        yield SSE_HELLO + b"".join(backlog or stream.log[-1:])
+        yield SSE_HELLO
+        yield from stream.log.frames(min(last_id, logged), logged)
+        yield stream.log.done
         return
     queue = Queue()
     stream.readers.add(queue)
     try:
-        yield SSE_HELLO + b"".join(backlog)
+        yield SSE_HELLO
+        yield from stream.log.frames(last_id, logged)
         while True:
             frames = [queue.get()]
             while queue.qsize():
@@ -1814,8 +2356,10 @@ def stop():
 
 @app.get("/healthz")
 def healthz():
-    """Liveness: ok and the upstream in use."""
+    """Liveness: ok, and for those logged in (or with no password set) the upstream in use."""
     bottle.response.content_type = "text/plain; charset=utf-8"
+    if settings.password and not logged_in(bottle.request):
+        return "ok\n"  # for proxies and uptime checks, which have no login
     return f"ok\nupstream: {settings.upstream_label()}\nstreams: {len(streams)}\n"
 
 
@@ -1849,9 +2393,7 @@ def demo_completions():
 
 def demo_only():
     """The demo endpoint exists only without an upstream, and answers only this process."""
-    expected = f"Bearer {settings.demo_key}".encode()
-    given = (bottle.request.get_header("Authorization") or "").encode()
-    if not settings.demo or not hmac.compare_digest(given, expected):
+    if not demo_caller(bottle.request.environ):
         bottle.abort(404)
 
 
@@ -1876,16 +2418,71 @@ def error_page(error):
 # Main
 # ---------------------------------------------------------------------------
 
+class Handler(WSGIHandler):
+    """gevent's request handler, with a deadline on each request's head (slowloris)."""
+
+    def read_requestline(self):
+        """Wait for a request (idle time is bounded by the socket timeout), then start the head's deadline."""
+        try:
+            if not self.socket.recv(1, socket.MSG_PEEK):
+                return b""
+        except OSError:
+            return b""
+        self.head_deadline = gevent.Timeout.start_new(settings.header_timeout, HeadTimeout)
+        try:
+            return super().read_requestline()
+        except HeadTimeout:
+            return b""  # closes the connection
+
+    def read_request(self, raw_requestline):
+        """Read the headers within what is left of the deadline; a late head is a 400 and a closed connection."""
+        try:
+            return super().read_request(raw_requestline)
+        except HeadTimeout:
+            log_limited("slow-head", "closed a connection from %s: its request head took over %g s",
+                        self.client_address[0] if self.client_address else "?", settings.header_timeout)
+            self.close_connection = True
+            return False
+        finally:
+            self.head_deadline.close()
+
+
+class HeadTimeout(Exception):
+    """A request's head did not arrive within CHAT_HEADER_TIMEOUT."""
+
+
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+        b"Retry-After: 5\r\nContent-Length: 54\r\n\r\nThe server is at its connection limit; try again soon.\n")
+
+
 class Server(WSGIServer):
-    """gevent's WSGI server with TCP_NODELAY, so small token frames are not held back by Nagle."""
+    """gevent's WSGI server with TCP_NODELAY, a cap on open connections, and timeouts on every socket."""
+
+    handler_class = Handler
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connections = 0
 
     def handle(self, sock, address):
-        """Set TCP_NODELAY on each accepted connection, then serve it."""
+        """Refuse past the connection cap; otherwise set TCP_NODELAY and the write timeout, then serve."""
+        if self.connections >= settings.max_connections:
+            log_limited("connections", "refused a connection: %d open, the limit (CHAT_MAX_CONNECTIONS)",
+                        self.connections)
+            with contextlib.suppress(OSError):
+                sock.sendall(BUSY)
+            sock.close()
+            return None
+        self.connections += 1
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        return super().handle(sock, address)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small token frames go out at once
+            # Every blocking send or receive gives up after this: a reader that stops reading
+            # is dropped, and so is a connection idle between requests.
+            sock.settimeout(settings.write_timeout)
+            return super().handle(sock, address)
+        finally:
+            self.connections -= 1
 
 
 def build_commit():

@@ -14,6 +14,7 @@
   <form method="post" action="/login">
     <label for="password">Password</label>
     <input type="password" name="password" id="password" autocomplete="current-password" autofocus required>
+    <input type="hidden" name="next" value="{{next}}">
     <button type="submit">Log in</button>
 % if error:
     <p class="error" role="alert">{{error}}</p>
