@@ -1137,6 +1137,19 @@ def save_partials(partials):
         log.error("saving partial answers failed: %s", exc)
 
 
+def housekeeping_forever(every=3600.0):
+    """Once an hour: forget expired logins and, with CHAT_RETENTION_DAYS, conversations older than that."""
+    while True:
+        try:
+            deleted = store.expire(time.time(), settings.retention_days and settings.retention_days * 86400)
+            if deleted:
+                log.info("deleted %d conversations untouched for %g days (CHAT_RETENTION_DAYS)", deleted,
+                         settings.retention_days)
+        except sqlite3.Error as exc:
+            log.error("housekeeping failed: %s", exc)
+        gevent.sleep(every)
+
+
 def storage_note(exc):
     """The sentence under an answer the store could not save."""
     if is_disk_full(exc):
@@ -1296,6 +1309,8 @@ NOTES = {
     "truncated": "The stream ended before the model said it was finished; the answer may be incomplete.",
     "stopped": "Stopped.",
     "interrupted": "The server stopped while this answer was being written; it may be incomplete.",
+    "unsaved": "This answer was not saved completely (the server stopped, or could not write it); "
+               "this is the text saved last.",
 }
 
 
@@ -1317,7 +1332,7 @@ def answer_notes(stream):
     for call in c.tool_calls.values():
         notes.append(f"The model asked to run the tool {call['name'] or '?'}"
                      f"({call['arguments']}); chat.py runs no tools.")
-    return notes
+    return notes + stream.notes
 
 
 def answer_footer(stream):
@@ -1480,11 +1495,17 @@ class Database:
     def __init__(self, connection):
         self.connection = connection
         self.lock = gevent.lock.RLock()  # a greenlet's transaction spans several calls
+        # A greenlet killed while it waits leaves its task running in the thread: a real lock,
+        # taken inside the thread, keeps two tasks from ever using the connection at once.
+        self.thread_lock = monkey.get_original("threading", "Lock")()
 
     def call(self, fn, *args):
         """Run fn(*args) in the thread pool while holding the lock; the calling greenlet waits cooperatively."""
+        def run():
+            with self.thread_lock:
+                return fn(*args)
         with self.lock:
-            return gevent.get_hub().threadpool.apply(fn, args)
+            return gevent.get_hub().threadpool.apply(run)
 
     def execute(self, sql, args=()):
         """Run one statement; return its rows, lastrowid and rowcount."""
@@ -1512,13 +1533,16 @@ class Store:
     def __init__(self, path=None):
         self.path = path
         self._db = None
+        self.opening = gevent.lock.Semaphore()
         self.secrets = {}
 
     @property
     def db(self):
         """The connection, opened, migrated and recovered on first use."""
         if self._db is None:
-            self._db = Database(gevent.get_hub().threadpool.apply(self.connect, (self.path or settings.db,)))
+            with self.opening:  # the first requests arrive together: one of them opens and migrates
+                if self._db is None:
+                    self._db = Database(gevent.get_hub().threadpool.apply(self.connect, (self.path or settings.db,)))
         return self._db
 
     @staticmethod
@@ -1573,6 +1597,13 @@ class Store:
     def delete_session(self, token_hash):
         """Forget a login (log out)."""
         self.db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+
+    def expire(self, now, keep_seconds=None):
+        """Delete expired sessions and, with a retention period, conversations untouched for longer."""
+        self.db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+        if keep_seconds:
+            return self.db.execute("DELETE FROM conversations WHERE updated < ?", (now - keep_seconds,)).rowcount
+        return 0
 
     def create_conversation(self, owner, title, system_prompt="", model=None):
         """A new conversation; returns its id."""
@@ -2124,8 +2155,13 @@ def render_page(conversation=None):
         if stream is not None and not stream.finished:
             # Reloaded mid-answer: the new bubble replays the stream's log from the start.
             bubbles.append(bottle.template("streaming", stream_id=stream.id))
-        else:
-            bubbles.append(render_answer(stored_answer(row), last=row["id"] == last_assistant))
+            continue
+        answer = stored_answer(row)
+        if row["status"] == "streaming" and stream is None:
+            # Nobody is writing it any more, yet it was never finished: the store failed (a full
+            # disk) or the process died. Show what was saved, and say so.
+            answer.update(status="interrupted", notes=answer["notes"] + [NOTES["unsaved"]])
+        bubbles.append(render_answer(answer, last=row["id"] == last_assistant))
     models = catalog.models()
     model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
     return bottle.template("page", demo=settings.demo, upstream=settings.upstream_label(),
@@ -2259,12 +2295,24 @@ def regenerate(conversation_id):
 def rename(conversation_id):
     """Rename a conversation (the new title comes from hx-prompt, or a form field)."""
     owned_conversation(conversation_id)
-    title = " ".join((bottle.request.get_header("HX-Prompt") or
-                      bottle.request.forms.getunicode("title") or "").split())[:120]
+    title = " ".join((prompt_header() or bottle.request.forms.getunicode("title") or "").split())[:120]
     if not title:
         return form_error(400, "A title cannot be empty.")
     store.update_conversation(conversation_id, title=title)
     return bottle.template("title", conversation=store.conversation(conversation_id, owner()))
+
+
+def prompt_header():
+    """htmx's HX-Prompt header as text: %-encoded when HX-Prompt-URI-AutoEncoded says so, else UTF-8 bytes."""
+    value = bottle.request.get_header("HX-Prompt")
+    if value is None:
+        return None
+    if (bottle.request.get_header("HX-Prompt-URI-AutoEncoded") or "").lower() == "true":
+        return urllib.parse.unquote(value)
+    try:  # WSGI hands header bytes over as latin-1 text
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
 
 
 @app.delete("/c/<conversation_id>")
@@ -2501,19 +2549,51 @@ def build_commit():
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+ENVIRONMENT = """\
+environment (flags override them):
+  OPENAI_BASE_URL    upstream ".../v1"; unset: the built-in demo model. Examples:
+                     http://localhost:11434/v1 (Ollama), http://localhost:8081/v1
+                     (llama.cpp), http://localhost:8000/v1 (vLLM), http://localhost:1234/v1
+                     (LM Studio), https://openrouter.ai/api/v1, https://api.openai.com/v1
+  OPENAI_API_KEY     sent as 'Authorization: Bearer'; never logged or shown
+  CHAT_MODEL, HOST, PORT, CHAT_DB    as the flags below
+  CHAT_PASSWORD      puts the whole app behind a login page
+  CHAT_ALLOWED_HOSTS         extra host names to answer for, comma-separated ("*": any)
+  CHAT_TRUSTED_PROXIES       proxies whose X-Forwarded-For names the client (127.0.0.0/8,::1)
+  CHAT_FIRST_BYTE_TIMEOUT    seconds to wait for the server to start answering (600)
+  CHAT_READ_TIMEOUT          seconds of upstream silence mid-answer (120)
+  CHAT_CONTEXT_TOKENS        the model's context, when the server does not say it
+  CHAT_MAX_CONTEXT           characters of conversation sent upstream (100000)
+  CHAT_MAX_PROMPT            characters in one message (32000)
+  CHAT_MAX_BODY              bytes in one request body (prompt limit x 12 + 64 KiB)
+  CHAT_HEADER_TIMEOUT        seconds to receive a request's head or body (15)
+  CHAT_WRITE_TIMEOUT         seconds a client may take no data, or sit idle (30)
+  CHAT_MAX_CONNECTIONS       open connections per process (45 % of the fd limit)
+  CHAT_MAX_ANSWER_CHARS      characters in one answer (400000)
+  CHAT_MAX_ANSWER_SECONDS    seconds one answer may take (900)
+  CHAT_STREAMS_PER_OWNER     answers streaming at once per browser (4)
+  CHAT_MAX_STREAMS           answers open at once in all (25000)
+  CHAT_READERS_PER_STREAM    connections reading one answer (16)
+  CHAT_READERS_PER_OWNER     connections reading one browser's answers (64)
+  CHAT_NEW_OWNERS_PER_MINUTE new browsers one address may start chatting from (10)
+  CHAT_OWNER_QUOTA           bytes of stored text per browser (104857600)
+  CHAT_RETENTION_DAYS        delete conversations untouched this long (unset: keep)
+  CHAT_CONNECT_TIMEOUT, CHAT_PING_INTERVAL, CHAT_STREAM_GRACE, CHAT_DEMO_DELAY: see README
+"""
+
+
+class VersionAction(argparse.Action):
+    """--version: asks git for the commit only when someone wants to know."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(message=f"chat.py {VERSION} ({build_commit()})\n")
+
+
 def parse_args(argv):
     """Command-line flags; each overrides its environment variable."""
     p = argparse.ArgumentParser(
         prog="chat.py", description="A chat page that streams LLM answers token by token.",
-        epilog="Environment: OPENAI_BASE_URL, OPENAI_API_KEY (sent as 'Authorization: Bearer', "
-               "never logged), CHAT_MODEL, HOST, PORT, CHAT_DB, CHAT_PASSWORD (puts the whole app "
-               "behind a login page), CHAT_FIRST_BYTE_TIMEOUT (seconds to wait for the server to start "
-               "answering, default 600), CHAT_READ_TIMEOUT (seconds of silence mid-answer, default 120), "
-               "CHAT_CONTEXT_TOKENS (the model's context, when the server does not say). Flags override them. Without "
-               "OPENAI_BASE_URL the built-in demo model answers. Examples: "
-               "OPENAI_BASE_URL=http://localhost:11434/v1 (Ollama), http://localhost:8081/v1 "
-               "(llama.cpp), http://localhost:8000/v1 (vLLM), http://localhost:1234/v1 (LM Studio), "
-               "https://openrouter.ai/api/v1, https://api.openai.com/v1.")
+        epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", help="OpenAI-compatible base URL ending in /v1 (env OPENAI_BASE_URL; "
                                       "default: the built-in demo model)")
     p.add_argument("--model", help="model name (env CHAT_MODEL; default: the upstream's first model, or demo)")
@@ -2521,7 +2601,7 @@ def parse_args(argv):
     p.add_argument("--port", type=int, help="listen port (env PORT; default 8080)")
     p.add_argument("--db", help="SQLite database file (env CHAT_DB; default chat.db in the working directory)")
     p.add_argument("--debug", action="store_true", help="log tracebacks and reload templates")
-    p.add_argument("--version", action="version", version=f"chat.py {VERSION} ({build_commit()})",
+    p.add_argument("--version", action=VersionAction, nargs=0,
                    help="print the version and the commit it was built from, then exit")
     return p.parse_args(argv)
 
@@ -2551,6 +2631,7 @@ def main(argv=None):
     # server the same quiet way: no traceback, partial answers saved, the database closed.
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, server.stop, 1)
+    gevent.spawn(housekeeping_forever)
     server.serve_forever()
     shutdown()
 

@@ -13,6 +13,7 @@ from gevent import monkey; monkey.patch_all()  # noqa: E702 — must run before 
 # Random chunk boundaries use a seed printed by each test (shown on failure); rerun with
 # CHAT_TEST_SEED=<seed> to replay the same boundaries.
 
+import contextlib  # noqa: E402
 import html  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -95,8 +96,8 @@ def upstream(monkeypatch):
 
 @pytest.fixture
 def client():
-    """chat.app in process through WebTest (lint on)."""
-    return webtest.TestApp(chat.app)
+    """chat.app in process through WebTest (lint on), as a browser on this machine."""
+    return webtest.TestApp(chat.app, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
 
 
 @pytest.fixture
@@ -104,8 +105,14 @@ def server():
     """chat.app on a real gevent chat.Server on a random loopback port; yields its base URL."""
     srv = chat.Server(("127.0.0.1", 0), chat.app, log=None)
     srv.start()
-    yield f"http://127.0.0.1:{srv.server_port}"
+    url = f"http://127.0.0.1:{srv.server_port}"
+    SERVERS[url] = srv
+    yield url
     srv.stop(timeout=2)
+    del SERVERS[url]
+
+
+SERVERS = {}  # base URL -> the chat.Server the server fixture started
 
 
 @pytest.fixture
@@ -3192,3 +3199,420 @@ def test_nginx_event_streams_outlast_the_longest_answer():
     assert re.search(r"^\s*proxy_buffering off;", events.group(1), re.M)
     timeout = re.search(r"^\s*proxy_read_timeout ([^;]+);", events.group(1), re.M)
     assert timeout and nginx_seconds(timeout.group(1)) >= 15 * 60
+
+
+# ---------------------------------------------------------------------------
+# Bounded under abuse and faults: each attack hurts nobody but the attacker
+# ---------------------------------------------------------------------------
+
+def quick_healthz(base, limit=0.1):
+    """/healthz on a fresh connection answers 200 within limit seconds (other users are still served)."""
+    started = time.monotonic()
+    response = requests.get(f"{base}/healthz", timeout=5, headers={"Connection": "close"})
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200 and elapsed < limit, (response.status_code, elapsed)
+    return elapsed
+
+
+def raw_request(base, head, body=b"", read=True):
+    """Send bytes on a fresh socket; return (socket, whatever the server answered before closing)."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(head + body)
+    if not read:
+        return sock, b""
+    answer = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return sock, answer
+
+
+def closed_by_server(sock):
+    """True once the server has closed this connection (a read returns EOF or fails)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+FROM_AFAR = {"X-Forwarded-For": "198.51.100.7"}  # through the (trusted) loopback proxy: not this machine
+
+
+@pytest.mark.parametrize("path, content_type, length, extra", [
+    ("/login", "multipart/form-data; boundary=xx", 200 << 20, ""),
+    ("/streaming", "application/x-www-form-urlencoded", 200 << 20, ""),
+    ("/streaming", "multipart/form-data; boundary=xx", 2000, ""),
+    ("/streaming", "application/x-www-form-urlencoded", None, "Transfer-Encoding: chunked\r\n"),
+], ids=["login-200MB", "streaming-200MB", "multipart", "chunked"])
+def test_bodies_over_the_limit_are_refused_before_a_byte_is_read(server, monkeypatch, path, content_type, length, extra):
+    """Attack 1: 413 at once, while the client has sent only the head; nothing is spooled to disk."""
+    monkeypatch.setattr(chat.bottle, "NamedTemporaryFile", lambda *a, **k: pytest.fail("a body was spooled to disk"))
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            + (f"Content-Length: {length}\r\n" if length else "") + extra + "\r\n").encode()
+    sock, answer = raw_request(server, head, b"x" * 1000)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"Refused" in answer
+    quick_healthz(server)
+
+
+def test_a_prompt_at_the_limit_fits_the_body_limit(client, upstream):
+    """The body limit leaves room for a prompt at the limit in 4-byte characters, %-encoded."""
+    client.post("/streaming", {"prompt": "😀" * chat.settings.max_prompt}, status=200)
+
+
+def test_a_body_that_trickles_is_cut_off(server, monkeypatch):
+    """A slow body gets 408 after CHAT_HEADER_TIMEOUT; other users are served meanwhile."""
+    monkeypatch.setattr(chat.settings, "header_timeout", 0.3)
+    sock, _ = raw_request(server, b"POST /streaming HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n"
+                                  b"Content-Type: application/x-www-form-urlencoded\r\n\r\nprompt=", read=False)
+    quick_healthz(server)
+    answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    sock.close()
+
+
+def test_password_guessing_is_limited_however_many_connections(server, monkeypatch, caplog):
+    """Attack 2: 300 parallel wrong guesses: at most ~10 a second are checked, the rest get 429 at once."""
+    monkeypatch.setattr(chat.settings, "password", "correct horse battery")
+    caplog.set_level("WARNING", logger="chat")
+    statuses = []
+
+    def guess(n):
+        headers = {"X-Forwarded-For": f"198.51.100.{n % 200}", "Connection": "close"}
+        statuses.append(requests.post(f"{server}/login", data={"password": f"guess {n}"}, headers=headers,
+                                      timeout=10, allow_redirects=False).status_code)
+    started = time.monotonic()
+    gevent.joinall([gevent.spawn(guess, n) for n in range(300)], timeout=20)
+    elapsed = time.monotonic() - started
+    quick_healthz(server)
+
+    assert len(statuses) == 300 and set(statuses) <= {401, 429}
+    assert statuses.count(401) <= 10 + 10 * elapsed + 1  # the burst, then 10 a second
+    assert statuses.count(429) >= 250
+    assert len([r for r in caplog.records if "failed login" in r.getMessage()]) <= 2  # logging is rate-limited
+    # One address alone is held back sooner than the global limit.
+    limits = chat.Limits()
+    monkeypatch.setattr(chat, "limits", limits)
+    one = [requests.post(f"{server}/login", data={"password": "no"}, headers=FROM_AFAR, timeout=5).status_code
+           for _ in range(7)]
+    assert one == [401] * 5 + [429] * 2
+
+
+def test_the_right_password_still_works_after_guessing_elsewhere(client, monkeypatch):
+    """Another address's guesses do not lock this one out while the global bucket has room."""
+    monkeypatch.setattr(chat.settings, "password", "pw")
+    for _ in range(6):
+        client.post("/login", {"password": "x"}, headers=FROM_AFAR, expect_errors=True)
+    client.post("/login", {"password": "pw"}, headers={"X-Forwarded-For": "203.0.113.5"}, status=302)
+
+
+def test_logout_revokes_the_session_on_the_server(client, monkeypatch):
+    """Attack 11: a copied session cookie is worthless after Log out."""
+    monkeypatch.setattr(chat.settings, "password", "pw")
+    client.post("/login", {"password": "pw"}, status=302)
+    copied = client.cookies["chat_session"]
+    client.post("/logout", status=302)
+    thief = webtest.TestApp(chat.app)
+    thief.set_cookie("chat_session", copied)
+    thief.get("/", status=302)
+
+
+def test_slowloris_heads_are_closed_and_others_served(server, monkeypatch):
+    """Attack 3: 100 half-sent request heads are closed after CHAT_HEADER_TIMEOUT; /healthz answers meanwhile."""
+    monkeypatch.setattr(chat.settings, "header_timeout", 0.4)
+    socks = [raw_request(server, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", read=False)[0]
+             for _ in range(100)]
+    quick_healthz(server)
+    wait_until(lambda: all(closed_by_server(s) for s in socks), timeout=3, what="the slow heads to be closed")
+    for sock in socks:
+        sock.close()
+
+
+def test_idle_connections_are_closed(server, monkeypatch):
+    """A connection that never sends a request is closed after CHAT_WRITE_TIMEOUT (the idle limit)."""
+    monkeypatch.setattr(chat.settings, "write_timeout", 0.3)
+    sock, _ = raw_request(server, b"", read=False)
+    wait_until(lambda: closed_by_server(sock), timeout=3, what="the idle connection to be closed")
+    sock.close()
+
+
+def test_connections_past_the_cap_get_a_clear_503(server, monkeypatch):
+    """Past CHAT_MAX_CONNECTIONS a new connection is answered 503 at once and closed; the rest are served."""
+    monkeypatch.setattr(chat.settings, "max_connections", 20)
+    held = [raw_request(server, b"", read=False)[0] for _ in range(20)]
+    wait_until(lambda: chat_server_connections() == 20, what="the held connections to be accepted")
+    _, answer = raw_request(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"connection limit" in answer
+    for sock in held:
+        sock.close()
+    wait_until(lambda: chat_server_connections() == 0, what="the connections to close")
+    quick_healthz(server)
+
+
+def chat_server_connections():
+    """Open connections of the in-process test server."""
+    (server,) = SERVERS.values()
+    return server.connections
+
+
+def test_an_answer_over_the_size_limit_is_cut_off_and_kept(client, upstream, monkeypatch):
+    """Attack 4: a flood of an answer stops at CHAT_MAX_ANSWER_CHARS with a note; its text is kept."""
+    monkeypatch.setattr(chat.settings, "max_answer_chars", 5000)
+    upstream.serve(answer(*["word " * 20] * 2000, finish=None, done=False), hang_at=None)
+
+    transcript = relay(client)
+
+    assert 5000 < len(transcript.message) <= 5000 + 100
+    assert any("limit of 5,000 characters" in n for n in notes(transcript.done))
+    (stored,) = db_rows("SELECT content, status FROM messages WHERE role = 'assistant'")
+    assert stored == (transcript.message, "limit")
+    wait_until(lambda: upstream.last.client_closed.is_set() or upstream.last.answered.is_set(),
+               what="the upstream connection to end")
+
+
+def test_an_answer_over_the_time_limit_is_cut_off_and_kept(client, upstream, monkeypatch):
+    """An answer that never ends stops after CHAT_MAX_ANSWER_SECONDS with a note; its text is kept."""
+    monkeypatch.setattr(chat.settings, "max_answer_seconds", 0.4)
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.05)
+    body = answer("Forever", " and ever")
+    upstream.serve(body, hang_at=data(choice({"content": "Forever"})))
+
+    transcript = relay(client)
+
+    assert transcript.message == "Forever"
+    assert any("limit of 0.4 seconds" in n for n in notes(transcript.done))
+    wait_until(lambda: upstream.last.client_closed.is_set(), what="chat.py to close the upstream")
+
+
+def test_answer_log_holds_the_text_once():
+    """Attack 4: per-stream memory is the text once plus five bytes an event, not a frame per token."""
+    log_ = chat.AnswerLog()
+    for n in range(20_000):
+        log_.append("message", "tok ")
+    assert len(log_.text["message"]) == 80_000
+    assert len(log_.kinds) == 20_000 and log_.ends.itemsize * len(log_.ends) == 80_000
+    frames = b"".join(log_.frames(19_998, 20_000))
+    assert frames == chat.token_frame("message", "tok ", 19_999) + chat.token_frame("message", "tok ", 20_000)
+
+
+def test_finishing_a_long_answer_does_not_block_other_users(server, upstream, monkeypatch):
+    """Attack 4: rendering a 380,000-character answer happens off the hub: /healthz stays fast meanwhile."""
+    chunk = "Some **bold** text and a list:\n\n- item one\n- item two\n\n```python\ndef f(x):\n    return x\n```\n\n"
+    upstream.serve(answer(*[chunk] * 4000))
+    stream_id = post_prompt(server)
+    stream = chat.streams.get(stream_id)
+    wait_until(lambda: stream.finished_at is not None, timeout=10, what="the answer to start finishing")
+    slowest = max(quick_healthz(server, limit=0.25) for _ in range(5) if not stream.finished)
+    wait_until(lambda: stream.finished, timeout=15, what="the bubble to be rendered")
+    assert slowest < 0.25
+
+
+def test_readers_that_never_read_are_dropped(server, upstream, monkeypatch):
+    """Attack 5: stuck replays of a finished 8 MB answer are dropped after CHAT_WRITE_TIMEOUT; the stream goes."""
+    monkeypatch.setattr(chat.settings, "write_timeout", 0.5)
+    monkeypatch.setattr(chat.settings, "grace", 0.3)
+    monkeypatch.setattr(chat.settings, "max_answer_chars", 10_000_000)
+    upstream.serve(answer(*["x" * 4000] * 2000))
+    stream_id = post_prompt(server)
+    stream = chat.streams.get(stream_id)
+    wait_until(lambda: stream.finished, timeout=20, what="the 8 MB answer")
+    stuck = []
+    for _ in range(5):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(server.rsplit(":", 1)[1])))
+        sock.sendall(f"GET /events?stream={stream_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Cookie: {owner_cookie_header()}\r\n\r\n".encode())
+        stuck.append(sock)
+    wait_until(lambda: chat_server_connections() >= 5, what="the stuck readers to connect")
+    quick_healthz(server)
+    wait_until(lambda: chat_server_connections() == 0, timeout=5, what="the stuck readers to be dropped")
+    wait_until(lambda: chat.streams.get(stream_id) is None, timeout=3, what="the stream to leave the registry")
+    for sock in stuck:
+        sock.close()
+
+
+def owner_cookie_header():
+    """The test browser's owner cookie as a Cookie header value."""
+    return f"chat_owner={web.cookies['chat_owner']}"
+
+
+def test_readers_per_stream_are_capped(server, upstream, open_sse, monkeypatch):
+    """Attack 5: past CHAT_READERS_PER_STREAM a reader of a live answer is refused with 429."""
+    monkeypatch.setattr(chat.settings, "readers_per_stream", 3)
+    upstream.serve(answer("x"), hang_at=0)
+    stream_id = post_prompt(server)
+    readers = [open_sse(stream_id) for _ in range(3)]
+    wait_until(lambda: len(chat.streams.get(stream_id).readers) == 3, what="three readers")
+    refused = web.get(f"{server}/events", params={"stream": stream_id}, timeout=5)
+    assert refused.status_code == 429
+    assert readers
+
+
+def test_cookieless_sends_are_limited_per_address(server, upstream, monkeypatch):
+    """Attack 6: without a cookie every send is a new owner: one address gets a small burst, then 429; nothing is stored for refused sends."""
+    monkeypatch.setattr(chat.settings, "streams_per_owner", 100)
+    upstream.serve(answer("ok"))
+    statuses = [requests.post(f"{server}/streaming", data={"prompt": f"flood {n}"}, headers=FROM_AFAR,
+                              timeout=5).status_code for n in range(20)]
+    assert statuses[:3] == [200] * 3 and statuses.count(429) == 17
+    assert len(db_rows("SELECT id FROM conversations")) == 3  # refused sends wrote nothing
+    # Another address, and the machine itself, are not affected.
+    assert requests.post(f"{server}/streaming", data={"prompt": "hi"}, headers={"X-Forwarded-For": "203.0.113.9"},
+                         timeout=5).status_code == 200
+    assert requests.post(f"{server}/streaming", data={"prompt": "local"}, timeout=5).status_code == 200
+
+
+def test_concurrent_sends_cannot_pass_the_owner_limit_together(server, upstream, monkeypatch):
+    """Attack 6: 20 sends at once with one cookie while /v1/models hangs: exactly 4 start, one /models request."""
+    monkeypatch.setattr(chat.settings, "model", None)
+    monkeypatch.setattr(chat, "MODELS_DEADLINE", 1.0)
+    upstream.models = ["hang"]
+    upstream.serve(answer("x"), hang_at=0)
+    web.get(f"{server}/healthz", timeout=5)  # get an owner cookie
+    cookie = owner_cookie_header()
+    statuses = []
+
+    def send_one(n):
+        statuses.append(requests.post(f"{server}/streaming", data={"prompt": f"q{n}"}, timeout=10,
+                                      headers={"Cookie": cookie}).status_code)
+    gevent.joinall([gevent.spawn(send_one, n) for n in range(20)], timeout=10)
+
+    assert sorted(statuses) == [200] * 4 + [429] * 16
+    assert len(db_rows("SELECT id FROM conversations")) == 4
+    assert sum(1 for r in upstream.requests if r.path.endswith("/models")) == 1
+
+
+def test_the_storage_quota_refuses_and_writes_nothing(client, upstream, monkeypatch):
+    """Attack 7: past CHAT_OWNER_QUOTA a send is refused with a clear message and nothing is stored."""
+    monkeypatch.setattr(chat.settings, "owner_quota", 500)
+    upstream.serve(answer("A" * 400))
+    read_events(client, send(client, "Q" * 200))
+    refused = client.post("/streaming", {"prompt": "one more"}, status=507)
+    assert "Delete some" in refused.text
+    assert len(db_rows("SELECT id FROM messages")) == 2
+
+
+def test_a_trickling_or_huge_model_list_never_holds_the_page(server, upstream, monkeypatch):
+    """Attack 8: /v1/models trickling or 2 MB: the page is served at once, the fetch gives up within its deadline and size cap."""
+    monkeypatch.setattr(chat.settings, "model", None)
+    monkeypatch.setattr(chat, "MODELS_DEADLINE", 0.5)
+    upstream.models = [{"object": "list", "data": [{"id": "m" * 100, "object": "model"}] * 20_000}]
+    page = web.get(f"{server}/", timeout=5)
+    assert page.status_code == 200 and len(page.content) < 100_000
+    wait_until(lambda: chat.catalog.fetched_at is not None, what="the fetch to give up")
+    assert chat.catalog.ids == [] and not chat.catalog.ok  # over the size cap
+    assert len(web.get(f"{server}/", timeout=5).content) < 100_000
+
+
+def test_dns_rebinding_hosts_are_refused(client, monkeypatch):
+    """Attack 9: a Host that is not ours gets 421; IP literals, localhost and CHAT_ALLOWED_HOSTS are fine."""
+    for host in ("evil.example", "evil.example:8080", "127.0.0.1.nip.io"):
+        response = client.get("/", headers={"Host": host}, status=421)
+        assert "CHAT_ALLOWED_HOSTS" in response.text
+    for host in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "localhost"):
+        client.get("/healthz", headers={"Host": host}, status=200)
+    monkeypatch.setattr(chat.settings, "allowed_hosts", {"chat.example.com"})
+    client.get("/healthz", headers={"Host": "chat.example.com"}, status=200)
+
+
+def test_a_locked_database_delays_only_who_needs_it(server, upstream, open_sse, monkeypatch):
+    """Attack 10: another process holds the write lock: tokens and /healthz flow; a send waits, then succeeds."""
+    body = answer(*[f" t{n}" for n in range(40)])
+    upstream.serve(body, pause_at=after_event(body, b'" t0"'))
+    stream_id = post_prompt(server)
+    reader = open_sse(stream_id)
+    reader.read_until(lambda t: t.message == " t0")
+    other = sqlite3.connect(chat.store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        blocked = gevent.spawn(lambda: web.post(f"{server}/streaming", data={"prompt": "during the lock"}, timeout=10))
+        upstream.release()
+        reader.read_until(lambda t: t.message.endswith(" t39"), what="the tokens during the lock")
+        quick_healthz(server)
+        assert not blocked.ready()  # it needs the database
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert blocked.get(timeout=10).status_code == 200
+    assert reader.read_until(lambda t: t.finished).message.endswith(" t39")
+
+
+def test_a_full_disk_says_so_and_keeps_the_words(client, upstream, monkeypatch):
+    """Attack 11: the database cannot grow: the send is refused with a clear message; nothing half-written."""
+    read_events(client, send(client, "first"))
+    pages = chat.store.db.execute("PRAGMA page_count").fetchone()[0]
+    chat.store.db.execute(f"PRAGMA max_page_count = {pages}")
+    refused = client.post("/streaming", {"prompt": "x" * 20_000}, status=507)
+    assert "disk is full" in refused.text
+
+
+def test_a_full_disk_mid_answer_keeps_the_partial_answer_marked(server, upstream, open_sse, monkeypatch):
+    """Attack 11: the disk fills while an answer streams: the bubble says it was not saved; a reload shows what was, marked."""
+    monkeypatch.setattr(chat.settings, "grace", 0.2)
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.05)
+    body = answer("Saved part.", " " + "y" * 20_000)
+    upstream.serve(body, pause_at=after_event(body, b'"Saved part."'))
+    stream_id = post_prompt(server)
+    reader = open_sse(stream_id)
+    reader.read_until(lambda t: t.message == "Saved part.")
+    wait_until(lambda: db_rows("SELECT content FROM messages WHERE role = 'assistant'") == [("Saved part.",)],
+               what="the janitor to save the partial answer")
+    pages = chat.store.db.execute("PRAGMA page_count").fetchone()[0]
+    chat.store.db.execute(f"PRAGMA max_page_count = {pages}")
+    upstream.release()
+    done = reader.read_until(lambda t: t.finished).done
+    assert any("disk is full" in n for n in notes(done))
+    wait_until(lambda: chat.streams.get(stream_id) is None, what="the stream to be dropped")
+    conversation = db_rows("SELECT id FROM conversations")[0][0]
+    page = web.get(f"{server}/c/{conversation}", timeout=5).text
+    (bubble,) = elements(page, "div", cls="interrupted")
+    assert "Saved part." in bubble.text and "not saved completely" in bubble.text
+
+
+@pytest.mark.parametrize("typed, headers", [
+    ("café", {"HX-Prompt": "café".encode().decode("latin-1")}),
+    ("日本語 notes", {"HX-Prompt": urllib.parse.quote("日本語 notes"), "HX-Prompt-URI-AutoEncoded": "true"}),
+    ("plain", {"HX-Prompt": "plain"}),
+])
+def test_rename_decodes_hx_prompt(client, upstream, typed, headers):
+    """Attack 11: rename through htmx's prompt stores exactly what was typed."""
+    _, conversation = send_in(client, "hello")
+    client.post(f"/c/{conversation}/rename", headers=headers, status=200)
+    assert db_rows("SELECT title FROM conversations") == [(typed,)]
+
+
+def test_every_answer_carries_the_security_headers(client):
+    """Attack 11: CSP (scripts from self, no framing), nosniff and a referrer policy, on pages and errors alike."""
+    for response in (client.get("/"), client.get("/c/nope", status=404), client.get("/", headers={"Host": "x.example"},
+                                                                                  status=421)):
+        csp = response.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "same-origin"
+
+
+def test_a_chosen_owner_id_is_not_accepted(client, upstream):
+    """Attack 11: a client cannot pick its owner id: an unsigned or forged cookie gets a fresh, signed one."""
+    _, conversation = send_in(client, "mine")
+    victim = client.cookies["chat_owner"].split(".")[0]
+    for forged in (victim + ".forgedsignatureforged00", "x" * 30, "x" * 30 + ".forgedsignatureforged00"):
+        attacker = webtest.TestApp(chat.app)
+        attacker.set_cookie("chat_owner", forged)
+        attacker.get(f"/c/{conversation}", status=404)
+        assert attacker.cookies["chat_owner"].split(".")[0] not in (victim, "x" * 30)
+
+
+def test_an_unsigned_owner_cookie_from_an_older_version_keeps_its_conversations(client, upstream):
+    """Upgrading does not lock browsers out: a known unsigned owner id (set before signing) is re-signed."""
+    _, conversation = send_in(client, "mine")
+    old_style = client.cookies["chat_owner"].split(".")[0]
+    browser = webtest.TestApp(chat.app)
+    browser.set_cookie("chat_owner", old_style)
+    browser.get(f"/c/{conversation}", status=200)
+    assert browser.cookies["chat_owner"] == client.cookies["chat_owner"]
