@@ -48,8 +48,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
 from http.client import HTTPException  # noqa: E402
+from xml.etree import ElementTree  # noqa: E402
 
 import bottle  # noqa: E402
+import latex2mathml.converter  # noqa: E402
 import gevent  # noqa: E402
 import gevent.lock  # noqa: E402
 import requests  # noqa: E402
@@ -57,6 +59,7 @@ import urllib3.exceptions  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 from gevent.queue import Queue  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
+from mdit_py_plugins.dollarmath import dollarmath_plugin  # noqa: E402
 from pygments import highlight as pygments_highlight  # noqa: E402
 from pygments.formatters import HtmlFormatter  # noqa: E402
 from pygments.lexers import get_lexer_by_name  # noqa: E402
@@ -122,6 +125,8 @@ class Settings:
         # Stored text per owner (bytes of messages); beyond it new messages are refused.
         self.owner_quota = int(env.get("CHAT_OWNER_QUOTA") or 100 << 20)
         self.retention_days = float(env.get("CHAT_RETENTION_DAYS") or 0) or None  # None: keep forever
+        # Hosts whose https images an answer may show; any other image is shown as a link.
+        self.image_hosts = {h.strip().lower() for h in (env.get("CHAT_IMAGE_HOSTS") or "").split(",") if h.strip()}
         # Our own demo endpoint only answers this process (it may sit behind CHAT_PASSWORD).
         self.demo_key = secrets.token_urlsafe(24)
 
@@ -843,20 +848,106 @@ def waiting_frame(seconds):
 # Streams
 # ---------------------------------------------------------------------------
 
+_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+_LIST_ITEM = re.compile(r" {0,3}([-+*]|\d{1,9}[.)])([ \t]|$)")
+_HEADING = re.compile(r" {0,3}#{1,6}([ \t]|$)")
+_LIST_START = re.compile(r"\d{1,9}[.)]?|[-+*]")  # what could still become a list item
+
+
+class MarkdownBlocks:
+    """Find where the streamed answer's top-level Markdown blocks end, so each is rendered once, when complete.
+
+    Whole lines only. A block ends at a blank line outside a code fence, unless the next line
+    continues it (indented, or the next item of the same list); a fenced code block and an
+    ATX heading end with their own line. Each block is the exact source text it covers, so
+    the blocks and what is left (the tail) always add up to the answer.
+    """
+
+    def __init__(self):
+        self.partial = []    # pieces of the line being received
+        self.lines = []      # the complete lines of the block being built
+        self.kind = None     # "list", "fence" or "text" once the block has its first line
+        self.fence = None    # the opening marker, inside a fenced block
+        self.ended = False   # a blank line came: the next non-blank line decides
+        self.offset = 0      # UTF-8 bytes of the answer covered by the blocks so far
+
+    def feed(self, text):
+        """Take a piece of answer text; return the texts of the blocks it completed (often none)."""
+        done = []
+        *complete, rest = text.split("\n")
+        for piece in complete:
+            self.partial.append(piece)
+            line, self.partial = "".join(self.partial) + "\n", []
+            done.extend(self.line(line))
+        if rest:
+            self.partial.append(rest)
+            # A block that ended at a blank line need not wait for the next line to finish:
+            # its first characters tell whether it continues the block (indented, or a list item).
+            if self.ended and self.kind != "fence":
+                head = "".join(self.partial)[:4]
+                if head.strip() and head[:1] not in " \t" and not (
+                        self.kind == "list" and (_LIST_ITEM.match(head) or _LIST_START.fullmatch(head))):
+                    done.append(self.flush())
+        return done
+
+    def line(self, line):
+        """Take one complete line; return the blocks it completed."""
+        done = []
+        if self.kind == "fence":
+            self.lines.append(line)
+            marker = _FENCE.match(line)
+            if marker and marker.group(1)[0] == self.fence[0] and len(marker.group(1)) >= len(self.fence) \
+                    and not line.strip()[len(marker.group(1)):]:
+                done.append(self.flush())
+            return done
+        blank = not line.strip()
+        if self.ended and not blank:
+            if not (line[:1] in " \t" or (self.kind == "list" and _LIST_ITEM.match(line))):
+                done.append(self.flush())
+            self.ended = False
+        fence = None if blank or self.kind == "list" else _FENCE.match(line)
+        heading = not blank and self.kind != "list" and _HEADING.match(line)
+        if (fence or heading) and self.has_text():
+            done.append(self.flush())  # both may interrupt a paragraph: the paragraph is complete
+        self.lines.append(line)
+        if blank:
+            self.ended = self.has_text()
+        elif self.kind is None:
+            self.kind = "fence" if fence else "list" if _LIST_ITEM.match(line) else "text"
+            if fence:
+                self.fence = fence.group(1)
+            elif heading:
+                done.append(self.flush())
+        return done
+
+    def has_text(self):
+        """True if the block being built has a non-blank line."""
+        return any(line.strip() for line in self.lines)
+
+    def flush(self):
+        """End the block being built (the line that ended it is not part of it); return its text."""
+        text = "".join(self.lines)
+        self.lines, self.kind, self.fence, self.ended = [], None, None, False
+        self.offset += len(text.encode())
+        return text
+
+
 class AnswerLog:
     """Every event of an answer, kept as its text once: frames are made again for a reader that reconnects.
 
     A four-character token framed as an SSE event is ~50 bytes, and ~150 as Python objects: a
     log of frames grows with the framing. This one holds each kind's text as UTF-8 in one
-    bytearray, plus one byte (kind) and four bytes (where it ends) per event.
+    bytearray, plus one byte (kind) and four bytes (where it ends) per event. A block event
+    (a finished Markdown block, rendered) keeps only where the block ends in the answer text.
     """
 
-    KINDS = ("message", "reasoning")
+    KINDS = ("message", "reasoning", "block")
 
-    def __init__(self):
-        self.text = {kind: bytearray() for kind in self.KINDS}
+    def __init__(self, stream_id):
+        self.stream_id = stream_id
+        self.text = {"message": bytearray(), "reasoning": bytearray()}
         self.kinds = bytearray()    # event N's kind is KINDS[kinds[N-1]]
-        self.ends = array.array("I")  # event N's text ends at ends[N-1] in its kind's buffer
+        self.ends = array.array("I")  # event N ends at ends[N-1] in its text (a block: in the message text)
         self.done = None            # the final frame, once the answer is finished
 
     def __len__(self):
@@ -870,23 +961,50 @@ class AnswerLog:
         self.ends.append(len(buffer))
         return len(self.kinds)
 
+    def append_block(self, end):
+        """Log a finished Markdown block ending at byte end of the message text; returns its event id."""
+        self.kinds.append(2)
+        self.ends.append(end)
+        return len(self.kinds)
+
     def joined(self, kind):
         """All the text of one kind so far."""
         return self.text[kind].decode()
 
-    def frames(self, after, upto, batch=1 << 16):
-        """Yield the token frames of events after..upto (ids), joined into writes of about batch bytes.
+    def entries(self, after, upto, starts=None):
+        """Yield (event id, kind, text, tail) for events after..upto; a block's text is its Markdown source
+        and its tail the answer text that followed it when it was sent.
 
-        A reader that is slow to take them holds one batch, not a copy of the whole answer.
+        starts: where each kind's text stood after event `after`, kept up to date, for a reader
+        that resumes (None: count from the first event).
         """
-        starts = {kind: 0 for kind in self.KINDS}
-        pending, size = [], 0
-        for index in range(upto):
+        if starts is None:
+            starts, first = {"message": 0, "reasoning": 0, "block": 0}, 0
+        else:
+            first = after
+        for index in range(first, upto):
             kind, end = self.KINDS[self.kinds[index]], self.ends[index]
             start, starts[kind] = starts[kind], end
             if index < after:
                 continue
-            frame = token_frame(kind, self.text[kind][start:end].decode(), index + 1)
+            if kind == "block":
+                message = self.text["message"]
+                yield index + 1, kind, message[start:end].decode(), message[end:starts["message"]].decode()
+            else:
+                yield index + 1, kind, self.text[kind][start:end].decode(), None
+
+    def frames(self, after, upto, batch=1 << 16):
+        """Yield the frames of events after..upto (ids), joined into writes of about batch bytes.
+
+        A reader that is slow to take them holds one batch, not a copy of the whole answer.
+        Blocks are rendered again (a reconnect costs CPU, the log no memory).
+        """
+        pending, size = [], 0
+        for event_id, kind, text, tail in self.entries(after, upto):
+            if kind == "block":
+                frame = block_frame(self.stream_id, render_markdown(text), tail, event_id)
+            else:
+                frame = token_frame(kind, text, event_id)
             pending.append(frame)
             size += len(frame)
             if size >= batch:
@@ -901,13 +1019,23 @@ def token_frame(kind, text, event_id):
     return sse_frame(kind, "<span>" + html.escape(text, quote=False) + "</span>", event_id)
 
 
+def block_frame(stream_id, block_html, tail, event_id):
+    """The frame of a finished block: appended rendered, while the plain-text tail is replaced (out of band)."""
+    return sse_frame("block", f'<div class="md-block" hx-disable>{block_html}</div>'
+                              f'<div hx-swap-oob="innerHTML:#tail-{stream_id}"><span>'
+                              f'{html.escape(tail, quote=False)}</span></div>', event_id)
+
+
+BLOCK_IN_THREAD = 8192  # characters: a longer block is rendered off the hub
+
+
 class Stream:
     """One answer being generated: its event log, its readers and its relay greenlet."""
 
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
                  "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes")
+                 "chars", "notes", "blocks", "bubble")
 
     def __init__(self, stream_id, history, model=None, owner=None, conversation_id=None, message_id=None):
         self.id = stream_id
@@ -920,7 +1048,8 @@ class Stream:
         self.dropped = 0              # older turns left out to fit the context
         self.resent = None            # the context size, when the server refused and we sent again
         self.saved = 0                # how many events the store has seen
-        self.log = AnswerLog()
+        self.log = AnswerLog(stream_id)
+        self.blocks = MarkdownBlocks()
         self.readers = set()          # one Queue per connected /events response
         self.completion = Completion(keep_text=False)  # the log keeps the text
         self.started = self.last_activity = self.left_at = time.monotonic()
@@ -933,6 +1062,7 @@ class Stream:
         self.tokens = 0
         self.chars = 0
         self.notes = []               # extra sentences for the finished bubble (limits, storage)
+        self.bubble = None            # the finished bubble's HTML
 
     @property
     def finished(self):
@@ -958,9 +1088,21 @@ class Stream:
         event_id = self.log.append(kind, text)
         if self.readers:
             self.tell_readers(token_frame(kind, text, event_id))
+        if kind == "message":
+            for block in self.blocks.feed(text):
+                self.publish_block(block)
         if self.chars > settings.max_answer_chars:
             raise AnswerLimit(f"The answer reached chat.py's limit of {settings.max_answer_chars:,} "
                               "characters and was cut off there.")
+
+    def publish_block(self, block):
+        """Render a finished Markdown block once, log where it ends, and send it with the new tail."""
+        rendered = (gevent.get_hub().threadpool.apply(render_markdown, (block,)) if len(block) > BLOCK_IN_THREAD
+                    else render_markdown(block))
+        event_id = self.log.append_block(self.blocks.offset)
+        if self.readers:
+            tail = self.log.text["message"][self.blocks.offset:].decode()
+            self.tell_readers(block_frame(self.id, rendered, tail, event_id))
 
     def finish(self, status, error=None):
         """Publish the finished bubble as the last event; nothing is published after it."""
@@ -982,6 +1124,7 @@ class Stream:
             log.exception("rendering the answer failed")
             answer["error"] = answer["error"] or "chat.py could not render this answer."
             bubble = render_plain(answer)
+        self.bubble = bubble
         self.log.done = sse_frame("done", bubble, len(self.log.kinds) + 1)
         self.tell_readers(self.log.done)
 
@@ -1028,18 +1171,21 @@ class Streams:
         """The live stream writing this stored answer, if any."""
         return next((s for s in self.by_id.values() if s.message_id == message_id), None)
 
-    def reserve(self, owner):
-        """Register a stream for this owner if the limits allow, or raise Refused.
+    def reserve(self, owner, conversation_id=None):
+        """Register a stream for this owner (and conversation) if the limits allow, or raise Refused.
 
         The check and the registration happen with no switch in between, so concurrent sends
         cannot all pass a check that only one of them should.
         """
+        if conversation_id and any(s.conversation_id == conversation_id and s.owner == owner and not s.finished
+                                   for s in self.by_id.values()):
+            raise Refused(409, "An answer is still being written in this conversation; wait for it, or stop it.")
         if self.open_for(owner) >= settings.streams_per_owner:
             raise Refused(429, f"You already have {settings.streams_per_owner} answers streaming; "
                                "wait for one to finish or stop one.")
         if len(self.by_id) >= settings.max_streams:
             raise Refused(503, "The server is at its limit of open answers; try again shortly.")
-        stream = Stream(secrets.token_urlsafe(18), [], owner=owner)
+        stream = Stream(secrets.token_urlsafe(18), [], owner=owner, conversation_id=conversation_id)
         self.by_id[stream.id] = stream
         self.by_owner.setdefault(owner, set()).add(stream.id)
         return stream
@@ -1274,12 +1420,84 @@ def highlight_code(code, lang, _attrs):
     return pygments_highlight(code, lexer, _FORMATTER)
 
 
-markdown = MarkdownIt("commonmark", {"html": False, "highlight": highlight_code})
-markdown.enable(["table", "strikethrough"])
+markdown = MarkdownIt("commonmark", {"html": False, "highlight": highlight_code, "linkify": True})
+markdown.enable(["table", "strikethrough", "linkify"])
+# Only URLs with a scheme become links: fuzzy matching would link "chat.py" (.py is a TLD).
+markdown.linkify.set({"fuzzy_link": False, "fuzzy_email": False})
+# Pandoc's rule: no space inside the dollars and no digit after the closing one, so "$5 and $10" is money.
+markdown.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True)
+
+
+def bracket_math(state, silent):
+    """Inline rule: \\( … \\) and \\[ … \\] as math (the dollar forms come from dollarmath)."""
+    for opener, closer, kind in (("\\(", "\\)", "math_inline"), ("\\[", "\\]", "math_inline_double")):
+        if state.src.startswith(opener, state.pos):
+            end = state.src.find(closer, state.pos + 2)
+            if end < 0 or not state.src[state.pos + 2:end].strip():
+                return False
+            if not silent:
+                token = state.push(kind, "math", 0)
+                token.content, token.markup = state.src[state.pos + 2:end], opener
+            state.pos = end + 2
+            return True
+    return False
+
+
+markdown.inline.ruler.before("escape", "bracket_math", bracket_math)
+
+# What latex2mathml may give the page: MathML Core's elements and presentation attributes.
+# Its output is not safe as it is (\\text{<script>} comes out raw, \\href keeps javascript:
+# links), so it is parsed and rebuilt from this allow-list.
+MATHML_TAGS = {"math", "mrow", "mi", "mn", "mo", "ms", "mtext", "mspace", "msub", "msup", "msubsup", "munder",
+               "mover", "munderover", "mfrac", "msqrt", "mroot", "mstyle", "merror", "mpadded", "mphantom",
+               "mtable", "mtr", "mtd", "mmultiscripts", "mprescripts", "none", "semantics", "annotation",
+               "menclose"}
+MATHML_ATTRS = {"display", "mathvariant", "stretchy", "fence", "separator", "lspace", "rspace", "accent",
+                "accentunder", "columnalign", "rowalign", "columnspacing", "rowspacing", "columnlines",
+                "rowlines", "frame", "displaystyle", "scriptlevel", "linethickness", "minsize", "maxsize",
+                "symmetric", "largeop", "movablelimits", "form", "width", "height", "depth", "notation",
+                "mathsize", "encoding"}
+
+
+@functools.lru_cache(maxsize=2048)
+def tex_to_mathml(tex, display):
+    """TeX as safe MathML; TeX that does not convert stays visible as code, never an error."""
+    try:
+        root = ElementTree.fromstring(latex2mathml.converter.convert(tex, display="block" if display else "inline"))
+    except Exception:  # noqa: BLE001 — any TeX the converter chokes on is shown as written
+        return f'<code class="math-error" title="Not valid TeX">{html.escape(tex)}</code>'
+    return rebuilt_mathml(root)
+
+
+def rebuilt_mathml(element):
+    """An element and its children, keeping only allowed tags and attributes, every text escaped."""
+    tag = element.tag.rsplit("}", 1)[-1]
+    inner = html.escape(element.text or "", quote=False) + "".join(
+        rebuilt_mathml(child) + html.escape(child.tail or "", quote=False) for child in element)
+    if tag not in MATHML_TAGS:
+        return inner
+    attrs = "".join(f' {name}="{html.escape(value)}"' for name, value in element.attrib.items()
+                    if name in MATHML_ATTRS)
+    return f"<{tag}{attrs}>{inner}</{tag}>"
+
+
+def render_math(renderer, tokens, idx, options, env):
+    """Inline or display math from either syntax, as MathML the browser draws itself."""
+    token = tokens[idx]
+    display = token.type != "math_inline"
+    if not token.content.strip():
+        return html.escape(token.markup * 2)
+    mathml = tex_to_mathml(token.content.strip(), display)
+    return f'<div class="math">{mathml}</div>\n' if token.type.startswith("math_block") else mathml
+
+
+for math_rule in ("math_inline", "math_inline_double", "math_block", "math_block_label"):
+    markdown.add_render_rule(math_rule, render_math)
 
 
 def render_link_open(renderer, tokens, idx, options, env):
-    """Links from the model open safely: no referrer, no opener, no follow."""
+    """Links from the model open in a new tab, safely: no referrer, no opener, no follow."""
+    tokens[idx].attrSet("target", "_blank")
     tokens[idx].attrSet("rel", "noopener noreferrer nofollow")
     return renderer.renderToken(tokens, idx, options, env)
 
@@ -1287,11 +1505,29 @@ def render_link_open(renderer, tokens, idx, options, env):
 markdown.add_render_rule("link_open", render_link_open)
 
 
+def render_image(renderer, tokens, idx, options, env):
+    """Images load only from this server or CHAT_IMAGE_HOSTS; any other is a link, so an answer cannot beacon."""
+    token = tokens[idx]
+    src = token.attrGet("src") or ""
+    alt = renderer.renderInlineAsText(token.children or [], options, env)
+    parts = urllib.parse.urlsplit(src)
+    if parts.scheme == "https" and (parts.hostname or "") in settings.image_hosts:
+        return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}" loading="lazy" referrerpolicy="no-referrer">'
+    label = html.escape(alt or "image")
+    return (f'<a class="image-link" href="{html.escape(src)}" target="_blank" rel="noopener noreferrer nofollow">'
+            f'[image: {label}]</a>')
+
+
+markdown.add_render_rule("image", render_image)
+
+
 def render_fence(renderer, tokens, idx, options, env):
-    """A fenced code block with its own copy button."""
+    """A fenced code block under a bar with its language and a copy button (which then covers no code)."""
     block = renderer.fence(tokens, idx, options, env)
-    return ('<div class="code-block"><button type="button" class="copy" data-copy="code" '
-            f'aria-label="Copy code">Copy</button>{block}</div>\n')
+    lang = html.escape(tokens[idx].info.split()[0]) if tokens[idx].info.strip() else "text"
+    return ('<div class="code-block"><div class="code-bar"><span class="lang">' + lang + '</span>'
+            '<button type="button" class="copy" data-copy="code" aria-label="Copy code">Copy</button></div>'
+            f'{block}</div>\n')
 
 
 markdown.add_render_rule("fence", render_fence)
@@ -1794,16 +2030,17 @@ DEMO_MAX_BODY = 32 << 20  # our own requests to the demo model carry a whole (fi
 # below refuse anything larger before a byte of it is read).
 bottle.BaseRequest.MEMFILE_MAX = DEMO_MAX_BODY + 1
 
-# What the page needs and nothing more: scripts, styles and images only from chat.py itself
-# (data: for the empty favicon), no plugins, no framing by other sites.
-SECURITY_HEADERS = [
-    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
-                                "form-action 'self'; frame-ancestors 'none'"),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "same-origin"),
-    ("X-Frame-Options", "DENY"),
-]
+def security_headers():
+    """What the page needs and nothing more: scripts and styles only from chat.py itself, images also
+    from CHAT_IMAGE_HOSTS (data: for the empty favicon), no plugins, no framing by other sites."""
+    images = "".join(f" https://{host}" for host in sorted(settings.image_hosts))
+    return [("Content-Security-Policy", f"default-src 'self'; script-src 'self'; style-src 'self'; "
+                                        f"img-src 'self' data:{images}; connect-src 'self'; font-src 'self'; "
+                                        "object-src 'none'; base-uri 'none'; form-action 'self'; "
+                                        "frame-ancestors 'none'"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "same-origin"),
+            ("X-Frame-Options", "DENY")]
 
 
 class App(bottle.Bottle):
@@ -1813,10 +2050,11 @@ class App(bottle.Bottle):
         """Refuse a foreign Host or an oversized body at once; add the security headers to every answer."""
         def start(status, headers, exc_info=None):
             names = {name.lower() for name, _ in headers}
-            return start_response(status, headers + [h for h in SECURITY_HEADERS if h[0].lower() not in names],
+            return start_response(status, headers + [h for h in security_headers() if h[0].lower() not in names],
                                   exc_info)
         refusal = check_request(environ)
         if refusal:
+            environ["chat.refused"] = True  # the server must not read the body it refused
             status, message = refusal
             start(status, [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close")])
             return [message.encode()]
@@ -1998,10 +2236,11 @@ def https(request):
     return request.environ.get("wsgi.url_scheme") == "https"
 
 
-def set_cookie(name, value, max_age):
-    """Set an HttpOnly, SameSite=Lax cookie, Secure when the page came over TLS."""
-    bottle.response.set_cookie(name, value, path="/", httponly=True, samesite="lax", max_age=max_age,
-                               secure=https(bottle.request))
+def set_cookie(name, value, max_age=None):
+    """Set an HttpOnly, SameSite=Lax cookie (for the browser session without max_age), Secure over TLS."""
+    options = {"max_age": max_age} if max_age is not None else {}
+    bottle.response.set_cookie(name, value, path="/", httponly=True, samesite="lax", secure=https(bottle.request),
+                               **options)
 
 
 def cross_origin(request):
@@ -2142,19 +2381,36 @@ def logout():
 
 # -- the chat ------------------------------------------------------------------
 
-def render_page(conversation=None):
-    """The chat page, empty or showing one conversation with its answers (live ones reconnect)."""
-    bubbles = []
+LIVE_ANSWER = "<!-- the live answer streams here -->"
+
+
+def no_store():
+    """Pages with conversations are never cached: Back after Log out must not show them."""
+    bottle.response.set_header("Cache-Control", "no-store")
+
+
+def render_page(conversation=None, draft="", error=None):
+    """The chat page, empty or showing one conversation with its answers (live ones reconnect).
+
+    A browser without JavaScript gets the live answer as HTML that streams into the page
+    instead of a bubble that would need htmx to connect.
+    """
+    no_store()
+    bubbles, live = [], None
     rows = store.messages(conversation["id"]) if conversation else []
     last_assistant = max((r["id"] for r in rows if r["role"] == "assistant"), default=None)
+    plain = bool(bottle.request.get_cookie(PLAIN_COOKIE)) and not htmx()
     for row in rows:
         if row["role"] == "user":
             bubbles.append(bottle.template("user", prompt=row["content"]))
             continue
         stream = streams.for_message(row["id"]) if row["status"] == "streaming" else None
         if stream is not None and not stream.finished:
-            # Reloaded mid-answer: the new bubble replays the stream's log from the start.
-            bubbles.append(bottle.template("streaming", stream_id=stream.id))
+            if plain and live is None:
+                live = stream
+                bubbles.append(LIVE_ANSWER)
+            else:  # reloaded mid-answer: the new bubble replays the stream's log from the start
+                bubbles.append(bottle.template("streaming", stream_id=stream.id))
             continue
         answer = stored_answer(row)
         if row["status"] == "streaming" and stream is None:
@@ -2164,10 +2420,55 @@ def render_page(conversation=None):
         bubbles.append(render_answer(answer, last=row["id"] == last_assistant))
     models = catalog.models()
     model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
-    return bottle.template("page", demo=settings.demo, upstream=settings.upstream_label(),
+    page = bottle.template("page", demo=settings.demo, upstream=settings.upstream_label(),
                            conversation=conversation, conversations=store.conversations(owner()),
                            bubbles=bubbles, models=models, model=model, label=model_label,
-                           password=bool(settings.password))
+                           password=bool(settings.password), draft=draft, error=error,
+                           answering=any(b is LIVE_ANSWER or 'class="msg assistant streaming' in b for b in bubbles))
+    if live is None:
+        return page
+    before, _, after = page.partition(LIVE_ANSWER)
+    return streamed_page(before, live, after)
+
+
+def streamed_page(before, stream, after):
+    """Yield the page with a live answer that grows as HTML (chunked: the browser paints as it arrives)."""
+    yield before
+    yield from plain_answer(stream)
+    yield after
+
+
+def plain_answer(stream):
+    """A live answer as HTML for a browser without JavaScript: finished blocks rendered, the rest as text.
+
+    Each finished block closes the text so far and is followed by a new text part starting
+    with what came after it; CSS hides a text part that a block follows, and hides the whole
+    live answer once the finished bubble follows it.
+    """
+    queue = Queue()  # its frames only wake this reader; the log says what is new
+    stream.readers.add(queue)
+    try:
+        yield bottle.template("plain_answer", stream_id=stream.id)
+        seen, starts = 0, {"message": 0, "reasoning": 0, "block": 0}
+        while True:
+            upto, parts = len(stream.log.kinds), []
+            for _, kind, text, tail in stream.log.entries(seen, upto, starts):
+                if kind == "message":
+                    parts.append(f"<span>{html.escape(text, quote=False)}</span>")
+                elif kind == "block":
+                    parts.append(f'</div><div class="md-block" hx-disable>{render_markdown(text)}</div>'
+                                 f'<div class="tokens"><span>{html.escape(tail, quote=False)}</span>')
+            seen = upto
+            if stream.finished:
+                yield "".join(parts) + "</div></div></div>\n" + stream.bubble
+                return
+            yield "".join(parts) or "\n"  # a newline keeps proxies from timing out while the model thinks
+            queue.get()
+            while queue.qsize():
+                queue.get_nowait()
+    finally:
+        stream.readers.discard(queue)
+        stream.left_at = time.monotonic()
 
 
 @app.get("/")
@@ -2198,14 +2499,14 @@ class Refused(Exception):
         self.status = status
 
 
-def reserve_stream():
+def reserve_stream(conversation_id=None):
     """Hold a stream for this browser if the limits allow, before anything is written; or raise Refused."""
     environ = bottle.request.environ
     if (environ.get("chat.new_owner") and not from_this_machine(environ)
             and not limits.new_owners.take(client_address(environ))):
         raise Refused(429, "Too many new visitors from your address in the last minute. Allow cookies for "
                            "this site, or wait a minute and send again.")
-    return streams.reserve(owner())
+    return streams.reserve(owner(), conversation_id)
 
 
 def start_answer(stream, conversation):
@@ -2217,9 +2518,9 @@ def start_answer(stream, conversation):
 
 
 @contextlib.contextmanager
-def sending():
+def sending(conversation_id=None):
     """Reserve a stream for a send; if anything refuses or fails before it starts, release it and say why."""
-    stream = reserve_stream()
+    stream = reserve_stream(conversation_id)
     try:
         if store.owner_usage(owner()) >= settings.owner_quota:
             raise Refused(507, f"Your conversations use the {settings.owner_quota / 2**20:,.0f} MB this server "
@@ -2234,29 +2535,58 @@ def sending():
             streams.forget(stream)
 
 
+def htmx():
+    """True for a request htmx sent (the page with JavaScript); False for a plain form or link."""
+    return bottle.request.get_header("HX-Request") == "true"
+
+
+PLAIN_COOKIE = "chat_plain"  # this browser sends plain forms: it has no JavaScript
+
+
+def plain_redirect(location):
+    """Answer a plain form with 303 See Other; remember that this browser runs no JavaScript."""
+    set_cookie(PLAIN_COOKIE, "1")
+    bottle.redirect(location, 303)
+
+
+def make_title(prompt, limit=60):
+    """A conversation title from its first message: no Markdown syntax, cut at a word, with an ellipsis."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", prompt)                  # links: their text
+    text = re.sub(r"^\s{0,3}(?:#{1,6}|>|[-+*]|\d{1,9}[.)])\s+", "", text, flags=re.M)  # line markers
+    text = re.sub(r"`+|~~|(?<!\w)[*_]+|[*_]+(?!\w)|\$+", "", text)               # emphasis, code, math
+    words = " ".join(text.split())
+    if len(words) <= limit:
+        return words or "New conversation"
+    cut = words[:limit + 1].rsplit(" ", 1)[0] if " " in words[:limit + 1] else words[:limit]
+    return cut.rstrip(" ,.;:!?-") + "…"
+
+
 @app.post("/streaming")
 def start_streaming():
-    """Start an answer: the user's bubble plus an assistant bubble that connects to /events."""
+    """Start an answer: the user's bubble plus an assistant bubble that connects to /events.
+
+    Without JavaScript (no HX-Request) the form posts here too: the message is stored and the
+    browser is sent to the conversation's page, which streams the answer as HTML.
+    """
     forms = bottle.request.forms
     prompt = forms.getunicode("prompt", default="") or ""
-    if not prompt.strip():
-        return form_error(400, "Type a message first: the prompt is empty.")
-    if len(prompt) > settings.max_prompt:
-        return form_error(413, f"Your message is {len(prompt):,} characters long; the limit is "
-                               f"{settings.max_prompt:,}. Shorten it and send again.")
+    conversation_id = forms.getunicode("conversation") or ""
     changes = {"model": (forms.getunicode("model") or "").strip() or None}
     if forms.get("system") is not None:
         changes["system_prompt"] = (forms.getunicode("system") or "").strip()
-        if len(changes["system_prompt"]) > settings.max_prompt:
-            return form_error(413, f"The system prompt is {len(changes['system_prompt']):,} characters long; "
-                                   f"the limit is {settings.max_prompt:,}.")
-    conversation_id = forms.getunicode("conversation") or ""
-    created = not conversation_id
     try:
-        with sending() as stream:
+        if not prompt.strip():
+            raise Refused(400, "Type a message first: the prompt is empty.")
+        if len(prompt) > settings.max_prompt:
+            raise Refused(413, f"Your message is {len(prompt):,} characters long; the limit is "
+                               f"{settings.max_prompt:,}. Shorten it and send again.")
+        if len(changes.get("system_prompt") or "") > settings.max_prompt:
+            raise Refused(413, f"The system prompt is {len(changes['system_prompt']):,} characters long; "
+                               f"the limit is {settings.max_prompt:,}.")
+        created = not conversation_id
+        with sending(conversation_id or None) as stream:
             if created:
-                title = " ".join(prompt.split())[:60] or "New conversation"
-                conversation_id = store.create_conversation(owner(), title)
+                conversation_id = store.create_conversation(owner(), make_title(prompt))
             else:
                 owned_conversation(conversation_id)
             store.update_conversation(conversation_id, **{k: v for k, v in changes.items() if v is not None})
@@ -2264,7 +2594,15 @@ def start_streaming():
             conversation = store.conversation(conversation_id, owner())
             start_answer(stream, conversation)
     except Refused as refused:
+        if not htmx():  # the words stay in the box of a page that says what went wrong
+            bottle.response.status = refused.status
+            conversation = store.conversation(conversation_id, owner()) if conversation_id else None
+            return render_page(conversation, draft=prompt, error=str(refused))
         return form_error(refused.status, str(refused))
+    if not htmx():
+        plain_redirect(f"/c/{conversation_id}")
+    if bottle.request.get_cookie(PLAIN_COOKIE):
+        bottle.response.delete_cookie(PLAIN_COOKIE, path="/")  # JavaScript is on again
     if created:
         bottle.response.set_header("HX-Push-Url", f"/c/{conversation_id}")
     return bottle.template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation,
@@ -2276,29 +2614,30 @@ def regenerate(conversation_id):
     """Answer the last question again, replacing the last answer."""
     conversation = owned_conversation(conversation_id)
     rows = store.messages(conversation_id)
-    if rows and rows[-1]["role"] == "assistant":
-        live = streams.for_message(rows[-1]["id"])
-        if live is not None and not live.finished:
-            return form_error(409, "This answer is still being written; stop it first.")
-        store.delete_message(rows[-1]["id"])
     if not any(r["role"] == "user" for r in rows):
         return form_error(409, "There is no question to answer again.")
     try:
-        with sending() as stream:
+        with sending(conversation_id) as stream:  # refused: the old answer stays
+            if rows[-1]["role"] == "assistant":
+                store.delete_message(rows[-1]["id"])
             start_answer(stream, conversation)
     except Refused as refused:
         return form_error(refused.status, str(refused))
+    if not htmx():
+        plain_redirect(f"/c/{conversation_id}")
     return bottle.template("streaming", stream_id=stream.id)
 
 
 @app.post("/c/<conversation_id>/rename")
 def rename(conversation_id):
-    """Rename a conversation (the new title comes from hx-prompt, or a form field)."""
+    """Rename a conversation (the new title comes from the rename form, or htmx's HX-Prompt)."""
     owned_conversation(conversation_id)
-    title = " ".join((prompt_header() or bottle.request.forms.getunicode("title") or "").split())[:120]
+    title = " ".join((bottle.request.forms.getunicode("title") or prompt_header() or "").split())[:120]
     if not title:
         return form_error(400, "A title cannot be empty.")
     store.update_conversation(conversation_id, title=title)
+    if not htmx():
+        plain_redirect(f"/c/{conversation_id}")
     return bottle.template("title", conversation=store.conversation(conversation_id, owner()))
 
 
@@ -2315,16 +2654,35 @@ def prompt_header():
         return value
 
 
-@app.delete("/c/<conversation_id>")
-def delete(conversation_id):
-    """Delete a conversation (the page asks for confirmation first) and go to a new one."""
+def delete_conversation(conversation_id):
+    """Stop a conversation's answers and delete it."""
     owned_conversation(conversation_id)
     for stream in list(streams.by_id.values()):
         if stream.conversation_id == conversation_id:
             streams.stop(stream.id)
     store.delete_conversation(conversation_id)
+
+
+@app.delete("/c/<conversation_id>")
+def delete(conversation_id):
+    """Delete a conversation (the page asks for confirmation first) and go to a new one."""
+    delete_conversation(conversation_id)
     bottle.response.set_header("HX-Redirect", "/")
     return ""
+
+
+@app.get("/c/<conversation_id>/delete")
+def confirm_delete(conversation_id):
+    """Without JavaScript: a page that asks before deleting."""
+    no_store()
+    return bottle.template("confirm_delete", conversation=owned_conversation(conversation_id))
+
+
+@app.post("/c/<conversation_id>/delete")
+def delete_by_form(conversation_id):
+    """Without JavaScript: delete, then go to a new conversation."""
+    delete_conversation(conversation_id)
+    bottle.redirect("/", 303)
 
 
 @app.get("/c/<conversation_id>/export.<fmt:re:md|json>")
@@ -2398,6 +2756,8 @@ def stop():
     if stream is None or stream.owner != owner():
         bottle.abort(404, "No such answer.")
     streams.stop(stream.id)
+    if not htmx() and stream.conversation_id:
+        bottle.redirect(f"/c/{stream.conversation_id}", 303)
     bottle.response.status = 204
     return ""
 
@@ -2455,9 +2815,12 @@ def demo_only():
 @app.error(500)
 @app.error(503)
 def error_page(error):
-    """Short, honest error answers; tracebacks stay in the log."""
+    """Short, honest error answers; tracebacks stay in the log. A page someone navigated to gets a page."""
     if error.status_code == 413:
         return form_error(413, f"Your message is too large; the limit is {settings.max_prompt:,} characters.")
+    request = bottle.request
+    if request.method == "GET" and not htmx() and "text/html" in (request.get_header("Accept") or ""):
+        return bottle.template("not_found" if error.status_code == 404 else "error", error=error)
     bottle.response.content_type = "text/plain; charset=utf-8"
     return html.escape(f"{error.status_line}: {error.body or ''}\n")
 
@@ -2493,6 +2856,17 @@ class Handler(WSGIHandler):
             return False
         finally:
             self.head_deadline.close()
+
+
+    def run_application(self):
+        """Run the app; after a refused body, close the connection instead of reading the body to discard it."""
+        try:
+            super().run_application()
+        finally:
+            if self.environ.get("chat.refused"):
+                self.wsgi_input.content_length = self.wsgi_input.position
+                self.wsgi_input.chunked_input = False
+                self.close_connection = True
 
 
 class HeadTimeout(Exception):
@@ -2586,7 +2960,8 @@ class VersionAction(argparse.Action):
     """--version: asks git for the commit only when someone wants to know."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(message=f"chat.py {VERSION} ({build_commit()})\n")
+        print(f"chat.py {VERSION} ({build_commit()})")
+        parser.exit()
 
 
 def parse_args(argv):

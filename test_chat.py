@@ -14,12 +14,17 @@ from gevent import monkey; monkey.patch_all()  # noqa: E702 — must run before 
 # CHAT_TEST_SEED=<seed> to replay the same boundaries.
 
 import contextlib  # noqa: E402
+import hashlib  # noqa: E402
 import html  # noqa: E402
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import platform  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
@@ -52,6 +57,8 @@ BASE_SEED = int(os.environ.get("CHAT_TEST_SEED") or random.randrange(1 << 31))
 # The test's own browser-like HTTP client: it keeps chat.py's owner cookie, like a browser.
 web = requests.Session()
 web.trust_env = False
+HX = {"HX-Request": "true"}  # what htmx sends with every request of the page
+web.headers.update(HX)
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 API_KEY = "sk-secret-123"
@@ -97,6 +104,16 @@ def upstream(monkeypatch):
 @pytest.fixture
 def client():
     """chat.app in process through WebTest (lint on), as a browser on this machine."""
+    return htmx_app()
+
+
+def htmx_app():
+    """A WebTest client that speaks like the page: from this machine, every request marked HX-Request."""
+    return webtest.TestApp(chat.app, extra_environ={"REMOTE_ADDR": "127.0.0.1", "HTTP_HX_REQUEST": "true"})
+
+
+def plain_app():
+    """A WebTest client like a browser without JavaScript: plain forms and links, no HX-Request."""
     return webtest.TestApp(chat.app, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
 
 
@@ -701,8 +718,8 @@ def assert_no_active_markup(fragment):
     """Nothing in the fragment can run script or act as htmx: no script/img, no on*/hx-get/src attributes."""
     for element in elements(fragment):
         assert element.tag not in ("script", "img", "iframe"), f"<{element.tag}> in {fragment!r}"
-        if "regenerate" in element.classes and re.fullmatch(r"/c/[\w-]+/regenerate", element.attrs["hx-post"]):
-            continue  # chat.py's own button
+        if element.tag == "form" and re.fullmatch(r"/c/[\w-]+/regenerate", element.attrs.get("hx-post", "")):
+            continue  # chat.py's own Regenerate form
         bad = [a for a in element.attrs if a.startswith("on") or a in ("hx-get", "hx-post", "src")]
         assert not bad, f"attribute {bad} on <{element.tag}> in {fragment!r}"
 
@@ -1983,18 +2000,26 @@ def test_stop_closes_the_upstream_and_keeps_the_partial_answer(open_page, page_u
     assert bubble.locator(".note").inner_text() == "Stopped."
 
 
-def test_two_answers_at_once_in_one_page(open_page, page_upstream):
-    """Two answers streaming at the same time in one page each end complete and separate."""
+def test_send_becomes_stop_while_an_answer_streams(open_page, page_upstream):
+    """One answer at a time: while it streams Send is Stop, Enter sends nothing, Escape stops it; then Send is back."""
     body = answer("Alpha", " beta", " gamma.")
     page_upstream.serve(body, pause_at=after_event(body, b'" beta"'))
     page = open_page().page
     first = type_and_send(page, "one")
-    second = type_and_send(page, "two")
-    page.wait_for_function("() => [...document.querySelectorAll('.tokens')].filter("
-                           "t => t.textContent === 'Alpha beta').length === 2")
-    page_upstream.release()
-    for stream_id in (first, second):
-        assert finished_bubble(page, stream_id).locator(".content").inner_text() == "Alpha beta gamma."
+    page.wait_for_function("() => document.querySelector('.tokens').textContent === 'Alpha beta'")
+    assert page.locator("#send").is_hidden() and page.locator("#stop-answer").is_visible()
+    page.fill("#prompt", "two")
+    page.press("#prompt", "Enter")
+    assert page.locator(".msg.user").count() == 1 and page.input_value("#prompt") == "two"
+    page.keyboard.press("Escape")
+    bubble = finished_bubble(page, first)
+    assert "Stopped." in bubble.inner_text()
+    page.wait_for_function("() => document.getElementById('status').textContent === 'Stopped'")
+    page.wait_for_function("() => !document.getElementById('composer').classList.contains('answering')")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    assert page.locator("#send").is_visible() and page.locator("#stop-answer").is_hidden()
+    page_upstream.serve(answer("Second."))
+    finished_bubble(page, type_and_send(page, "two"))
 
 
 def test_three_tabs_at_once(open_page, page_upstream):
@@ -2156,7 +2181,7 @@ def send_in(client, prompt, conversation=None, **fields):
     form = {"prompt": prompt, **fields}
     if conversation:
         form["conversation"] = conversation
-    response = client.post("/streaming", form)
+    response = client.post("/streaming", form, headers=HX)
     stream_id = re.search(r'sse-connect="/events\?stream=([\w-]+)"', response.text).group(1)
     pushed = response.headers.get("HX-Push-Url")
     return stream_id, conversation or pushed.removeprefix("/c/")
@@ -2278,7 +2303,7 @@ def test_other_owner_gets_404_for_conversation_stream_and_export(client, upstrea
     body = answer("Private", " words")
     upstream.serve(body, pause_at=after_event(body, b'"Private"'))
     stream_id, conversation = send_in(client, "secret question")
-    stranger = webtest.TestApp(chat.app)
+    stranger = htmx_app()
     stranger.get(f"/c/{conversation}", status=404)
     stranger.get(f"/c/{conversation}/export.json", status=404)
     stranger.get(f"/c/{conversation}/export.md", status=404)
@@ -2311,6 +2336,7 @@ def test_cross_origin_writes_are_refused(client, upstream, headers):
 def test_password_guards_everything_but_login_and_static(client, upstream, monkeypatch):
     """With CHAT_PASSWORD nothing but /login, /static and a bare /healthz is reachable before logging in."""
     monkeypatch.setattr(chat.settings, "password", "correct horse")
+    client = plain_app()  # a browser navigating: a redirect to the login page, not htmx's 401
     assert client.get("/", status=302).headers["Location"].endswith("/login?next=%2F")
     for path in ("/c/x", "/events?stream=x", "/c/x/export.json"):
         location = client.get(path, status=302).headers["Location"]
@@ -2323,7 +2349,7 @@ def test_password_guards_everything_but_login_and_static(client, upstream, monke
     wrong = client.post("/login", {"password": "wrong"}, status=401)
     assert "Wrong password" in wrong.text
     for forged in ("99999999999.forged", "9" * 4300 + ".x", "A" * 43, "../../etc"):
-        forger = webtest.TestApp(chat.app)
+        forger = plain_app()
         forger.set_cookie("chat_session", forged)
         forger.get("/", status=302)  # simply not logged in: no 500
     client.post("/login", {"password": "correct horse"}, status=302)
@@ -2414,7 +2440,7 @@ def test_streams_per_owner_are_limited(client, upstream, monkeypatch):
     ids = [send_in(client, f"q{n}")[0] for n in range(4)]
     refused = client.post("/streaming", {"prompt": "one more"}, status=429)
     assert "4 answers streaming" in alerts(refused.text)[0]
-    webtest.TestApp(chat.app).post("/streaming", {"prompt": "someone else"}, status=200)
+    htmx_app().post("/streaming", {"prompt": "someone else"}, status=200)
     for stream_id in ids:
         chat.streams.stop(stream_id)
 
@@ -3149,7 +3175,8 @@ def test_nginx_host_without_port_would_refuse_the_pages_own_posts(nginx, upstrea
 def test_nginx_tells_chat_py_the_host_scheme_and_client(via_nginx, monkeypatch):
     """chat.py sees the browser's Host with its port, https, and the real client (a forged X-Forwarded-For is replaced)."""
     monkeypatch.setattr(chat.settings, "password", "correct horse")
-    response = web.get(f"{via_nginx.url}/", headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http"},
+    response = web.get(f"{via_nginx.url}/", headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http",
+                                                     "HX-Request": None},
                        allow_redirects=False, timeout=5)
 
     assert response.status_code in (302, 303)
@@ -3317,7 +3344,7 @@ def test_logout_revokes_the_session_on_the_server(client, monkeypatch):
     client.post("/login", {"password": "pw"}, status=302)
     copied = client.cookies["chat_session"]
     client.post("/logout", status=302)
-    thief = webtest.TestApp(chat.app)
+    thief = plain_app()
     thief.set_cookie("chat_session", copied)
     thief.get("/", status=302)
 
@@ -3391,7 +3418,7 @@ def test_an_answer_over_the_time_limit_is_cut_off_and_kept(client, upstream, mon
 
 def test_answer_log_holds_the_text_once():
     """Attack 4: per-stream memory is the text once plus five bytes an event, not a frame per token."""
-    log_ = chat.AnswerLog()
+    log_ = chat.AnswerLog("s")
     for n in range(20_000):
         log_.append("message", "tok ")
     assert len(log_.text["message"]) == 80_000
@@ -3458,14 +3485,14 @@ def test_cookieless_sends_are_limited_per_address(server, upstream, monkeypatch)
     """Attack 6: without a cookie every send is a new owner: one address gets a small burst, then 429; nothing is stored for refused sends."""
     monkeypatch.setattr(chat.settings, "streams_per_owner", 100)
     upstream.serve(answer("ok"))
-    statuses = [requests.post(f"{server}/streaming", data={"prompt": f"flood {n}"}, headers=FROM_AFAR,
+    statuses = [requests.post(f"{server}/streaming", data={"prompt": f"flood {n}"}, headers={**FROM_AFAR, **HX},
                               timeout=5).status_code for n in range(20)]
     assert statuses[:3] == [200] * 3 and statuses.count(429) == 17
     assert len(db_rows("SELECT id FROM conversations")) == 3  # refused sends wrote nothing
     # Another address, and the machine itself, are not affected.
-    assert requests.post(f"{server}/streaming", data={"prompt": "hi"}, headers={"X-Forwarded-For": "203.0.113.9"},
+    assert requests.post(f"{server}/streaming", data={"prompt": "hi"}, headers={"X-Forwarded-For": "203.0.113.9", **HX},
                          timeout=5).status_code == 200
-    assert requests.post(f"{server}/streaming", data={"prompt": "local"}, timeout=5).status_code == 200
+    assert requests.post(f"{server}/streaming", data={"prompt": "local"}, headers=HX, timeout=5).status_code == 200
 
 
 def test_concurrent_sends_cannot_pass_the_owner_limit_together(server, upstream, monkeypatch):
@@ -3480,7 +3507,7 @@ def test_concurrent_sends_cannot_pass_the_owner_limit_together(server, upstream,
 
     def send_one(n):
         statuses.append(requests.post(f"{server}/streaming", data={"prompt": f"q{n}"}, timeout=10,
-                                      headers={"Cookie": cookie}).status_code)
+                                      headers={"Cookie": cookie, **HX}).status_code)
     gevent.joinall([gevent.spawn(send_one, n) for n in range(20)], timeout=10)
 
     assert sorted(statuses) == [200] * 4 + [429] * 16
@@ -3602,7 +3629,7 @@ def test_a_chosen_owner_id_is_not_accepted(client, upstream):
     _, conversation = send_in(client, "mine")
     victim = client.cookies["chat_owner"].split(".")[0]
     for forged in (victim + ".forgedsignatureforged00", "x" * 30, "x" * 30 + ".forgedsignatureforged00"):
-        attacker = webtest.TestApp(chat.app)
+        attacker = htmx_app()
         attacker.set_cookie("chat_owner", forged)
         attacker.get(f"/c/{conversation}", status=404)
         assert attacker.cookies["chat_owner"].split(".")[0] not in (victim, "x" * 30)
@@ -3612,7 +3639,441 @@ def test_an_unsigned_owner_cookie_from_an_older_version_keeps_its_conversations(
     """Upgrading does not lock browsers out: a known unsigned owner id (set before signing) is re-signed."""
     _, conversation = send_in(client, "mine")
     old_style = client.cookies["chat_owner"].split(".")[0]
-    browser = webtest.TestApp(chat.app)
+    browser = htmx_app()
     browser.set_cookie("chat_owner", old_style)
     browser.get(f"/c/{conversation}", status=200)
     assert browser.cookies["chat_owner"] == client.cookies["chat_owner"]
+
+
+# ---------------------------------------------------------------------------
+# The page people expect: Markdown while streaming, math, no JavaScript needed
+# ---------------------------------------------------------------------------
+
+def test_finished_blocks_are_sent_rendered_while_the_answer_streams(server, upstream, open_sse):
+    """A paragraph and a closed code fence arrive rendered (block events) before the answer ends; tokens stay spans."""
+    parts = ["Para", " **one**.", "\n\n", "```py", "thon\nx = 1\n", "```", "\n", "Still ", "typing"]
+    body = answer(*parts, " on.")
+    upstream.serve(body, pause_at=after_event(body, b'"typing"'))
+    stream_id = post_prompt(server)
+    reader = open_sse(stream_id)
+
+    live = reader.read_until(lambda t: t.message.endswith("typing"))
+    blocks = [e for e in live.events if e.event == "block"]
+    assert len(blocks) == 2 and not live.finished
+    assert "<p>Para <strong>one</strong>.</p>" in blocks[0].data
+    assert 'class="code-block"' in blocks[1].data and '<span class="lang">python</span>' in blocks[1].data
+    assert f'hx-swap-oob="innerHTML:#tail-{stream_id}"' in blocks[1].data
+    assert blocks[1].data.endswith("<span></span></div>")  # the tail after the fence: nothing yet
+    assert live.message == "".join(parts)  # the span tokens are all still there, for other clients
+    upstream.release()
+    done = reader.read_until(lambda t: t.finished).done
+    assert "<p>Still typing on.</p>" in done
+
+
+def test_a_reconnect_replays_blocks_exactly(server, upstream, open_sse):
+    """Last-Event-ID after a block: the same block and tail frames again, rendered from the log."""
+    body = answer("First para.", "\n\n", "Second", " para.", "\n\n", "Third")
+    upstream.serve(body, pause_at=after_event(body, b'"Third"'))
+    stream_id = post_prompt(server)
+    first = open_sse(stream_id).read_until(lambda t: t.message.endswith("Third"))
+    replay = open_sse(stream_id, last_event_id=1).read_until(lambda t: t.message.endswith("Third"))
+    assert replay.events == [e for e in first.events if e.id > 1]
+    upstream.release()
+
+
+def test_bytes_per_answer_grow_linearly(client, upstream):
+    """No resending the answer so far: twice the paragraphs, about twice the bytes."""
+    sizes = []
+    for paragraphs in (40, 80):
+        upstream.serve(answer(*[f"Paragraph {n} has **some** words in it.\n\n" for n in range(paragraphs)]))
+        sizes.append(len(relay(client).raw))
+    assert 1.8 < sizes[1] / sizes[0] < 2.2
+
+
+def test_markdown_blocks_split_where_blocks_end():
+    """Unit: paragraphs at blank lines, a list kept whole, fences and headings on their own line; nothing lost."""
+    splitter = chat.MarkdownBlocks()
+    text = ("Hello **world**.\n\nSecond para\ncontinues.\n\n- a\n- b\n\n- c\n\nAfter list.\n# Heading\nText\n"
+            "```py\nx=1\n\n```\nTail")
+    blocks = [b for ch in text for b in splitter.feed(ch)]
+    assert blocks == ["Hello **world**.\n\n", "Second para\ncontinues.\n\n", "- a\n- b\n\n- c\n\n", "After list.\n",
+                      "# Heading\n", "Text\n", "```py\nx=1\n\n```\n"]
+    assert text.encode()[splitter.offset:] == b"Tail"
+
+
+@pytest.mark.parametrize("tex, expect", [
+    ("$x^2$", "<msup><mi>x</mi><mn>2</mn></msup>"),
+    ("$$\\frac{1}{2}$$", '<math display="block">'),
+    ("\\(a+b\\)", "<mo>+</mo>"),
+    ("\\[c\\]", '<math display="block"><mrow><mi>c</mi></mrow></math>'),
+])
+def test_math_renders_as_mathml(tex, expect):
+    """Every math syntax becomes MathML on the server."""
+    assert expect in chat.render_markdown(f"Look: {tex} here.")
+
+
+def test_math_is_safe_and_invalid_tex_stays_code():
+    """Hostile TeX cannot inject markup; TeX that does not parse is shown as code; money is not math."""
+    rendered = chat.render_markdown("$\\text{<script>alert(1)</script>}$ $\\href{javascript:alert(1)}{x}$ "
+                                    "$\\style{color:red}{y}$ $\\frac{1}{$ costs $5 and $10")
+    assert "<script" not in rendered and "javascript:" not in rendered and "style=" not in rendered
+    assert '<code class="math-error" title="Not valid TeX">\\frac{1}{</code>' in rendered
+    assert "costs $5 and $10" in rendered
+
+
+def test_links_open_in_a_new_tab_and_bare_urls_are_links():
+    """Links get target=_blank and rel=noopener noreferrer; https:// URLs are linked, chat.py is not."""
+    rendered = chat.render_markdown("[docs](https://example.com/docs) and https://example.org/x. See chat.py.")
+    assert rendered.count('target="_blank" rel="noopener noreferrer nofollow"') == 2
+    assert '<a href="https://example.org/x"' in rendered and ">chat.py<" not in rendered
+
+
+def test_remote_images_are_links_unless_allowed(client, monkeypatch):
+    """A Markdown image from elsewhere is a link, never loaded; an allow-listed host's image loads, and CSP allows it."""
+    rendered = chat.render_markdown("![chart](https://tracker.example/p.png?user=1)")
+    assert "<img" not in rendered and 'class="image-link"' in rendered
+    monkeypatch.setattr(chat.settings, "image_hosts", {"images.example"})
+    assert '<img src="https://images.example/a.png"' in chat.render_markdown("![a](https://images.example/a.png)")
+    assert "https://images.example" in client.get("/").headers["Content-Security-Policy"]
+    assert "<img" not in chat.render_markdown("![a](http://images.example/a.png)")  # https only
+
+
+def test_a_second_answer_in_the_same_conversation_is_refused(client, upstream):
+    """409 with a clear message while the conversation is still answering; nothing is stored for it."""
+    upstream.serve(answer("x"), hang_at=0)
+    stream_id, conversation = send_in(client, "first")
+    refused = client.post("/streaming", {"prompt": "second", "conversation": conversation}, status=409)
+    assert "still being written" in refused.text
+    assert db_rows("SELECT content FROM messages WHERE role = 'user'") == [("first",)]
+    client.post(f"/c/{conversation}/regenerate", status=409)
+    chat.streams.stop(stream_id)
+    read_events(client, stream_id)
+    upstream.serve(answer("ok"))
+    client.post("/streaming", {"prompt": "second", "conversation": conversation}, status=200)
+
+
+def test_without_javascript_a_send_redirects_to_the_conversation(client, upstream):
+    """A plain form post stores the message and answers 303 to /c/ID; the prompt never goes in a URL."""
+    plain = plain_app()
+    response = plain.post("/streaming", {"prompt": "secret plans"}, status=303)
+    conversation = response.headers["Location"].rsplit("/c/", 1)[1]
+    assert "secret" not in response.headers["Location"]
+    assert plain.cookies["chat_plain"] == "1"
+    assert db_rows("SELECT role, content FROM messages ORDER BY id")[0] == ("user", "secret plans")
+    assert db_rows("SELECT id FROM conversations") == [(conversation,)]
+
+
+def test_without_javascript_an_error_keeps_the_words(client):
+    """A refused plain send shows the page again with the reason and the words still in the box."""
+    plain = plain_app()
+    page = plain.post("/streaming", {"prompt": "x" * (chat.settings.max_prompt + 1)}, status=413)
+    assert "Shorten it" in page.text
+    (box,) = elements(page.text, "textarea", id="prompt")
+    assert box.text == "x" * (chat.settings.max_prompt + 1)
+
+
+def test_without_javascript_the_page_streams_the_answer_as_html(server, upstream):
+    """/c/ID for a browser without JavaScript streams the live answer as HTML (chunked), then the finished bubble."""
+    body = answer("First **para**.", "\n\n", "Second", " part")
+    upstream.serve(body, pause_at=after_event(body, b'"Second"'))
+    plain = requests.Session()
+    plain.trust_env = False
+    sent = plain.post(f"{server}/streaming", data={"prompt": "hello"}, allow_redirects=False, timeout=5)
+    assert sent.status_code == 303
+    page = plain.get(urllib.parse.urljoin(server, sent.headers["Location"]), stream=True, timeout=10)
+    assert page.headers.get("Cache-Control") == "no-store"
+    received = b""
+    with gevent.Timeout(5, AssertionError(f"the first block did not stream: {received[-500:]!r}")):
+        while b"<strong>para</strong>" not in received:
+            received += page.raw.read1(65536)
+    assert b'class="msg assistant streaming plain"' in received and b'class="msg assistant done' not in received
+    assert b'action="/stop?stream=' in received  # Stop is a plain form
+    upstream.release()
+    while chunk := page.raw.read1(65536):
+        received += chunk
+    text = received.decode()
+    assert text.index('class="msg assistant streaming plain"') < text.index('class="msg assistant done done"')
+    assert "<p>Second part</p>" in text and text.rstrip().endswith("</html>")
+
+
+def test_without_javascript_stop_rename_regenerate_and_delete_are_forms(client, upstream):
+    """Each control posts a plain form and lands back on a page (303); delete asks on a page first."""
+    plain = plain_app()
+    upstream.serve(answer("x"), hang_at=0)
+    conversation = plain.post("/streaming", {"prompt": "q"}, status=303).headers["Location"].rsplit("/", 1)[1]
+    stream = next(iter(chat.streams.by_id.values()))
+    assert plain.post(f"/stop?stream={stream.id}", status=303).headers["Location"].endswith(f"/c/{conversation}")
+    wait_until(lambda: stream.finished, what="the stop")
+    upstream.serve(answer("again"))
+    plain.post(f"/c/{conversation}/regenerate", status=303)
+    wait_until(lambda: db_rows("SELECT content FROM messages WHERE role = 'assistant'") == [("again",)],
+               what="the regenerated answer")
+    page = plain.get(f"/c/{conversation}")
+    (title_input,) = elements(page.text, "input", name="title")
+    assert title_input.attrs["value"] == "q"  # the rename box is prefilled
+    plain.post(f"/c/{conversation}/rename", {"title": "Renamed"}, status=303)
+    assert db_rows("SELECT title FROM conversations") == [("Renamed",)]
+    confirm = plain.get(f"/c/{conversation}/delete")
+    assert f'action="/c/{conversation}/delete"' in confirm.text
+    assert plain.post(f"/c/{conversation}/delete", status=303).headers["Location"].endswith("/")
+    assert db_rows("SELECT id FROM conversations") == []
+
+
+def test_pages_with_conversations_are_not_cached(client, upstream):
+    """/ and /c/ID send Cache-Control: no-store (Back after Log out must not show them)."""
+    _, conversation = send_in(client, "hi")
+    for path in ("/", f"/c/{conversation}"):
+        assert client.get(path).headers["Cache-Control"] == "no-store", path
+
+
+def test_unknown_conversation_is_an_html_page_with_a_way_home(client):
+    """A browser that opens a missing /c/ID gets a page in the site's style, 404, with a link home."""
+    page = plain_app().get("/c/nope", headers={"Accept": "text/html"}, status=404)
+    assert page.content_type == "text/html" and '<a class="button" href="/">' in page.text
+    assert 'href="/static/chat.css"' in page.text
+
+
+def test_titles_are_cut_at_a_word_without_markdown(client, upstream):
+    """The title is the first message without Markdown syntax, cut at a word with an ellipsis; the tab title follows."""
+    prompt = "**Plan** a _trip_ to `Lisbon` with [friends](https://x.example) and then go on to Porto by train"
+    response = client.post("/streaming", {"prompt": prompt})
+    (title,) = db_rows("SELECT title FROM conversations")[0]
+    assert title == "Plan a trip to Lisbon with friends and then go on to Porto…"
+    assert f"<title>{title} — chat.py</title>" in response.text
+    assert chat.make_title("short") == "short" and chat.make_title("a" * 80).endswith("…")
+
+
+def test_help_and_demo_suggest_a_free_port_for_llama_cpp():
+    """llama.cpp is shown on 8081, not on chat.py's own 8080."""
+    result = subprocess.run([sys.executable, "chat.py", "--help"], cwd=HERE, capture_output=True, text=True,
+                            timeout=30, env=clean_env())
+    assert "localhost:8081/v1 (llama.cpp)" in " ".join(result.stdout.split())
+    assert "localhost:8080/v1" not in result.stdout and "localhost:8080/v1" not in chat.demo_reply("hi")
+
+
+# ---------------------------------------------------------------------------
+# The shipped artifacts: dist/chat.pyz and dist/chat, each alone in an empty folder
+# ---------------------------------------------------------------------------
+
+# Everything the artifacts are made of; a change to any of them means a new build.
+BUILD_INPUTS = ("chat.py", "templates", "static", "requirements.txt", "ship")
+
+
+def head_commit():
+    """The short hash of HEAD, which both artifacts' --version must print."""
+    return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True, timeout=30).stdout.strip()
+
+
+def build_key(commit):
+    """A cached build's name: a hash of its inputs, the Python and packages that build it, and the commit."""
+    # Every installed version counts: requirements.txt pins only the direct dependencies.
+    installed = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    digest = hashlib.sha256(f"{sys.version}|{platform.machine()}|{sys.prefix}|{commit}|{installed}".encode())
+    for name in BUILD_INPUTS:
+        path = HERE / name
+        for file in sorted([path] if path.is_file() else path.rglob("*")):
+            if file.is_file() and "__pycache__" not in file.parts:
+                digest.update(f"\0{file.relative_to(HERE)}\0".encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+Built = namedtuple("Built", "pyz exe commit")
+
+
+@pytest.fixture(scope="session")
+def artifacts():
+    """Both artifacts, built by ship/build.py once per source state and cached; no build tools: skip, or fail in CI."""
+    missing = [name for name in ("shiv", "PyInstaller") if importlib.util.find_spec(name) is None]
+    if missing:
+        message = f"{' and '.join(missing)} not installed (pip install -r ship/requirements.txt)"
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot build the artifacts under CI: {message}")
+        pytest.skip(message)
+    commit = head_commit()
+    key = build_key(commit)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chat.py-build" / key
+    built = Built(cache / "chat.pyz", cache / "chat", commit)
+    if not (built.pyz.exists() and built.exe.exists()):
+        # Build beside the cache entry and rename it into place: an interrupted build leaves no entry.
+        partial = cache.with_name(f"{key}.{os.getpid()}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        result = subprocess.run([sys.executable, "ship/build.py", "--out", str(partial)], cwd=HERE,
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode != 0 or build_key(head_commit()) != key:
+            shutil.rmtree(partial, ignore_errors=True)
+            pytest.fail(f"ship/build.py failed:\n{result.stdout}\n{result.stderr}" if result.returncode else
+                        "the sources or HEAD changed during the build: run the tests again")
+        try:
+            partial.rename(cache)
+        except OSError:  # another run cached the same build meanwhile
+            shutil.rmtree(partial)
+        prune_builds(cache.parent)
+    return built
+
+
+def prune_builds(folder, keep=4):
+    """Delete all but the newest few cached builds (about 20 MB each); builds still in progress stay."""
+    entries = sorted((p for p in folder.iterdir() if re.fullmatch(r"[0-9a-f]{16}", p.name)),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory):
+    """A venv made --without-pip: the interpreter's standard library and no package of its own."""
+    bare = tmp_path_factory.mktemp("bare-python")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120,
+                   env=bare_env(bare))
+    python = bare / "bin" / "python3"
+    for isolated in (["-I"], []):
+        probe = subprocess.run([str(python), *isolated, "-c", "import bottle"], capture_output=True,
+                               env=bare_env(bare), timeout=30)
+        assert probe.returncode != 0, "the bare Python can import bottle: it is not bare"
+    return python
+
+
+def is_python_env_dir(folder):
+    """True for a venv's, pyenv's or this interpreter's bin folder."""
+    path = Path(folder)
+    return ((path.parent / "pyvenv.cfg").exists() or ".pyenv" in path.parts or "pyenv" in path.name
+            or path in (Path(sys.prefix) / "bin", Path(sys.base_prefix) / "bin"))
+
+
+def bare_env(home, **extra):
+    """clean_env() as on a machine without our Python setup: no PYTHON*, venv, pyenv or CHAT_* settings."""
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("PYTHON", "CHAT_"))
+           and "PYENV" not in k and k not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
+    folders = env.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join(d for d in folders if d and not is_python_env_dir(d))
+    return {**env, "HOME": str(home), **extra}
+
+
+def without_python(path):
+    """PATH without any folder that holds a python or python3."""
+    return os.pathsep.join(d for d in path.split(os.pathsep)
+                           if not any(os.access(os.path.join(d, name), os.X_OK) for name in ("python", "python3")))
+
+
+def place(request, tmp_path, kind, isolated=True):
+    """Copy one artifact alone into an empty folder; return that folder, the command to run there and its env."""
+    artifact = getattr(request.getfixturevalue("artifacts"), kind)
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    shutil.copy2(artifact, folder / artifact.name)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = bare_env(home, CHAT_DEMO_DELAY="0.001")
+    if kind == "pyz":
+        env["SHIV_ROOT"] = str(tmp_path / "shiv")  # shiv unpacks its packages here on the first run
+        python = request.getfixturevalue("bare_python")
+        return folder, [str(python), *(["-I"] if isolated else []), artifact.name], env
+    env["PATH"] = without_python(env["PATH"])
+    assert shutil.which("python3", path=env["PATH"]) is None and shutil.which("python", path=env["PATH"]) is None
+    return folder, ["./" + artifact.name], env
+
+
+class ArtifactProcess:
+    """An artifact serving on a free loopback port from its folder, in a session of its own (for Ctrl-C)."""
+
+    def __init__(self, command, folder, env, log_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with open(log_path, "wb") as log_file:
+            self.process = subprocess.Popen([*command, "--port", str(self.port)], cwd=folder, env=env,
+                                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(self.answering, timeout=60, what=f"GET / of {' '.join(command)}")
+        except BaseException:
+            self.kill()
+            raise
+
+    @property
+    def output(self):
+        """What it printed so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+    def answering(self):
+        """True once GET / answers 200; fails at once if the process died."""
+        assert self.process.poll() is None, f"it exited with {self.process.returncode}: {self.output}"
+        try:
+            return web.get(self.url + "/", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def stop(self, signum):
+        """SIGTERM to the process (as docker does) or SIGINT to its group (as Ctrl-C does); return the exit code."""
+        if signum == signal.SIGINT:
+            os.killpg(self.process.pid, signum)
+        else:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout=15)
+        finally:
+            self.kill()
+
+    def kill(self):
+        """Kill whatever is left of its process group."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+
+@pytest.mark.parametrize("kind, isolated, signum", [
+    ("pyz", True, signal.SIGTERM), ("pyz", False, signal.SIGINT),
+    ("exe", None, signal.SIGTERM), ("exe", None, signal.SIGINT),
+], ids=["pyz-isolated-sigterm", "pyz-ctrl-c", "exe-sigterm", "exe-ctrl-c"])
+def test_artifact_alone_serves_the_page_and_the_demo_and_stops_cleanly(request, tmp_path, kind, isolated, signum):
+    """Alone with no Python packages about: the page, htmx, a streamed demo answer, chat.db there, a clean stop."""
+    folder, command, env = place(request, tmp_path, kind, isolated)
+    app = ArtifactProcess(command, folder, env, tmp_path / "chat.log")
+    try:
+        page = web.get(app.url + "/", timeout=5)
+        assert '<textarea name="prompt"' in page.text and 'src="/static/htmx.min.js"' in page.text
+        for name in ("htmx.min.js", "htmx-ext-sse.js", "chat.css"):
+            served = web.get(f"{app.url}/static/{name}", timeout=5)
+            assert served.status_code == 200 and served.content == (HERE / "static" / name).read_bytes(), name
+
+        stream_id = post_prompt(app.url, "hello from the shipped artifact")
+        transcript = Transcript(web.get(f"{app.url}/events", params={"stream": stream_id}, timeout=30).content)
+        assert "demo model" in transcript.message
+        done = transcript.done
+        assert alerts(done) == []
+        assert "<strong>" in done and "<ol>" in done  # markdown-it rendered it
+        assert '<span class="k">def</span>' in done  # Pygments found its Python lexer
+        assert (folder / "chat.db").exists()
+    finally:
+        code = app.stop(signum)
+    output = app.output
+    assert code == 0, output
+    assert "Traceback" not in output and not re.search(r"\w+Warning:", output), output
+    assert "shutting down" in output
+
+    with sqlite3.connect(folder / "chat.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute("SELECT count(*) FROM conversations").fetchone() == (1,)
+        rows = db.execute("SELECT role, status, content FROM messages ORDER BY id").fetchall()
+    assert [(role, status) for role, status, _ in rows] == [("user", "done"), ("assistant", "done")]
+    assert rows[0][2] == "hello from the shipped artifact" and "demo model" in rows[1][2]
+
+
+@pytest.mark.parametrize("kind, isolated", [("pyz", True), ("pyz", False), ("exe", None)],
+                         ids=["pyz-isolated", "pyz", "exe"])
+def test_artifact_help_and_version(request, artifacts, tmp_path, kind, isolated):
+    """--version names the version and the commit built; --help documents the flags and settings; both exit 0."""
+    folder, command, env = place(request, tmp_path, kind, isolated)
+    version = subprocess.run([*command, "--version"], cwd=folder, env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert version.returncode == 0, version.stderr
+    assert version.stdout == f"chat.py {chat.VERSION} ({artifacts.commit})\n"
+    helped = subprocess.run([*command, "--help"], cwd=folder, env={**env, "COLUMNS": "100"},
+                            capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    for name in ("--port", "--db", "--base-url", "OPENAI_BASE_URL", "CHAT_DB", "CHAT_PASSWORD"):
+        assert name in helped.stdout, name
+    assert version.stderr == helped.stderr == ""  # no warnings
+    assert sorted(os.listdir(folder)) == [Path(command[-1]).name]  # nothing written beside it

@@ -1,32 +1,92 @@
-// chat.py page behaviour that htmx cannot express: keyboard sending, autoscroll,
-// copy buttons and the live-region announcements. No build step, no dependencies.
-// Everything is delegated from document: boosted navigation replaces the whole body.
+// chat.py page behaviour that htmx cannot express: keyboard sending, Send/Stop, focus,
+// drafts, autoscroll, copy buttons and the live-region announcements. No build step, no
+// dependencies. Everything is delegated from document: boosted navigation replaces the body.
+// Without JavaScript the page still works: every control is a plain form or link.
 (function () {
   "use strict";
   function byId(id) { return document.getElementById(id); }
   function announce(text) { var s = byId("status"); if (s) s.textContent = text; }
 
   // Enter sends, Shift+Enter is a newline, and never while an IME composition is open
-  // (keyCode 229 covers browsers that end the composition before keydown).
+  // (keyCode 229 covers browsers that end the composition before keydown). On a touch
+  // screen there is no Shift: Enter is a newline there, and the Send button sends.
+  var touch = window.matchMedia("(pointer: coarse)").matches;
   document.addEventListener("keydown", function (e) {
+    if (e.key === "Escape" && answering()) { e.preventDefault(); stopAnswer(); return; }
     if (e.target.id !== "prompt" || e.key !== "Enter" || e.shiftKey || e.isComposing || e.keyCode === 229) return;
+    if (touch) return;
     e.preventDefault();
-    if (!byId("send").disabled) byId("composer").requestSubmit();
+    if (!byId("send").disabled && !answering()) byId("composer").requestSubmit();
   });
 
+  // One answer at a time in a conversation: while one streams, Send becomes Stop.
+  function streamingBubble() {
+    var all = document.querySelectorAll("#chat-messages .msg.streaming");
+    return all.length ? all[all.length - 1] : null;
+  }
+  function answering() { return !!streamingBubble(); }
+  function updateComposer() {
+    var composer = byId("composer");
+    if (composer) composer.classList.toggle("answering", answering());
+  }
+  function stopAnswer() {
+    var bubble = streamingBubble();
+    var form = bubble && bubble.querySelector("form.actions");
+    if (form) { htmx.trigger(form, "submit"); }
+  }
+  document.addEventListener("click", function (e) {
+    if (e.target.closest("#stop-answer")) stopAnswer();
+  });
+  ["htmx:sseMessage", "htmx:afterSettle", "htmx:load"].forEach(function (name) {
+    document.addEventListener(name, function () { setTimeout(updateComposer, 0); });
+  });
+
+
+  // Drafts survive navigation, one per conversation, in this browser only.
+  function draftKey() {
+    var c = byId("conversation");
+    return "chat.py draft " + (c && c.value ? c.value : "new");
+  }
+  document.addEventListener("input", function (e) {
+    if (e.target.id !== "prompt") return;
+    try { localStorage.setItem(draftKey(), e.target.value); } catch (err) { /* storage full or off */ }
+  });
+  function restoreDraft() {
+    var box = byId("prompt");
+    if (!box) return;
+    if (!box.value) { try { box.value = localStorage.getItem(draftKey()) || ""; } catch (err) { /* off */ } }
+    updateComposer();
+  }
+  function clearDraft(key) { try { localStorage.removeItem(key); } catch (err) { /* off */ } }
+
+  var sentFrom = null;  // the draft key the message was sent from (a new chat gets an id on the way)
   document.addEventListener("htmx:beforeRequest", function (e) {
-    if (e.detail.elt.id === "composer") byId("form-error").textContent = "";
+    if (e.detail.elt.id === "composer") { byId("form-error").textContent = ""; sentFrom = draftKey(); }
   });
   document.addEventListener("htmx:afterRequest", function (e) {
-    if (e.detail.elt.id !== "composer") return;
+    var elt = e.detail.elt, ok = e.detail.xhr && e.detail.xhr.status < 300;
+    if (elt.closest && elt.closest("details.rename") && ok) elt.closest("details.rename").open = false;
+    if (elt.classList && elt.classList.contains("actions") && ok) byId("prompt").focus();  // after Stop
+    if (elt.id !== "composer") return;
     // Only a successful send clears the box: on an error the user's words stay.
-    if (e.detail.xhr && e.detail.xhr.status === 200) {
+    if (ok) {
       byId("prompt").value = "";
+      clearDraft(sentFrom);
       announce("Answering…");
       stick = true;
       scrollToEnd();
     }
     byId("prompt").focus();
+  });
+  // Regenerate: the new bubble's Stop button takes the focus (the old bubble, and its button, are gone).
+  document.addEventListener("htmx:afterSwap", function (e) {
+    var bubble = e.detail.target;
+    updateComposer();
+    if (bubble && bubble.classList && bubble.classList.contains("streaming")) {
+      var stop = bubble.querySelector("button.stop");
+      if (stop) stop.focus();
+      announce("Answering…");
+    }
   });
 
   // Autoscroll follows new text only while the reader is at the bottom.
@@ -37,14 +97,27 @@
   }
   function scrollToEnd() { window.scrollTo(0, document.scrollingElement.scrollHeight); }
   window.addEventListener("scroll", function () { stick = atBottom(); }, { passive: true });
-  new MutationObserver(function () { if (stick) scrollToEnd(); })
+  new MutationObserver(function () { updateComposer(); if (stick) scrollToEnd(); })
     .observe(document.body, { childList: true, subtree: true, characterData: true });
   document.addEventListener("htmx:historyRestore", function () { stick = true; scrollToEnd(); });
-  document.addEventListener("DOMContentLoaded", scrollToEnd);
+  // Opening a conversation lands at its newest message, also through the boosted sidebar.
+  document.addEventListener("DOMContentLoaded", function () { restoreDraft(); scrollToEnd(); });
+  document.addEventListener("htmx:afterSettle", function (e) {
+    if (e.detail.elt === document.body) { restoreDraft(); stick = true; scrollToEnd(); }
+  });
 
-  // The done event is about to replace a streaming bubble: the answer is complete.
+  // The done event is about to replace a streaming bubble: say how it ended, and keep the
+  // focus on the page (it was perhaps on the Stop button that is about to go).
   document.addEventListener("htmx:sseBeforeMessage", function (e) {
-    if (e.detail && e.detail.type === "done") announce("Answer complete");
+    if (!e.detail || e.detail.type !== "done") return;
+    var stopped = /class="msg assistant done stopped"/.test(e.detail.data || "");
+    announce(stopped ? "Stopped" : "Answer complete");
+    var bubble = e.detail.elt && e.detail.elt.closest ? e.detail.elt.closest(".msg") : null;
+    var hadFocus = bubble && bubble.contains(document.activeElement);
+    setTimeout(function () {
+      updateComposer();
+      if (hadFocus || document.activeElement === document.body) byId("prompt").focus();
+    }, 0);
   });
 
   // Copy buttons: the whole answer's Markdown source, or one code block's text.
@@ -53,7 +126,7 @@
     if (!button) return;
     var text;
     if (button.dataset.copy === "code") {
-      text = button.parentElement.querySelector("pre").innerText;
+      text = button.closest(".code-block").querySelector("pre").innerText;
     } else {
       var source = button.closest(".msg").querySelector("template.source");
       text = source ? source.content.textContent : "";

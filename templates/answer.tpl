@@ -1,4 +1,4 @@
-<div class="msg assistant done {{answer['status']}}" id="answer-{{answer['bubble_id']}}">
+<div class="msg assistant done {{answer['status']}}" id="answer-{{answer['bubble_id']}}" role="article" aria-label="Answer">
 % if answer['reasoning']:
   <details class="reasoning"><summary>Reasoning</summary><div class="reasoning-text">{{answer['reasoning']}}</div></details>
 % end
@@ -20,7 +20,7 @@
     <button type="button" class="copy" data-copy="answer" aria-label="Copy answer">Copy</button>
 % end
 % if answer['conversation_id'] and last:
-    <button type="button" class="regenerate" hx-post="/c/{{answer['conversation_id']}}/regenerate" hx-target="closest .msg" hx-swap="outerHTML" aria-label="Regenerate this answer">Regenerate</button>
+    <form method="post" action="/c/{{answer['conversation_id']}}/regenerate" hx-post="/c/{{answer['conversation_id']}}/regenerate" hx-target="closest .msg" hx-swap="outerHTML"><button type="submit" class="regenerate" aria-label="Regenerate this answer">Regenerate</button></form>
 % end
     <span class="footer">{{answer['footer']}}</span>
   </div>

@@ -1,6 +1,7 @@
 % include("user", prompt=prompt)
 % include("streaming", stream_id=stream_id)
 % if created:
+<title>{{conversation['title']}} — chat.py</title>
 <input type="hidden" name="conversation" id="conversation" value="{{conversation['id']}}" hx-swap-oob="true">
 <div hx-swap-oob="afterbegin:#conversation-list">
 % include("conversation_item", item=conversation, current=True)

@@ -9,12 +9,13 @@
 <link rel="stylesheet" href="/static/chat.css">
 <link rel="stylesheet" href="/static/pygments.css">
 <!-- Show 4xx/5xx bodies (readable messages) in #form-error instead of dropping them. -->
-<meta name="htmx-config" content='{"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":false,"target":"#form-error","swapOverride":"innerHTML"}],"allowEval":false,"includeIndicatorStyles":false}'>
+<meta name="htmx-config" content='{"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":false,"target":"#form-error","swapOverride":"innerHTML"}],"allowEval":false,"includeIndicatorStyles":false,"historyCacheSize":0}'>
 <script src="/static/htmx.min.js"></script>
 <script src="/static/htmx-ext-sse.js"></script>
 <script src="/static/chat.js" defer></script>
 </head>
 <body>
+<a class="skip-link" href="#prompt">Skip to the message box</a>
 <header class="top">
   <h1><a href="/">chat.py</a></h1>
   <span class="upstream">{{upstream}}</span>
@@ -51,8 +52,12 @@
   <div id="status" class="visually-hidden" role="status" aria-live="polite"></div>
 </main>
 </div>
-<form id="composer" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send">
-  <div id="form-error" aria-live="assertive"></div>
+<form id="composer" method="post" action="/streaming" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send"{{!' class="answering"' if answering else ''}}>
+  <div id="form-error" aria-live="assertive">
+% if error:
+    <p class="error" role="alert">{{error}}</p>
+% end
+  </div>
   <input type="hidden" name="conversation" id="conversation" value="{{conversation['id'] if conversation else ''}}">
   <details class="options">
     <summary>Model and system prompt</summary>
@@ -69,8 +74,9 @@
     <textarea name="system" id="system" rows="3" placeholder="Optional instructions for the model in this conversation">{{conversation['system_prompt'] if conversation else ''}}</textarea>
   </details>
   <div class="row">
-    <textarea name="prompt" id="prompt" rows="2" placeholder="Message (Enter to send, Shift+Enter for a new line)" aria-label="Message" autofocus></textarea>
+    <textarea name="prompt" id="prompt" rows="2" placeholder="Message (Enter to send, Shift+Enter for a new line)" aria-label="Message" autofocus>{{draft}}</textarea>
     <button type="submit" id="send" aria-label="Send message">Send</button>
+    <button type="button" id="stop-answer" aria-label="Stop the answer (Escape)">Stop</button>
   </div>
 </form>
 </body>

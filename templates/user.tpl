@@ -1,1 +1,1 @@
-<div class="msg user"><div class="bubble">{{prompt}}</div></div>
+<div class="msg user" role="article" aria-label="You"><div class="bubble">{{prompt}}</div></div>

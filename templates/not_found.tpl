@@ -1,0 +1,19 @@
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>Not found — chat.py</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/static/chat.css">
+</head>
+<body class="message-page">
+<main>
+  <h1><a href="/">chat.py</a></h1>
+  <h2>Not found</h2>
+  <p>There is no such conversation here: it may have been deleted, or it belongs to another browser.</p>
+  <p><a class="button" href="/">Start a new chat</a></p>
+</main>
+</body>
+</html>
