@@ -125,6 +125,10 @@ class Settings:
         # Stored text per owner (bytes of messages); beyond it new messages are refused.
         self.owner_quota = int(env.get("CHAT_OWNER_QUOTA") or 100 << 20)
         self.retention_days = float(env.get("CHAT_RETENTION_DAYS") or 0) or None  # None: keep forever
+        # Sampling defaults for conversations that set none (unset: the server's own defaults).
+        self.temperature = float(env["CHAT_TEMPERATURE"]) if env.get("CHAT_TEMPERATURE") else None
+        self.top_p = float(env["CHAT_TOP_P"]) if env.get("CHAT_TOP_P") else None
+        self.max_tokens = int(env["CHAT_MAX_TOKENS"]) if env.get("CHAT_MAX_TOKENS") else None
         # Hosts whose https images an answer may show; any other image is shown as a link.
         self.image_hosts = {h.strip().lower() for h in (env.get("CHAT_IMAGE_HOSTS") or "").split(",") if h.strip()}
         # Our own demo endpoint only answers this process (it may sit behind CHAT_PASSWORD).
@@ -423,12 +427,13 @@ class Completion:
         slot["arguments"] += args if isinstance(args, str) else json.dumps(args) if args else ""
 
 
-def open_completion(session, messages, model):
+def open_completion(session, messages, model, params=None):
     """POST the conversation to the upstream; return the streaming response or raise UpstreamError."""
     url = settings.upstream() + "/chat/completions"
     body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
+    body.update({name: value for name, value in (params or {}).items() if value is not None})
     headers = {"Accept": "text/event-stream", **auth_headers()}
     try:
         # No read timeout here: one watchdog per stream (Streams.sweep) watches for
@@ -655,12 +660,12 @@ class ModelCatalog:
         per_token = self.chars_per_token.get(model, CHARS_PER_TOKEN)
         return int(sum(len(m["content"]) / per_token + MESSAGE_TOKENS for m in messages)) + 16
 
-    def prompt_budget(self, model):
-        """How many prompt tokens fit with room left for an answer, or None when the context is unknown."""
+    def prompt_budget(self, model, room=None):
+        """How many prompt tokens fit with room left for an answer (max_tokens, if set), or None when unknown."""
         size = self.context_size(model)
         if not size:
             return None
-        room = min(max(size // 4, ANSWER_ROOM[0]), ANSWER_ROOM[1])
+        room = min(room, size // 2) if room else min(max(size // 4, ANSWER_ROOM[0]), ANSWER_ROOM[1])
         return int((size - room) * 0.95)  # the estimate is rough: keep a margin
 
 
@@ -1035,7 +1040,7 @@ class Stream:
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
                  "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes", "blocks", "bubble")
+                 "chars", "notes", "blocks", "bubble", "params")
 
     def __init__(self, stream_id, history, model=None, owner=None, conversation_id=None, message_id=None):
         self.id = stream_id
@@ -1063,6 +1068,7 @@ class Stream:
         self.chars = 0
         self.notes = []               # extra sentences for the finished bubble (limits, storage)
         self.bubble = None            # the finished bubble's HTML
+        self.params = {}              # temperature, top_p, max_tokens: only those set are sent
 
     @property
     def finished(self):
@@ -1210,7 +1216,9 @@ class Streams:
         if stream is None:
             return False
         if not stream.finished and stream.greenlet:
-            stream.greenlet.kill(StopRequested, block=False)
+            # A greenlet that has not run yet just goes (its link finishes the stream as stopped).
+            stream.greenlet.kill(StopRequested if stream.greenlet.gr_frame is not None else gevent.GreenletExit,
+                                 block=False)
         return True
 
     def sweep(self, now):
@@ -1313,7 +1321,7 @@ def relay_upstream(stream):
     completion, think = stream.completion, ThinkSplitter()
     try:
         stream.model = stream.model or catalog.default()
-        stream.messages, stream.dropped = fit_history(stream.history, stream.model)
+        stream.messages, stream.dropped = fit_history(stream.history, stream.model, room=stream.params.get("max_tokens"))
         response = open_fitted(stream)
         with response:
             for kind, text in read_completion(response, completion, stream.touch):
@@ -1359,7 +1367,7 @@ def relay_upstream(stream):
 def open_fitted(stream):
     """Open the completion; if the server says the prompt overflows its context, trim and send once more."""
     try:
-        return open_completion(http, stream.messages, stream.model)
+        return open_completion(http, stream.messages, stream.model, stream.params)
     except UpstreamError as exc:
         overflow = context_overflow(exc.status, exc.body)
         if overflow is None:
@@ -1371,7 +1379,7 @@ def open_fitted(stream):
                 catalog.learn_from_props(stream.model)
         if overflow.prompt_tokens:
             catalog.calibrate(stream.model, sent, overflow.prompt_tokens)
-        messages, dropped = fit_history(stream.history, stream.model, below=sent)
+        messages, dropped = fit_history(stream.history, stream.model, below=sent, room=stream.params.get("max_tokens"))
         if len(messages) >= len(sent):
             raise UpstreamError(str(exc) + " Your message alone does not fit the model's context; "
                                 "shorten it.", exc.status, exc.body) from None
@@ -1379,10 +1387,10 @@ def open_fitted(stream):
                  overflow.size or "?", dropped)
         stream.messages, stream.dropped = messages, dropped
         stream.resent = overflow.size or 0
-        return open_completion(http, stream.messages, stream.model)
+        return open_completion(http, stream.messages, stream.model, stream.params)
 
 
-def fit_history(history, model, below=None):
+def fit_history(history, model, below=None, room=None):
     """The history without its oldest turns until it fits the model's context; also how many were left out.
 
     The system prompt and the question always stay; turns leave in pairs so that roles keep
@@ -1392,7 +1400,7 @@ def fit_history(history, model, below=None):
     system = history[:1] if history and history[0]["role"] == "system" else []
     turns = history[len(system):]
     chars = settings.max_context - sum(len(m["content"]) for m in system)
-    budget = catalog.prompt_budget(model)
+    budget = catalog.prompt_budget(model, room)
     if below is not None and budget is None:
         turns = turns[-1:]
     while len(turns) > 1 and (sum(len(t["content"]) for t in turns) > chars or (
@@ -1612,16 +1620,16 @@ def answer_record(stream):
             "elapsed": round((stream.finished_at or time.monotonic()) - stream.started, 3)}
 
 
-def render_answer(answer, last=True):
+def render_answer(answer, last=True, nav=""):
     """The finished assistant bubble (sent as the done event, or drawn from the store)."""
     return bottle.template("answer", answer=answer, answer_html=render_markdown(answer["text"]), last=last,
-                           error=short_error(answer["error"]))
+                           error=short_error(answer["error"]), nav=nav)
 
 
 def render_plain(answer):
     """The finished bubble without Markdown: the fallback if rendering ever fails."""
     text = answer["text"]
-    return bottle.template("answer", answer=answer, last=False, error=short_error(answer["error"]),
+    return bottle.template("answer", answer=answer, last=False, error=short_error(answer["error"]), nav="",
                            answer_html=f"<pre>{html.escape(text)}</pre>" if text else "")
 
 
@@ -1699,6 +1707,46 @@ MIGRATIONS = [
         password_tag TEXT NOT NULL,      -- which password it was issued under: a new one logs everyone out
         expires REAL NOT NULL
     );
+    """,
+    # Branches: every message hangs from the one before it on its path; a conversation shows
+    # the path to its leaf. Old conversations become one branch each.
+    """
+    ALTER TABLE messages ADD COLUMN parent_id INTEGER REFERENCES messages (id) ON DELETE CASCADE;
+    UPDATE messages SET parent_id = (SELECT MAX(p.id) FROM messages p
+                                     WHERE p.conversation_id = messages.conversation_id AND p.id < messages.id);
+    CREATE INDEX messages_by_parent ON messages (parent_id);
+    ALTER TABLE conversations ADD COLUMN leaf_id INTEGER;
+    UPDATE conversations SET leaf_id = (SELECT MAX(m.id) FROM messages m WHERE m.conversation_id = conversations.id);
+    ALTER TABLE conversations ADD COLUMN temperature REAL;
+    ALTER TABLE conversations ADD COLUMN top_p REAL;
+    ALTER TABLE conversations ADD COLUMN max_tokens INTEGER;
+    CREATE TABLE owner_settings (owner TEXT PRIMARY KEY, system_prompt TEXT NOT NULL DEFAULT '');
+    -- Full-text search, kept by triggers: message text (rowid = the message's id) and titles
+    -- (rowid = the conversation's rowid). An answer is indexed once it is no longer streaming.
+    CREATE VIRTUAL TABLE message_search USING fts5(body, tokenize = 'unicode61 remove_diacritics 2');
+    CREATE VIRTUAL TABLE title_search USING fts5(title, tokenize = 'unicode61 remove_diacritics 2');
+    INSERT INTO message_search (rowid, body) SELECT id, content FROM messages WHERE status != 'streaming';
+    INSERT INTO title_search (rowid, title) SELECT rowid, title FROM conversations;
+    CREATE TRIGGER message_indexed AFTER INSERT ON messages WHEN new.status != 'streaming' BEGIN
+        INSERT INTO message_search (rowid, body) VALUES (new.id, new.content);
+    END;
+    CREATE TRIGGER message_reindexed AFTER UPDATE OF content, status ON messages WHEN new.status != 'streaming' BEGIN
+        DELETE FROM message_search WHERE rowid = old.id;
+        INSERT INTO message_search (rowid, body) VALUES (new.id, new.content);
+    END;
+    CREATE TRIGGER message_unindexed AFTER DELETE ON messages BEGIN
+        DELETE FROM message_search WHERE rowid = old.id;
+    END;
+    CREATE TRIGGER title_indexed AFTER INSERT ON conversations BEGIN
+        INSERT INTO title_search (rowid, title) VALUES (new.rowid, new.title);
+    END;
+    CREATE TRIGGER title_reindexed AFTER UPDATE OF title ON conversations BEGIN
+        DELETE FROM title_search WHERE rowid = old.rowid;
+        INSERT INTO title_search (rowid, title) VALUES (new.rowid, new.title);
+    END;
+    CREATE TRIGGER title_unindexed AFTER DELETE ON conversations BEGIN
+        DELETE FROM title_search WHERE rowid = old.rowid;
+    END;
     """,
 ]
 
@@ -1844,8 +1892,8 @@ class Store:
     def create_conversation(self, owner, title, system_prompt="", model=None):
         """A new conversation; returns its id."""
         conversation_id, now = secrets.token_urlsafe(12), time.time()
-        self.db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (conversation_id, owner, title, system_prompt, model, now, now))
+        self.db.execute("INSERT INTO conversations (id, owner, title, system_prompt, model, created, updated) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (conversation_id, owner, title, system_prompt, model, now, now))
         return conversation_id
 
     def conversation(self, conversation_id, owner):
@@ -1859,8 +1907,8 @@ class Store:
                                "ORDER BY updated DESC", (owner,)).fetchall()
 
     def update_conversation(self, conversation_id, **fields):
-        """Change title, system_prompt or model, and mark the conversation as just used."""
-        assert set(fields) <= {"title", "system_prompt", "model"}
+        """Change the title, system prompt, model, parameters or leaf shown, and mark the conversation as just used."""
+        assert set(fields) <= {"title", "system_prompt", "model", "leaf_id", *PARAMETERS}
         columns = "".join(f"{name} = ?, " for name in fields)
         self.db.execute(f"UPDATE conversations SET {columns}updated = ? WHERE id = ?",
                         (*fields.values(), time.time(), conversation_id))
@@ -1870,20 +1918,46 @@ class Store:
         self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
     def messages(self, conversation_id):
-        """The messages of a conversation in order."""
+        """Every message of a conversation, every branch, in order of writing."""
         return self.db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
                                (conversation_id,)).fetchall()
 
-    def add_message(self, conversation_id, role, content="", status="done"):
-        """Append a message; returns its id."""
-        cursor = self.db.execute("INSERT INTO messages (conversation_id, role, content, status, created) "
-                                 "VALUES (?, ?, ?, ?, ?)", (conversation_id, role, content, status, time.time()))
-        self.update_conversation(conversation_id)
+    def add_message(self, conversation_id, role, content="", status="done", parent_id=None):
+        """Add a message under parent_id (None: a first message) and show its branch; returns its id."""
+        cursor = self.db.execute("INSERT INTO messages (conversation_id, role, content, status, created, parent_id) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)",
+                                 (conversation_id, role, content, status, time.time(), parent_id))
+        self.update_conversation(conversation_id, leaf_id=cursor.lastrowid)
         return cursor.lastrowid
 
-    def delete_message(self, message_id):
-        """Delete one message."""
-        self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+    def owner_system_prompt(self, owner):
+        """The system prompt this browser saved for new chats ('' if none)."""
+        row = self.db.execute("SELECT system_prompt FROM owner_settings WHERE owner = ?", (owner,)).fetchone()
+        return row[0] if row else ""
+
+    def save_owner_system_prompt(self, owner, system_prompt):
+        """Remember a system prompt for this browser's new chats."""
+        self.db.execute("INSERT INTO owner_settings (owner, system_prompt) VALUES (?, ?) "
+                        "ON CONFLICT (owner) DO UPDATE SET system_prompt = excluded.system_prompt",
+                        (owner, system_prompt))
+
+    def search(self, owner, query, limit=20):
+        """This owner's conversations and messages matching an FTS5 query, best first."""
+        messages = self.db.execute(
+            "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
+            "snippet(message_search, 0, char(1), char(2), '…', 16) AS snippet "
+            "FROM message_search JOIN messages m ON m.id = message_search.rowid "
+            "JOIN conversations c ON c.id = m.conversation_id "
+            "WHERE message_search MATCH ? AND c.owner = ? ORDER BY message_search.rank LIMIT ?",
+            (query, owner, limit)).fetchall()
+        titles = self.db.execute(
+            "SELECT c.id AS conversation_id, c.title, NULL AS message_id, NULL AS role, "
+            "highlight(title_search, 0, char(1), char(2)) AS snippet "
+            "FROM title_search JOIN conversations c ON c.rowid = title_search.rowid "
+            "WHERE title_search MATCH ? AND c.owner = ? ORDER BY title_search.rank LIMIT ?",
+            (query, owner, limit)).fetchall()
+        return (titles + messages)[:limit]
+
 
     def save_partials(self, partials):
         """Save the text of answers still streaming, (text, reasoning, message id) each, in one transaction."""
@@ -1927,6 +2001,55 @@ def stored_answer(row):
             "notes": json.loads(row["notes"] or "[]"), "footer": row["footer"]}
 
 
+PARAMETERS = ("temperature", "top_p", "max_tokens")  # per conversation: None means the default
+
+
+class Tree:
+    """A conversation's messages as a tree: each hangs from the one before it on its branch."""
+
+    def __init__(self, rows):
+        self.rows = {row["id"]: row for row in rows}
+        self.children = {}  # parent id (None: first messages) -> child ids, oldest first
+        for row in rows:
+            self.children.setdefault(row["parent_id"], []).append(row["id"])
+
+    def newest_leaf(self, message_id=None):
+        """The leaf reached from message_id (None: the top) by always taking the newest child."""
+        while self.children.get(message_id):
+            message_id = self.children[message_id][-1]
+        return message_id
+
+    def path(self, leaf_id):
+        """The messages from the first one down to leaf_id."""
+        path = []
+        while leaf_id in self.rows:
+            path.append(self.rows[leaf_id])
+            leaf_id = self.rows[leaf_id]["parent_id"]
+        return path[::-1]
+
+    def siblings(self, row):
+        """The ids of this message and its alternatives (edits, regenerations), oldest first."""
+        return self.children.get(row["parent_id"], [row["id"]])
+
+
+def branch(conversation, at=None):
+    """(tree, path) of the branch shown: the one through message `at` if given, else the conversation's leaf."""
+    tree = Tree(store.messages(conversation["id"]))
+    if at in tree.rows:
+        leaf = tree.newest_leaf(at)
+    elif conversation["leaf_id"] in tree.rows:
+        leaf = conversation["leaf_id"]
+    else:
+        leaf = tree.newest_leaf()
+    return tree, tree.path(leaf)
+
+
+def conversation_params(conversation):
+    """The sampling parameters to send: the conversation's own, else the environment's defaults."""
+    return {name: (conversation[name] if conversation and conversation[name] is not None
+                   else getattr(settings, name)) for name in PARAMETERS}
+
+
 def upstream_history(conversation, rows):
     """What goes upstream: the system prompt, then user and assistant strictly alternating, ending with a question.
 
@@ -1962,11 +2085,14 @@ def export_markdown(conversation, rows):
 
 
 def export_json(conversation, rows):
-    """A conversation as plain data: the conversation's fields and every message's."""
+    """A conversation as plain data: its fields and every message of every branch (id and parent_id make the tree)."""
     return {"id": conversation["id"], "title": conversation["title"],
             "system_prompt": conversation["system_prompt"], "model": conversation["model"],
             "created": conversation["created"], "updated": conversation["updated"],
-            "messages": [{"role": r["role"], "content": r["content"], "reasoning": r["reasoning"],
+            "shown_leaf_id": conversation["leaf_id"],
+            **{name: conversation[name] for name in PARAMETERS},
+            "messages": [{"id": r["id"], "parent_id": r["parent_id"], "role": r["role"], "content": r["content"],
+                          "reasoning": r["reasoning"],
                           "status": r["status"], "error": r["error"], "finish_reason": r["finish_reason"],
                           "usage": json.loads(r["usage"]) if r["usage"] else None, "model": r["model"],
                           "created": r["created"]} for r in rows]}
@@ -2389,20 +2515,46 @@ def no_store():
     bottle.response.set_header("Cache-Control", "no-store")
 
 
-def render_page(conversation=None, draft="", error=None):
-    """The chat page, empty or showing one conversation with its answers (live ones reconnect).
+def render_page(conversation=None, draft="", error=None, at=None, results=None, query=""):
+    """The chat page, empty or showing one branch of a conversation (live answers reconnect).
 
     A browser without JavaScript gets the live answer as HTML that streams into the page
     instead of a bubble that would need htmx to connect.
     """
     no_store()
-    bubbles, live = [], None
-    rows = store.messages(conversation["id"]) if conversation else []
-    last_assistant = max((r["id"] for r in rows if r["role"] == "assistant"), default=None)
     plain = bool(bottle.request.get_cookie(PLAIN_COOKIE)) and not htmx()
-    for row in rows:
+    bubbles, live, leaf = render_bubbles(conversation, at=at, plain=plain)
+    models = catalog.models()
+    model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
+    system = conversation["system_prompt"] if conversation else store.owner_system_prompt(owner())
+    params = {name: conversation[name] if conversation else None for name in PARAMETERS}
+    page = bottle.template("page", demo=settings.demo, upstream=settings.upstream_label(),
+                           conversation=conversation, conversations=store.conversations(owner()),
+                           bubbles=bubbles, models=models, model=model, label=model_label,
+                           password=bool(settings.password), draft=draft, error=error, leaf=leaf,
+                           system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
+                           results=results, query=query,
+                           answering=any(b is LIVE_ANSWER or 'class="msg assistant streaming' in b for b in bubbles))
+    if live is None:
+        return page
+    before, _, after = page.partition(LIVE_ANSWER)
+    return streamed_page(before, live, after)
+
+
+def render_bubbles(conversation, at=None, plain=False):
+    """(bubbles, live stream for a plain page or None, leaf id) of the branch shown, with ‹ n/m › where it forks."""
+    if conversation is None:
+        return [], None, None
+    tree, path = branch(conversation, at)
+    bubbles, live = [], None
+    last_assistant = max((r["id"] for r in path if r["role"] == "assistant"), default=None)
+    for row in path:
+        siblings = tree.siblings(row)
+        nav = bottle.template("siblings", conversation_id=conversation["id"], ids=siblings,
+                              position=siblings.index(row["id"])) if len(siblings) > 1 else ""
         if row["role"] == "user":
-            bubbles.append(bottle.template("user", prompt=row["content"]))
+            bubbles.append(bottle.template("user", prompt=row["content"], message_id=row["id"],
+                                           conversation_id=conversation["id"], nav=nav))
             continue
         stream = streams.for_message(row["id"]) if row["status"] == "streaming" else None
         if stream is not None and not stream.finished:
@@ -2410,25 +2562,21 @@ def render_page(conversation=None, draft="", error=None):
                 live = stream
                 bubbles.append(LIVE_ANSWER)
             else:  # reloaded mid-answer: the new bubble replays the stream's log from the start
-                bubbles.append(bottle.template("streaming", stream_id=stream.id))
+                bubbles.append(bottle.template("streaming", stream_id=stream.id, nav=nav))
             continue
         answer = stored_answer(row)
         if row["status"] == "streaming" and stream is None:
             # Nobody is writing it any more, yet it was never finished: the store failed (a full
             # disk) or the process died. Show what was saved, and say so.
             answer.update(status="interrupted", notes=answer["notes"] + [NOTES["unsaved"]])
-        bubbles.append(render_answer(answer, last=row["id"] == last_assistant))
-    models = catalog.models()
-    model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
-    page = bottle.template("page", demo=settings.demo, upstream=settings.upstream_label(),
-                           conversation=conversation, conversations=store.conversations(owner()),
-                           bubbles=bubbles, models=models, model=model, label=model_label,
-                           password=bool(settings.password), draft=draft, error=error,
-                           answering=any(b is LIVE_ANSWER or 'class="msg assistant streaming' in b for b in bubbles))
-    if live is None:
-        return page
-    before, _, after = page.partition(LIVE_ANSWER)
-    return streamed_page(before, live, after)
+        bubbles.append(render_answer(answer, last=row["id"] == last_assistant, nav=nav))
+    return bubbles, live, (path[-1]["id"] if path else None)
+
+
+def messages_fragment(conversation):
+    """The branch shown, for htmx to swap into #chat-messages, and the composer's parent kept in step."""
+    bubbles, _, leaf = render_bubbles(store.conversation(conversation["id"], owner()))
+    return "".join(bubbles) + bottle.template("parent", leaf=leaf)
 
 
 def streamed_page(before, stream, after):
@@ -2487,8 +2635,12 @@ def model_options():
 
 @app.get("/c/<conversation_id>")
 def conversation_page(conversation_id):
-    """One conversation at its own URL."""
-    return render_page(owned_conversation(conversation_id))
+    """One conversation at its own URL; ?at=ID shows the branch through that message (a search hit)."""
+    try:
+        at = int(bottle.request.query.getunicode("at", default="") or 0) or None
+    except ValueError:
+        at = None
+    return render_page(owned_conversation(conversation_id), at=at)
 
 
 class Refused(Exception):
@@ -2509,12 +2661,13 @@ def reserve_stream(conversation_id=None):
     return streams.reserve(owner(), conversation_id)
 
 
-def start_answer(stream, conversation):
-    """Store an empty answer and start streaming it into a reserved stream, with the conversation so far."""
-    history = upstream_history(conversation, store.messages(conversation["id"]))
-    message_id = store.add_message(conversation["id"], "assistant", status="streaming")
+def start_answer(stream, conversation, question_id):
+    """Store an empty answer to a question and stream it into a reserved stream, with the branch up to it."""
+    tree = Tree(store.messages(conversation["id"]))
+    history = upstream_history(conversation, tree.path(question_id))
+    message_id = store.add_message(conversation["id"], "assistant", status="streaming", parent_id=question_id)
     return streams.begin(stream, history, model=conversation["model"], conversation_id=conversation["id"],
-                         message_id=message_id)
+                         message_id=message_id, params=conversation_params(conversation))
 
 
 @contextlib.contextmanager
@@ -2561,6 +2714,37 @@ def make_title(prompt, limit=60):
     return cut.rstrip(" ,.;:!?-") + "…"
 
 
+PARAMETER_RANGES = {"temperature": (float, 0.0, 2.0, "Temperature"), "top_p": (float, 0.0, 1.0, "Top p"),
+                    "max_tokens": (int, 1, 1_000_000, "Max tokens")}
+
+
+def form_params(forms):
+    """The sampling parameters a form sets (blank: None, the default); a field left out changes nothing."""
+    params = {}
+    for name, (kind, low, high, label) in PARAMETER_RANGES.items():
+        if name not in forms:
+            continue
+        raw = (forms.getunicode(name) or "").strip()
+        try:
+            value = kind(raw) if raw else None
+        except ValueError:
+            raise Refused(400, f"{label} must be a {'whole ' if kind is int else ''}number from {low} to {high}, "
+                               "or blank for the default.") from None
+        if value is not None and not low <= value <= high:
+            raise Refused(400, f"{label} must be from {low} to {high}, or blank for the default.")
+        params[name] = value
+    return params
+
+
+def check_prompt(prompt):
+    """Refuse an empty prompt or one over the limit, with a sentence that says so."""
+    if not prompt.strip():
+        raise Refused(400, "Type a message first: the prompt is empty.")
+    if len(prompt) > settings.max_prompt:
+        raise Refused(413, f"Your message is {len(prompt):,} characters long; the limit is "
+                           f"{settings.max_prompt:,}. Shorten it and send again.")
+
+
 @app.post("/streaming")
 def start_streaming():
     """Start an answer: the user's bubble plus an assistant bubble that connects to /events.
@@ -2571,28 +2755,30 @@ def start_streaming():
     forms = bottle.request.forms
     prompt = forms.getunicode("prompt", default="") or ""
     conversation_id = forms.getunicode("conversation") or ""
-    changes = {"model": (forms.getunicode("model") or "").strip() or None}
-    if forms.get("system") is not None:
-        changes["system_prompt"] = (forms.getunicode("system") or "").strip()
+    conversation = None
     try:
-        if not prompt.strip():
-            raise Refused(400, "Type a message first: the prompt is empty.")
-        if len(prompt) > settings.max_prompt:
-            raise Refused(413, f"Your message is {len(prompt):,} characters long; the limit is "
-                               f"{settings.max_prompt:,}. Shorten it and send again.")
-        if len(changes.get("system_prompt") or "") > settings.max_prompt:
-            raise Refused(413, f"The system prompt is {len(changes['system_prompt']):,} characters long; "
-                               f"the limit is {settings.max_prompt:,}.")
+        check_prompt(prompt)
+        changes = {"model": (forms.getunicode("model") or "").strip() or None}
+        if forms.get("system") is not None:
+            changes["system_prompt"] = (forms.getunicode("system") or "").strip()
+            if len(changes["system_prompt"]) > settings.max_prompt:
+                raise Refused(413, f"The system prompt is {len(changes['system_prompt']):,} characters long; "
+                                   f"the limit is {settings.max_prompt:,}.")
+        params = form_params(forms)
         created = not conversation_id
         with sending(conversation_id or None) as stream:
             if created:
                 conversation_id = store.create_conversation(owner(), make_title(prompt))
             else:
                 owned_conversation(conversation_id)
-            store.update_conversation(conversation_id, **{k: v for k, v in changes.items() if v is not None})
-            store.add_message(conversation_id, "user", prompt)
+            if forms.get("save_system") and "system_prompt" in changes:
+                store.save_owner_system_prompt(owner(), changes["system_prompt"])
+            store.update_conversation(conversation_id, **{k: v for k, v in changes.items() if v is not None},
+                                      **params)
             conversation = store.conversation(conversation_id, owner())
-            start_answer(stream, conversation)
+            parent = form_parent(forms, conversation)
+            question = store.add_message(conversation_id, "user", prompt, parent_id=parent)
+            start_answer(stream, conversation, question)
     except Refused as refused:
         if not htmx():  # the words stay in the box of a page that says what went wrong
             bottle.response.status = refused.status
@@ -2606,26 +2792,108 @@ def start_streaming():
     if created:
         bottle.response.set_header("HX-Push-Url", f"/c/{conversation_id}")
     return bottle.template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation,
-                           created=created)
+                           created=created, question_id=question, leaf=stream.message_id)
+
+
+def form_parent(forms, conversation):
+    """The message a new question follows: the end of the branch the page shows, else the conversation's leaf."""
+    tree = Tree(store.messages(conversation["id"]))
+    try:
+        parent = int(forms.getunicode("parent") or 0)
+    except ValueError:
+        parent = 0
+    if parent in tree.rows:
+        return parent
+    return conversation["leaf_id"] if conversation["leaf_id"] in tree.rows else tree.newest_leaf()
+
+
+def branch_reply(conversation_id):
+    """After a change of branch: htmx gets the branch shown; a plain form goes back to the page."""
+    if not htmx():
+        plain_redirect(f"/c/{conversation_id}")
+    return messages_fragment(owned_conversation(conversation_id))
 
 
 @app.post("/c/<conversation_id>/regenerate")
 def regenerate(conversation_id):
-    """Answer the last question again, replacing the last answer."""
+    """Answer a question again (the last one shown, or `message`'s): a new answer beside the earlier ones."""
     conversation = owned_conversation(conversation_id)
-    rows = store.messages(conversation_id)
-    if not any(r["role"] == "user" for r in rows):
+    tree, path = branch(conversation)
+    target = message_field(tree) or (path[-1] if path else None)
+    question = target if target is None or target["role"] == "user" else tree.rows.get(target["parent_id"])
+    if question is None:
         return form_error(409, "There is no question to answer again.")
     try:
-        with sending(conversation_id) as stream:  # refused: the old answer stays
-            if rows[-1]["role"] == "assistant":
-                store.delete_message(rows[-1]["id"])
-            start_answer(stream, conversation)
+        with sending(conversation_id) as stream:  # refused: nothing changes
+            start_answer(stream, conversation, question["id"])
     except Refused as refused:
         return form_error(refused.status, str(refused))
-    if not htmx():
-        plain_redirect(f"/c/{conversation_id}")
-    return bottle.template("streaming", stream_id=stream.id)
+    return branch_reply(conversation_id)
+
+
+@app.post("/c/<conversation_id>/edit")
+def edit(conversation_id):
+    """Send an edited question: a new question beside the old one, answered; the old branch stays."""
+    conversation = owned_conversation(conversation_id)
+    tree = Tree(store.messages(conversation_id))
+    original = message_field(tree)
+    prompt = bottle.request.forms.getunicode("prompt", default="") or ""
+    try:
+        if original is None or original["role"] != "user":
+            raise Refused(400, "Only your own messages can be edited.")
+        check_prompt(prompt)
+        with sending(conversation_id) as stream:
+            question = store.add_message(conversation_id, "user", prompt, parent_id=original["parent_id"])
+            start_answer(stream, conversation, question)
+    except Refused as refused:
+        return form_error(refused.status, str(refused))
+    return branch_reply(conversation_id)
+
+
+@app.post("/c/<conversation_id>/branch")
+def switch_branch(conversation_id):
+    """Show another version of a message (‹ ›): its branch, down its newest messages, becomes the one shown."""
+    conversation = owned_conversation(conversation_id)
+    tree = Tree(store.messages(conversation_id))
+    target = message_field(tree, "to")
+    if target is None:
+        bottle.abort(404, "No such message.")
+    store.update_conversation(conversation_id, leaf_id=tree.newest_leaf(target["id"]))
+    return branch_reply(conversation_id)
+
+
+def message_field(tree, name="message"):
+    """The message of this conversation a form names, or None."""
+    try:
+        return tree.rows.get(int(bottle.request.forms.getunicode(name) or 0))
+    except ValueError:
+        return None
+
+
+def fts_query(text):
+    """A search box's words as an FTS5 query: every word, as a prefix, no operators from the user."""
+    words = re.findall(r"\w+", text)[:12]
+    return " ".join('"' + word.replace('"', '""') + '"*' for word in words)
+
+
+@app.get("/search")
+def search():
+    """This browser's conversations by title and content: a list for the sidebar, or a page without JavaScript."""
+    query = (bottle.request.query.getunicode("q", default="") or "")[:200]
+    match = fts_query(query)
+    results = [search_result(row) for row in store.search(owner(), match)] if match else []
+    if htmx():
+        return bottle.template("search_results", results=results, query=query)
+    return render_page(results=results, query=query)
+
+
+def search_result(row):
+    """One search hit: where it links to (the conversation, at the matching message) and its highlighted text."""
+    anchor = "" if row["message_id"] is None else \
+        f"?at={row['message_id']}#{'user' if row['role'] == 'user' else 'answer'}-m{row['message_id']}"
+    marked = html.escape(row["snippet"] or "", quote=False).replace("\x01", "<mark>").replace("\x02", "</mark>")
+    return {"href": f"/c/{row['conversation_id']}{anchor}", "title": row["title"], "snippet": marked,
+            "in_title": row["message_id"] is None}
 
 
 @app.post("/c/<conversation_id>/rename")
@@ -2689,7 +2957,7 @@ def delete_by_form(conversation_id):
 def export(conversation_id, fmt):
     """Download a conversation as Markdown or JSON."""
     conversation = owned_conversation(conversation_id)
-    rows = store.messages(conversation_id)
+    rows = store.messages(conversation_id) if fmt == "json" else branch(conversation)[1]
     filename = re.sub(r"[^A-Za-z0-9_-]+", "-", conversation["title"]).strip("-")[:60] or "conversation"
     bottle.response.set_header("Content-Disposition", f'attachment; filename="{filename}.{fmt}"')
     if fmt == "json":

@@ -718,8 +718,9 @@ def assert_no_active_markup(fragment):
     """Nothing in the fragment can run script or act as htmx: no script/img, no on*/hx-get/src attributes."""
     for element in elements(fragment):
         assert element.tag not in ("script", "img", "iframe"), f"<{element.tag}> in {fragment!r}"
-        if element.tag == "form" and re.fullmatch(r"/c/[\w-]+/regenerate", element.attrs.get("hx-post", "")):
-            continue  # chat.py's own Regenerate form
+        if element.tag == "form" and re.fullmatch(r"/c/[\w-]+/(regenerate|edit|branch)|/stop\?stream=[\w-]+",
+                                                  element.attrs.get("hx-post", "")):
+            continue  # chat.py's own forms: Regenerate, Edit, ‹ ›, Stop
         bad = [a for a in element.attrs if a.startswith("on") or a in ("hx-get", "hx-post", "src")]
         assert not bad, f"attribute {bad} on <{element.tag}> in {fragment!r}"
 
@@ -2172,6 +2173,35 @@ def test_screenshot_of_a_finished_conversation(browser, live_chat, page_upstream
         ctx.close()
 
 
+def test_screenshot_mid_stream_with_markdown_and_math(browser, live_chat, page_upstream, tmp_path):
+    """Mid-answer at desktop width: finished blocks (a list, math, highlighted code) rendered, the tail still plain."""
+    body = answer("The **quadratic formula** solves $ax^2+bx+c=0$:\n\n",
+                  "$$x = \\frac{-b \\pm \\sqrt{b^2-4ac}}{2a}$$\n\n",
+                  "Steps:\n\n", "1. compute the *discriminant* $\\Delta = b^2-4ac$\n", "2. take its root\n\n",
+                  "```python\n", "import math\n\ndef roots(a, b, c):\n    d = math.sqrt(b*b - 4*a*c)\n",
+                  "    return (-b + d) / (2*a), (-b - d) / (2*a)\n", "```\n\n",
+                  "For $a=1$, $b=-3$", ", $c=2$ the roots are", " 1 and 2.")
+    page_upstream.serve(body, pause_at=after_event(body, b'", $c=2$ the roots are"'))
+    ctx = browser.new_context(viewport={"width": 900, "height": 760}, color_scheme="light")
+    try:
+        page = ctx.new_page()
+        watch = PageWatch(page)
+        page.goto(live_chat.url + "/")
+        type_and_send(page, "How do I solve a quadratic equation?")
+        page.wait_for_function("() => document.querySelector('.live .tokens').textContent.endsWith('roots are')")
+        live = page.locator(".msg.streaming")
+        assert live.locator(".blocks math").count() >= 3 and live.locator(".blocks .code-block").count() == 1
+        assert live.locator(".blocks ol li").count() == 2
+        shot = tmp_path / "mid-stream.png"
+        page.screenshot(path=str(shot))
+        if os.environ.get("CHAT_UPDATE_SCREENSHOT"):
+            page.screenshot(path=str(HERE / "static" / "screenshot-streaming.png"))
+        assert watch.unexpected_errors() == []
+        page_upstream.release()
+    finally:
+        ctx.close()
+
+
 # ---------------------------------------------------------------------------
 # Conversations: multi-turn, SQLite, owners, password (issue 4)
 # ---------------------------------------------------------------------------
@@ -2406,8 +2436,8 @@ def test_delete_removes_the_rows(client, upstream):
     client.get(f"/c/{conversation}", status=404)
 
 
-def test_regenerate_replaces_the_last_answer(client, upstream):
-    """Regenerate drops the last answer and asks again with the history up to the last question."""
+def test_regenerate_keeps_the_earlier_answer(client, upstream):
+    """Regenerate asks again with the history up to the last question; the earlier answer stays, as a sibling."""
     upstream.serve(answer("First try."))
     stream_id, conversation = send_in(client, "Question")
     read_events(client, stream_id)
@@ -2416,8 +2446,9 @@ def test_regenerate_replaces_the_last_answer(client, upstream):
     new_stream = re.search(r"stream=([\w-]+)", response.text).group(1)
     assert "Second try." in read_events(client, new_stream).done
     assert upstream.last.json["messages"] == [{"role": "user", "content": "Question"}]
-    assert db_rows("SELECT role, content FROM messages ORDER BY id") == [
-        ("user", "Question"), ("assistant", "Second try.")]
+    assert db_rows("SELECT role, content, parent_id FROM messages ORDER BY id") == [
+        ("user", "Question", None), ("assistant", "First try.", 1), ("assistant", "Second try.", 1)]
+    assert "1/2" not in response.text and "2/2" in response.text  # the new answer is shown, with ‹ 2/2 ›
 
 
 def test_model_picker_lists_upstream_models_and_sends_the_choice(client, upstream, monkeypatch):
@@ -3806,7 +3837,7 @@ def test_without_javascript_stop_rename_regenerate_and_delete_are_forms(client, 
     wait_until(lambda: stream.finished, what="the stop")
     upstream.serve(answer("again"))
     plain.post(f"/c/{conversation}/regenerate", status=303)
-    wait_until(lambda: db_rows("SELECT content FROM messages WHERE role = 'assistant'") == [("again",)],
+    wait_until(lambda: db_rows("SELECT content FROM messages WHERE role = 'assistant' ORDER BY id")[-1] == ("again",),
                what="the regenerated answer")
     page = plain.get(f"/c/{conversation}")
     (title_input,) = elements(page.text, "input", name="title")

@@ -31,7 +31,7 @@
   }
   function stopAnswer() {
     var bubble = streamingBubble();
-    var form = bubble && bubble.querySelector("form.actions");
+    var form = bubble && bubble.querySelector("form.stop-form");
     if (form) { htmx.trigger(form, "submit"); }
   }
   document.addEventListener("click", function (e) {
@@ -66,28 +66,62 @@
   document.addEventListener("htmx:afterRequest", function (e) {
     var elt = e.detail.elt, ok = e.detail.xhr && e.detail.xhr.status < 300;
     if (elt.closest && elt.closest("details.rename") && ok) elt.closest("details.rename").open = false;
-    if (elt.classList && elt.classList.contains("actions") && ok) byId("prompt").focus();  // after Stop
+    if (elt.classList && elt.classList.contains("stop-form") && ok) byId("prompt").focus();  // after Stop
     if (elt.id !== "composer") return;
     // Only a successful send clears the box: on an error the user's words stay.
     if (ok) {
       byId("prompt").value = "";
       clearDraft(sentFrom);
+      var options = document.querySelector("#composer details.options");
+      if (options) options.open = false;  // the options fold after sending
       announce("Answering…");
       stick = true;
       scrollToEnd();
     }
     byId("prompt").focus();
   });
-  // Regenerate: the new bubble's Stop button takes the focus (the old bubble, and its button, are gone).
+  // Regenerate or Edit redraw the branch shown: the new answer's Stop button takes the focus (the
+  // button that was pressed is gone). Switching versions (‹ ›) keeps the focus on the arrows.
   document.addEventListener("htmx:afterSwap", function (e) {
-    var bubble = e.detail.target;
     updateComposer();
-    if (bubble && bubble.classList && bubble.classList.contains("streaming")) {
+    var target = e.detail.target, trigger = e.detail.requestConfig && e.detail.requestConfig.elt;
+    if (!target || target.id !== "chat-messages" || !trigger || !trigger.closest) return;
+    if (trigger.closest(".siblings")) {
+      var arrows = target.querySelectorAll(".siblings button:not([disabled])");
+      if (arrows.length) arrows[arrows.length - 1].focus();
+      return;
+    }
+    var bubble = streamingBubble();
+    if (bubble) {
       var stop = bubble.querySelector("button.stop");
       if (stop) stop.focus();
       announce("Answering…");
+      stick = true;
+      scrollToEnd();
     }
   });
+
+  // Ctrl+K (or Cmd+K) searches the conversations.
+  document.addEventListener("keydown", function (e) {
+    if ((e.ctrlKey || e.metaKey) && (e.key === "k" || e.key === "K")) {
+      var box = byId("search");
+      if (!box) return;
+      e.preventDefault();
+      var list = box.closest("details");
+      if (list) list.open = true;
+      box.focus();
+      box.select();
+    }
+  });
+  // A search hit opens the conversation at the matching message.
+  function showTarget() {
+    var id = decodeURIComponent(location.hash.slice(1));
+    var el = id && document.getElementById(id);
+    if (!el) return false;
+    el.classList.add("found");
+    el.scrollIntoView({ block: "center" });
+    return true;
+  }
 
   // Autoscroll follows new text only while the reader is at the bottom.
   var stick = true;
@@ -101,9 +135,9 @@
     .observe(document.body, { childList: true, subtree: true, characterData: true });
   document.addEventListener("htmx:historyRestore", function () { stick = true; scrollToEnd(); });
   // Opening a conversation lands at its newest message, also through the boosted sidebar.
-  document.addEventListener("DOMContentLoaded", function () { restoreDraft(); scrollToEnd(); });
+  document.addEventListener("DOMContentLoaded", function () { restoreDraft(); if (!showTarget()) scrollToEnd(); });
   document.addEventListener("htmx:afterSettle", function (e) {
-    if (e.detail.elt === document.body) { restoreDraft(); stick = true; scrollToEnd(); }
+    if (e.detail.elt === document.body) { restoreDraft(); stick = !location.hash; if (!showTarget()) scrollToEnd(); }
   });
 
   // The done event is about to replace a streaming bubble: say how it ended, and keep the

@@ -16,11 +16,12 @@
 %   end
 % end
   <div class="actions">
+    {{!nav}}
 % if answer_html:
     <button type="button" class="copy" data-copy="answer" aria-label="Copy answer">Copy</button>
 % end
 % if answer['conversation_id'] and last:
-    <form method="post" action="/c/{{answer['conversation_id']}}/regenerate" hx-post="/c/{{answer['conversation_id']}}/regenerate" hx-target="closest .msg" hx-swap="outerHTML"><button type="submit" class="regenerate" aria-label="Regenerate this answer">Regenerate</button></form>
+    <form method="post" action="/c/{{answer['conversation_id']}}/regenerate" hx-post="/c/{{answer['conversation_id']}}/regenerate" hx-target="#chat-messages" hx-swap="innerHTML"><input type="hidden" name="message" value="{{answer['bubble_id'][1:]}}"><button type="submit" class="regenerate" aria-label="Regenerate this answer">Regenerate</button></form>
 % end
     <span class="footer">{{answer['footer']}}</span>
   </div>

@@ -1,5 +1,6 @@
-% include("user", prompt=prompt)
+% include("user", prompt=prompt, message_id=question_id, conversation_id=conversation['id'], nav="")
 % include("streaming", stream_id=stream_id)
+% include("parent", leaf=leaf)
 % if created:
 <title>{{conversation['title']}} — chat.py</title>
 <input type="hidden" name="conversation" id="conversation" value="{{conversation['id']}}" hx-swap-oob="true">

@@ -28,6 +28,12 @@
   <details open>
     <summary>Conversations</summary>
     <a class="button new" href="/">New chat</a>
+    <form class="search" role="search" method="get" action="/search" hx-get="/search" hx-trigger="input changed delay:250ms from:#search, submit" hx-target="#search-results" hx-swap="innerHTML" hx-push-url="false">
+      <input type="search" name="q" id="search" value="{{query}}" placeholder="Search (Ctrl+K)" aria-label="Search conversations" autocomplete="off">
+    </form>
+    <ul id="search-results" aria-live="polite">
+% include("search_results", results=results or [], query=query)
+    </ul>
     <ul id="conversation-list">
 % for item in conversations:
 % include("conversation_item", item=item, current=bool(conversation and item['id'] == conversation['id']))
@@ -59,8 +65,10 @@
 % end
   </div>
   <input type="hidden" name="conversation" id="conversation" value="{{conversation['id'] if conversation else ''}}">
-  <details class="options">
-    <summary>Model and system prompt</summary>
+  <input type="hidden" name="parent" id="parent" value="{{leaf or ''}}">
+% is_set = [label for label, on in (("system prompt", bool(system)), ("temperature", params['temperature'] is not None), ("top p", params['top_p'] is not None), ("max tokens", params['max_tokens'] is not None)) if on]
+  <details class="options"{{!' open' if is_set else ''}}>
+    <summary>Model and options{{' · ' + ', '.join(is_set) if is_set else ''}}</summary>
     <label for="model">Model</label>
 % if models:
     <select name="model" id="model">
@@ -71,7 +79,16 @@
 % include("model_options", models=models, model=model, label=label)
     </select>
     <label for="system">System prompt</label>
-    <textarea name="system" id="system" rows="3" placeholder="Optional instructions for the model in this conversation">{{conversation['system_prompt'] if conversation else ''}}</textarea>
+    <textarea name="system" id="system" rows="3" placeholder="Optional instructions for the model in this conversation">{{system}}</textarea>
+    <label class="check"><input type="checkbox" name="save_system" value="1"> Use this system prompt for new chats</label>
+    <div class="params">
+% for name, label, step, hint in (("temperature", "Temperature", "0.05", "0–2"), ("top_p", "Top p", "0.01", "0–1"), ("max_tokens", "Max tokens", "1", "1 or more")):
+      <label>{{label}}
+        <input type="number" name="{{name}}" step="{{step}}" min="0" value="{{'' if params[name] is None else params[name]}}" placeholder="{{'default: ' + str(defaults[name]) if defaults[name] is not None else "server's default"}}" aria-describedby="hint-{{name}}">
+        <span class="hint" id="hint-{{name}}">{{hint}}; blank: {{'the default' if defaults[name] is not None else "the server's default"}}</span>
+      </label>
+% end
+    </div>
   </details>
   <div class="row">
     <textarea name="prompt" id="prompt" rows="2" placeholder="Message (Enter to send, Shift+Enter for a new line)" aria-label="Message" autofocus>{{draft}}</textarea>

@@ -1,1 +1,13 @@
-<div class="msg user" role="article" aria-label="You"><div class="bubble">{{prompt}}</div></div>
+<div class="msg user" id="user-m{{message_id}}" role="article" aria-label="You"><div class="bubble">{{prompt}}</div>
+  <div class="actions">
+    {{!nav}}
+    <details class="edit">
+      <summary class="button" aria-label="Edit this message and send it again">Edit</summary>
+      <form method="post" action="/c/{{conversation_id}}/edit" hx-post="/c/{{conversation_id}}/edit" hx-target="#chat-messages" hx-swap="innerHTML">
+        <input type="hidden" name="message" value="{{message_id}}">
+        <textarea name="prompt" rows="3" aria-label="Edited message" required>{{prompt}}</textarea>
+        <button type="submit">Send</button>
+      </form>
+    </details>
+  </div>
+</div>

@@ -1,0 +1,1 @@
+<input type="hidden" name="parent" id="parent" value="{{leaf or ''}}" hx-swap-oob="true">
