@@ -1117,15 +1117,17 @@ class Stream:
         self.status, self.error = status, redact(error)
         self.finished_at = time.monotonic()
         answer = answer_record(self)
+        nav = ""
         try:
             store.finish_answer(self.message_id, answer)
+            nav = sibling_nav(self.conversation_id, self.message_id)
         except sqlite3.Error as exc:
             log.error("saving the answer failed: %s", exc)
             answer["notes"].append(storage_note(exc))
         try:
             # Markdown and highlighting of a long answer take a while: in a worker thread they
             # share the CPU with the hub instead of stopping every other stream.
-            bubble = gevent.get_hub().threadpool.apply(render_answer, (answer,))
+            bubble = gevent.get_hub().threadpool.apply(render_answer, (answer, True, nav))
         except Exception:  # noqa: BLE001 — a rendering bug must not leave the bubble streaming
             log.exception("rendering the answer failed")
             answer["error"] = answer["error"] or "chat.py could not render this answer."
@@ -1145,7 +1147,7 @@ class Stream:
         if self.message_id is None or size == self.saved or self.finished_at is not None:
             return None
         self.saved = size
-        return self.text(), self.text("reasoning"), self.message_id
+        return self.text(), self.text("reasoning"), self.message_id, self.conversation_id
 
 
 class Streams:
@@ -1173,9 +1175,12 @@ class Streams:
         """How many unfinished streams this owner has."""
         return sum(1 for i in self.by_owner.get(owner, ()) if not self.by_id[i].finished)
 
-    def for_message(self, message_id):
-        """The live stream writing this stored answer, if any."""
-        return next((s for s in self.by_id.values() if s.message_id == message_id), None)
+    def for_message(self, message_id, conversation_id):
+        """The stream writing this stored answer, if any (the unfinished one first: SQLite reuses the ids of
+        deleted rows, so a finished stream kept for its grace period may carry the same one)."""
+        candidates = [s for s in self.by_id.values()
+                      if s.message_id == message_id and s.conversation_id == conversation_id]
+        return next((s for s in candidates if not s.finished), candidates[0] if candidates else None)
 
     def reserve(self, owner, conversation_id=None):
         """Register a stream for this owner (and conversation) if the limits allow, or raise Refused.
@@ -1930,6 +1935,12 @@ class Store:
         self.update_conversation(conversation_id, leaf_id=cursor.lastrowid)
         return cursor.lastrowid
 
+    def siblings(self, message_id):
+        """The ids of a message and its alternatives (same parent), oldest first."""
+        return [row[0] for row in self.db.execute(
+            "SELECT s.id FROM messages m JOIN messages s ON s.conversation_id = m.conversation_id "
+            "AND s.parent_id IS m.parent_id WHERE m.id = ? ORDER BY s.id", (message_id,)).fetchall()]
+
     def owner_system_prompt(self, owner):
         """The system prompt this browser saved for new chats ('' if none)."""
         row = self.db.execute("SELECT system_prompt FROM owner_settings WHERE owner = ?", (owner,)).fetchone()
@@ -1960,12 +1971,13 @@ class Store:
 
 
     def save_partials(self, partials):
-        """Save the text of answers still streaming, (text, reasoning, message id) each, in one transaction."""
+        """Save the text of answers still streaming, (text, reasoning, message id, conversation id) each,
+        in one transaction. The conversation is checked too: SQLite reuses a deleted row's id."""
         if not partials:
             return
         with self.transaction():
             self.db.executemany("UPDATE messages SET content = ?, reasoning = ? "
-                                "WHERE id = ? AND status = 'streaming'", partials)
+                                "WHERE id = ? AND conversation_id = ? AND status = 'streaming'", partials)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -1985,10 +1997,10 @@ class Store:
             return
         self.db.execute(
             "UPDATE messages SET content = ?, reasoning = ?, status = ?, error = ?, notes = ?, footer = ?, "
-            "finish_reason = ?, usage = ?, model = ?, elapsed = ? WHERE id = ?",
+            "finish_reason = ?, usage = ?, model = ?, elapsed = ? WHERE id = ? AND conversation_id = ?",
             (answer["text"], answer["reasoning"], answer["status"], answer["error"], json.dumps(answer["notes"]),
              answer["footer"], answer["finish_reason"], json.dumps(answer["usage"]) if answer["usage"] else None,
-             answer["model"], answer["elapsed"], message_id))
+             answer["model"], answer["elapsed"], message_id, answer["conversation_id"]))
 
 
 store = Store()
@@ -2042,6 +2054,16 @@ def branch(conversation, at=None):
     else:
         leaf = tree.newest_leaf()
     return tree, tree.path(leaf)
+
+
+def sibling_nav(conversation_id, message_id):
+    """‹ n/m › for a message with other versions ('' if it has none, or is not stored)."""
+    if message_id is None:
+        return ""
+    ids = store.siblings(message_id)
+    if len(ids) < 2:
+        return ""
+    return bottle.template("siblings", conversation_id=conversation_id, ids=ids, position=ids.index(message_id))
 
 
 def conversation_params(conversation):
@@ -2534,7 +2556,7 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
                            password=bool(settings.password), draft=draft, error=error, leaf=leaf,
                            system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
                            results=results, query=query,
-                           answering=any(b is LIVE_ANSWER or 'class="msg assistant streaming' in b for b in bubbles))
+                           answering=any(b is not LIVE_ANSWER and 'class="msg assistant streaming' in b for b in bubbles))
     if live is None:
         return page
     before, _, after = page.partition(LIVE_ANSWER)
@@ -2556,7 +2578,7 @@ def render_bubbles(conversation, at=None, plain=False):
             bubbles.append(bottle.template("user", prompt=row["content"], message_id=row["id"],
                                            conversation_id=conversation["id"], nav=nav))
             continue
-        stream = streams.for_message(row["id"]) if row["status"] == "streaming" else None
+        stream = streams.for_message(row["id"], conversation["id"]) if row["status"] == "streaming" else None
         if stream is not None and not stream.finished:
             if plain and live is None:
                 live = stream
@@ -3220,6 +3242,8 @@ environment (flags override them):
   CHAT_NEW_OWNERS_PER_MINUTE new browsers one address may start chatting from (10)
   CHAT_OWNER_QUOTA           bytes of stored text per browser (104857600)
   CHAT_RETENTION_DAYS        delete conversations untouched this long (unset: keep)
+  CHAT_TEMPERATURE, CHAT_TOP_P, CHAT_MAX_TOKENS  sampling defaults (unset: the server's)
+  CHAT_IMAGE_HOSTS           hosts whose https images answers may show (others: links)
   CHAT_CONNECT_TIMEOUT, CHAT_PING_INTERVAL, CHAT_STREAM_GRACE, CHAT_DEMO_DELAY: see README
 """
 

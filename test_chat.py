@@ -2513,7 +2513,7 @@ def test_schema_has_a_version_and_interrupted_answers_are_marked(tmp_path):
     first = chat.Store(path)
     conversation = first.create_conversation("owner-" + "x" * 24, "t")
     message = first.add_message(conversation, "assistant", status="streaming")
-    first.save_partials([("so far", "", message)])
+    first.save_partials([("so far", "", message, conversation)])
     first.close()
     second = chat.Store(path)
     assert second.db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
@@ -4108,3 +4108,750 @@ def test_artifact_help_and_version(request, artifacts, tmp_path, kind, isolated)
         assert name in helped.stdout, name
     assert version.stderr == helped.stderr == ""  # no warnings
     assert sorted(os.listdir(folder)) == [Path(command[-1]).name]  # nothing written beside it
+
+
+# ---------------------------------------------------------------------------
+# Conversations people expect: edit, branches, search, parameters
+# ---------------------------------------------------------------------------
+
+def conversation_rows():
+    """(id, parent_id, role, content) of every message, in order."""
+    return db_rows("SELECT id, parent_id, role, content FROM messages ORDER BY id")
+
+
+def test_edit_makes_a_sibling_and_sends_the_branch_shown(client, upstream):
+    """Editing a question adds a new version beside it; upstream gets the path to it, not the old branch."""
+    upstream.serve(answer("A1"))
+    stream_id, conversation = send_in(client, "Q1")
+    read_events(client, stream_id)
+    upstream.serve(answer("A2"))
+    read_events(client, send_in(client, "Q2", conversation)[0])
+    upstream.serve(answer("A2 edited"))
+    q2 = next(r[0] for r in conversation_rows() if r[3] == "Q2")
+
+    response = client.post(f"/c/{conversation}/edit", {"message": q2, "prompt": "Q2 edited"}, headers=HX)
+
+    new_stream = re.search(r'sse-connect="/events\?stream=([\w-]+)"', response.text).group(1)
+    assert read_events(client, new_stream).message == "A2 edited"
+    assert upstream.last.json["messages"] == [
+        {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2 edited"}]
+    rows = conversation_rows()
+    assert [(r[2], r[3]) for r in rows if r[1] == rows[1][0]] == [("user", "Q2"), ("user", "Q2 edited")]
+    page = client.get(f"/c/{conversation}").text
+    assert "Q2 edited" in page and ">Q2<" not in page and "2/2" in page  # the new branch is shown
+
+
+def test_switching_versions_shows_that_branch_and_survives_a_reload(client, upstream):
+    """‹ › moves between siblings; the choice is stored, so a reload lands on the same branch."""
+    upstream.serve(answer("First answer"))
+    stream_id, conversation = send_in(client, "Q")
+    read_events(client, stream_id)
+    upstream.serve(answer("Second answer"))
+    client.post(f"/c/{conversation}/regenerate", headers=HX)
+    wait_until(lambda: not chat.streams.by_id or all(s.finished for s in chat.streams.by_id.values()),
+               what="the second answer")
+    first = next(r[0] for r in conversation_rows() if r[3] == "First answer")
+
+    fragment = client.post(f"/c/{conversation}/branch", {"to": first}, headers=HX).text
+
+    assert "First answer" in fragment and "Second answer" not in fragment and "1/2" in fragment
+    assert f'id="parent" value="{first}" hx-swap-oob="true"' in fragment  # the composer follows
+    reloaded = client.get(f"/c/{conversation}").text
+    assert "First answer" in reloaded and "Second answer" not in reloaded
+    upstream.serve(answer("Follow-up"))
+    read_events(client, send_in(client, "more", conversation, parent=str(first))[0])
+    assert [m["content"] for m in upstream.last.json["messages"]] == ["Q", "First answer", "more"]
+
+
+def test_a_stranger_cannot_switch_or_edit_branches(client, upstream):
+    """Branch, edit and regenerate are owner-scoped: another browser gets 404."""
+    _, conversation = send_in(client, "mine")
+    stranger = htmx_app()
+    stranger.post(f"/c/{conversation}/branch", {"to": "1"}, status=404)
+    stranger.post(f"/c/{conversation}/edit", {"message": "1", "prompt": "x"}, status=404)
+    stranger.post(f"/c/{conversation}/regenerate", status=404)
+
+
+def test_the_schema_migration_keeps_old_conversations(tmp_path):
+    """A database from before branches opens as one branch per conversation, showing all of it, searchable."""
+    path = str(tmp_path / "old.db")
+    old = sqlite3.connect(path)
+    old.executescript(chat.MIGRATIONS[0] + chat.MIGRATIONS[1] + "PRAGMA user_version = 2;")
+    old.execute("INSERT INTO conversations VALUES ('c1', 'owner1', 'Old chat', '', NULL, 1, 2)")
+    for n, (role, content) in enumerate([("user", "old question"), ("assistant", "old answer"),
+                                          ("user", "again"), ("assistant", "zebra crossing")], 1):
+        old.execute("INSERT INTO messages (id, conversation_id, role, content, created) VALUES (?, 'c1', ?, ?, ?)",
+                    (n, role, content, n))
+    old.commit()
+    old.close()
+    store = chat.Store(path)
+    try:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
+        rows = store.messages("c1")
+        assert [(r["id"], r["parent_id"]) for r in rows] == [(1, None), (2, 1), (3, 2), (4, 3)]
+        assert store.conversation("c1", "owner1")["leaf_id"] == 4
+        tree = chat.Tree(rows)
+        assert [r["content"] for r in tree.path(4)] == ["old question", "old answer", "again", "zebra crossing"]
+        assert [r["message_id"] for r in store.search("owner1", chat.fts_query("zebra"))] == [4]
+    finally:
+        store.close()
+
+
+def test_exports_hold_every_branch_in_json_and_the_shown_one_in_markdown(client, upstream):
+    """JSON has all messages with id and parent_id; Markdown is the branch on screen."""
+    upstream.serve(answer("Old answer"))
+    read_events(client, send_in(client, "Q")[0])
+    conversation = db_rows("SELECT id FROM conversations")[0][0]
+    upstream.serve(answer("New answer"))
+    client.post(f"/c/{conversation}/regenerate", headers=HX)
+    wait_until(lambda: all(s.finished for s in chat.streams.by_id.values()), what="the new answer")
+    data_ = client.get(f"/c/{conversation}/export.json").json
+    assert [(m["role"], m["content"], m["parent_id"]) for m in data_["messages"]] == [
+        ("user", "Q", None), ("assistant", "Old answer", data_["messages"][0]["id"]),
+        ("assistant", "New answer", data_["messages"][0]["id"])]
+    assert data_["shown_leaf_id"] == data_["messages"][2]["id"]
+    markdown_ = client.get(f"/c/{conversation}/export.md").text
+    assert "New answer" in markdown_ and "Old answer" not in markdown_
+
+
+def test_search_finds_titles_and_content_of_this_owner_only(client, upstream):
+    """FTS search by title and by words in messages; another owner's words never match; the hit links to its message."""
+    upstream.serve(answer("The capital of Portugal is Lisbon."))
+    read_events(client, send_in(client, "Where should I travel?")[0])
+    upstream.serve(answer("Unrelated."))
+    stranger = htmx_app()
+    stranger_stream = re.search(r"stream=([\w-]+)",
+                                stranger.post("/streaming", {"prompt": "secret lisbon plans"}).text).group(1)
+    read_events(stranger, stranger_stream)
+
+    hits = elements(client.get("/search", {"q": "lisb"}).text, "a")
+    assert len(hits) == 1 and "Lisbon" in hits[0].text
+    message_id = db_rows("SELECT id FROM messages WHERE content LIKE 'The capital%'")[0][0]
+    assert hits[0].attrs["href"].endswith(f"?at={message_id}#answer-m{message_id}")
+    assert "<mark>Lisbon</mark>" in client.get("/search", {"q": "lisbon"}).text
+    titles = elements(client.get("/search", {"q": "travel"}).text, "a")
+    assert [h.text.strip() for h in titles][:1] == ["Where should I travel?"]
+    assert elements(stranger.get("/search", {"q": "portugal"}).text, "a") == []
+    assert "Nothing found" in client.get("/search", {"q": 'secret OR "plans" NEAR(x'}).text  # no FTS syntax leaks
+
+
+def test_search_without_javascript_is_a_page(client, upstream):
+    """A plain GET /search shows the page with the results in the sidebar."""
+    upstream.serve(answer("Pelicans are birds."))
+    read_events(client, send_in(client, "Tell me about pelicans")[0])
+    page = plain_app().get("/search", {"q": "pelican"})
+    assert page.status_int == 200  # a fresh browser: no conversations of its own
+    own = client.get("/search", {"q": "pelican"}, headers={"HX-Request": ""}).text
+    assert 'id="search-results"' in own and "pelicans" in own.lower()
+
+
+def test_a_search_hit_in_another_branch_opens_that_branch(client, upstream):
+    """?at=ID shows the branch through that message, without changing the one stored."""
+    upstream.serve(answer("apple answer"))
+    read_events(client, send_in(client, "Q")[0])
+    conversation = db_rows("SELECT id FROM conversations")[0][0]
+    upstream.serve(answer("banana answer"))
+    client.post(f"/c/{conversation}/regenerate", headers=HX)
+    wait_until(lambda: all(s.finished for s in chat.streams.by_id.values()), what="the second answer")
+    apple = db_rows("SELECT id FROM messages WHERE content = 'apple answer'")[0][0]
+    page = client.get(f"/c/{conversation}", {"at": apple}).text
+    assert "apple answer" in page and "banana answer" not in page and f'id="answer-m{apple}"' in page
+    assert "banana answer" in client.get(f"/c/{conversation}").text
+
+
+def test_parameters_reach_the_upstream_only_when_set(client, upstream, monkeypatch):
+    """Blank means the server's default (not sent); set values are sent and kept per conversation; env gives defaults."""
+    upstream.serve(answer("x"))
+    stream_id, conversation = send_in(client, "hi", temperature="", top_p="", max_tokens="")
+    read_events(client, stream_id)
+    assert not {"temperature", "top_p", "max_tokens"} & set(upstream.last.json)
+    read_events(client, send_in(client, "again", conversation, temperature="0.2", top_p="0.9", max_tokens="64")[0])
+    assert (upstream.last.json["temperature"], upstream.last.json["top_p"], upstream.last.json["max_tokens"]) == (
+        0.2, 0.9, 64)
+    read_events(client, send_in(client, "kept", conversation)[0])  # fields left out: unchanged
+    assert upstream.last.json["temperature"] == 0.2
+    page = client.get(f"/c/{conversation}").text
+    assert elements(page, "input", name="temperature")[0].attrs["value"] == "0.2"
+    assert "open" in elements(page, "details", cls="options")[0].attrs  # the panel shows what is set
+    monkeypatch.setattr(chat.settings, "temperature", 0.7)
+    read_events(client, send_in(client, "new chat")[0])
+    assert upstream.last.json["temperature"] == 0.7 and "top_p" not in upstream.last.json
+
+
+@pytest.mark.parametrize("field, value", [("temperature", "3"), ("top_p", "-0.1"), ("max_tokens", "1.5"),
+                                          ("temperature", "warm")])
+def test_bad_parameters_are_refused_and_nothing_is_stored(client, upstream, field, value):
+    """A parameter out of range gets 400 with a clear message; the message is not stored."""
+    response = client.post("/streaming", {"prompt": "hi", field: value}, headers=HX, status=400)
+    assert "blank for the default" in response.text
+    assert db_rows("SELECT id FROM messages") == []
+
+
+def test_a_saved_system_prompt_starts_new_chats(client, upstream):
+    """"Use this system prompt for new chats" prefills it on the next new chat and it is sent."""
+    read_events(client, send_in(client, "hi", system="Answer in French.", save_system="1")[0])
+    page = client.get("/").text
+    (system,) = elements(page, "textarea", id="system")
+    assert system.text == "Answer in French."
+    read_events(client, send_in(client, "bonjour", system=system.text)[0])
+    assert upstream.last.json["messages"][0] == {"role": "system", "content": "Answer in French."}
+    assert htmx_app().get("/").text.count("Answer in French.") == 0  # another browser's new chats: untouched
+
+
+def test_edit_regenerate_and_switch_versions_in_the_browser(open_page, page_upstream, live_chat):
+    """Edit a question and resend, Regenerate, move with ‹ ›, reload on the same branch."""
+    page = open_page().page
+    page_upstream.serve(answer("Paris is the capital."))
+    finished_bubble(page, type_and_send(page, "Capital of France?"))
+    # Edit the question: a second version with its own answer.
+    page_upstream.serve(answer("Rome is the capital."))
+    page.locator(".msg.user details.edit summary").click()
+    page.locator(".msg.user details.edit textarea").fill("Capital of Italy?")
+    page.locator(".msg.user details.edit button[type=submit]").click()
+    page.wait_for_function("() => document.querySelector('.msg.assistant.done') && "
+                           "document.querySelector('.msg.assistant.done').textContent.includes('Rome')")
+    assert page.locator(".msg.user .bubble").all_inner_texts() == ["Capital of Italy?"]
+    assert page.locator(".msg.user .siblings .position").inner_text() == "2/2"
+    # Regenerate the answer: a second answer beside the first, both kept.
+    page_upstream.serve(answer("Rome, since 1871."))
+    page.locator(".msg.assistant button.regenerate").click()
+    page.wait_for_function("() => [...document.querySelectorAll('.msg.assistant.done')].some("
+                           "b => b.textContent.includes('since 1871'))")
+    assert page.locator(".msg.assistant .siblings .position").inner_text() == "2/2"
+    page.locator(".msg.assistant .siblings button.prev").click()
+    page.wait_for_function("() => document.querySelector('.msg.assistant .content').textContent.trim() === 'Rome is the capital.'")
+    page.locator(".msg.user .siblings button.prev").click()
+    page.wait_for_function("() => document.querySelector('.msg.user .bubble').textContent.trim() === 'Capital of France?'")
+    assert page.locator(".msg.assistant .content").inner_text() == "Paris is the capital."
+    page.reload()
+    assert page.locator(".msg.user .bubble").all_inner_texts() == ["Capital of France?"]
+    assert page.locator(".msg.user .siblings .position").inner_text() == "1/2"
+    # The next question continues the branch on screen.
+    page_upstream.serve(answer("About 2 million."))
+    finished_bubble(page, type_and_send(page, "Population?"))
+    assert [m["content"] for m in page_upstream.last.json["messages"]] == [
+        "Capital of France?", "Paris is the capital.", "Population?"]
+    if os.environ.get("CHAT_UPDATE_SCREENSHOT"):
+        page.set_viewport_size({"width": 900, "height": 520})
+        page.locator(".msg.user .siblings").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(HERE / "static" / "screenshot-branches.png"))
+
+
+def test_ctrl_k_search_opens_a_result_at_its_message(open_page, page_upstream, live_chat):
+    """Ctrl+K focuses the search box; typing lists matches; a result opens its conversation at the message."""
+    page = open_page().page
+    page_upstream.serve(answer(*[f"Filler paragraph {n}.\n\n" for n in range(30)], "The okapi lives in Congo."))
+    finished_bubble(page, type_and_send(page, "Tell me about rare animals"))
+    page.get_by_role("link", name="New chat").click()
+    page.wait_for_url(live_chat.url + "/")
+    page.wait_for_function("() => document.activeElement.id === 'prompt'")  # the new page has settled
+    page.keyboard.press("Control+k")
+    assert page.evaluate("document.activeElement.id") == "search"
+    page.keyboard.type("okapi")
+    result = page.locator("#search-results a").first
+    result.wait_for()
+    assert "okapi" in result.inner_text().lower()
+    result.click()
+    page.wait_for_url("**/c/**#answer-m*")
+    found = page.locator(".msg.found")
+    found.wait_for()
+    assert "okapi" in found.inner_text()
+    box = found.bounding_box()
+    assert box["y"] < page.viewport_size["height"] and box["y"] + box["height"] > 0  # scrolled into view
+
+
+# ---------------------------------------------------------------------------
+# The page people expect: Markdown while streaming, math, no JavaScript, history,
+# focus, phones, drafts, titles, links — in a real browser
+# ---------------------------------------------------------------------------
+
+AT_BOTTOM = ("() => { const e = document.scrollingElement; "
+             "return e.scrollHeight - e.scrollTop - e.clientHeight <= 50; }")
+
+
+def words(text):
+    """Text with its whitespace normalised (innerText puts newlines between blocks)."""
+    return " ".join(text.split())
+
+
+def no_js_page(browser, live_chat, watches, **options):
+    """A new tab in a context with JavaScript off (closed with the test); returns its PageWatch and context."""
+    ctx = browser.new_context(java_script_enabled=False, **options)
+    page = ctx.new_page()
+    page.set_default_timeout(10_000)
+    watch = PageWatch(page)
+    watches.append(watch)
+    page.goto(live_chat.url + "/")
+    return watch, ctx
+
+
+def send_without_js(page, prompt):
+    """Type a prompt into the plain form and click Send; wait for the 303 and the conversation's page to begin."""
+    page.fill("#prompt", prompt)
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/streaming")) as posted:
+        page.click("#send", no_wait_after=True)
+    assert posted.value.status == 303
+    page.wait_for_url(re.compile(r"/c/[\w-]+$"), wait_until="commit")
+
+
+def test_markdown_blocks_render_while_the_answer_streams(open_page, page_upstream):
+    """Finished blocks (a paragraph, highlighted code under its bar) render while the upstream waits; then the tail."""
+    body = answer("Some **bold** words.\n\n", "```python\n", "def f():\n", "    return 1\n", "```\n", "More te")
+    reply = page_upstream.serve(body, pause_at=after_event(body, b'"More te"'))
+    page = open_page().page
+    stream_id = type_and_send(page, "blocks please")
+    live = page.locator(f"#answer-{stream_id}.streaming")
+    live.locator(".blocks .code-block").wait_for()
+    page.wait_for_function(f"() => document.getElementById('tail-{stream_id}').textContent === 'More te'")
+    assert not reply.gate.is_set() and not page_upstream.last.answered.is_set()
+    blocks = live.locator(".content.markdown.live .blocks")
+    assert blocks.locator(".md-block").count() == 2
+    assert blocks.locator(".md-block").nth(0).locator("p strong").inner_text() == "bold"
+    assert blocks.locator(".code-bar .lang").inner_text() == "python"
+    assert blocks.locator(".code-bar button.copy").inner_text() == "Copy"
+    assert blocks.locator("pre code span").count() > 3, "the code is highlighted"
+    assert blocks.locator("pre").inner_text() == "def f():\n    return 1\n"
+    assert "**" not in live.locator(".content").inner_text() and "```" not in live.locator(".content").inner_text()
+    page_upstream.release()
+    bubble = finished_bubble(page, stream_id)
+    assert page.locator(".msg.streaming").count() == 0
+    assert bubble.locator(".content strong").inner_text() == "bold"
+    assert bubble.locator(".code-block .lang").inner_text() == "python"
+    assert bubble.locator(".content > p").last.inner_text() == "More te"
+
+
+def test_no_visible_jump_when_the_answer_ends(open_page, page_upstream):
+    """An answer ending in a plain paragraph: the same text, and the same height within 3 px, before and after done."""
+    body = answer("## Plan\n\n", "First, a paragraph with **bold** words.\n\n", "The last paragraph is plain",
+                  " text, and it streams in a few tokens.")
+    page_upstream.serve(body, pause_at=body.index(FINISH))
+    page = open_page().page
+    stream_id = type_and_send(page, "no jump")
+    page.wait_for_function(f"() => document.getElementById('tail-{stream_id}').textContent.endsWith('few tokens.')")
+    page.wait_for_timeout(200)  # nothing more is coming before done: let the last events settle
+    live = page.locator(f"#answer-{stream_id}.streaming .content")
+    before_text, before_height = live.inner_text(), live.bounding_box()["height"]
+    tail = page.locator(f"#tail-{stream_id}").inner_text()
+    page_upstream.release()
+    done = finished_bubble(page, stream_id).locator(".content")
+    after_text, after_height = done.inner_text(), done.bounding_box()["height"]
+    assert tail.strip() == "The last paragraph is plain text, and it streams in a few tokens.", \
+        "only the unfinished last paragraph is plain text"
+    assert words(before_text) == words(after_text)
+    assert abs(before_height - after_height) <= 3, (before_height, after_height)
+
+
+def test_math_renders_as_mathml_and_bad_tex_stays_visible(open_page, page_upstream):
+    """$…$, $$…$$, \\(…\\), \\[…\\] become <math> (live and done); invalid TeX stays as code.math-error."""
+    body = answer("Inline $x^2$ and \\(a+b\\).\n\n", "$$\\frac{1}{2}$$\n\n", "Display \\[c\\] here.\n\n",
+                  "Broken $\\frac{1}{$ stays.\n\n", "tail")
+    page_upstream.serve(body, pause_at=after_event(body, b'"tail"'))
+    page = open_page().page
+    stream_id = type_and_send(page, "math")
+    live = page.locator(f"#answer-{stream_id}.streaming .blocks")
+    live.locator("code.math-error").wait_for()
+    assert live.locator("math").count() == 4
+    page_upstream.release()
+    bubble = finished_bubble(page, stream_id)
+    content = bubble.locator(".content")
+    assert content.locator("math").count() == 4
+    assert content.locator("math[display=block]").count() == 2
+    assert content.locator("math").nth(0).locator("msup").count() == 1
+    assert content.locator("math mfrac").count() == 1
+    assert content.locator("code.math-error").inner_text() == "\\frac{1}{"
+    assert content.locator("code.math-error").is_visible()
+    assert "$" not in content.inner_text().replace("\\frac{1}{", "")
+
+
+def test_without_javascript_a_message_streams_as_html(browser, live_chat, page_upstream, watches):
+    """No JavaScript: a real form posts, 303 to /c/ID, the page streams the answer and ends with the done bubble."""
+    prompt = "zebra-quokka-7781 tell me"
+    body = answer("Plain **answer** ", "streams", " here.")
+    page_upstream.serve(body, pause_at=after_event(body, b'"streams"'))
+    watch, ctx = no_js_page(browser, live_chat, watches)
+    try:
+        page = watch.page
+        composer = page.locator("form#composer")
+        assert (composer.get_attribute("method"), composer.get_attribute("action")) == ("post", "/streaming")
+        send_without_js(page, prompt)
+        page.locator(".msg.plain .tokens").filter(has_text="streams").wait_for()
+        assert page.locator(".msg.assistant.done").count() == 0
+        page_upstream.release()
+        done = page.locator(".msg.assistant.done")
+        done.wait_for(state="visible")
+        page.wait_for_load_state("load")
+        assert done.locator(".content strong").inner_text() == "answer"
+        assert words(done.locator(".content").inner_text()) == "Plain answer streams here."
+        assert page.locator(".msg.plain").is_hidden(), "the live copy gives way to the finished bubble"
+        assert page.locator(".msg.user .bubble").all_inner_texts() == [prompt]
+        assert page.locator("#conversation-list a").all_inner_texts() == [prompt]
+        assert not [url for _, url in watch.requests if "zebra" in url or "quokka" in url]
+        # The composer came with the page while the answer streamed; once it is done, Send is back.
+        assert page.locator("#send").is_visible(), "after the answer, Send is there for the next message"
+        assert page.locator("#stop-answer").is_hidden()
+    finally:
+        ctx.close()
+
+
+def test_without_javascript_stop_is_a_form(browser, live_chat, page_upstream, watches):
+    """No JavaScript: Stop during a paused answer is a form; the page comes back showing the partial answer, Stopped."""
+    body = answer("Half", " an", " answer", " never", " sent")
+    page_upstream.serve(body, hang_at=after_event(body, b'" answer"'))
+    watch, ctx = no_js_page(browser, live_chat, watches)
+    try:
+        page = watch.page
+        send_without_js(page, "stop me without scripts")
+        page.locator(".msg.plain .tokens").filter(has_text="Half an answer").wait_for()
+        stop = page.locator(".msg.plain form.actions")
+        assert stop.get_attribute("method") == "post"
+        with page.expect_response(lambda r: r.request.method == "POST" and "/stop?" in r.url) as stopped:
+            stop.get_by_role("button", name="Stop generating").click(no_wait_after=True)
+        assert stopped.value.status == 303
+        done = page.locator(".msg.assistant.done")
+        done.wait_for(state="visible")
+        wait_until(page_upstream.last.client_closed.is_set, timeout=2, what="the upstream to see the stop")
+        assert done.locator(".note").inner_text() == "Stopped."
+        assert done.locator(".content").inner_text() == "Half an answer"
+        assert page.locator(".msg.assistant:visible").count() == 1
+    finally:
+        ctx.close()
+
+
+def test_without_javascript_regenerate_is_a_form(browser, live_chat, page_upstream, watches):
+    """No JavaScript: Regenerate is a form; the page it lands on streams the new answer and ends with it."""
+    page_upstream.serve(answer("First answer."))
+    watch, ctx = no_js_page(browser, live_chat, watches)
+    try:
+        page = watch.page
+        send_without_js(page, "answer twice")
+        page.locator(".msg.assistant.done").wait_for()
+        page.wait_for_load_state("load")
+        conversation_url = page.url
+        body = answer("Second", " answer.")
+        page_upstream.serve(body, pause_at=after_event(body, b'"Second"'))
+        regenerate = page.locator(".msg.assistant.done form").filter(has=page.locator("button.regenerate"))
+        assert (regenerate.get_attribute("method"), regenerate.get_attribute("action")) == (
+            "post", conversation_url.removeprefix(live_chat.url) + "/regenerate")
+        with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/regenerate")) as posted:
+            regenerate.locator("button").click(no_wait_after=True)
+        assert posted.value.status == 303
+        page.wait_for_url(conversation_url, wait_until="commit")
+        page.locator(".msg.plain .tokens:has-text('Second'), .msg.assistant.done").first.wait_for()
+        assert page.locator(".msg.plain .tokens").filter(has_text="Second").count() == 1, \
+            "the new answer streams: " + page.locator(".msg.assistant").first.evaluate("e => e.outerHTML")
+        page_upstream.release()
+        page.locator(".msg.assistant.done .content").filter(has_text="Second answer.").wait_for()
+        assert page.locator(".msg.assistant:visible .content").all_inner_texts() == ["Second answer."]
+    finally:
+        ctx.close()
+
+
+def test_without_javascript_rename_and_delete_are_forms(browser, live_chat, page_upstream, watches):
+    """No JavaScript: Rename is a <details> with a prefilled form; Delete links to a page that asks, with a form."""
+    watch, ctx = no_js_page(browser, live_chat, watches)
+    try:
+        page = watch.page
+        page_upstream.serve(answer("Kept."))
+        send_without_js(page, "plain controls")
+        page.locator(".msg.assistant.done").wait_for()
+        page.wait_for_load_state("load")
+        conversation_url = page.url
+        page.locator("details.rename summary").click()
+        box = page.locator("details.rename input[name=title]")
+        assert box.is_visible() and box.input_value() == "plain controls"
+        form = page.locator("details.rename form")
+        assert (form.get_attribute("method"), form.get_attribute("action")) == (
+            "post", conversation_url.removeprefix(live_chat.url) + "/rename")
+        box.fill("Renamed without scripts")
+        page.locator("details.rename button[type=submit]").click()
+        page.wait_for_url(conversation_url)
+        assert page.locator("#conversation-title").inner_text() == "Renamed without scripts"
+        assert page.locator("#conversation-list a").all_inner_texts() == ["Renamed without scripts"]
+        assert page.title() == "Renamed without scripts — chat.py"
+        # A newer conversation, so that deleting this one leaves the newest message ids in use.
+        page.get_by_role("link", name="New chat").click()
+        page.wait_for_url(live_chat.url + "/")
+        send_without_js(page, "a newer one")
+        page.locator(".msg.assistant.done").wait_for()
+        page.get_by_role("link", name="Renamed without scripts").click()
+        page.wait_for_url(conversation_url)
+        # Delete: a link to a page that asks first, then a form.
+        page.get_by_role("link", name="Delete conversation").click()
+        page.wait_for_url(conversation_url + "/delete")
+        assert "Renamed without scripts" in page.locator("h2").inner_text()
+        confirm = page.locator("form").filter(has=page.get_by_role("button", name="Delete it"))
+        assert (confirm.get_attribute("method"), confirm.get_attribute("action")) == (
+            "post", conversation_url.removeprefix(live_chat.url) + "/delete")
+        confirm.get_by_role("button", name="Delete it").click()
+        page.wait_for_url(live_chat.url + "/")
+        assert page.locator("#conversation-list a").all_inner_texts() == ["a newer one"]
+        watch.allowed_errors.append("status of 404")  # Chromium logs the 404 it was asked to show
+        assert page.goto(conversation_url).status == 404
+    finally:
+        ctx.close()
+
+
+def test_reload_after_regenerate_shows_the_new_answer_streaming(open_page, page_upstream):
+    """Regenerate, then reload while the new answer streams: the page shows it live, not an empty finished bubble."""
+    page_upstream.serve(answer("First."))
+    page = open_page().page
+    first = finished_bubble(page, type_and_send(page, "regenerate then reload"))
+    body = answer("Second", " try.")
+    page_upstream.serve(body, pause_at=after_event(body, b'"Second"'))
+    first.get_by_role("button", name="Regenerate this answer").click()
+    page.locator(".msg.assistant.streaming .tokens").filter(has_text="Second").wait_for()
+    page.reload()
+    page.locator(".msg.assistant").wait_for()
+    assert page.locator(".msg.assistant.streaming .tokens").filter(has_text="Second").count() == 1, \
+        page.locator(".msg.assistant").evaluate("e => e.outerHTML")
+    page_upstream.release()
+    page.locator(".msg.assistant.done .content").filter(has_text="Second try.").wait_for()
+    assert page.locator(".msg.assistant").count() == 1
+
+
+def test_reload_after_a_deletion_shows_the_new_answer_streaming(open_page, page_upstream, live_chat):
+    """Delete the newest conversation, start another, reload mid-answer: the new answer is live, not an empty bubble."""
+    page_upstream.serve(answer("Soon gone."))
+    page = open_page().page
+    finished_bubble(page, type_and_send(page, "delete me"))
+    page.goto(page.url + "/delete")
+    page.get_by_role("button", name="Delete it").click()
+    page.wait_for_url(live_chat.url + "/")
+    body = answer("Fresh", " start.")
+    page_upstream.serve(body, pause_at=after_event(body, b'"Fresh"'))
+    type_and_send(page, "a new one")
+    page.locator(".msg.assistant.streaming .tokens").filter(has_text="Fresh").wait_for()
+    page.reload()
+    page.locator(".msg.assistant").wait_for()
+    assert page.locator(".msg.assistant.streaming .tokens").filter(has_text="Fresh").count() == 1, \
+        page.locator(".msg.assistant").evaluate("e => e.outerHTML")
+    page_upstream.release()
+    page.locator(".msg.assistant.done .content").filter(has_text="Fresh start.").wait_for()
+
+
+def test_back_after_leaving_a_streaming_answer_shows_it_once(open_page, page_upstream, live_chat):
+    """Leave a streaming answer for New chat, come Back: one bubble, its text once, and once again when done."""
+    parts = [f" b{n}" for n in range(12)]
+    body = answer(*parts)
+    page_upstream.serve(body, pause_at=after_event(body, b'" b5"'))
+    page = open_page().page
+    type_and_send(page, "go back")
+    page.wait_for_function("() => document.querySelector('.tokens').textContent.endsWith(' b5')")
+    conversation_url = page.url
+    page.get_by_role("link", name="New chat").click()
+    page.wait_for_url(live_chat.url + "/")
+    page.locator(".msg").first.wait_for(state="detached")
+    page.go_back()
+    page.wait_for_url(conversation_url)
+    page.wait_for_function("() => [...document.querySelectorAll('.tokens')].some(t => t.textContent.endsWith(' b5'))")
+    page.wait_for_timeout(300)  # an observation window for a second copy arriving
+    assert page.locator(".msg.assistant").count() == 1
+    assert page.locator(".msg.user").count() == 1
+    assert page.locator(".msg.assistant .tokens").text_content() == "".join(parts[:6])
+    page_upstream.release()
+    page.locator(".msg.assistant.done").wait_for()
+    page.wait_for_timeout(300)  # and for a late duplicate
+    assert page.locator(".msg.assistant").count() == 1
+    assert page.locator(".msg.assistant .content").inner_text() == "".join(parts).strip()
+
+
+def test_opening_a_long_conversation_lands_at_its_newest_message(open_page, page_upstream, live_chat):
+    """A conversation taller than the window opens at its end: from its address and from the (boosted) sidebar."""
+    page = open_page().page
+    page_upstream.serve(answer(*(f"Paragraph {n:02d} of a long answer.\n\n" for n in range(60))))
+    finished_bubble(page, type_and_send(page, "a long one"))
+    page.reload()
+    page.locator(".msg.assistant.done").wait_for()
+    assert page.evaluate("document.scrollingElement.scrollHeight") > 2000
+    page.wait_for_function(AT_BOTTOM)
+    page.get_by_role("link", name="New chat").click()
+    page.wait_for_url(live_chat.url + "/")
+    page.locator(".msg").first.wait_for(state="detached")
+    page.get_by_role("link", name="a long one").click()
+    page.locator(".msg.assistant.done").wait_for()
+    page.wait_for_timeout(300)  # an observation window: scrolling settles after the swap
+    assert page.evaluate(AT_BOTTOM), "scrollTop, scrollHeight: " + str(page.evaluate(
+        "[document.scrollingElement.scrollTop, document.scrollingElement.scrollHeight]"))
+
+
+@pytest.mark.parametrize("lang", ["python", "sh"])
+def test_copy_button_never_covers_the_code(open_page, page_upstream, lang):
+    """The code bar shows the fence's language and its Copy button does not overlap the code, even for one line."""
+    page_upstream.serve(answer(f"```{lang}\n", "x = 1\n", "```\n"))
+    page = open_page().page
+    bubble = finished_bubble(page, type_and_send(page, "one line of code"))
+    assert bubble.locator(".code-bar .lang").inner_text() == lang
+    copy, pre = bubble.locator(".code-bar .copy").bounding_box(), bubble.locator(".code-block pre").bounding_box()
+    overlap_x = min(copy["x"] + copy["width"], pre["x"] + pre["width"]) - max(copy["x"], pre["x"])
+    overlap_y = min(copy["y"] + copy["height"], pre["y"] + pre["height"]) - max(copy["y"], pre["y"])
+    assert overlap_x <= 0 or overlap_y <= 0, (copy, pre)
+    code = bubble.locator(".code-block pre code").bounding_box()
+    assert code["y"] >= copy["y"] + copy["height"], "the code begins below the bar"
+
+
+def test_regenerate_focuses_stop_and_then_the_message_box(open_page, page_upstream):
+    """After Regenerate the new Stop button has the focus; when the answer ends #prompt has it; #status says so."""
+    page_upstream.serve(answer("First."))
+    page = open_page().page
+    first = finished_bubble(page, type_and_send(page, "again please"))
+    page.wait_for_function("() => document.getElementById('status').textContent === 'Answer complete'")
+    body = answer("Second", " try.")
+    page_upstream.serve(body, pause_at=after_event(body, b'"Second"'))
+    first.get_by_role("button", name="Regenerate this answer").click()
+    page.locator(".msg.assistant.streaming").wait_for()  # focus moves as it is swapped in, in the same task
+    assert page.evaluate("() => document.activeElement.matches('.msg.assistant.streaming button.stop')"), \
+        "the focus is on " + page.evaluate("() => document.activeElement.outerHTML.slice(0, 80)")
+    page_upstream.release()
+    page.locator(".msg.assistant.done .content").filter(has_text="Second try.").wait_for()
+    page.wait_for_function("() => document.activeElement && document.activeElement.id === 'prompt'")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'Answer complete'")
+    assert page.locator(".msg.assistant").count() == 1
+
+
+def test_skip_link_and_message_roles(open_page, page_upstream):
+    """The first Tab from the top reaches the skip link, which focuses #prompt; messages are articles You / Answer."""
+    page_upstream.serve(answer("Roles."))
+    page = open_page().page
+    finished_bubble(page, type_and_send(page, "who is who"))
+    # The top of the page: focus on the document itself (the message box has autofocus).
+    page.evaluate("""() => { document.activeElement.blur(); document.body.tabIndex = -1; document.body.focus();
+                             document.body.removeAttribute('tabindex'); }""")
+    page.keyboard.press("Tab")
+    skip = page.locator(".skip-link")
+    assert page.evaluate("() => document.activeElement.className") == "skip-link"
+    assert skip.inner_text() == "Skip to the message box"
+    assert skip.is_visible() and skip.bounding_box()["y"] >= 0
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.activeElement && document.activeElement.id === 'prompt'")
+    assert page.get_by_role("article", name="You").locator(".bubble").inner_text() == "who is who"
+    assert page.get_by_role("article", name="Answer").locator(".content").inner_text() == "Roles."
+
+
+def test_on_a_phone_enter_is_a_newline_and_the_box_grows(browser, open_page, page_upstream):
+    """Touch screen: Enter is a newline and sends nothing, Send sends; the box grows with its text up to 40 %."""
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    try:
+        watch = open_page(ctx=ctx)
+        page = watch.page
+        assert page.evaluate("() => matchMedia('(pointer: coarse)').matches")
+        box = page.locator("#prompt")
+        empty = box.bounding_box()["height"]
+        box.fill("line 1")
+        page.press("#prompt", "Enter")
+        page.keyboard.type("line 2")
+        page.wait_for_timeout(300)  # an observation window: nothing may be sent
+        assert box.input_value() == "line 1\nline 2"
+        assert watch.posts("/streaming") == 0
+        box.fill("\n".join(f"line {n}" for n in range(1, 9)))
+        eight = box.bounding_box()["height"]
+        assert eight > empty + 50, (empty, eight)
+        box.fill("\n".join(f"line {n}" for n in range(1, 51)))
+        fifty = box.bounding_box()["height"]
+        assert eight < fifty <= 0.4 * 844 + 1, (eight, fifty)
+        page_upstream.serve(answer("Sent by tapping."))
+        box.fill("tap to send")
+        page.locator("#send").tap()
+        bubble = page.locator(".msg.assistant.done")
+        bubble.wait_for()
+        assert bubble.locator(".content").inner_text() == "Sent by tapping."
+        assert watch.posts("/streaming") == 1
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 390
+    finally:
+        ctx.close()
+
+
+def test_drafts_survive_navigation(open_page, page_upstream, live_chat):
+    """An unsent draft stays with its conversation, and the new chat's with the new chat, across sidebar navigation."""
+    page_upstream.serve(answer("Noted."))
+    page = open_page().page
+    finished_bubble(page, type_and_send(page, "conversation A"))
+    a_url = page.url
+    page.fill("#prompt", "draft for A")
+    page.get_by_role("link", name="New chat").click()
+    page.wait_for_url(live_chat.url + "/")
+    page.locator(".msg").first.wait_for(state="detached")
+    assert page.input_value("#prompt") == ""
+    page.fill("#prompt", "draft for the new chat")
+    page.get_by_role("link", name="conversation A").click()
+    page.wait_for_url(a_url)
+    page.wait_for_function("() => document.getElementById('prompt').value === 'draft for A'")
+    page.get_by_role("link", name="New chat").click()
+    page.wait_for_url(live_chat.url + "/")
+    page.wait_for_function("() => document.getElementById('prompt').value === 'draft for the new chat'")
+
+
+def test_title_from_the_first_message_and_rename(open_page, page_upstream):
+    """The tab title is the first message without Markdown, cut at a word with …; Rename updates it everywhere."""
+    prompt = ("**Plan** a _trip_ to Lisbon and then walk along the river to Belém, eat pastéis de nata, "
+              "and watch the sunset from a miradouro")
+    plain = "Plan a trip to Lisbon and then walk along the river to Belém, eat pastéis de nata, " \
+            "and watch the sunset from a miradouro"
+    page_upstream.serve(answer("Lovely."))
+    page = open_page().page
+    assert page.title() == "chat.py"
+    stream_id = type_and_send(page, prompt)
+    page.wait_for_function("() => document.title !== 'chat.py'")
+    title = page.title().removesuffix(" — chat.py")
+    assert page.title() == f"{title} — chat.py"
+    assert title.endswith("…") and not re.search(r"[*_`#]", title), title
+    shown = title.removesuffix("…")
+    assert plain.startswith(shown) and plain[len(shown)] in " ,", f"{title!r} is not cut at a word"
+    assert 20 < len(shown) < len(plain), title
+    finished_bubble(page, stream_id)
+    assert page.locator("#conversation-title").inner_text() == title
+    conversation_id = page.input_value("#conversation")
+    assert page.locator(f"#conv-{conversation_id}").inner_text() == title
+    # Rename through the prefilled form.
+    page.get_by_label("Rename conversation").click()
+    box = page.locator("details.rename input[name=title]")
+    assert box.input_value() == title
+    box.fill("Lisbon in a day")
+    box.press("Enter")
+    page.wait_for_function("() => document.title === 'Lisbon in a day — chat.py'")
+    assert page.locator("#conversation-title").inner_text() == "Lisbon in a day"
+    assert page.locator(f"#conv-{conversation_id}").inner_text() == "Lisbon in a day"
+    assert page.locator("#conversation-list a").count() == 1
+    page.reload()
+    assert page.title() == "Lisbon in a day — chat.py"
+
+
+def test_links_open_safely_and_remote_images_are_links(open_page, page_upstream):
+    """Links open in a new tab, noopener noreferrer; a bare URL is a link; a remote image is a link, never fetched."""
+    body = answer("See [the docs](https://example.com/docs) or https://example.com/x.\n\n",
+                  "![a cat](https://images.example.org/cat.png)\n\n", "tail")
+    page_upstream.serve(body, pause_at=after_event(body, b'"tail"'))
+    watch = open_page()
+    page = watch.page
+    stream_id = type_and_send(page, "links")
+    live = page.locator(f"#answer-{stream_id} .blocks")
+    live.locator("a.image-link").wait_for()
+    assert live.locator("img").count() == 0
+    page_upstream.release()
+    content = finished_bubble(page, stream_id).locator(".content")
+    for href in ("https://example.com/docs", "https://example.com/x"):
+        link = content.locator(f'a[href="{href}"]')
+        assert link.get_attribute("target") == "_blank"
+        assert {"noopener", "noreferrer"} <= set(link.get_attribute("rel").split())
+    assert content.locator('a[href="https://example.com/x"]').inner_text() == "https://example.com/x"
+    image = content.locator("a.image-link")
+    assert image.get_attribute("href") == "https://images.example.org/cat.png"
+    assert "a cat" in image.inner_text()
+    assert {"noopener", "noreferrer"} <= set(image.get_attribute("rel").split())
+    assert content.locator("img").count() == 0
+    page.wait_for_timeout(300)  # an observation window for a stray image request
+    assert not [url for _, url in watch.requests if "images.example.org" in url or "example.com" in url]
+
+
+def test_unknown_conversation_is_a_404_page_with_a_link_home(open_page, live_chat):
+    """/c/doesnotexist in the browser: status 404, an HTML page that says so and links home."""
+    watch = open_page()
+    watch.allowed_errors.append("status of 404")  # Chromium logs the 404 it was asked to show
+    page = watch.page
+    response = page.goto(live_chat.url + "/c/doesnotexist")
+    assert response.status == 404
+    assert response.headers["content-type"].startswith("text/html")
+    assert page.locator("h2").inner_text() == "Not found"
+    page.locator('main a[href="/"]').last.click()
+    page.wait_for_url(live_chat.url + "/")
+    assert page.locator("#prompt").is_visible()

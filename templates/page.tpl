@@ -9,7 +9,7 @@
 <link rel="stylesheet" href="/static/chat.css">
 <link rel="stylesheet" href="/static/pygments.css">
 <!-- Show 4xx/5xx bodies (readable messages) in #form-error instead of dropping them. -->
-<meta name="htmx-config" content='{"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":false,"target":"#form-error","swapOverride":"innerHTML"}],"allowEval":false,"includeIndicatorStyles":false,"historyCacheSize":0}'>
+<meta name="htmx-config" content='{"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":false,"target":"#form-error","swapOverride":"innerHTML"}],"allowEval":false,"includeIndicatorStyles":false,"historyCacheSize":0,"scrollIntoViewOnBoost":false}'>
 <script src="/static/htmx.min.js"></script>
 <script src="/static/htmx-ext-sse.js"></script>
 <script src="/static/chat.js" defer></script>
