@@ -53,6 +53,7 @@ from xml.etree import ElementTree  # noqa: E402
 import bottle  # noqa: E402
 import latex2mathml.converter  # noqa: E402
 import gevent  # noqa: E402
+import gevent.local  # noqa: E402
 import gevent.lock  # noqa: E402
 import requests  # noqa: E402
 import urllib3.exceptions  # noqa: E402
@@ -125,6 +126,11 @@ class Settings:
         # Stored text per owner (bytes of messages); beyond it new messages are refused.
         self.owner_quota = int(env.get("CHAT_OWNER_QUOTA") or 100 << 20)
         self.retention_days = float(env.get("CHAT_RETENTION_DAYS") or 0) or None  # None: keep forever
+        # PostgreSQL instead of the SQLite file (postgresql://user:pass@host/db); unset: SQLite.
+        self.database_url = env.get("CHAT_DATABASE_URL") or None
+        # How long a streaming answer's lease lasts; its writer renews it every second. A writer
+        # that dies leaves an answer that is marked interrupted once the lease runs out.
+        self.lease_seconds = float(env.get("CHAT_LEASE_SECONDS") or 15)
         # Sampling defaults for conversations that set none (unset: the server's own defaults).
         self.temperature = float(env["CHAT_TEMPERATURE"]) if env.get("CHAT_TEMPERATURE") else None
         self.top_p = float(env["CHAT_TOP_P"]) if env.get("CHAT_TOP_P") else None
@@ -1121,7 +1127,7 @@ class Stream:
         try:
             store.finish_answer(self.message_id, answer)
             nav = sibling_nav(self.conversation_id, self.message_id)
-        except sqlite3.Error as exc:
+        except DATABASE_ERRORS as exc:
             log.error("saving the answer failed: %s", exc)
             answer["notes"].append(storage_note(exc))
         try:
@@ -1259,8 +1265,13 @@ class Streams:
                 stream.tell_readers(waiting_frame(now - stream.started))
             elif ping:
                 stream.tell_readers(SSE_PING)
-        if partials:
-            self.saving = gevent.spawn(save_partials, partials)
+        if can_save:
+            # Every second, in one transaction: the text that grew, and the leases of every answer
+            # this process writes (another process, or this one after a restart, takes an
+            # answer whose lease ran out for interrupted).
+            live = [s.message_id for s in self.by_id.values() if s.message_id and s.finished_at is None]
+            if partials or live:
+                self.saving = gevent.spawn(save_progress, partials, live)
 
     def start(self, history, owner=None, **fields):
         """Register a new stream and start its relay greenlet (no limits: for tools and tests)."""
@@ -1288,25 +1299,32 @@ class Streams:
 streams = Streams()
 
 
-def save_partials(partials):
-    """Save the answers still streaming, all in one transaction: one WAL commit a second."""
+def save_progress(partials, live):
+    """Save the answers still streaming and renew their leases, all in one transaction: one commit a second."""
     try:
-        store.save_partials(partials)
-    except sqlite3.Error as exc:
+        with store.transaction():
+            store.save_partials(partials)
+            store.renew_leases(live, time.time() + settings.lease_seconds)
+    except DATABASE_ERRORS as exc:
         log.error("saving partial answers failed: %s", exc)
 
 
 def housekeeping_forever(every=3600.0):
-    """Once an hour: forget expired logins and, with CHAT_RETENTION_DAYS, conversations older than that."""
+    """Mark answers whose writer died interrupted (every few seconds); once an hour, forget expired logins
+    and, with CHAT_RETENTION_DAYS, conversations older than that."""
+    last_hourly = -every
     while True:
         try:
-            deleted = store.expire(time.time(), settings.retention_days and settings.retention_days * 86400)
-            if deleted:
-                log.info("deleted %d conversations untouched for %g days (CHAT_RETENTION_DAYS)", deleted,
-                         settings.retention_days)
-        except sqlite3.Error as exc:
+            store.expire_leases(time.time())
+            if time.monotonic() - last_hourly >= every:
+                last_hourly = time.monotonic()
+                deleted = store.expire(time.time(), settings.retention_days and settings.retention_days * 86400)
+                if deleted:
+                    log.info("deleted %d conversations untouched for %g days (CHAT_RETENTION_DAYS)", deleted,
+                             settings.retention_days)
+        except DATABASE_ERRORS as exc:
             log.error("housekeeping failed: %s", exc)
-        gevent.sleep(every)
+        gevent.sleep(min(5.0, settings.lease_seconds / 3))
 
 
 def storage_note(exc):
@@ -1318,7 +1336,7 @@ def storage_note(exc):
 
 def is_disk_full(exc):
     """True if a database error means the disk (or the database's size limit) is full."""
-    return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
+    return isinstance(exc, DATABASE_ERRORS) and ("full" in str(exc).lower() or "no space" in str(exc).lower())
 
 
 def relay_upstream(stream):
@@ -1560,6 +1578,7 @@ NOTES = {
     "interrupted": "The server stopped while this answer was being written; it may be incomplete.",
     "unsaved": "This answer was not saved completely (the server stopped, or could not write it); "
                "this is the text saved last.",
+    "elsewhere": "Another chat.py process is still writing this answer; reload to see more of it.",
 }
 
 
@@ -1753,6 +1772,40 @@ MIGRATIONS = [
         DELETE FROM title_search WHERE rowid = old.rowid;
     END;
     """,
+    # Crash recovery by lease: a streaming answer whose writer stopped renewing it is interrupted.
+    """
+    ALTER TABLE messages ADD COLUMN lease_until REAL;
+    CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
+    """,
+]
+
+# PostgreSQL starts at today's schema; later changes are appended here, like MIGRATIONS.
+PG_MIGRATIONS = [
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY, owner TEXT NOT NULL, title TEXT NOT NULL, system_prompt TEXT NOT NULL DEFAULT '',
+        model TEXT, created DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL, leaf_id BIGINT,
+        temperature DOUBLE PRECISION, top_p DOUBLE PRECISION, max_tokens INTEGER
+    );
+    CREATE INDEX conversations_by_owner ON conversations (owner, updated DESC);
+    CREATE INDEX conversations_search ON conversations USING GIN (to_tsvector('simple', title));
+    CREATE TABLE messages (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        parent_id BIGINT REFERENCES messages (id) ON DELETE CASCADE,
+        role TEXT NOT NULL, content TEXT NOT NULL DEFAULT '', reasoning TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'done', error TEXT, notes TEXT NOT NULL DEFAULT '[]',
+        footer TEXT NOT NULL DEFAULT '', finish_reason TEXT, usage TEXT, model TEXT,
+        elapsed DOUBLE PRECISION, created DOUBLE PRECISION NOT NULL, lease_until DOUBLE PRECISION
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    CREATE INDEX messages_by_parent ON messages (parent_id);
+    CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
+    CREATE INDEX messages_search ON messages USING GIN (to_tsvector('simple', content));
+    CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, password_tag TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL);
+    CREATE TABLE owner_settings (owner TEXT PRIMARY KEY, system_prompt TEXT NOT NULL DEFAULT '');
+    """,
 ]
 
 
@@ -1773,7 +1826,7 @@ class Result:
         return self.rows
 
 
-class Database:
+class SQLiteDatabase:
     """One SQLite connection whose every call runs in gevent's thread pool, one caller at a time.
 
     SQLite blocks while another process holds the write lock (busy_timeout) or the disk is
@@ -1781,12 +1834,40 @@ class Database:
     greenlets that wait for this lock, and the others go on.
     """
 
-    def __init__(self, connection):
-        self.connection = connection
+    name = "SQLite"
+    null_safe_equal = "IS"                                  # NULL = NULL is true
+    byte_length = "LENGTH(CAST({} AS BLOB))"
+
+    def __init__(self, path):
         self.lock = gevent.lock.RLock()  # a greenlet's transaction spans several calls
         # A greenlet killed while it waits leaves its task running in the thread: a real lock,
         # taken inside the thread, keeps two tasks from ever using the connection at once.
         self.thread_lock = monkey.get_original("threading", "Lock")()
+        self.connection = gevent.get_hub().threadpool.apply(self.connect, (path,))
+
+    @staticmethod
+    def connect(path):
+        """Open the file and migrate it to the current schema."""
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at each checkpoint, fast
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA busy_timeout = 5000")
+        # One migration at a time even with several processes on one file: BEGIN IMMEDIATE takes
+        # the write lock, and the version is read again under it.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], version + 1):
+                for statement in split_sql(script):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return db
 
     def call(self, fn, *args):
         """Run fn(*args) in the thread pool while holding the lock; the calling greenlet waits cooperatively."""
@@ -1807,49 +1888,216 @@ class Database:
         """Run one statement for each row."""
         return self.call(lambda: self.connection.executemany(sql, rows).rowcount)
 
-    def executescript(self, script):
-        """Run several statements."""
-        self.call(self.connection.executescript, script)
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN … COMMIT, or ROLLBACK on an error (the connection is in autocommit mode otherwise)."""
+        with self.lock:  # no other greenlet's statement may land inside this transaction
+            self.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self.execute("ROLLBACK")
+                raise
+            self.execute("COMMIT")
+
+    def search(self, owner, words, limit):
+        """This owner's titles and messages matching every word (as a prefix), best first: FTS5."""
+        query = " ".join('"' + word.replace('"', '""') + '"*' for word in words)
+        titles = self.execute(
+            "SELECT c.id AS conversation_id, c.title, NULL AS message_id, NULL AS role, "
+            "highlight(title_search, 0, char(1), char(2)) AS snippet "
+            "FROM title_search JOIN conversations c ON c.rowid = title_search.rowid "
+            "WHERE title_search MATCH ? AND c.owner = ? ORDER BY title_search.rank LIMIT ?",
+            (query, owner, limit)).fetchall()
+        messages = self.execute(
+            "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
+            "snippet(message_search, 0, char(1), char(2), '…', 16) AS snippet "
+            "FROM message_search JOIN messages m ON m.id = message_search.rowid "
+            "JOIN conversations c ON c.id = m.conversation_id "
+            "WHERE message_search MATCH ? AND c.owner = ? ORDER BY message_search.rank LIMIT ?",
+            (query, owner, limit)).fetchall()
+        return (titles + messages)[:limit]
 
     def close(self):
         """Close the connection."""
         self.call(self.connection.close)
 
 
-class Store:
-    """Conversations and messages in one SQLite file (WAL), opened on first use."""
+def split_sql(script):
+    """The statements of a migration script (trigger bodies keep their inner semicolons)."""
+    statements, current = [], []
+    for line in script.strip().splitlines():
+        current.append(line)
+        text = "\n".join(current).strip()
+        if text.endswith(";") and sqlite3.complete_statement(text):
+            statements.append(text)
+            current = []
+    if "\n".join(current).strip():
+        statements.append("\n".join(current))
+    return statements
 
-    def __init__(self, path=None):
-        self.path = path
+
+class Row(tuple):
+    """A PostgreSQL row readable by column name or position, like sqlite3.Row."""
+
+    columns = {}
+
+    def __getitem__(self, key):
+        return tuple.__getitem__(self, self.columns[key] if isinstance(key, str) else key)
+
+    def keys(self):
+        """The column names."""
+        return list(self.columns)
+
+
+@functools.lru_cache(maxsize=256)
+def row_class(names):
+    """A Row subclass for one set of column names."""
+    return type("Row", (Row,), {"columns": {name: index for index, name in enumerate(names)}})
+
+
+class PostgresDatabase:
+    """A few PostgreSQL connections shared by the greenlets, one statement or transaction at a time on each.
+
+    psycopg waits cooperatively only when it was imported after gevent patched select (it is:
+    chat.py patches first and imports psycopg here); the check below refuses to run otherwise,
+    since its C wait would block every greenlet.
+    """
+
+    name = "PostgreSQL"
+    null_safe_equal = "IS NOT DISTINCT FROM"
+    byte_length = "OCTET_LENGTH({})"
+
+    def __init__(self, url, size=4):
+        import psycopg  # optional: only with CHAT_DATABASE_URL (requirements-scale.txt)
+        import psycopg.waiting
+        if psycopg.waiting.wait is getattr(psycopg.waiting, "wait_c", None):
+            raise RuntimeError("psycopg would block every greenlet: it was imported before gevent patched select")
+        self.psycopg = psycopg
+        self.url = url
+        self.pool = Queue()
+        self.connections = [self.connect() for _ in range(size)]
+        for connection in self.connections:
+            self.pool.put(connection)
+        self.local = gevent.local.local()  # the connection a greenlet's transaction holds
+        self.migrate()
+
+    def connect(self):
+        """A new autocommit connection whose rows read like sqlite3.Row."""
+        def rows(cursor):
+            names = tuple(column.name for column in cursor.description or ())
+            return row_class(names)
+        return self.psycopg.connect(self.url, autocommit=True, row_factory=rows)
+
+    def migrate(self):
+        """Bring the schema up to date, one process at a time (an advisory lock), each step in a transaction."""
+        with self.transaction():
+            self.execute("SELECT pg_advisory_xact_lock(7415)")  # 7415: chat.py's migrations
+            self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = self.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            for number, script in enumerate(PG_MIGRATIONS[version:], version + 1):
+                self.execute(script)
+            if not row:
+                self.execute("INSERT INTO schema_version VALUES (?)", (len(PG_MIGRATIONS),))
+            elif version < len(PG_MIGRATIONS):
+                self.execute("UPDATE schema_version SET version = ?", (len(PG_MIGRATIONS),))
+
+    @contextlib.contextmanager
+    def connection(self):
+        """The greenlet's transaction connection, or one from the pool for a single statement."""
+        pinned = getattr(self.local, "connection", None)
+        if pinned is not None:
+            yield pinned
+            return
+        connection = self.pool.get()
+        try:
+            yield connection
+        finally:
+            self.pool.put(connection)
+
+    def execute(self, sql, args=()):
+        """Run one statement (written with ? placeholders); return its rows and rowcount."""
+        with self.connection() as connection, connection.cursor() as cursor:
+            cursor.execute(sql.replace("%", "%%").replace("?", "%s"), args)
+            rows = cursor.fetchall() if cursor.description else []
+            return Result(rows, None, cursor.rowcount)
+
+    def executemany(self, sql, rows):
+        """Run one statement for each row."""
+        with self.connection() as connection, connection.cursor() as cursor:
+            cursor.executemany(sql.replace("%", "%%").replace("?", "%s"), rows)
+            return cursor.rowcount
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """A transaction on one connection that this greenlet's statements use until it ends."""
+        if getattr(self.local, "connection", None) is not None:
+            yield  # already inside one
+            return
+        connection = self.pool.get()
+        self.local.connection = connection
+        try:
+            with connection.transaction():
+                yield
+        finally:
+            self.local.connection = None
+            self.pool.put(connection)
+
+    def search(self, owner, words, limit):
+        """This owner's titles and messages matching every word (as a prefix), best first: tsvector."""
+        query = " & ".join(f"{word}:*" for word in words)
+        marks = "StartSel=\x01, StopSel=\x02, MaxWords=30, MinWords=10, HighlightAll=false"
+        titles = self.execute(
+            "SELECT c.id AS conversation_id, c.title, NULL::BIGINT AS message_id, NULL AS role, "
+            "ts_headline('simple', c.title, q, 'HighlightAll=true, StartSel=\x01, StopSel=\x02') AS snippet "
+            "FROM conversations c, to_tsquery('simple', ?) q "
+            "WHERE c.owner = ? AND to_tsvector('simple', c.title) @@ q "
+            "ORDER BY ts_rank(to_tsvector('simple', c.title), q) DESC LIMIT ?", (query, owner, limit)).fetchall()
+        messages = self.execute(
+            "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
+            f"ts_headline('simple', m.content, q, '{marks}') AS snippet "
+            "FROM messages m JOIN conversations c ON c.id = m.conversation_id, to_tsquery('simple', ?) q "
+            "WHERE c.owner = ? AND m.status != 'streaming' AND to_tsvector('simple', m.content) @@ q "
+            "ORDER BY ts_rank(to_tsvector('simple', m.content), q) DESC LIMIT ?", (query, owner, limit)).fetchall()
+        return (titles + messages)[:limit]
+
+    def close(self):
+        """Close every connection."""
+        for connection in self.connections:
+            connection.close()
+
+
+def open_database(path, url):
+    """The database chosen once at start-up: PostgreSQL for CHAT_DATABASE_URL, else the SQLite file."""
+    global DATABASE_ERRORS
+    if url and url.startswith(("postgresql://", "postgres://")):
+        database = PostgresDatabase(url)
+        DATABASE_ERRORS = (sqlite3.Error, database.psycopg.Error)
+        return database
+    return SQLiteDatabase(path)
+
+
+DATABASE_ERRORS = (sqlite3.Error,)  # what a failing database raises (psycopg's errors join with PostgreSQL)
+
+
+class Store:
+    """Conversations and messages: the same statements on SQLite or PostgreSQL (the database says where they differ)."""
+
+    def __init__(self, path=None, url=None):
+        self.path, self.url = path, url
         self._db = None
         self.opening = gevent.lock.Semaphore()
         self.secrets = {}
 
     @property
     def db(self):
-        """The connection, opened, migrated and recovered on first use."""
+        """The database, opened and migrated on first use (SQLite, or PostgreSQL with CHAT_DATABASE_URL)."""
         if self._db is None:
             with self.opening:  # the first requests arrive together: one of them opens and migrates
                 if self._db is None:
-                    self._db = Database(gevent.get_hub().threadpool.apply(self.connect, (self.path or settings.db,)))
+                    self._db = open_database(self.path or settings.db, self.url or settings.database_url)
         return self._db
-
-    @staticmethod
-    def connect(path):
-        """Open the file, migrate it to the current schema, and mark answers cut off by a crash."""
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at each checkpoint, fast
-        db.execute("PRAGMA foreign_keys = ON")
-        db.execute("PRAGMA busy_timeout = 5000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], version + 1):
-            db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
-        # Answers that were streaming when the process died keep their text, marked interrupted.
-        db.execute("UPDATE messages SET status = 'interrupted', notes = ? WHERE status = 'streaming'",
-                   (json.dumps([NOTES["interrupted"]]),))
-        return db
 
     def close(self):
         """Close the connection (a later use reopens it)."""
@@ -1860,13 +2108,14 @@ class Store:
     def secret(self, name):
         """A random secret kept in the database (for signing cookies), made on first use."""
         if name not in self.secrets:
-            self.db.execute("INSERT OR IGNORE INTO secrets VALUES (?, ?)", (name, secrets.token_hex(32)))
+            self.db.execute("INSERT INTO secrets VALUES (?, ?) ON CONFLICT DO NOTHING", (name, secrets.token_hex(32)))
             self.secrets[name] = self.db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0]
         return self.secrets[name]
 
     def owner_usage(self, owner):
         """Bytes of text this owner's conversations hold (for the per-owner quota)."""
-        return self.db.execute("SELECT COALESCE(SUM(LENGTH(CAST(m.content AS BLOB)) + LENGTH(CAST(m.reasoning AS BLOB))), 0) "
+        size = self.db.byte_length
+        return self.db.execute(f"SELECT COALESCE(SUM({size.format('m.content')} + {size.format('m.reasoning')}), 0) "
                                "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
                                "WHERE c.owner = ?", (owner,)).fetchone()[0]
 
@@ -1928,18 +2177,37 @@ class Store:
                                (conversation_id,)).fetchall()
 
     def add_message(self, conversation_id, role, content="", status="done", parent_id=None):
-        """Add a message under parent_id (None: a first message) and show its branch; returns its id."""
-        cursor = self.db.execute("INSERT INTO messages (conversation_id, role, content, status, created, parent_id) "
-                                 "VALUES (?, ?, ?, ?, ?, ?)",
-                                 (conversation_id, role, content, status, time.time(), parent_id))
-        self.update_conversation(conversation_id, leaf_id=cursor.lastrowid)
-        return cursor.lastrowid
+        """Add a message under parent_id (None: a first message) and show its branch; returns its id.
+
+        A streaming answer gets a lease that its writer renews; when it runs out, the answer is interrupted.
+        """
+        now = time.time()
+        lease = now + settings.lease_seconds if status == "streaming" else None
+        message_id = self.db.execute(
+            "INSERT INTO messages (conversation_id, role, content, status, created, parent_id, lease_until) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (conversation_id, role, content, status, now, parent_id, lease)).fetchone()[0]
+        self.update_conversation(conversation_id, leaf_id=message_id)
+        return message_id
+
+    def renew_leases(self, message_ids, until):
+        """Renew the leases of the answers this process is writing."""
+        if message_ids:
+            self.db.executemany("UPDATE messages SET lease_until = ? WHERE id = ? AND status = 'streaming'",
+                                [(until, message_id) for message_id in message_ids])
+
+    def expire_leases(self, now):
+        """Mark interrupted the answers whose writer stopped renewing their lease (it died); their text stays."""
+        return self.db.execute("UPDATE messages SET status = 'interrupted', notes = ? WHERE status = 'streaming' "
+                               "AND (lease_until IS NULL OR lease_until < ?)",
+                               (json.dumps([NOTES["interrupted"]]), now)).rowcount
 
     def siblings(self, message_id):
         """The ids of a message and its alternatives (same parent), oldest first."""
         return [row[0] for row in self.db.execute(
             "SELECT s.id FROM messages m JOIN messages s ON s.conversation_id = m.conversation_id "
-            "AND s.parent_id IS m.parent_id WHERE m.id = ? ORDER BY s.id", (message_id,)).fetchall()]
+            f"AND s.parent_id {self.db.null_safe_equal} m.parent_id WHERE m.id = ? ORDER BY s.id",
+            (message_id,)).fetchall()]
 
     def owner_system_prompt(self, owner):
         """The system prompt this browser saved for new chats ('' if none)."""
@@ -1952,44 +2220,20 @@ class Store:
                         "ON CONFLICT (owner) DO UPDATE SET system_prompt = excluded.system_prompt",
                         (owner, system_prompt))
 
-    def search(self, owner, query, limit=20):
-        """This owner's conversations and messages matching an FTS5 query, best first."""
-        messages = self.db.execute(
-            "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
-            "snippet(message_search, 0, char(1), char(2), '…', 16) AS snippet "
-            "FROM message_search JOIN messages m ON m.id = message_search.rowid "
-            "JOIN conversations c ON c.id = m.conversation_id "
-            "WHERE message_search MATCH ? AND c.owner = ? ORDER BY message_search.rank LIMIT ?",
-            (query, owner, limit)).fetchall()
-        titles = self.db.execute(
-            "SELECT c.id AS conversation_id, c.title, NULL AS message_id, NULL AS role, "
-            "highlight(title_search, 0, char(1), char(2)) AS snippet "
-            "FROM title_search JOIN conversations c ON c.rowid = title_search.rowid "
-            "WHERE title_search MATCH ? AND c.owner = ? ORDER BY title_search.rank LIMIT ?",
-            (query, owner, limit)).fetchall()
-        return (titles + messages)[:limit]
-
+    def search(self, owner, words, limit=20):
+        """This owner's conversations and messages containing every word (as a prefix), best first."""
+        return self.db.search(owner, words, limit) if words else []
 
     def save_partials(self, partials):
-        """Save the text of answers still streaming, (text, reasoning, message id, conversation id) each,
-        in one transaction. The conversation is checked too: SQLite reuses a deleted row's id."""
-        if not partials:
-            return
-        with self.transaction():
+        """Save the text of answers still streaming, (text, reasoning, message id, conversation id) each.
+        The conversation is checked too: SQLite reuses a deleted row's id."""
+        if partials:
             self.db.executemany("UPDATE messages SET content = ?, reasoning = ? "
                                 "WHERE id = ? AND conversation_id = ? AND status = 'streaming'", partials)
 
-    @contextlib.contextmanager
     def transaction(self):
-        """BEGIN … COMMIT, or ROLLBACK on an error (the connection is in autocommit mode otherwise)."""
-        with self.db.lock:  # no other greenlet's statement may land inside this transaction
-            self.db.execute("BEGIN")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        """A transaction: the statements inside commit together, or not at all."""
+        return self.db.transaction()
 
     def finish_answer(self, message_id, answer):
         """Save a finished answer with everything its bubble shows."""
@@ -2588,9 +2832,11 @@ def render_bubbles(conversation, at=None, plain=False):
             continue
         answer = stored_answer(row)
         if row["status"] == "streaming" and stream is None:
-            # Nobody is writing it any more, yet it was never finished: the store failed (a full
-            # disk) or the process died. Show what was saved, and say so.
-            answer.update(status="interrupted", notes=answer["notes"] + [NOTES["unsaved"]])
+            # Not written here: by another process while its lease lasts, else nobody any more
+            # (the store failed, or the process died). Show what was saved, and say so.
+            elsewhere = (row["lease_until"] or 0) > time.time() and settings.database_url
+            answer.update(status="interrupted",
+                          notes=answer["notes"] + [NOTES["elsewhere" if elsewhere else "unsaved"]])
         bubbles.append(render_answer(answer, last=row["id"] == last_assistant, nav=nav))
     return bubbles, live, (path[-1]["id"] if path else None)
 
@@ -2701,7 +2947,7 @@ def sending(conversation_id=None):
             raise Refused(507, f"Your conversations use the {settings.owner_quota / 2**20:,.0f} MB this server "
                                "keeps for each person. Delete some to go on.")
         yield stream
-    except sqlite3.Error as exc:
+    except DATABASE_ERRORS as exc:
         log.error("storing a message failed: %s", exc)
         raise Refused(507, "The server's disk is full: your message was not saved. Try again later."
                       if is_disk_full(exc) else "The server could not save your message. Try again.") from None
@@ -2892,18 +3138,12 @@ def message_field(tree, name="message"):
         return None
 
 
-def fts_query(text):
-    """A search box's words as an FTS5 query: every word, as a prefix, no operators from the user."""
-    words = re.findall(r"\w+", text)[:12]
-    return " ".join('"' + word.replace('"', '""') + '"*' for word in words)
-
-
 @app.get("/search")
 def search():
     """This browser's conversations by title and content: a list for the sidebar, or a page without JavaScript."""
     query = (bottle.request.query.getunicode("q", default="") or "")[:200]
-    match = fts_query(query)
-    results = [search_result(row) for row in store.search(owner(), match)] if match else []
+    words = re.findall(r"\w+", query)[:12]  # words only: no query syntax reaches the database
+    results = [search_result(row) for row in store.search(owner(), words)]
     if htmx():
         return bottle.template("search_results", results=results, query=query)
     return render_page(results=results, query=query)

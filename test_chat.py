@@ -2507,19 +2507,23 @@ def test_concurrent_streams_leave_the_database_consistent(server, upstream):
     assert contents == [("".join(f" t{n}" for n in range(30)), "done")] * 8
 
 
-def test_schema_has_a_version_and_interrupted_answers_are_marked(tmp_path):
-    """A new database is at the latest schema version; an answer left streaming is marked interrupted on open."""
+def test_schema_has_a_version_and_answers_whose_lease_ran_out_are_interrupted(tmp_path):
+    """A new database is at the latest schema; a streaming answer is interrupted only once its lease runs out."""
     path = str(tmp_path / "fresh.db")
     first = chat.Store(path)
     conversation = first.create_conversation("owner-" + "x" * 24, "t")
-    message = first.add_message(conversation, "assistant", status="streaming")
-    first.save_partials([("so far", "", message, conversation)])
+    dead = first.add_message(conversation, "assistant", status="streaming")
+    alive = first.add_message(conversation, "assistant", status="streaming")
+    first.save_partials([("so far", "", dead, conversation)])
+    first.renew_leases([alive], time.time() + 60)
     first.close()
     second = chat.Store(path)
     assert second.db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
     assert second.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    (row,) = second.messages(conversation)
-    assert (row["content"], row["status"]) == ("so far", "interrupted")
+    assert second.expire_leases(time.time() + chat.settings.lease_seconds + 1) == 1  # another process: alive
+    rows = {row["id"]: row for row in second.messages(conversation)}
+    assert (rows[dead]["content"], rows[dead]["status"]) == ("so far", "interrupted")
+    assert rows[alive]["status"] == "streaming"
     second.close()
 
 
@@ -4193,7 +4197,7 @@ def test_the_schema_migration_keeps_old_conversations(tmp_path):
         assert store.conversation("c1", "owner1")["leaf_id"] == 4
         tree = chat.Tree(rows)
         assert [r["content"] for r in tree.path(4)] == ["old question", "old answer", "again", "zebra crossing"]
-        assert [r["message_id"] for r in store.search("owner1", chat.fts_query("zebra"))] == [4]
+        assert [r["message_id"] for r in store.search("owner1", ["zebra"])] == [4]
     finally:
         store.close()
 
