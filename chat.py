@@ -1969,8 +1969,12 @@ class PostgresDatabase:
     byte_length = "OCTET_LENGTH({})"
 
     def __init__(self, url, size=4):
-        import psycopg  # optional: only with CHAT_DATABASE_URL (requirements-scale.txt)
-        import psycopg.waiting
+        try:  # optional: only with CHAT_DATABASE_URL
+            import psycopg
+            import psycopg.waiting
+        except ImportError:
+            raise RuntimeError("CHAT_DATABASE_URL names PostgreSQL, which needs psycopg: "
+                               "pip install -r requirements-scale.txt") from None
         if psycopg.waiting.wait is getattr(psycopg.waiting, "wait_c", None):
             raise RuntimeError("psycopg would block every greenlet: it was imported before gevent patched select")
         self.psycopg = psycopg
@@ -2066,6 +2070,11 @@ class PostgresDatabase:
         """Close every connection."""
         for connection in self.connections:
             connection.close()
+
+
+def redact_url(text):
+    """Text with the password of any postgresql:// URL blanked out (it must never reach a log)."""
+    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1[redacted]@", text)
 
 
 def open_database(path, url):
@@ -3527,7 +3536,11 @@ def main(argv=None):
     server = Server((settings.host, settings.port), app, log=logging.getLogger("chat.access"),
                     error_log=logging.getLogger("chat.error"))
     server.init_socket()
-    store.db  # noqa: B018 — open and migrate the database now: a bad path fails at start, not at the first message
+    try:
+        store.db  # noqa: B018 — open and migrate the database now: a bad path fails at start, not at the first message
+    except Exception as exc:  # noqa: BLE001 — any failure here (a path, a server, a driver) ends the start
+        log.error("cannot open the database: %s", redact_url(str(exc)))
+        sys.exit(2)
     settings.port = server.server_port  # --port 0 picks a free port; the demo needs the real one
     log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port,
              settings.upstream_label())

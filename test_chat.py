@@ -29,6 +29,7 @@ import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
 import zlib  # noqa: E402
@@ -89,6 +90,77 @@ def isolated(monkeypatch, tmp_path):
     chat.streams.by_id.clear()
     chat.streams.by_owner.clear()
     chat.store.close()
+
+
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL cluster of the suite's own: initdb and pg_ctl as the postgres user, fsync off, a free port."""
+    if PG_BIN is None or importlib.util.find_spec("psycopg") is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL or psycopg is missing under CI (apt-get install postgresql; "
+                        "pip install -r requirements-scale.txt)")
+        pytest.skip("no PostgreSQL here (apt-get install postgresql; pip install -r requirements-scale.txt)")
+    root = Path(tempfile.mkdtemp(prefix="chat-pg-"))
+    root.chmod(0o755)
+    data = root / "data"
+    data.mkdir()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
+    if as_postgres:
+        shutil.chown(data, "postgres")
+    port = free_port()
+    subprocess.run([*as_postgres, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "chat", "-E", "UTF8",
+                    "--no-sync"], check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+                    "-c full_page_writes=off", "start"], check=True, capture_output=True, timeout=60)
+    try:
+        yield f"postgresql://chat@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# The storage tests run against both databases (pytest_generate_tests below parametrizes them).
+BOTH_DATABASES = {
+    "test_every_request_sends_the_conversation_so_far", "test_new_conversation_gets_a_url_a_title_and_a_sidebar_entry",
+    "test_answer_is_stored_with_its_facts", "test_user_message_is_stored_before_the_upstream_answers",
+    "test_partial_answer_is_flushed_while_streaming", "test_killed_server_restarts_with_the_partial_answer",
+    "test_other_owner_gets_404_for_conversation_stream_and_export", "test_export_round_trip",
+    "test_rename_changes_the_title", "test_delete_removes_the_rows", "test_regenerate_keeps_the_earlier_answer",
+    "test_streams_per_owner_are_limited", "test_concurrent_streams_leave_the_database_consistent",
+    "test_edit_makes_a_sibling_and_sends_the_branch_shown",
+    "test_switching_versions_shows_that_branch_and_survives_a_reload",
+    "test_exports_hold_every_branch_in_json_and_the_shown_one_in_markdown",
+    "test_search_finds_titles_and_content_of_this_owner_only", "test_a_search_hit_in_another_branch_opens_that_branch",
+    "test_parameters_reach_the_upstream_only_when_set", "test_a_saved_system_prompt_starts_new_chats",
+    "test_a_stranger_cannot_switch_or_edit_branches", "test_logout_revokes_the_session_on_the_server",
+    "test_the_storage_quota_refuses_and_writes_nothing", "test_cookieless_sends_are_limited_per_address",
+    "test_password_guards_everything_but_login_and_static", "test_roles_alternate_after_an_empty_answer",
+    "test_an_unsigned_owner_cookie_from_an_older_version_keeps_its_conversations",
+}
+
+
+def pytest_generate_tests(metafunc):
+    """Run the storage tests once on SQLite and once on PostgreSQL."""
+    if metafunc.function.__name__ in BOTH_DATABASES:
+        metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def database(request, monkeypatch, isolated):
+    """chat.py's store: the SQLite file of `isolated`, or (parametrized) a fresh schema in the suite's PostgreSQL."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        import psycopg
+        url = request.getfixturevalue("postgres_url")
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        monkeypatch.setattr(chat, "store", chat.Store(url=url))
+        monkeypatch.setattr(chat.settings, "database_url", url)
+    return getattr(request, "param", "sqlite")
 
 
 @pytest.fixture
@@ -2218,9 +2290,8 @@ def send_in(client, prompt, conversation=None, **fields):
 
 
 def db_rows(sql, *args):
-    """Rows straight from chat.py's database file, through a connection of our own."""
-    with sqlite3.connect(chat.store.path) as db:
-        return db.execute(sql, args).fetchall()
+    """Rows straight from chat.py's database (SQLite or PostgreSQL), as tuples."""
+    return [tuple(row) for row in chat.store.db.execute(sql, args).fetchall()]
 
 
 def test_every_request_sends_the_conversation_so_far(client, upstream):
@@ -2286,17 +2357,15 @@ def test_killed_server_restarts_with_the_partial_answer(upstream, tmp_path):
     """SIGKILL mid-answer, restart on the same file: the conversation and the partial answer are there."""
     body = answer("Half", " an", " answer", " and", " the", " rest")
     upstream.serve(body, pause_at=after_event(body, b'" answer"'))
-    db_path = tmp_path / "kept.db"
-    settings = dict(OPENAI_BASE_URL=upstream.url, CHAT_MODEL="test-model", CHAT_DB=str(db_path))
+    settings = dict(OPENAI_BASE_URL=upstream.url, CHAT_MODEL="test-model", CHAT_DB=chat.store.path or "unused.db",
+                    CHAT_DATABASE_URL=chat.store.url or "", CHAT_LEASE_SECONDS="1")
     first = ChatProcess(tmp_path / "first.log", **settings)
     try:
         response = web.post(first.url + "/streaming", data={"prompt": "Tell me everything"}, timeout=5)
         conversation = response.headers["HX-Push-Url"]
 
         def flushed():
-            with sqlite3.connect(db_path) as db:
-                return db.execute("SELECT content FROM messages WHERE role = 'assistant'").fetchall() == [
-                    ("Half an answer",)]
+            return db_rows("SELECT content FROM messages WHERE role = 'assistant'") == [("Half an answer",)]
         wait_until(flushed, timeout=5, what="the partial answer on disk")
         first.process.kill()  # SIGKILL: no cleanup at all
         first.process.wait(timeout=5)
@@ -2305,6 +2374,9 @@ def test_killed_server_restarts_with_the_partial_answer(upstream, tmp_path):
     upstream.release()
     second = ChatProcess(tmp_path / "second.log", **settings)
     try:
+        # Nobody renews the dead writer's lease: once it runs out, the answer is interrupted.
+        wait_until(lambda: db_rows("SELECT status FROM messages WHERE role = 'assistant'") == [("interrupted",)],
+                   timeout=10, what="the lease to run out")
         page = web.get(second.url + conversation, timeout=5).text
         assert "Tell me everything" in page
         (bubble,) = elements(page, "div", cls="interrupted")
@@ -2441,9 +2513,11 @@ def test_regenerate_keeps_the_earlier_answer(client, upstream):
     upstream.serve(answer("First try."))
     stream_id, conversation = send_in(client, "Question")
     read_events(client, stream_id)
-    upstream.serve(answer("Second try."))
+    body = answer("Second", " try.")
+    upstream.serve(body, pause_at=after_event(body, b'"Second"'))  # still streaming when the page is drawn
     response = client.post(f"/c/{conversation}/regenerate")
     new_stream = re.search(r"stream=([\w-]+)", response.text).group(1)
+    upstream.release()
     assert "Second try." in read_events(client, new_stream).done
     assert upstream.last.json["messages"] == [{"role": "user", "content": "Question"}]
     assert db_rows("SELECT role, content, parent_id FROM messages ORDER BY id") == [
@@ -2501,7 +2575,8 @@ def test_concurrent_streams_leave_the_database_consistent(server, upstream):
     finally:
         for reader in readers:
             reader.close()
-    assert db_rows("PRAGMA integrity_check") == [("ok",)]
+    if chat.store.db.name == "SQLite":
+        assert db_rows("PRAGMA integrity_check") == [("ok",)]
     assert db_rows("SELECT count(*) FROM conversations") == [(8,)]
     contents = db_rows("SELECT content, status FROM messages WHERE role = 'assistant'")
     assert contents == [("".join(f" t{n}" for n in range(30)), "done")] * 8
@@ -4130,12 +4205,14 @@ def test_edit_makes_a_sibling_and_sends_the_branch_shown(client, upstream):
     read_events(client, stream_id)
     upstream.serve(answer("A2"))
     read_events(client, send_in(client, "Q2", conversation)[0])
-    upstream.serve(answer("A2 edited"))
+    body = answer("A2", " edited")
+    upstream.serve(body, pause_at=after_event(body, b'"A2"'))  # still streaming when the branch is drawn
     q2 = next(r[0] for r in conversation_rows() if r[3] == "Q2")
 
     response = client.post(f"/c/{conversation}/edit", {"message": q2, "prompt": "Q2 edited"}, headers=HX)
 
     new_stream = re.search(r'sse-connect="/events\?stream=([\w-]+)"', response.text).group(1)
+    upstream.release()
     assert read_events(client, new_stream).message == "A2 edited"
     assert upstream.last.json["messages"] == [
         {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
