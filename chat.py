@@ -3491,6 +3491,8 @@ environment (flags override them):
   CHAT_NEW_OWNERS_PER_MINUTE new browsers one address may start chatting from (10)
   CHAT_OWNER_QUOTA           bytes of stored text per browser (104857600)
   CHAT_RETENTION_DAYS        delete conversations untouched this long (unset: keep)
+  CHAT_DATABASE_URL          postgresql://… to keep conversations in PostgreSQL (unset: CHAT_DB)
+  CHAT_LEASE_SECONDS         an answer whose writer stops renewing it this long is interrupted (15)
   CHAT_TEMPERATURE, CHAT_TOP_P, CHAT_MAX_TOKENS  sampling defaults (unset: the server's)
   CHAT_IMAGE_HOSTS           hosts whose https images answers may show (others: links)
   CHAT_CONNECT_TIMEOUT, CHAT_PING_INTERVAL, CHAT_STREAM_GRACE, CHAT_DEMO_DELAY: see README
