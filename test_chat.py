@@ -1546,8 +1546,13 @@ def test_token_reaches_client_while_close_delimited_upstream_streams(server, ups
 def test_reconnect_with_last_event_id_resumes_without_loss_or_repeat(server, upstream, open_sse, reconnect):
     """Disconnect after one token, reconnect with Last-Event-ID: all events once, ids 1..n with no gap."""
     upstream.serve(SLOW_ANSWER, pause_at=data(choice({"content": ","})))
-    stream_id = post_prompt(server)
-    first = open_sse(stream_id)
+    assert_resume_without_loss(upstream, post_prompt(server), open_sse, reconnect)
+
+
+def assert_resume_without_loss(upstream, stream_id, open_reader, reconnect):
+    """Read one token, drop the connection, reconnect with Last-Event-ID (while streaming or after done):
+    every event arrives exactly once, ids 1..n. The upstream must be serving SLOW_ANSWER paused at ","."""
+    first = open_reader(stream_id)
     seen = first.read_until(lambda t: t.message.startswith("Hello"), what="the first token").events
     seen = seen[:[e.event for e in seen].index("message") + 1]  # the connection "dropped" after that event
     first.close()
@@ -1557,7 +1562,7 @@ def test_reconnect_with_last_event_id_resumes_without_loss_or_repeat(server, ups
         upstream.release()
         wait_until(lambda: stream.finished, what="the stream to finish")
 
-    second = open_sse(stream_id, last_event_id=seen[-1].id)
+    second = open_reader(stream_id, last_event_id=seen[-1].id)
     if reconnect == "while-streaming":
         second.read_until(lambda t: t.events, what="the backlog")
         upstream.release()
@@ -3221,27 +3226,7 @@ def test_nginx_sends_event_stream_headers_before_the_first_token(upstream, via_n
 def test_nginx_last_event_id_resumes_without_loss_or_repeat(upstream, via_nginx, sse_via_nginx, reconnect):
     """Disconnect from nginx after one token, reconnect with Last-Event-ID: all events once, ids 1..n."""
     upstream.serve(SLOW_ANSWER, pause_at=data(choice({"content": ","})))
-    stream_id = prompt_via(via_nginx)
-    first = sse_via_nginx(stream_id)
-    seen = first.read_until(lambda t: t.message.startswith("Hello"), what="the first token").events
-    seen = seen[:[e.event for e in seen].index("message") + 1]  # the connection "dropped" after that event
-    first.close()
-    stream = chat.streams.get(stream_id)
-    wait_until(lambda: stream.text() == "Hello there,", what="the tokens before the pause")
-    if reconnect == "after-done":
-        upstream.release()
-        wait_until(lambda: stream.finished, what="the stream to finish")
-
-    second = sse_via_nginx(stream_id, last_event_id=seen[-1].id)
-    if reconnect == "while-streaming":
-        second.read_until(lambda t: t.events, what="the backlog")
-        upstream.release()
-    rest = second.read_until(lambda t: t.finished, what="done").events
-
-    events = seen + rest
-    assert [e.id for e in events] == list(range(1, len(events) + 1))
-    assert token_text(events, "message") == "Hello there, friend."
-    assert [e.event for e in events].count("done") == 1
+    assert_resume_without_loss(upstream, prompt_via(via_nginx), sse_via_nginx, reconnect)
 
 
 def test_nginx_stop_closes_upstream_and_keeps_partial_answer(upstream, via_nginx, sse_via_nginx):
