@@ -9,12 +9,18 @@ Run:    python chat.py            then open http://127.0.0.1:8080
 Help:   python chat.py --help
 
 Environment: OPENAI_BASE_URL (upstream ".../v1"; unset = built-in demo model),
-OPENAI_API_KEY, CHAT_MODEL, HOST, PORT, CHAT_DB (SQLite file), CHAT_PASSWORD.
+OPENAI_API_KEY, CHAT_MODEL, HOST, PORT, CHAT_DB (SQLite file), CHAT_PASSWORD,
+CHAT_DATABASE_URL (PostgreSQL instead), and the limits and defaults `--help` lists.
 
 How a token travels: upstream bytes -> relay_upstream() greenlet (split lines, parse
-SSE, parse JSON chunk) -> Stream.publish() frames it once and appends it to the
-stream's log and to each reader's Queue -> the /events generator drains everything
-queued into one write -> htmx-ext-sse swaps the <span> into the bubble.
+SSE, parse JSON chunk) -> Stream.token() logs its text once (AnswerLog), frames it for
+each reader's Queue, and renders each Markdown block that it completes (MarkdownBlocks)
+-> the /events generator drains everything queued into one write -> htmx-ext-sse
+appends the <span> (and the rendered block) to the bubble.
+
+Sections, in the order data flows: configuration, upstream client, models and their
+context, <think> reasoning, SSE framing, streams, rendering, storage (SQLite or
+PostgreSQL), the demo model, routes (request checks, who is asking, the chat), main.
 """
 
 # gevent must patch the standard library before anything imports socket, ssl or
@@ -1690,7 +1696,7 @@ def render_missing(stream_id):
 
 
 # ---------------------------------------------------------------------------
-# Storage: conversations in SQLite
+# Storage: conversations in SQLite or PostgreSQL
 # ---------------------------------------------------------------------------
 
 # Each entry migrates the schema from version N to N+1 (PRAGMA user_version); append, never edit.
@@ -2833,8 +2839,8 @@ def render_bubbles(conversation, at=None, plain=False):
             continue
         stream = streams.for_message(row["id"], conversation["id"]) if row["status"] == "streaming" else None
         if stream is not None and not stream.finished:
-            if plain and live is None:
-                live = stream
+            if plain and live is None and len(stream.readers) < settings.readers_per_stream:
+                live = stream  # a page reading an answer counts against the readers' cap too
                 bubbles.append(LIVE_ANSWER)
             else:  # reloaded mid-answer: the new bubble replays the stream's log from the start
                 bubbles.append(bottle.template("streaming", stream_id=stream.id, nav=nav))
