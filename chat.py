@@ -219,6 +219,7 @@ class AnswerLimit(Exception):
 
 
 BOM = b"\xef\xbb\xbf"
+MAX_LINE = 8 << 20  # one SSE line from the upstream; real ones are a chunk of JSON
 
 
 class LineSplitter:
@@ -247,6 +248,8 @@ class LineSplitter:
         lines = buf.splitlines(True)
         if lines and lines[-1][-1:] not in (b"\n", b"\r"):
             self.pending = lines.pop()
+            if len(self.pending) > MAX_LINE:
+                raise UpstreamError("The model server sent a line longer than 8 MiB; gave up reading it.")
         else:
             self.pending = b""
         if lines and lines[-1][-1:] == b"\r":
@@ -319,8 +322,7 @@ def error_text(obj):
     return None
 
 
-_TAGS = re.compile(r"<[^>]*>")
-_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
+_TAGS = re.compile(r"<[^<>]*>")  # [^<>]: linear on a page of "<<<<" (a broken or hostile server)
 
 
 def body_message(body):
@@ -333,8 +335,11 @@ def body_message(body):
     if msg:
         return msg
     if text.lstrip()[:1] == "<":
-        title = _TITLE.search(text)
-        text = title.group(1) if title else _TAGS.sub(" ", text)
+        lower = text.lower()
+        start = lower.find("<title")
+        start = text.find(">", start) + 1 if start >= 0 else 0
+        end = lower.find("</title>", start) if start else -1
+        text = text[start:end] if start and end > start else _TAGS.sub(" ", text[:8192])
         text = " ".join(html.unescape(text).split())
     text = text.strip()
     return (text[:4000] + "…") if len(text) > 4000 else (text or "(empty response)")
@@ -788,6 +793,9 @@ class ThinkSplitter:
         self.held += text
         if self.state == "start":
             stripped = self.held.lstrip()
+            if not stripped:
+                self.held = self.held[-256:]  # leading blank space is layout: keep it short, or this grows n²
+                return []
             if len(stripped) < len(THINK_OPEN) and THINK_OPEN.startswith(stripped):
                 return []
             if not stripped.startswith(THINK_OPEN):
@@ -886,6 +894,8 @@ class MarkdownBlocks:
         self.kind = None     # "list", "fence" or "text" once the block has its first line
         self.fence = None    # the opening marker, inside a fenced block
         self.ended = False   # a blank line came: the next non-blank line decides
+        self.text = False    # the block being built has a non-blank line
+        self.head = ""       # the first few characters of the partial line (what decides a blank's fate)
         self.offset = 0      # UTF-8 bytes of the answer covered by the blocks so far
 
     def feed(self, text):
@@ -894,17 +904,18 @@ class MarkdownBlocks:
         *complete, rest = text.split("\n")
         for piece in complete:
             self.partial.append(piece)
-            line, self.partial = "".join(self.partial) + "\n", []
+            line, self.partial, self.head = "".join(self.partial) + "\n", [], ""
             done.extend(self.line(line))
         if rest:
             self.partial.append(rest)
+            if len(self.head) < 4:
+                self.head = (self.head + rest)[:4]
             # A block that ended at a blank line need not wait for the next line to finish:
             # its first characters tell whether it continues the block (indented, or a list item).
-            if self.ended and self.kind != "fence":
-                head = "".join(self.partial)[:4]
-                if head.strip() and head[:1] not in " \t" and not (
-                        self.kind == "list" and (_LIST_ITEM.match(head) or _LIST_START.fullmatch(head))):
-                    done.append(self.flush())
+            head = self.head
+            if self.ended and self.kind != "fence" and head.strip() and head[:1] not in " \t" and not (
+                    self.kind == "list" and (_LIST_ITEM.match(head) or _LIST_START.fullmatch(head))):
+                done.append(self.flush())
         return done
 
     def line(self, line):
@@ -924,12 +935,14 @@ class MarkdownBlocks:
             self.ended = False
         fence = None if blank or self.kind == "list" else _FENCE.match(line)
         heading = not blank and self.kind != "list" and _HEADING.match(line)
-        if (fence or heading) and self.has_text():
+        if (fence or heading) and self.text:
             done.append(self.flush())  # both may interrupt a paragraph: the paragraph is complete
         self.lines.append(line)
         if blank:
-            self.ended = self.has_text()
-        elif self.kind is None:
+            self.ended = self.text
+        else:
+            self.text = True
+        if not blank and self.kind is None:
             self.kind = "fence" if fence else "list" if _LIST_ITEM.match(line) else "text"
             if fence:
                 self.fence = fence.group(1)
@@ -937,14 +950,10 @@ class MarkdownBlocks:
                 done.append(self.flush())
         return done
 
-    def has_text(self):
-        """True if the block being built has a non-blank line."""
-        return any(line.strip() for line in self.lines)
-
     def flush(self):
         """End the block being built (the line that ended it is not part of it); return its text."""
         text = "".join(self.lines)
-        self.lines, self.kind, self.fence, self.ended = [], None, None, False
+        self.lines, self.kind, self.fence, self.ended, self.text = [], None, None, False, False
         self.offset += len(text.encode())
         return text
 
@@ -1019,7 +1028,7 @@ class AnswerLog:
         pending, size = [], 0
         for event_id, kind, text, tail in self.entries(after, upto):
             if kind == "block":
-                frame = block_frame(self.stream_id, render_markdown(text), tail, event_id)
+                frame = block_frame(self.stream_id, render_block(text), tail, event_id)
             else:
                 frame = token_frame(kind, text, event_id)
             pending.append(frame)
@@ -1043,7 +1052,14 @@ def block_frame(stream_id, block_html, tail, event_id):
                               f'{html.escape(tail, quote=False)}</span></div>', event_id)
 
 
-BLOCK_IN_THREAD = 8192  # characters: a longer block is rendered off the hub
+BLOCK_IN_THREAD = 8192  # characters: a longer text is rendered off the hub
+
+
+def render_block(text):
+    """A finished Markdown block as HTML: a long one in a worker thread; one that fails, as escaped text."""
+    rendered = (gevent.get_hub().threadpool.apply(safe_markdown, (text,)) if len(text) > BLOCK_IN_THREAD
+                else safe_markdown(text))
+    return rendered if rendered is not None else f"<pre>{html.escape(text)}</pre>"
 
 
 class Stream:
@@ -1099,6 +1115,9 @@ class Stream:
 
     def token(self, kind, text):
         """Log one piece of answer or reasoning text and hand its frame to every connected reader."""
+        text = text.translate(CONTROL)  # invisible, and they would collide with the search's own markers
+        if not text:
+            return
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.tokens += 1
@@ -1115,8 +1134,7 @@ class Stream:
 
     def publish_block(self, block):
         """Render a finished Markdown block once, log where it ends, and send it with the new tail."""
-        rendered = (gevent.get_hub().threadpool.apply(render_markdown, (block,)) if len(block) > BLOCK_IN_THREAD
-                    else render_markdown(block))
+        rendered = render_block(block)
         event_id = self.log.append_block(self.blocks.offset)
         if self.readers:
             tail = self.log.text["message"][self.blocks.offset:].decode()
@@ -1136,14 +1154,9 @@ class Stream:
         except DATABASE_ERRORS as exc:
             log.error("saving the answer failed: %s", exc)
             answer["notes"].append(storage_note(exc))
-        try:
-            # Markdown and highlighting of a long answer take a while: in a worker thread they
-            # share the CPU with the hub instead of stopping every other stream.
-            bubble = gevent.get_hub().threadpool.apply(render_answer, (answer, True, nav))
-        except Exception:  # noqa: BLE001 — a rendering bug must not leave the bubble streaming
-            log.exception("rendering the answer failed")
-            answer["error"] = answer["error"] or "chat.py could not render this answer."
-            bubble = render_plain(answer)
+        # Markdown and highlighting of a long answer take a while: render_answer() does them in
+        # a worker thread, sharing the CPU with the hub instead of stopping every other stream.
+        bubble = render_answer(answer, True, nav)
         self.bubble = bubble
         self.log.done = sse_frame("done", bubble, len(self.log.kinds) + 1)
         self.tell_readers(self.log.done)
@@ -1496,14 +1509,23 @@ MATHML_ATTRS = {"display", "mathvariant", "stretchy", "fence", "separator", "lsp
                 "mathsize", "encoding"}
 
 
+MAX_TEX, MAX_TEX_DEPTH = 4000, 40  # characters and nested braces: beyond them TeX stays code (bounded CPU)
+
+
 @functools.lru_cache(maxsize=2048)
 def tex_to_mathml(tex, display):
     """TeX as safe MathML; TeX that does not convert stays visible as code, never an error."""
+    depth = deepest = 0
+    for char in tex:
+        depth += (char == "{") - (char == "}")
+        deepest = max(deepest, depth)
     try:
+        if len(tex) > MAX_TEX or deepest > MAX_TEX_DEPTH:
+            raise ValueError("too large or too deep")
         root = ElementTree.fromstring(latex2mathml.converter.convert(tex, display="block" if display else "inline"))
-    except Exception:  # noqa: BLE001 — any TeX the converter chokes on is shown as written
-        return f'<code class="math-error" title="Not valid TeX">{html.escape(tex)}</code>'
-    return rebuilt_mathml(root)
+        return rebuilt_mathml(root)
+    except Exception:  # noqa: BLE001 — any TeX the converter chokes on (RecursionError too) is shown as written
+        return f"<code class=\"math-error\" title=\"Not valid TeX\">{html.escape(tex)}</code>"
 
 
 def rebuilt_mathml(element):
@@ -1651,9 +1673,31 @@ def answer_record(stream):
 
 
 def render_answer(answer, last=True, nav=""):
-    """The finished assistant bubble (sent as the done event, or drawn from the store)."""
-    return bottle.template("answer", answer=answer, answer_html=render_markdown(answer["text"]), last=last,
-                           error=short_error(answer["error"]), nav=nav)
+    """The finished assistant bubble (sent as the done event, or drawn from the store), never an exception:
+    a long answer is rendered in a worker thread, and one that cannot be rendered is shown as plain text."""
+    try:
+        if len(answer["text"]) > BLOCK_IN_THREAD:
+            answer_html = gevent.get_hub().threadpool.apply(safe_markdown, (answer["text"],))
+        else:
+            answer_html = safe_markdown(answer["text"])
+        if answer_html is None:
+            raise ValueError("rendering failed")
+        return bottle.template("answer", answer=answer, answer_html=answer_html, last=last,
+                               error=short_error(answer["error"]), nav=nav)
+    except Exception:  # noqa: BLE001 — a rendering bug must not break the bubble or the page
+        log.exception("rendering an answer failed")
+        answer = dict(answer, error=answer["error"] or "chat.py could not render this answer.")
+        return render_plain(answer)
+
+
+@functools.lru_cache(maxsize=32)
+def safe_markdown(text):
+    """render_markdown(), remembered for the last few texts, and None instead of an exception (also in a thread,
+    where an exception with a deep traceback could not be sent back to the hub)."""
+    try:
+        return render_markdown(text)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def render_plain(answer):
@@ -1908,21 +1952,30 @@ class SQLiteDatabase:
 
     def search(self, owner, words, limit):
         """This owner's titles and messages matching every word (as a prefix), best first: FTS5."""
-        query = " ".join('"' + word.replace('"', '""') + '"*' for word in words)
-        titles = self.execute(
-            "SELECT c.id AS conversation_id, c.title, NULL AS message_id, NULL AS role, "
-            "highlight(title_search, 0, char(1), char(2)) AS snippet "
-            "FROM title_search JOIN conversations c ON c.rowid = title_search.rowid "
-            "WHERE title_search MATCH ? AND c.owner = ? ORDER BY title_search.rank LIMIT ?",
-            (query, owner, limit)).fetchall()
-        messages = self.execute(
-            "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
-            "snippet(message_search, 0, char(1), char(2), '…', 16) AS snippet "
-            "FROM message_search JOIN messages m ON m.id = message_search.rowid "
-            "JOIN conversations c ON c.id = m.conversation_id "
-            "WHERE message_search MATCH ? AND c.owner = ? ORDER BY message_search.rank LIMIT ?",
-            (query, owner, limit)).fetchall()
-        return (titles + messages)[:limit]
+        # A short word as a prefix matches half the index: only words of three letters or more are.
+        query = " ".join('"' + word.replace('"', '""') + ('"*' if len(word) >= 3 else '"') for word in words)
+
+        def run():
+            deadline = time.monotonic() + SEARCH_SECONDS  # the database is shared: a search gets this long
+            self.connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+            try:
+                titles = self.connection.execute(
+                    "SELECT c.id AS conversation_id, c.title, NULL AS message_id, NULL AS role, "
+                    "highlight(title_search, 0, char(1), char(2)) AS snippet "
+                    "FROM title_search JOIN conversations c ON c.rowid = title_search.rowid "
+                    "WHERE title_search MATCH ? AND c.owner = ? ORDER BY title_search.rank LIMIT ?",
+                    (query, owner, limit)).fetchall()
+                messages = self.connection.execute(
+                    "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
+                    "snippet(message_search, 0, char(1), char(2), '…', 16) AS snippet "
+                    "FROM message_search JOIN messages m ON m.id = message_search.rowid "
+                    "JOIN conversations c ON c.id = m.conversation_id "
+                    "WHERE message_search MATCH ? AND c.owner = ? ORDER BY message_search.rank LIMIT ?",
+                    (query, owner, limit)).fetchall()
+            finally:
+                self.connection.set_progress_handler(None, 0)
+            return (titles + messages)[:limit]
+        return self.call(run)
 
     def close(self):
         """Close the connection."""
@@ -1941,6 +1994,9 @@ def split_sql(script):
     if "\n".join(current).strip():
         statements.append("\n".join(current))
     return statements
+
+
+SEARCH_SECONDS = 1.0  # the longest a search may hold the database
 
 
 class Row(tuple):
@@ -2056,8 +2112,14 @@ class PostgresDatabase:
 
     def search(self, owner, words, limit):
         """This owner's titles and messages matching every word (as a prefix), best first: tsvector."""
-        query = " & ".join(f"{word}:*" for word in words)
+        query = " & ".join(f"{word}:*" if len(word) >= 3 else word for word in words)
         marks = "StartSel=\x01, StopSel=\x02, MaxWords=30, MinWords=10, HighlightAll=false"
+        with self.transaction():
+            self.execute(f"SET LOCAL statement_timeout = {int(SEARCH_SECONDS * 1000)}")
+            return self.search_rows(query, owner, limit, marks)
+
+    def search_rows(self, query, owner, limit, marks):
+        """The search's two statements (inside search()'s transaction, with its time limit)."""
         titles = self.execute(
             "SELECT c.id AS conversation_id, c.title, NULL::BIGINT AS message_id, NULL AS role, "
             "ts_headline('simple', c.title, q, 'HighlightAll=true, StartSel=\x01, StopSel=\x02') AS snippet "
@@ -2602,6 +2664,7 @@ class Limits:
         self.new_owners = TokenBuckets(rate=settings.new_owners_per_minute / 60,
                                        burst=max(1, min(3, int(settings.new_owners_per_minute))))
         self.sessions = {}  # token hash -> when this process last found it valid (saves a query a request)
+        self.searches = TokenBuckets(rate=2, burst=10)  # per owner: search holds the shared database
 
 
 limits = Limits()
@@ -2737,7 +2800,11 @@ def owned_conversation(conversation_id):
 def next_page():
     """Where to go after logging in: the local page that asked for it, else the start page."""
     target = bottle.request.params.getunicode("next", default="") or ""
-    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+    # Browsers drop tabs and newlines from URLs and read "\\" as "/": "/\t/evil.com" would leave the site.
+    if not target.startswith("/") or target.startswith("//") or re.search(r"[\x00-\x20\x7f\\]", target):
+        return "/"
+    parts = urllib.parse.urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else "/"
 
 
 @app.get("/login")
@@ -2887,7 +2954,7 @@ def plain_answer(stream):
                 if kind == "message":
                     parts.append(f"<span>{html.escape(text, quote=False)}</span>")
                 elif kind == "block":
-                    parts.append(f'</div><div class="md-block" hx-disable>{render_markdown(text)}</div>'
+                    parts.append(f'</div><div class="md-block" hx-disable>{render_block(text)}</div>'
                                  f'<div class="tokens"><span>{html.escape(tail, quote=False)}</span>')
             seen = upto
             if stream.finished:
@@ -2987,7 +3054,8 @@ def plain_redirect(location):
 
 def make_title(prompt, limit=60):
     """A conversation title from its first message: no Markdown syntax, cut at a word, with an ellipsis."""
-    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", prompt)                  # links: their text
+    prompt = prompt[:limit * 8]  # a title needs only the start (and the regexes stay linear on a huge prompt)
+    text = re.sub(r"!?\[([^\[\]]{0,200})\]\([^()\s]{0,500}\)", r"\1", prompt)  # links: their text
     text = re.sub(r"^\s{0,3}(?:#{1,6}|>|[-+*]|\d{1,9}[.)])\s+", "", text, flags=re.M)  # line markers
     text = re.sub(r"`+|~~|(?<!\w)[*_]+|[*_]+(?!\w)|\$+", "", text)               # emphasis, code, math
     words = " ".join(text.split())
@@ -3019,6 +3087,9 @@ def form_params(forms):
     return params
 
 
+CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])  # C0 controls but tab, LF and CR
+
+
 def check_prompt(prompt):
     """Refuse an empty prompt or one over the limit, with a sentence that says so."""
     if not prompt.strip():
@@ -3036,7 +3107,7 @@ def start_streaming():
     browser is sent to the conversation's page, which streams the answer as HTML.
     """
     forms = bottle.request.forms
-    prompt = forms.getunicode("prompt", default="") or ""
+    prompt = (forms.getunicode("prompt", default="") or "").translate(CONTROL)
     conversation_id = forms.getunicode("conversation") or ""
     conversation = None
     try:
@@ -3120,7 +3191,7 @@ def edit(conversation_id):
     conversation = owned_conversation(conversation_id)
     tree = Tree(store.messages(conversation_id))
     original = message_field(tree)
-    prompt = bottle.request.forms.getunicode("prompt", default="") or ""
+    prompt = (bottle.request.forms.getunicode("prompt", default="") or "").translate(CONTROL)
     try:
         if original is None or original["role"] != "user":
             raise Refused(400, "Only your own messages can be edited.")
@@ -3157,8 +3228,15 @@ def message_field(tree, name="message"):
 def search():
     """This browser's conversations by title and content: a list for the sidebar, or a page without JavaScript."""
     query = (bottle.request.query.getunicode("q", default="") or "")[:200]
-    words = re.findall(r"\w+", query)[:12]  # words only: no query syntax reaches the database
-    results = [search_result(row) for row in store.search(owner(), words)]
+    words = re.findall(r"\w+", query)[:6]  # words only: no query syntax reaches the database
+    if words and not limits.searches.take(owner()):
+        bottle.response.status = 429
+        return "<li class=\"no-results\">Too many searches at once; wait a moment.</li>"
+    try:
+        results = [search_result(row) for row in store.search(owner(), words)]
+    except DATABASE_ERRORS as exc:  # over its time limit, most likely: say so, and the database is free again
+        log_limited("search", "a search failed: %s", exc)
+        results = []
     if htmx():
         return bottle.template("search_results", results=results, query=query)
     return render_page(results=results, query=query)

@@ -4921,3 +4921,81 @@ def test_unknown_conversation_is_a_404_page_with_a_link_home(open_page, live_cha
     page.locator('main a[href="/"]').last.click()
     page.wait_for_url(live_chat.url + "/")
     assert page.locator("#prompt").is_visible()
+
+
+# ---------------------------------------------------------------------------
+# Found in review: inputs that would have held the hub, or led elsewhere
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("work", [
+    pytest.param(lambda: chat.make_title("[" * 32_000), id="title of a prompt of 32,000 ["),
+    pytest.param(lambda: [b for b in [chat.MarkdownBlocks()] for _ in [b.feed("# h\n" + "\n" * 30_000)]], id="30,000 blank lines"),
+    pytest.param(lambda: indented_words(40_000), id="an indented line of 40,000 tokens"),
+    pytest.param(lambda: [t.feed(" ") for t in [chat.ThinkSplitter()] for _ in range(40_000)], id="40,000 spaces first"),
+    pytest.param(lambda: chat.body_message(b"<" * 65_536), id="an error page of 64 KiB of <"),
+    pytest.param(lambda: chat.body_message(b"<title>" * 9_000), id="9,000 <title>"),
+])
+def indented_words(count):
+    """Feed a paragraph, a blank line, then one indented line token by token (the partial line once re-joined each time)."""
+    blocks = chat.MarkdownBlocks()
+    blocks.feed("a\n\n    ")
+    for _ in range(count):
+        blocks.feed("word")
+
+
+def test_hostile_input_takes_linear_time(work):
+    """Each of these once took seconds to minutes of the hub's time (quadratic); now well under one."""
+    started = time.process_time()
+    work()
+    assert time.process_time() - started < 1.0
+
+
+def test_deeply_nested_tex_stays_code_and_the_answer_finishes(client, upstream):
+    """400 nested braces: the formula is shown as code, the answer ends with its bubble, the page still renders."""
+    upstream.serve(answer("Before\n\n$$" + "{" * 400 + "x" + "}" * 400 + "$$\n"))
+    stream_id, conversation = send_in(client, "nest")
+    done = read_events(client, stream_id).done
+    assert "math-error" in done and "Before" in done
+    assert "math-error" in client.get(f"/c/{conversation}").text
+
+
+@pytest.mark.parametrize("target", ["/%09/evil.com", "/\t/evil.com", "/\\evil.com", "//evil.com", "/%0a/evil.com",
+                                    "/%00/", "https://evil.com/", "/\x7f/x"])
+def test_login_never_sends_you_off_site(client, monkeypatch, target):
+    """The page a login returns to is always on this site; a crafted `next` lands on the start page."""
+    monkeypatch.setattr(chat.settings, "password", "pw")
+    response = plain_app().post("/login", {"password": "pw", "next": urllib.parse.unquote(target)}, status=302)
+    assert urllib.parse.urlsplit(response.headers["Location"]).path == "/"
+    assert urllib.parse.urlsplit(response.headers["Location"]).netloc == "localhost:80"
+
+
+def test_login_returns_to_the_conversation_that_asked(client, monkeypatch):
+    """A local page survives the round trip through the login form."""
+    monkeypatch.setattr(chat.settings, "password", "pw")
+    response = plain_app().post("/login", {"password": "pw", "next": "/c/abc?at=3"}, status=302)
+    assert response.headers["Location"].endswith("/c/abc?at=3")
+
+
+def test_search_is_rate_limited_and_short_words_are_not_prefixes(client, upstream):
+    """A burst of searches from one browser gets 429; a one-letter word matches only itself."""
+    upstream.serve(answer("a apple"))
+    read_events(client, send_in(client, "fruit")[0])
+    assert elements(client.get("/search", {"q": "a"}).text, "a") != []  # the word "a" itself
+    assert elements(client.get("/search", {"q": "ap"}).text, "a") == []  # not every word starting with "ap"
+    statuses = [client.get("/search", {"q": "apple"}, expect_errors=True).status_int for _ in range(20)]
+    assert 429 in statuses and statuses[:8] == [200] * 8
+
+
+def test_an_endless_upstream_line_is_cut_off(client, upstream):
+    """A line over 8 MiB without an end: the answer ends with a clear alert instead of growing forever."""
+    upstream.serve(b"data: " + b"x" * (9 << 20), transfer="close")
+    (alert,) = alerts(relay(client).done)
+    assert "longer than 8 MiB" in alert
+
+
+def test_control_characters_are_dropped_from_prompts_and_answers(client, upstream):
+    """C0 controls are invisible and would collide with the search's markers: they are not stored."""
+    upstream.serve(answer("zebra\x01 crossing\x02"))
+    stream_id, _ = send_in(client, "zebra\x01\x02 question\x7f")
+    assert read_events(client, stream_id).message == "zebra crossing"
+    assert db_rows("SELECT content FROM messages ORDER BY id") == [("zebra question",), ("zebra crossing",)]
