@@ -4927,14 +4927,6 @@ def test_unknown_conversation_is_a_404_page_with_a_link_home(open_page, live_cha
 # Found in review: inputs that would have held the hub, or led elsewhere
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("work", [
-    pytest.param(lambda: chat.make_title("[" * 32_000), id="title of a prompt of 32,000 ["),
-    pytest.param(lambda: [b for b in [chat.MarkdownBlocks()] for _ in [b.feed("# h\n" + "\n" * 30_000)]], id="30,000 blank lines"),
-    pytest.param(lambda: indented_words(40_000), id="an indented line of 40,000 tokens"),
-    pytest.param(lambda: [t.feed(" ") for t in [chat.ThinkSplitter()] for _ in range(40_000)], id="40,000 spaces first"),
-    pytest.param(lambda: chat.body_message(b"<" * 65_536), id="an error page of 64 KiB of <"),
-    pytest.param(lambda: chat.body_message(b"<title>" * 9_000), id="9,000 <title>"),
-])
 def indented_words(count):
     """Feed a paragraph, a blank line, then one indented line token by token (the partial line once re-joined each time)."""
     blocks = chat.MarkdownBlocks()
@@ -4943,6 +4935,14 @@ def indented_words(count):
         blocks.feed("word")
 
 
+@pytest.mark.parametrize("work", [
+    pytest.param(lambda: chat.make_title("[" * 32_000), id="title of a prompt of 32,000 ["),
+    pytest.param(lambda: [b for b in [chat.MarkdownBlocks()] for _ in [b.feed("# h\n" + "\n" * 30_000)]], id="30,000 blank lines"),
+    pytest.param(lambda: indented_words(40_000), id="an indented line of 40,000 tokens"),
+    pytest.param(lambda: [t.feed(" ") for t in [chat.ThinkSplitter()] for _ in range(40_000)], id="40,000 spaces first"),
+    pytest.param(lambda: chat.body_message(b"<" * 65_536), id="an error page of 64 KiB of <"),
+    pytest.param(lambda: chat.body_message(b"<title>" * 9_000), id="9,000 <title>"),
+])
 def test_hostile_input_takes_linear_time(work):
     """Each of these once took seconds to minutes of the hub's time (quadratic); now well under one."""
     started = time.process_time()
