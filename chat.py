@@ -1152,7 +1152,8 @@ class Stream:
             store.finish_answer(self.message_id, answer)
             nav = sibling_nav(self.conversation_id, self.message_id)
         except DATABASE_ERRORS as exc:
-            log.error("saving the answer failed: %s", exc)
+            log.error("saving the answer failed: %s; trying again every second", exc)
+            streams.unsaved[self.message_id] = dict(answer)  # the janitor tries again until it is stored
             answer["notes"].append(storage_note(exc))
         # Markdown and highlighting of a long answer take a while: render_answer() does them in
         # a worker thread, sharing the CPU with the hub instead of stopping every other stream.
@@ -1183,6 +1184,7 @@ class Streams:
         self.by_owner = {}  # owner -> ids of that owner's registered streams
         self.janitor = None
         self.saving = None  # the greenlet saving partial answers, if one is under way
+        self.unsaved = {}   # message id -> a finished answer whose final save failed (a full disk, a lock)
         self.last_ping = 0.0
 
     def __len__(self):
@@ -1289,7 +1291,7 @@ class Streams:
             # this process writes (another process, or this one after a restart, takes an
             # answer whose lease ran out for interrupted).
             live = [s.message_id for s in self.by_id.values() if s.message_id and s.finished_at is None]
-            if partials or live:
+            if partials or live or self.unsaved:
                 self.saving = gevent.spawn(save_progress, partials, live)
 
     def start(self, history, owner=None, **fields):
@@ -1310,7 +1312,7 @@ class Streams:
 
     def sweep_forever(self):
         """The janitor greenlet: one timer for every stream, instead of one per read."""
-        while self.by_id:
+        while self.by_id or self.unsaved:
             gevent.sleep(min(1.0, settings.grace, settings.ping_interval))
             self.sweep(time.monotonic())
 
@@ -1319,13 +1321,18 @@ streams = Streams()
 
 
 def save_progress(partials, live):
-    """Save the answers still streaming and renew their leases, all in one transaction: one commit a second."""
+    """Save the answers still streaming and renew their leases, all in one transaction: one commit a second.
+    Then try again the finished answers whose final save failed."""
     try:
         with store.transaction():
             store.save_partials(partials)
             store.renew_leases(live, time.time() + settings.lease_seconds)
+        for message_id, answer in list(streams.unsaved.items()):
+            store.finish_answer(message_id, answer)
+            del streams.unsaved[message_id]
+            log.info("saved an answer whose first save had failed")
     except DATABASE_ERRORS as exc:
-        log.error("saving partial answers failed: %s", exc)
+        log_limited("save", "saving answers failed: %s", exc)
 
 
 def housekeeping_forever(every=3600.0):
@@ -1592,9 +1599,21 @@ def render_fence(renderer, tokens, idx, options, env):
 markdown.add_render_rule("fence", render_fence)
 
 
+# linkify-it scans a paragraph in one regex call that holds the GIL: on a very long text it
+# would stall the hub even from a worker thread, so such a text keeps its bare URLs as text.
+markdown_without_linkify = MarkdownIt("commonmark", {"html": False, "highlight": highlight_code})
+markdown_without_linkify.enable(["table", "strikethrough"])
+markdown_without_linkify.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True)
+markdown_without_linkify.inline.ruler.before("escape", "bracket_math", bracket_math)
+for rule, function in markdown.renderer.rules.items():
+    if rule in ("math_inline", "math_inline_double", "math_block", "math_block_label", "link_open", "image", "fence"):
+        markdown_without_linkify.add_render_rule(rule, function)
+LINKIFY_LIMIT = 20_000  # characters
+
+
 def render_markdown(text):
     """Answer text as safe HTML: raw HTML is escaped, javascript: links are refused."""
-    return markdown.render(text)
+    return (markdown if len(text) <= LINKIFY_LIMIT else markdown_without_linkify).render(text)
 
 
 NOTES = {
@@ -1923,9 +1942,15 @@ class SQLiteDatabase:
         """Run fn(*args) in the thread pool while holding the lock; the calling greenlet waits cooperatively."""
         def run():
             with self.thread_lock:
-                return fn(*args)
+                try:
+                    return True, fn(*args)
+                except Exception as exc:  # noqa: BLE001 — handed back to the caller, not printed by the pool
+                    return False, exc
         with self.lock:
-            return gevent.get_hub().threadpool.apply(run)
+            ok, value = gevent.get_hub().threadpool.apply(run)
+        if not ok:
+            raise value
+        return value
 
     def execute(self, sql, args=()):
         """Run one statement; return its rows, lastrowid and rowcount."""
@@ -2822,7 +2847,9 @@ def login():
         bottle.redirect("/")
     environ = bottle.request.environ
     address, local = client_address(environ), from_this_machine(environ)
-    if limits.login_all.tokens("all") < 1 or (not local and limits.login.tokens(address) < 1):
+    # The machine itself (the operator, through no proxy) can always try: a flood from elsewhere
+    # must not lock it out. Everyone else shares the global budget (see README: Security).
+    if (not local and limits.login_all.tokens("all") < 1) or (not local and limits.login.tokens(address) < 1):
         bottle.response.status = 429
         bottle.response.set_header("Retry-After", "6")
         return bottle.template("login", error="Too many wrong passwords. Wait a few seconds and try again.",
@@ -2830,8 +2857,8 @@ def login():
     given = (bottle.request.forms.getunicode("password", default="") or "").encode()
     if not hmac.compare_digest(hashlib.sha256(given).digest(),
                                hashlib.sha256(settings.password.encode()).digest()):
-        limits.login_all.take("all")
         if not local:
+            limits.login_all.take("all")
             limits.login.take(address)
         log_limited("login", "failed login from %s", address)
         bottle.response.status = 401
@@ -3004,8 +3031,10 @@ class Refused(Exception):
 def reserve_stream(conversation_id=None):
     """Hold a stream for this browser if the limits allow, before anything is written; or raise Refused."""
     environ = bottle.request.environ
-    if (environ.get("chat.new_owner") and not from_this_machine(environ)
-            and not limits.new_owners.take(client_address(environ))):
+    # A new owner is one with no conversation yet: without a cookie, or with one just minted by
+    # a GET (which costs nothing, so dropping the cookie and fetching a page must not dodge this).
+    new = environ.get("chat.new_owner") or not store.owner_exists(owner())
+    if new and not from_this_machine(environ) and not limits.new_owners.take(client_address(environ)):
         raise Refused(429, "Too many new visitors from your address in the last minute. Allow cookies for "
                            "this site, or wait a minute and send again.")
     return streams.reserve(owner(), conversation_id)
@@ -3500,6 +3529,9 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=
         b"Retry-After: 5\r\nContent-Length: 54\r\n\r\nThe server is at its connection limit; try again soon.\n")
 
 
+SEND_BUFFER = 256 * 1024  # bytes the kernel holds for one client: plenty for tokens, bounded for a stuck reader
+
+
 class Server(WSGIServer):
     """gevent's WSGI server with TCP_NODELAY, a cap on open connections, and timeouts on every socket."""
 
@@ -3523,8 +3555,11 @@ class Server(WSGIServer):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small token frames go out at once
             # Every blocking send or receive gives up after this: a reader that stops reading
-            # is dropped, and so is a connection idle between requests.
+            # is dropped, and so is a connection idle between requests. Without a cap the kernel
+            # would first buffer up to 4 MB for such a reader.
             sock.settimeout(settings.write_timeout)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             return super().handle(sock, address)
         finally:
             self.connections -= 1

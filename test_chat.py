@@ -89,6 +89,7 @@ def isolated(monkeypatch, tmp_path):
             stream.greenlet.kill(block=True, timeout=2)
     chat.streams.by_id.clear()
     chat.streams.by_owner.clear()
+    chat.streams.unsaved.clear()
     chat.store.close()
 
 
@@ -4999,3 +5000,44 @@ def test_control_characters_are_dropped_from_prompts_and_answers(client, upstrea
     stream_id, _ = send_in(client, "zebra\x01\x02 question\x7f")
     assert read_events(client, stream_id).message == "zebra crossing"
     assert db_rows("SELECT content FROM messages ORDER BY id") == [("zebra question",), ("zebra crossing",)]
+
+
+def test_this_machine_can_log_in_while_others_guess(client, monkeypatch):
+    """Guesses from elsewhere use up the shared budget; the operator on this machine still gets in."""
+    monkeypatch.setattr(chat.settings, "password", "pw")
+    for n in range(30):
+        client.post("/login", {"password": "x"}, headers={"X-Forwarded-For": f"198.51.100.{n}"}, expect_errors=True)
+    plain_app().post("/login", {"password": "pw"}, headers={"X-Forwarded-For": "203.0.113.1"}, status=429)
+    plain_app().post("/login", {"password": "pw"}, status=302)  # loopback, no proxy: the operator
+
+
+def test_fresh_cookies_from_page_loads_count_as_new_owners(server, upstream, monkeypatch):
+    """GET / then send, again and again from one address: a new cookie each time is still a new owner."""
+    upstream.serve(answer("ok"))
+    statuses = []
+    for n in range(8):
+        browser_ = requests.Session()
+        browser_.trust_env = False
+        browser_.get(f"{server}/", headers=FROM_AFAR, timeout=5)
+        statuses.append(browser_.post(f"{server}/streaming", data={"prompt": f"hi {n}"},
+                                      headers={**FROM_AFAR, **HX}, timeout=5).status_code)
+    assert statuses[:3] == [200] * 3 and statuses.count(429) == 5
+
+
+def test_a_failed_final_save_is_tried_again(server, upstream, open_sse, monkeypatch):
+    """The disk is full when an answer ends: once there is room again, the janitor stores it whole."""
+    monkeypatch.setattr(chat.settings, "ping_interval", 0.05)
+    long_rest = " " + "y" * 20_000  # needs new pages, which the full disk refuses
+    body = answer("Kept", long_rest)
+    upstream.serve(body, pause_at=after_event(body, b'"Kept"'))
+    stream_id = post_prompt(server)
+    reader = open_sse(stream_id)
+    reader.read_until(lambda t: t.message == "Kept")
+    pages = chat.store.db.execute("PRAGMA page_count").fetchone()[0]
+    chat.store.db.execute(f"PRAGMA max_page_count = {pages}")
+    upstream.release()
+    assert any("disk is full" in n for n in notes(reader.read_until(lambda t: t.finished).done))
+    chat.store.db.execute("PRAGMA max_page_count = 1073741823")
+    wait_until(lambda: db_rows("SELECT content, status FROM messages WHERE role = 'assistant'") ==
+               [("Kept" + long_rest, "done")], timeout=5, what="the second try")
+    assert chat.streams.unsaved == {}
