@@ -56,6 +56,8 @@ import tempfile
 import time
 import urllib.parse
 
+from fastloop import new_loop  # bench/ is on sys.path: this script runs as python bench/soak.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
@@ -548,20 +550,6 @@ def role_upstream(args):
         loop.run_forever()
     finally:
         server.close()
-
-
-def new_loop():
-    """Raise RLIMIT_NOFILE to the hard limit; a uvloop loop when installed, else asyncio's."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        import uvloop
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    return loop
 
 
 # ---------------------------------------------------------------------------
