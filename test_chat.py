@@ -5041,3 +5041,17 @@ def test_a_failed_final_save_is_tried_again(server, upstream, open_sse, monkeypa
     wait_until(lambda: db_rows("SELECT content, status FROM messages WHERE role = 'assistant'") ==
                [("Kept" + long_rest, "done")], timeout=5, what="the second try")
     assert chat.streams.unsaved == {}
+
+
+def test_header_and_sidebar_stay_while_a_long_chat_scrolls(open_page, page_upstream):
+    """The header stays at the top and the sidebar keeps its place, scrolling on its own, beside a long chat."""
+    page = open_page().page
+    page.set_viewport_size({"width": 1100, "height": 600})
+    page_upstream.serve(answer(*[f"Line {n}.\n\n" for n in range(60)]))
+    finished_bubble(page, type_and_send(page, "long"))
+    page.evaluate("window.scrollTo(0, document.scrollingElement.scrollHeight)")
+    page.wait_for_function("() => document.scrollingElement.scrollTop > 500")
+    assert page.locator("header.top").bounding_box()["y"] == 0
+    sidebar = page.locator("nav.sidebar")
+    assert sidebar.bounding_box()["y"] < 100  # still in view, under the header
+    assert page.evaluate("getComputedStyle(document.querySelector('nav.sidebar')).overflowY") == "auto"
