@@ -1167,13 +1167,14 @@ class Stream:
         for queue in self.readers:
             queue.put_nowait(frame)
 
-    def partial(self):
-        """(text, reasoning, message id) if the answer grew since the janitor last saved it, else None."""
+    def partial(self, lease_until):
+        """(text, reasoning, lease, message id, conversation id) if the answer grew since the janitor last saved
+        it, else None."""
         size = len(self.log.kinds)
         if self.message_id is None or size == self.saved or self.finished_at is not None:
             return None
         self.saved = size
-        return self.text(), self.text("reasoning"), self.message_id, self.conversation_id
+        return self.text(), self.text("reasoning"), lease_until, self.message_id, self.conversation_id
 
 
 class Streams:
@@ -1261,7 +1262,7 @@ class Streams:
         # The store may be slow (a lock held by another process, a full disk): it saves in a
         # greenlet of its own, and this pass only collects for it when the last save is done.
         can_save = self.saving is None or self.saving.ready()
-        partials = []
+        partials, idle, now_wall = [], [], time.time()
         for stream in list(self.by_id.values()):
             if stream.finished:
                 # Kept for reconnects until nobody has watched for the grace period; the
@@ -1279,9 +1280,11 @@ class Streams:
                     now - stream.started > settings.first_byte_timeout if stream.first_byte_at is None
                     else now - stream.last_activity > settings.read_timeout):
                 stream.greenlet.kill(UpstreamTimeout, block=False)
-            partial = stream.partial() if can_save else None
+            partial = stream.partial(now_wall + settings.lease_seconds) if can_save else None
             if partial:
-                partials.append(partial)
+                partials.append(partial)  # saving the text renews the lease too
+            elif can_save and stream.message_id:
+                idle.append(stream.message_id)
             if stream.first_token_at is None and now - stream.started >= WAITING_SHOWN_AFTER:
                 stream.tell_readers(waiting_frame(now - stream.started))
             elif ping:
@@ -1290,9 +1293,8 @@ class Streams:
             # Every second, in one transaction: the text that grew, and the leases of every answer
             # this process writes (another process, or this one after a restart, takes an
             # answer whose lease ran out for interrupted).
-            live = [s.message_id for s in self.by_id.values() if s.message_id and s.finished_at is None]
-            if partials or live or self.unsaved:
-                self.saving = gevent.spawn(save_progress, partials, live)
+            if partials or idle or self.unsaved:
+                self.saving = gevent.spawn(save_progress, partials, idle)
 
     def start(self, history, owner=None, **fields):
         """Register a new stream and start its relay greenlet (no limits: for tools and tests)."""
@@ -1320,13 +1322,13 @@ class Streams:
 streams = Streams()
 
 
-def save_progress(partials, live):
-    """Save the answers still streaming and renew their leases, all in one transaction: one commit a second.
-    Then try again the finished answers whose final save failed."""
+def save_progress(partials, idle):
+    """Save the answers still streaming (which renews their leases) and renew the leases of those that did not
+    grow, all in one transaction: one commit a second. Then try again the finished answers whose final save failed."""
     try:
         with store.transaction():
             store.save_partials(partials)
-            store.renew_leases(live, time.time() + settings.lease_seconds)
+            store.renew_leases(idle, time.time() + settings.lease_seconds)
         for message_id, answer in list(streams.unsaved.items()):
             store.finish_answer(message_id, answer)
             del streams.unsaved[message_id]
@@ -1613,7 +1615,9 @@ LINKIFY_LIMIT = 20_000  # characters
 
 def render_markdown(text):
     """Answer text as safe HTML: raw HTML is escaped, javascript: links are refused."""
-    return (markdown if len(text) <= LINKIFY_LIMIT else markdown_without_linkify).render(text)
+    # linkify's pretest costs a millisecond a text: skip it for texts without a URL in them.
+    linkify = "://" in text and len(text) <= LINKIFY_LIMIT
+    return (markdown if linkify else markdown_without_linkify).render(text)
 
 
 NOTES = {
@@ -2327,10 +2331,10 @@ class Store:
         return self.db.search(owner, words, limit) if words else []
 
     def save_partials(self, partials):
-        """Save the text of answers still streaming, (text, reasoning, message id, conversation id) each.
-        The conversation is checked too: SQLite reuses a deleted row's id."""
+        """Save the text of answers still streaming and renew their leases: (text, reasoning, lease, message id,
+        conversation id) each. The conversation is checked too: SQLite reuses a deleted row's id."""
         if partials:
-            self.db.executemany("UPDATE messages SET content = ?, reasoning = ? "
+            self.db.executemany("UPDATE messages SET content = ?, reasoning = ?, lease_until = ? "
                                 "WHERE id = ? AND conversation_id = ? AND status = 'streaming'", partials)
 
     def transaction(self):

@@ -2595,7 +2595,7 @@ def test_schema_has_a_version_and_answers_whose_lease_ran_out_are_interrupted(tm
     conversation = first.create_conversation("owner-" + "x" * 24, "t")
     dead = first.add_message(conversation, "assistant", status="streaming")
     alive = first.add_message(conversation, "assistant", status="streaming")
-    first.save_partials([("so far", "", dead, conversation)])
+    first.save_partials([("so far", "", time.time(), dead, conversation)])
     first.renew_leases([alive], time.time() + 60)
     first.close()
     second = chat.Store(path)
