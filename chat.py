@@ -1068,7 +1068,7 @@ class Stream:
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
                  "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes", "blocks", "bubble", "params")
+                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at")
 
     def __init__(self, stream_id, history, model=None, owner=None, conversation_id=None, message_id=None):
         self.id = stream_id
@@ -1097,6 +1097,8 @@ class Stream:
         self.notes = []               # extra sentences for the finished bubble (limits, storage)
         self.bubble = None            # the finished bubble's HTML
         self.params = {}              # temperature, top_p, max_tokens: only those set are sent
+        self.told_at = 0.0            # when readers were last told how long the wait has been
+        self.renewed_at = 0.0         # when the lease was last renewed without new text
 
     @property
     def finished(self):
@@ -1283,10 +1285,17 @@ class Streams:
             partial = stream.partial(now_wall + settings.lease_seconds) if can_save else None
             if partial:
                 partials.append(partial)  # saving the text renews the lease too
-            elif can_save and stream.message_id:
-                idle.append(stream.message_id)
-            if stream.first_token_at is None and now - stream.started >= WAITING_SHOWN_AFTER:
-                stream.tell_readers(waiting_frame(now - stream.started))
+                stream.renewed_at = now
+            elif can_save and stream.message_id and now - stream.renewed_at >= settings.lease_seconds / 3:
+                idle.append(stream.message_id)  # a third of the lease: two renewals may fail before it runs out
+                stream.renewed_at = now
+            waited = now - stream.started
+            # The waiting clock ticks every second for the first ten, then every five: thousands of
+            # answers queued at a busy server must not cost thousands of writes a second.
+            if stream.first_token_at is None and waited >= WAITING_SHOWN_AFTER and \
+                    now - stream.told_at >= (1 if waited < 10 else 5) * min(1.0, settings.ping_interval):
+                stream.told_at = now
+                stream.tell_readers(waiting_frame(waited))
             elif ping:
                 stream.tell_readers(SSE_PING)
         if can_save:
