@@ -3523,6 +3523,15 @@ class Handler(WSGIHandler):
             self.head_deadline.close()
 
 
+    def handle_error(self, t, v, tb):
+        """A client that took no data for CHAT_WRITE_TIMEOUT is dropped with one line, not a traceback."""
+        if isinstance(v, TimeoutError):
+            log_limited("write-timeout", "dropped a client that took no data for %g s (CHAT_WRITE_TIMEOUT)",
+                        settings.write_timeout)
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
+
     def run_application(self):
         """Run the app; after a refused body, close the connection instead of reading the body to discard it."""
         try:
