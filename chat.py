@@ -1305,13 +1305,6 @@ class Streams:
             if partials or idle or self.unsaved:
                 self.saving = gevent.spawn(save_progress, partials, idle)
 
-    def start(self, history, owner=None, **fields):
-        """Register a new stream and start its relay greenlet (no limits: for tools and tests)."""
-        stream = Stream(secrets.token_urlsafe(18), [], owner=owner)
-        self.by_id[stream.id] = stream
-        self.by_owner.setdefault(owner, set()).add(stream.id)
-        return self.begin(stream, history, **fields)
-
     def forget(self, stream):
         """Drop a finished (or never started) stream from the registry."""
         if self.by_id.pop(stream.id, None) is None:
@@ -1488,14 +1481,6 @@ def highlight_code(code, lang, _attrs):
     return pygments_highlight(code, lexer, _FORMATTER)
 
 
-markdown = MarkdownIt("commonmark", {"html": False, "highlight": highlight_code, "linkify": True})
-markdown.enable(["table", "strikethrough", "linkify"])
-# Only URLs with a scheme become links: fuzzy matching would link "chat.py" (.py is a TLD).
-markdown.linkify.set({"fuzzy_link": False, "fuzzy_email": False})
-# Pandoc's rule: no space inside the dollars and no digit after the closing one, so "$5 and $10" is money.
-markdown.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True)
-
-
 def bracket_math(state, silent):
     """Inline rule: \\( … \\) and \\[ … \\] as math (the dollar forms come from dollarmath)."""
     for opener, closer, kind in (("\\(", "\\)", "math_inline"), ("\\[", "\\]", "math_inline_double")):
@@ -1510,8 +1495,6 @@ def bracket_math(state, silent):
             return True
     return False
 
-
-markdown.inline.ruler.before("escape", "bracket_math", bracket_math)
 
 # What latex2mathml may give the page: MathML Core's elements and presentation attributes.
 # Its output is not safe as it is (\\text{<script>} comes out raw, \\href keeps javascript:
@@ -1568,18 +1551,11 @@ def render_math(renderer, tokens, idx, options, env):
     return f'<div class="math">{mathml}</div>\n' if token.type.startswith("math_block") else mathml
 
 
-for math_rule in ("math_inline", "math_inline_double", "math_block", "math_block_label"):
-    markdown.add_render_rule(math_rule, render_math)
-
-
 def render_link_open(renderer, tokens, idx, options, env):
     """Links from the model open in a new tab, safely: no referrer, no opener, no follow."""
     tokens[idx].attrSet("target", "_blank")
     tokens[idx].attrSet("rel", "noopener noreferrer nofollow")
     return renderer.renderToken(tokens, idx, options, env)
-
-
-markdown.add_render_rule("link_open", render_link_open)
 
 
 def render_image(renderer, tokens, idx, options, env):
@@ -1595,9 +1571,6 @@ def render_image(renderer, tokens, idx, options, env):
             f'[image: {label}]</a>')
 
 
-markdown.add_render_rule("image", render_image)
-
-
 def render_fence(renderer, tokens, idx, options, env):
     """A fenced code block under a bar with its language and a copy button (which then covers no code)."""
     block = renderer.fence(tokens, idx, options, env)
@@ -1607,18 +1580,28 @@ def render_fence(renderer, tokens, idx, options, env):
             f'{block}</div>\n')
 
 
-markdown.add_render_rule("fence", render_fence)
+def make_markdown(linkify):
+    """A Markdown renderer: CommonMark, tables, strikethrough, math, safe links, images and fences; raw HTML off."""
+    md = MarkdownIt("commonmark", {"html": False, "highlight": highlight_code, "linkify": linkify})
+    md.enable(["table", "strikethrough"] + (["linkify"] if linkify else []))
+    if linkify:
+        # Only URLs with a scheme become links: fuzzy matching would link "chat.py" (.py is a TLD).
+        md.linkify.set({"fuzzy_link": False, "fuzzy_email": False})
+    # Pandoc's rule: no space inside the dollars and no digit after the closing one, so "$5 and $10" is money.
+    md.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True)
+    md.inline.ruler.before("escape", "bracket_math", bracket_math)
+    for rule in ("math_inline", "math_inline_double", "math_block", "math_block_label"):
+        md.add_render_rule(rule, render_math)
+    md.add_render_rule("link_open", render_link_open)
+    md.add_render_rule("image", render_image)
+    md.add_render_rule("fence", render_fence)
+    return md
 
 
-# linkify-it scans a paragraph in one regex call that holds the GIL: on a very long text it
-# would stall the hub even from a worker thread, so such a text keeps its bare URLs as text.
-markdown_without_linkify = MarkdownIt("commonmark", {"html": False, "highlight": highlight_code})
-markdown_without_linkify.enable(["table", "strikethrough"])
-markdown_without_linkify.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True)
-markdown_without_linkify.inline.ruler.before("escape", "bracket_math", bracket_math)
-for rule, function in markdown.renderer.rules.items():
-    if rule in ("math_inline", "math_inline_double", "math_block", "math_block_label", "link_open", "image", "fence"):
-        markdown_without_linkify.add_render_rule(rule, function)
+# linkify-it scans a paragraph in one regex call that holds the GIL (about a millisecond a
+# text, and far more on a long one, which would stall the hub even from a worker thread):
+# texts without a URL, or very long ones, go through the renderer without it.
+markdown, markdown_without_linkify = make_markdown(True), make_markdown(False)
 LINKIFY_LIMIT = 20_000  # characters
 
 
@@ -1894,10 +1877,10 @@ PG_MIGRATIONS = [
 class Result:
     """What a statement returned, fetched whole inside the database thread."""
 
-    __slots__ = ("rows", "lastrowid", "rowcount")
+    __slots__ = ("rows", "rowcount")
 
-    def __init__(self, rows, lastrowid, rowcount):
-        self.rows, self.lastrowid, self.rowcount = rows, lastrowid, rowcount
+    def __init__(self, rows, rowcount):
+        self.rows, self.rowcount = rows, rowcount
 
     def fetchone(self):
         """The first row, or None."""
@@ -1966,10 +1949,10 @@ class SQLiteDatabase:
         return value
 
     def execute(self, sql, args=()):
-        """Run one statement; return its rows, lastrowid and rowcount."""
+        """Run one statement; return its rows and rowcount."""
         def run():
             cursor = self.connection.execute(sql, args)
-            return Result(cursor.fetchall(), cursor.lastrowid, cursor.rowcount)
+            return Result(cursor.fetchall(), cursor.rowcount)
         return self.call(run)
 
     def executemany(self, sql, rows):
@@ -2044,10 +2027,6 @@ class Row(tuple):
 
     def __getitem__(self, key):
         return tuple.__getitem__(self, self.columns[key] if isinstance(key, str) else key)
-
-    def keys(self):
-        """The column names."""
-        return list(self.columns)
 
 
 @functools.lru_cache(maxsize=256)
@@ -2125,7 +2104,7 @@ class PostgresDatabase:
         with self.connection() as connection, connection.cursor() as cursor:
             cursor.execute(sql.replace("%", "%%").replace("?", "%s"), args)
             rows = cursor.fetchall() if cursor.description else []
-            return Result(rows, None, cursor.rowcount)
+            return Result(rows, cursor.rowcount)
 
     def executemany(self, sql, rows):
         """Run one statement for each row."""
