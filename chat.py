@@ -59,8 +59,10 @@ from xml.etree import ElementTree  # noqa: E402
 import bottle  # noqa: E402
 import latex2mathml.converter  # noqa: E402
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 import gevent.local  # noqa: E402
 import gevent.lock  # noqa: E402
+import gevent.queue  # noqa: E402
 import requests  # noqa: E402
 import urllib3.exceptions  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
@@ -137,6 +139,8 @@ class Settings:
         # How long a streaming answer's lease lasts; its writer renews it every second. A writer
         # that dies leaves an answer that is marked interrupted once the lease runs out.
         self.lease_seconds = float(env.get("CHAT_LEASE_SECONDS") or 15)
+        # Redis (redis://host:port/db) to share answers between processes; unset: in this process only.
+        self.redis_url = env.get("CHAT_REDIS_URL") or None
         # Sampling defaults for conversations that set none (unset: the server's own defaults).
         self.temperature = float(env["CHAT_TEMPERATURE"]) if env.get("CHAT_TEMPERATURE") else None
         self.top_p = float(env["CHAT_TOP_P"]) if env.get("CHAT_TOP_P") else None
@@ -144,7 +148,7 @@ class Settings:
         # Hosts whose https images an answer may show; any other image is shown as a link.
         self.image_hosts = {h.strip().lower() for h in (env.get("CHAT_IMAGE_HOSTS") or "").split(",") if h.strip()}
         # Our own demo endpoint only answers this process (it may sit behind CHAT_PASSWORD).
-        self.demo_key = secrets.token_urlsafe(24)
+        self.demo_key = env.get("CHAT_DEMO_KEY") or secrets.token_urlsafe(24)  # set by --workers for all
 
     @property
     def demo(self):
@@ -1068,7 +1072,9 @@ class Stream:
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
                  "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at")
+                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "outbox", "flushed")
+
+    local = True  # written by this process (RemoteAnswer: by another one)
 
     def __init__(self, stream_id, history, model=None, owner=None, conversation_id=None, message_id=None):
         self.id = stream_id
@@ -1099,6 +1105,8 @@ class Stream:
         self.params = {}              # temperature, top_p, max_tokens: only those set are sent
         self.told_at = 0.0            # when readers were last told how long the wait has been
         self.renewed_at = 0.0         # when the lease was last renewed without new text
+        self.outbox = []              # with Redis: (id, kind, payload) events not yet written there
+        self.flushed = 0              # with Redis: the last event id written there; -1: write the log again
 
     @property
     def finished(self):
@@ -1125,8 +1133,8 @@ class Stream:
         self.tokens += 1
         self.chars += len(text)
         event_id = self.log.append(kind, text)
-        if self.readers:
-            self.tell_readers(token_frame(kind, text, event_id))
+        if streams.wanted(self):
+            streams.publish(self, event_id, kind, text)
         if kind == "message":
             for block in self.blocks.feed(text):
                 self.publish_block(block)
@@ -1138,9 +1146,9 @@ class Stream:
         """Render a finished Markdown block once, log where it ends, and send it with the new tail."""
         rendered = render_block(block)
         event_id = self.log.append_block(self.blocks.offset)
-        if self.readers:
+        if streams.wanted(self):
             tail = self.log.text["message"][self.blocks.offset:].decode()
-            self.tell_readers(block_frame(self.id, rendered, tail, event_id))
+            streams.publish(self, event_id, "block", block_frame(self.id, rendered, tail, event_id))
 
     def finish(self, status, error=None):
         """Publish the finished bubble as the last event; nothing is published after it."""
@@ -1162,12 +1170,7 @@ class Stream:
         bubble = render_answer(answer, True, nav)
         self.bubble = bubble
         self.log.done = sse_frame("done", bubble, len(self.log.kinds) + 1)
-        self.tell_readers(self.log.done)
-
-    def tell_readers(self, frame):
-        """Send a frame to the readers connected now (pings and the waiting clock are not logged)."""
-        for queue in self.readers:
-            queue.put_nowait(frame)
+        streams.publish(self, len(self.log.kinds) + 1, "done", self.log.done)
 
     def partial(self, lease_until):
         """(text, reasoning, lease, message id, conversation id) if the answer grew since the janitor last saved
@@ -1180,7 +1183,11 @@ class Stream:
 
 
 class Streams:
-    """The registry of live streams by secret id, with a janitor for pings, timeouts and cleanup."""
+    """The registry of live streams by secret id, with a janitor for pings, timeouts and cleanup.
+
+    This one keeps every answer in this process; RedisStreams (below) shares them between processes.
+    Both offer the same few methods to the routes: reserve, begin, publish, events, stop_for, for_message.
+    """
 
     def __init__(self):
         self.by_id = {}
@@ -1196,6 +1203,44 @@ class Streams:
     def get(self, stream_id):
         """The stream with this id, or None."""
         return self.by_id.get(stream_id)
+
+    def wanted(self, stream):
+        """True if an event of this stream would reach anyone now (here: a connected reader)."""
+        return bool(stream.readers)
+
+    def publish(self, stream, event_id, kind, payload):
+        """Hand an event to the stream's readers: a token's text (framed here), or a whole frame (block, done,
+        and the unlogged status and ping, which have no id)."""
+        if stream.readers:
+            frame = token_frame(kind, payload, event_id) if kind in ("message", "reasoning") else payload
+            for queue in stream.readers:
+                queue.put_nowait(frame)
+
+    def events(self, stream_id, owner, last_id):
+        """The response body of GET /events: the frames after last_id, then live ones until done."""
+        stream = self.by_id.get(stream_id)
+        if stream is not None and stream.owner != owner:
+            bottle.abort(404, "No such answer.")  # someone else's: not even a done bubble
+        if stream is None:
+            return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
+        if not stream.finished and (len(stream.readers) >= settings.readers_per_stream
+                                    or self.readers_of(stream.owner) >= settings.readers_per_owner):
+            bottle.abort(429, TOO_MANY_READERS)
+        return stream_events(stream, last_id)
+
+    def stop_for(self, stream_id, owner):
+        """Stop this owner's answer (404 if there is none); returns its conversation's id."""
+        stream = self.by_id.get(stream_id)
+        if stream is None or stream.owner != owner:
+            bottle.abort(404, "No such answer.")
+        self.stop(stream.id)
+        return stream.conversation_id
+
+    def stop_conversation(self, conversation_id):
+        """Stop every answer being written in a conversation (it is being deleted)."""
+        for stream in list(self.by_id.values()):
+            if stream.conversation_id == conversation_id:
+                self.stop(stream.id)
 
     def readers_of(self, owner):
         """How many /events readers this owner has connected to live answers."""
@@ -1220,10 +1265,13 @@ class Streams:
         """
         if conversation_id and any(s.conversation_id == conversation_id and s.owner == owner and not s.finished
                                    for s in self.by_id.values()):
-            raise Refused(409, "An answer is still being written in this conversation; wait for it, or stop it.")
+            raise Refused(409, BUSY_CONVERSATION)
         if self.open_for(owner) >= settings.streams_per_owner:
-            raise Refused(429, f"You already have {settings.streams_per_owner} answers streaming; "
-                               "wait for one to finish or stop one.")
+            raise Refused(429, too_many_streams())
+        return self.register(owner, conversation_id)
+
+    def register(self, owner, conversation_id):
+        """Add a new stream to the registry, within the limit of open answers in all."""
         if len(self.by_id) >= settings.max_streams:
             raise Refused(503, "The server is at its limit of open answers; try again shortly.")
         stream = Stream(secrets.token_urlsafe(18), [], owner=owner, conversation_id=conversation_id)
@@ -1295,15 +1343,22 @@ class Streams:
             if stream.first_token_at is None and waited >= WAITING_SHOWN_AFTER and \
                     now - stream.told_at >= (1 if waited < 10 else 5) * min(1.0, settings.ping_interval):
                 stream.told_at = now
-                stream.tell_readers(waiting_frame(waited))
+                self.publish(stream, None, "status", waiting_frame(waited))
             elif ping:
-                stream.tell_readers(SSE_PING)
+                self.publish(stream, None, "ping", SSE_PING)
         if can_save:
             # Every second, in one transaction: the text that grew, and the leases of every answer
             # this process writes (another process, or this one after a restart, takes an
             # answer whose lease ran out for interrupted).
             if partials or idle or self.unsaved:
                 self.saving = gevent.spawn(save_progress, partials, idle)
+        self.maintain(now)
+
+    def maintain(self, now):
+        """The janitor's extra work when answers are shared (nothing here)."""
+
+    def drain(self, timeout=3.0):
+        """Wait until every event is where readers get it: here it already is."""
 
     def forget(self, stream):
         """Drop a finished (or never started) stream from the registry."""
@@ -1321,7 +1376,662 @@ class Streams:
             self.sweep(time.monotonic())
 
 
-streams = Streams()
+BUSY_CONVERSATION = "An answer is still being written in this conversation; wait for it, or stop it."
+TOO_MANY_READERS = "Too many open readers for this answer; close a tab and reload."
+
+
+def too_many_streams():
+    """The sentence for a send past CHAT_STREAMS_PER_OWNER."""
+    return (f"You already have {settings.streams_per_owner} answers streaming; "
+            "wait for one to finish or stop one.")
+
+
+# ---------------------------------------------------------------------------
+# Streams shared through Redis (CHAT_REDIS_URL): any process reads, resumes or stops any answer
+# ---------------------------------------------------------------------------
+#
+# Per answer, Redis holds its event log as a Redis Stream whose entry ids are our SSE ids
+# (N-0, dense: a reader sees a gap or a repeat at once, and XADD refuses a stale writer),
+# and a job record (owner, writing process, lease, stop flag). Readers fill from the log
+# and get new events over one pub/sub connection per process. The relay never waits on
+# Redis: one writer greenlet per process sends what has queued as one pipeline, and
+# readers (here and elsewhere) get an event only once it is in the log, so a crash never
+# takes back text anyone has seen.
+
+RESERVE_LUA = """
+-- KEYS: the owner's live answers (sorted by lease), the conversation's writer, the job
+-- ARGV: stream id, now, lease until, limit, ttl ms, owner, instance, in a conversation (1/0)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 409 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 429 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if ARGV[8] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[5]) end
+redis.call('HSET', KEYS[3], 'owner', ARGV[6], 'instance', ARGV[7], 'alive', ARGV[3], 'stop', 0, 'done', 0)
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return 0
+"""
+
+RELEASE_LUA = """
+-- KEYS: log, job, all leases, the owner's live answers, the conversation's writer
+-- ARGV: stream id, ttl ms, done (1: the answer finished; 0: it never started)
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[2], 'done', 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+else
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
+
+FENCE_LUA = """
+-- Finish an answer whose writer died: only if its lease ran out, it is not done, and the log
+-- still ends at the event the caller read (so the done event follows everything seen).
+-- KEYS: log, job, all leases, the owner's live answers, the conversation's writer
+-- ARGV: last event id read, now, done frame, stream id, ttl ms, live channel
+if redis.call('HGET', KEYS[2], 'done') == '1' then return 0 end
+if tonumber(redis.call('HGET', KEYS[2], 'alive') or '0') > tonumber(ARGV[2]) then return 0 end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local top = 0
+if #last > 0 then top = tonumber(string.match(last[1][1], '^(%d+)')) end
+if top ~= tonumber(ARGV[1]) then return 0 end
+local id = top + 1
+redis.call('XADD', KEYS[1], id .. '-0', 'k', 'd', 'v', ARGV[3])
+redis.call('HSET', KEYS[2], 'done', 1, 'instance', '')
+redis.call('ZREM', KEYS[3], ARGV[4])
+redis.call('ZREM', KEYS[4], ARGV[4])
+if redis.call('GET', KEYS[5]) == ARGV[4] then redis.call('DEL', KEYS[5]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PUBLISH', ARGV[6], id .. ' d ' .. ARGV[3])
+return 1
+"""
+
+KIND_CODES = {"message": "m", "reasoning": "r", "block": "b", "done": "d", "status": "s"}
+NUDGE = -1  # put in a reader's queue: read the log again from your last id
+
+
+class RemoteAnswer:
+    """An answer another process is writing, as far as a page needs to know (its stream id)."""
+
+    local = False
+    finished = False
+
+    def __init__(self, stream_id):
+        self.id = stream_id
+
+
+class Reader:
+    """One /events response reading a shared answer: its queue and the last event id it sent."""
+
+    __slots__ = ("queue", "last", "behind", "owner")
+
+    def __init__(self, last, owner):
+        self.queue = Queue()
+        self.last = last
+        self.behind = True  # read the log before waiting for new events
+        self.owner = owner
+
+
+def event_frame(n, kind, payload):
+    """The SSE frame of a logged event (kind code and payload as Redis keeps them)."""
+    if kind in ("m", "r"):
+        return token_frame("message" if kind == "m" else "reasoning", payload.decode(), n)
+    return payload
+
+
+class RedisStreams(Streams):
+    """Streams shared by every chat.py process on one Redis: same methods, answers readable and stoppable anywhere."""
+
+    def __init__(self, url):
+        super().__init__()
+        import redis  # only when configured; after monkey.patch_all(), so its sockets are gevent's
+        self.errors = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self.url = url
+        # A few connections for every request and the writer, however many readers there are:
+        # greenlets wait their turn for one. Pub/sub has its own connection.
+        self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            url, max_connections=8, timeout=5, socket_timeout=5, socket_connect_timeout=3))
+        self.subscriber = redis.Redis.from_url(url, socket_connect_timeout=3, socket_keepalive=True,
+                                               retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+        self.reserve_script = self.redis.register_script(RESERVE_LUA)
+        self.release_script = self.redis.register_script(RELEASE_LUA)
+        self.fence_script = self.redis.register_script(FENCE_LUA)
+        self.instance = secrets.token_hex(8)
+        self.control = f"chat:ctl:{self.instance}"
+        self.feeds = {}          # stream id -> the Readers of it connected to this process
+        self.dirty = {}          # stream id -> stream with events for the writer
+        self.wake = gevent.event.Event()
+        self.pubsub = None
+        self.lost = False        # the pub/sub connection broke: recover once it is back
+        self.renewed = 0.0
+        self.finishing = set()   # dead writers' answers being finished here
+        self.greenlets = []
+
+    def start(self):
+        """Start the writer, the pub/sub listener and the janitor (once)."""
+        if not self.greenlets:
+            self.greenlets = [gevent.spawn(self.write_forever), gevent.spawn(self.listen_forever)]
+            self.janitor = gevent.spawn(self.sweep_forever)
+
+    def sweep_forever(self):
+        """The janitor runs for good: other processes' answers need watching too."""
+        while True:
+            gevent.sleep(min(1.0, settings.grace, settings.ping_interval))
+            try:
+                self.sweep(time.monotonic())
+            except Exception:  # noqa: BLE001 — the janitor must outlive any one bad pass
+                log.exception("the janitor's pass failed")
+
+    # -- keys ------------------------------------------------------------------------------
+
+    @staticmethod
+    def keys(stream_id, owner="", conversation_id=None):
+        """The keys of an answer: log, job, all leases, the owner's answers, the conversation's writer."""
+        return [f"chat:{stream_id}:log", f"chat:{stream_id}:job", "chat:leases", f"chat:owner:{owner}",
+                f"chat:conv:{conversation_id or ''}"]
+
+    @staticmethod
+    def ttl_ms(seconds):
+        """A key's lifetime in milliseconds."""
+        return int(seconds * 1000)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def reserve(self, owner, conversation_id=None):
+        """Register a stream if this owner's answers in every process allow it: one Lua script checks and adds."""
+        self.start()
+        stream = self.register(owner, conversation_id)
+        log_key, job, _, owned, writer = self.keys(stream.id, owner, conversation_id)
+        now = time.time()
+        try:
+            verdict = self.reserve_script(
+                keys=[owned, writer, job],
+                args=[stream.id, now, now + settings.lease_seconds, settings.streams_per_owner,
+                      self.ttl_ms(settings.lease_seconds * 2), owner, self.instance, 1 if conversation_id else 0])
+        except self.errors as exc:
+            super().forget(stream)
+            log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
+            raise Refused(503, "The server cannot reach its shared state just now; try again shortly.") from None
+        if verdict:
+            super().forget(stream)
+            raise Refused(409, BUSY_CONVERSATION) if verdict == 409 else Refused(429, too_many_streams())
+        return stream
+
+    def begin(self, stream, history, **fields):
+        """Start the relay, and tell Redis which stored answer it writes (pages elsewhere link to it)."""
+        super().begin(stream, history, **fields)
+        try:
+            self.establish(self.redis.pipeline(transaction=False), stream).execute()
+        except self.errors as exc:  # the janitor's next renewal puts it there
+            log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
+        return stream
+
+    def establish(self, pipe, stream):
+        """Queue the commands that (re)create an answer's job record, leases and pointers."""
+        log_key, job, leases, owned, writer = self.keys(stream.id, stream.owner, stream.conversation_id)
+        until, ttl = time.time() + settings.lease_seconds, self.ttl_ms(settings.lease_seconds * 2)
+        pipe.hset(job, mapping={"owner": stream.owner, "instance": self.instance, "alive": until, "stop": 0,
+                                "done": 0, "message": stream.message_id or "",
+                                "conversation": stream.conversation_id or "", "model": stream.model or "",
+                                "started": time.time() - (time.monotonic() - stream.started)})
+        pipe.pexpire(job, ttl)
+        pipe.zadd(leases, {stream.id: until})
+        pipe.zadd(owned, {stream.id: until})
+        pipe.pexpire(owned, ttl)
+        if stream.conversation_id:
+            pipe.set(writer, stream.id, px=ttl)
+            pipe.set(f"chat:msg:{stream.conversation_id}:{stream.message_id}", stream.id, px=ttl)
+        return pipe
+
+    def wanted(self, stream):
+        """Every event is wanted: readers may be in any process."""
+        return True
+
+    def publish(self, stream, event_id, kind, payload):
+        """Queue an event for the writer greenlet (pings are made by each reader itself)."""
+        if stream.readers:
+            super().publish(stream, event_id, kind, payload)  # a page without JavaScript, reading here
+        if kind == "ping":
+            return
+        if isinstance(payload, str):
+            payload = payload.encode()
+        stream.outbox.append((event_id or 0, KIND_CODES[kind], payload))
+        self.dirty[stream.id] = stream
+        self.wake.set()
+
+    def write_forever(self):
+        """The writer greenlet: whatever has queued, for every stream, goes to Redis as one pipeline."""
+        backoff = 0.0
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            batch, self.dirty = self.dirty, {}
+            try:
+                self.flush(list(batch.values()))
+                backoff = 0.0
+            except self.errors as exc:
+                log_limited("redis", "writing to Redis failed: %s; trying again", redact_url(str(exc)))
+                for stream in batch.values():
+                    self.dirty.setdefault(stream.id, stream)
+                backoff = min(1.0, backoff * 2 or 0.05)
+                gevent.sleep(backoff)
+                self.wake.set()
+
+    def flush(self, batch):
+        """Write these streams' queued events, publish them, and hand them to this process's readers."""
+        pipe, plan = self.redis.pipeline(transaction=False), []
+        for stream in batch:
+            if stream.flushed < 0:
+                self.rewrite(stream)
+            log_key, *_ = keys = self.keys(stream.id, stream.owner, stream.conversation_id)
+            entries = [e for e in stream.outbox if e[0] == 0 or e[0] > stream.flushed]
+            for n, kind, payload in entries:
+                if n:
+                    # NOMKSTREAM: a log that vanished (Redis restarted empty) is written again whole, not
+                    # started over from the middle.
+                    pipe.xadd(log_key, {"k": kind, "v": payload}, id=f"{n}-0", nomkstream=n > 1)
+                pipe.publish(f"chat:{stream.id}:live", b"%d %s " % (n, kind.encode()) + payload)
+                if kind == "d":
+                    self.release_script(keys=keys, args=[stream.id, self.ttl_ms(max(settings.grace, 30)), 1],
+                                        client=pipe)
+            plan.append((stream, len(stream.outbox), entries))
+        results = iter(pipe.execute(raise_on_error=False))
+        for stream, taken, entries in plan:
+            del stream.outbox[:taken]
+            failed = False
+            for n, kind, payload in entries:
+                written = next(results) if n else True
+                next(results)  # the publish
+                if kind == "d":
+                    next(results)  # the release
+                if failed:
+                    continue
+                if written is None:  # the log is gone (NOMKSTREAM): write it again from the start
+                    failed, stream.flushed = True, -1
+                    self.dirty[stream.id] = stream
+                    self.wake.set()
+                elif isinstance(written, Exception):
+                    failed = True
+                    self.refused(stream, written)
+                else:
+                    stream.flushed = max(stream.flushed, n)
+                    self.deliver(stream.id, n, event_frame(n, kind, payload), kind == "d")
+
+    def rewrite(self, stream):
+        """Write a stream's whole log again (Redis lost it), as one transaction, from what this process holds."""
+        log_key = f"chat:{stream.id}:log"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(log_key)
+        upto = len(stream.log.kinds)
+        for n, kind, text, tail in stream.log.entries(0, upto):
+            if kind == "block":
+                payload = block_frame(stream.id, render_block(text), tail, n)
+            else:
+                payload = text.encode()
+            pipe.xadd(log_key, {"k": KIND_CODES[kind], "v": payload}, id=f"{n}-0")
+        pipe.pexpire(log_key, self.ttl_ms(settings.lease_seconds * 2))
+        pipe.execute()
+        stream.flushed = upto
+        self.deliver(stream.id, NUDGE, None)  # readers here read what they missed from the log
+        log.info("wrote the log of a live answer to Redis again (%d events)", upto)
+
+    def refused(self, stream, error):
+        """Redis refused an event: a repeat after a retry is fine; a finished log means another process
+        finished this answer (this one was taken for dead), so stop writing it."""
+        if "equal or smaller" not in str(error):
+            log.error("Redis refused an event: %s", error)
+            return
+        try:
+            done = self.redis.hget(f"chat:{stream.id}:job", "done") == b"1"
+        except self.errors:
+            return
+        if done and not stream.finished:
+            log.warning("another process finished an answer this one was still writing; it stops here")
+            stream.outbox.clear()
+            stream.finished_at = time.monotonic()  # its own done would come after the one readers got
+            if stream.greenlet:
+                stream.greenlet.kill(block=False)
+
+    def drain(self, timeout=3.0):
+        """Wait (a little) until the writer has sent everything queued: at shutdown."""
+        deadline = time.monotonic() + timeout
+        while (self.dirty or any(s.outbox for s in self.by_id.values())) and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+
+    def forget(self, stream):
+        """Drop a stream; one that never started gives its place back in Redis at once."""
+        super().forget(stream)
+        if stream.greenlet is None:
+            gevent.spawn(self.release_quietly, stream)
+
+    def release_quietly(self, stream):
+        """Release a never-started stream's lease and conversation lock (the lease runs out anyway)."""
+        with contextlib.suppress(*self.errors):
+            self.release_script(keys=self.keys(stream.id, stream.owner, stream.conversation_id),
+                                args=[stream.id, 0, 0])
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def events(self, stream_id, owner, last_id):
+        """The response body of GET /events: the log after last_id, then new events as they are written."""
+        self.start()
+        try:
+            job = self.redis.hgetall(f"chat:{stream_id}:job") if stream_id else {}
+        except self.errors:
+            return [SSE_HELLO]  # Redis is down: the browser comes back after the retry interval
+        if not job:
+            return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
+        if job.get(b"owner", b"").decode() != owner:
+            bottle.abort(404, "No such answer.")
+        feed = self.feeds.get(stream_id, ())
+        if job.get(b"done") != b"1" and (
+                len(feed) >= settings.readers_per_stream
+                or sum(r.owner == owner for f in self.feeds.values() for r in f) >= settings.readers_per_owner):
+            bottle.abort(429, TOO_MANY_READERS)
+        return self.read(stream_id, Reader(last_id, owner))
+
+    def read(self, stream_id, reader):
+        """Yield the log from the reader's last id, then events as they come: each once, in order."""
+        self.attach(stream_id, reader)
+        try:
+            yield SSE_HELLO
+            while True:
+                if reader.behind:
+                    reader.behind = False
+                    for frames, done in self.backfill(stream_id, reader):
+                        yield frames
+                        if done:
+                            return
+                try:
+                    items = [reader.queue.get(timeout=settings.ping_interval)]
+                except gevent.queue.Empty:
+                    yield SSE_PING
+                    continue
+                while reader.queue.qsize():
+                    items.append(reader.queue.get_nowait())
+                out = []
+                for n, frame, done in items:
+                    if n == NUDGE:
+                        reader.behind = True
+                    elif n == 0:
+                        out.append(frame)  # the waiting clock: not logged
+                    elif n == reader.last + 1 and not reader.behind:
+                        out.append(frame)
+                        reader.last = n
+                        if done:
+                            yield b"".join(out)
+                            return
+                    elif n > reader.last:
+                        reader.behind = True  # a gap (pub/sub dropped something): the log has it
+                if out:
+                    yield b"".join(out)
+        finally:
+            self.detach(stream_id, reader)
+
+    def backfill(self, stream_id, reader, batch=512):
+        """Yield (frames, done) from the log after the reader's last id, up to a gap or the end."""
+        log_key = f"chat:{stream_id}:log"
+        while True:
+            try:
+                entries = self.redis.xrange(log_key, f"{reader.last + 1}-0", "+", count=batch)
+            except self.errors:
+                return  # the janitor nudges the reader when Redis is back
+            out = []
+            for entry_id, fields in entries:
+                n = int(entry_id.split(b"-")[0])
+                if n != reader.last + 1:
+                    break  # a hole: the writer is writing the log again; wait for it
+                kind = fields[b"k"].decode()
+                out.append(event_frame(n, kind, fields[b"v"]))
+                reader.last = n
+                if kind == "d":
+                    yield b"".join(out), True
+                    return
+            else:
+                if out:
+                    yield b"".join(out), False
+                if len(entries) == batch:
+                    continue
+                return
+            if out:
+                yield b"".join(out), False
+            return
+
+    def attach(self, stream_id, reader):
+        """Add a reader to its stream's feed; the first reader of another process's answer subscribes."""
+        feed = self.feeds.setdefault(stream_id, set())
+        feed.add(reader)
+        if len(feed) == 1 and stream_id not in self.by_id and self.pubsub is not None:
+            with contextlib.suppress(*self.errors):
+                self.pubsub.subscribe(f"chat:{stream_id}:live")
+
+    def detach(self, stream_id, reader):
+        """Remove a reader; the last one of a feed unsubscribes."""
+        feed = self.feeds.get(stream_id)
+        if feed is None:
+            return
+        feed.discard(reader)
+        if not feed:
+            del self.feeds[stream_id]
+            if self.pubsub is not None:
+                with contextlib.suppress(*self.errors):
+                    self.pubsub.unsubscribe(f"chat:{stream_id}:live")
+        stream = self.by_id.get(stream_id)
+        if stream is not None:
+            stream.left_at = time.monotonic()
+
+    def deliver(self, stream_id, n, frame, done=False):
+        """Hand one event to this process's readers of a stream."""
+        for reader in self.feeds.get(stream_id, ()):
+            reader.queue.put_nowait((n, frame, done))
+
+    def listen_forever(self):
+        """The pub/sub greenlet: one connection per process, fanned out to the local readers' queues."""
+        backoff = 0.0
+        while True:
+            pubsub = self.subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.control, *[f"chat:{i}:live" for i in self.feeds if i not in self.by_id])
+                self.pubsub = pubsub
+                if self.lost:
+                    self.lost = False
+                    self.recover()
+                backoff = 0.0
+                for message in pubsub.listen():
+                    self.on_message(message["channel"], message["data"])
+            except self.errors as exc:
+                log_limited("redis", "lost the connection to Redis: %s", redact_url(str(exc)))
+            self.pubsub, self.lost = None, True
+            with contextlib.suppress(Exception):
+                pubsub.close()
+            backoff = min(1.0, backoff * 2 or 0.05)
+            gevent.sleep(backoff)
+
+    def on_message(self, channel, data):
+        """A published event (for the readers here) or a Stop for an answer written here."""
+        if channel == self.control.encode():
+            self.stop(data.decode())
+            return
+        stream_id = channel.decode()[5:-5]  # chat:<id>:live
+        n, kind, payload = data.split(b" ", 2)
+        n, kind = int(n), kind.decode()
+        self.deliver(stream_id, n, event_frame(n, kind, payload), kind == "d")
+
+    def recover(self):
+        """Back after a lost connection: every reader reads the log again, and every answer written here is
+        checked at once (Redis may have restarted empty)."""
+        log.info("connected to Redis again")
+        for feed in self.feeds.values():
+            for reader in feed:
+                reader.queue.put_nowait((NUDGE, None, False))
+        self.renewed = 0.0
+
+    # -- stopping and finding ----------------------------------------------------------------
+
+    def stop_for(self, stream_id, owner):
+        """Stop an answer wherever it is being written: here at once, elsewhere through its process's channel
+        (and the job's stop flag, which that process's janitor also reads)."""
+        if stream_id in self.by_id:
+            return super().stop_for(stream_id, owner)
+        try:
+            job = self.redis.hgetall(f"chat:{stream_id}:job") if stream_id else {}
+            if not job or job.get(b"owner", b"").decode() != owner:
+                bottle.abort(404, "No such answer.")
+            if job.get(b"done") != b"1":
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hset(f"chat:{stream_id}:job", "stop", 1)
+                pipe.publish(f"chat:ctl:{job.get(b'instance', b'').decode()}", stream_id)
+                pipe.execute()
+        except self.errors:
+            bottle.abort(503, "The server cannot reach its shared state just now; try again shortly.")
+        return int(job[b"conversation"]) if job.get(b"conversation") else None
+
+    def stop_conversation(self, conversation_id):
+        """Stop the answer being written in a conversation, wherever it is."""
+        super().stop_conversation(conversation_id)
+        with contextlib.suppress(*self.errors):
+            stream_id = self.redis.get(f"chat:conv:{conversation_id}")
+            if stream_id and stream_id.decode() not in self.by_id:
+                job = self.redis.hget(f"chat:{stream_id.decode()}:job", "instance")
+                self.redis.publish(f"chat:ctl:{(job or b'').decode()}", stream_id)
+
+    def for_message(self, message_id, conversation_id):
+        """The stream writing this stored answer: here, or in another process (Redis says which)."""
+        stream = super().for_message(message_id, conversation_id)
+        if stream is not None:
+            return stream
+        try:
+            stream_id = self.redis.get(f"chat:msg:{conversation_id}:{message_id}")
+        except self.errors:
+            return None
+        return RemoteAnswer(stream_id.decode()) if stream_id else None
+
+    # -- the janitor's share ----------------------------------------------------------------
+
+    def maintain(self, now):
+        """Renew the leases of the answers written here (and obey stop flags), nudge readers that fell
+        behind, and finish the answers of writers that died."""
+        try:
+            if now - self.renewed >= settings.lease_seconds / 3:
+                self.renewed = now
+                self.renew()
+            self.nudge()
+            self.find_dead()
+        except self.errors as exc:
+            log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
+
+    def renew(self):
+        """One pipeline: every live answer's lease, its stop flag, and whether its record survived."""
+        live = [s for s in self.by_id.values() if s.finished_at is None and s.greenlet is not None]
+        if not live:
+            return
+        until, ttl = time.time() + settings.lease_seconds, self.ttl_ms(settings.lease_seconds * 2)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in live:
+            log_key, job, leases, owned, writer = self.keys(stream.id, stream.owner, stream.conversation_id)
+            pipe.hset(job, "alive", until)
+            pipe.hmget(job, "stop", "done", "owner")
+            pipe.zadd(leases, {stream.id: until})
+            pipe.zadd(owned, {stream.id: until})
+            for key in (job, owned, log_key, writer, f"chat:msg:{stream.conversation_id}:{stream.message_id}"):
+                pipe.pexpire(key, ttl)
+        replies = pipe.execute()
+        step = len(replies) // len(live)
+        lost = self.redis.pipeline(transaction=False)
+        for index, stream in enumerate(live):
+            stop, done, owner = replies[index * step + 1]
+            if owner is None:  # the record was gone (Redis restarted empty): put it all back
+                self.establish(lost, stream)
+                stream.flushed = -1
+                self.dirty[stream.id] = stream
+                self.wake.set()
+            elif done == b"1":
+                self.refused(stream, "equal or smaller")
+            elif stop == b"1":
+                self.stop(stream.id)
+        if len(lost):
+            lost.execute()
+            log.info("Redis had lost live answers; their records and logs are written again")
+
+    def nudge(self):
+        """Readers that are behind the log's end read it again (pub/sub may drop, a log may be written again)."""
+        remote = list(self.feeds)
+        if not remote:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for stream_id in remote:
+            pipe.xrevrange(f"chat:{stream_id}:log", "+", "-", count=1)
+        for stream_id, last in zip(remote, pipe.execute()):
+            top = int(last[0][0].split(b"-")[0]) if last else 0
+            for reader in self.feeds.get(stream_id, ()):
+                if reader.last < top:
+                    reader.queue.put_nowait((NUDGE, None, False))
+
+    def find_dead(self):
+        """Answers whose lease ran out, written by a process that died: finish them as interrupted."""
+        for stream_id in self.redis.zrangebyscore("chat:leases", "-inf", time.time(), start=0, num=16):
+            stream_id = stream_id.decode()
+            if stream_id not in self.by_id and stream_id not in self.finishing:
+                self.finishing.add(stream_id)
+                gevent.spawn(self.finish_dead, stream_id)
+
+    def finish_dead(self, stream_id):
+        """Read a dead writer's log, store the text everyone saw, and end the answer with an interrupted bubble."""
+        try:
+            log_key, job_key, *_ = self.keys(stream_id)
+            job = {k.decode(): v.decode() for k, v in self.redis.hgetall(job_key).items()}
+            if not job or job.get("done") == "1":
+                self.redis.zrem("chat:leases", stream_id)
+                return
+            text = {"m": [], "r": []}
+            top, after = 0, "-"
+            while True:
+                entries = self.redis.xrange(log_key, after, "+", count=1024)
+                for entry_id, fields in entries:
+                    top = int(entry_id.split(b"-")[0])
+                    if fields[b"k"].decode() in text:
+                        text[fields[b"k"].decode()].append(fields[b"v"].decode())
+                if len(entries) < 1024:
+                    break
+                after = f"({entries[-1][0].decode()}"
+            message_id = int(job["message"]) if job.get("message") else None
+            conversation_id = int(job["conversation"]) if job.get("conversation") else None
+            answer = {"bubble_id": stream_id, "conversation_id": conversation_id,
+                      "text": "".join(text["m"]).lstrip("\r\n"), "reasoning": "".join(text["r"]).strip(),
+                      "status": "interrupted", "error": None, "notes": [NOTES["interrupted"]], "footer": "",
+                      "finish_reason": None, "usage": None, "model": job.get("model") or None,
+                      "elapsed": round(time.time() - float(job.get("started") or time.time()), 3)}
+            nav = ""
+            if message_id is not None:
+                with contextlib.suppress(*DATABASE_ERRORS):
+                    nav = sibling_nav(conversation_id, message_id)
+            frame = sse_frame("done", render_answer(answer, True, nav), top + 1)
+            keys = self.keys(stream_id, job.get("owner", ""), conversation_id)
+            if self.fence_script(keys=keys, args=[top, time.time(), frame, stream_id,
+                                                  self.ttl_ms(max(settings.grace, 30)), f"chat:{stream_id}:live"]):
+                log.warning("finished an answer whose process stopped renewing it (%d events)", top)
+                if message_id is not None:
+                    try:
+                        store.finish_answer(message_id, answer)
+                    except DATABASE_ERRORS as exc:
+                        log.error("saving an interrupted answer failed: %s", exc)
+        except self.errors as exc:
+            log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
+        finally:
+            self.finishing.discard(stream_id)
+
+
+def open_streams(url):
+    """The registry of answers: in this process, or shared through Redis when CHAT_REDIS_URL is set."""
+    return RedisStreams(url) if url else Streams()
+
+
+streams = open_streams(settings.redis_url)
 
 
 def save_progress(partials, idle):
@@ -2925,7 +3635,7 @@ def render_bubbles(conversation, at=None, plain=False):
             continue
         stream = streams.for_message(row["id"], conversation["id"]) if row["status"] == "streaming" else None
         if stream is not None and not stream.finished:
-            if plain and live is None and len(stream.readers) < settings.readers_per_stream:
+            if plain and live is None and stream.local and len(stream.readers) < settings.readers_per_stream:
                 live = stream  # a page reading an answer counts against the readers' cap too
                 bubbles.append(LIVE_ANSWER)
             else:  # reloaded mid-answer: the new bubble replays the stream's log from the start
@@ -3301,9 +4011,7 @@ def prompt_header():
 def delete_conversation(conversation_id):
     """Stop a conversation's answers and delete it."""
     owned_conversation(conversation_id)
-    for stream in list(streams.by_id.values()):
-        if stream.conversation_id == conversation_id:
-            streams.stop(stream.id)
+    streams.stop_conversation(conversation_id)
     store.delete_conversation(conversation_id)
 
 
@@ -3348,21 +4056,13 @@ def events():
     """The answer as server-sent events; always 200, since any error status makes htmx reconnect forever."""
     stream_id = bottle.request.query.getunicode("stream", default="") or ""
     try:
-        last_id = int(bottle.request.get_header("Last-Event-ID") or 0)
+        last_id = max(0, int(bottle.request.get_header("Last-Event-ID") or 0))
     except ValueError:
         last_id = 0
-    stream = streams.get(stream_id)
-    if stream is not None and stream.owner != owner():
-        bottle.abort(404, "No such answer.")  # someone else's: not even a done bubble
     bottle.response.content_type = "text/event-stream"
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Accel-Buffering", "no")
-    if stream is None:
-        return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
-    if not stream.finished and (len(stream.readers) >= settings.readers_per_stream
-                                or streams.readers_of(stream.owner) >= settings.readers_per_owner):
-        bottle.abort(429, "Too many open readers for this answer; close a tab and reload.")
-    return stream_events(stream, last_id)
+    return streams.events(stream_id, owner(), last_id)
 
 
 def stream_events(stream, last_id):
@@ -3396,12 +4096,9 @@ def stream_events(stream, last_id):
 @app.post("/stop")
 def stop():
     """Stop an answer; the done bubble follows on the event stream."""
-    stream = streams.get(bottle.request.query.getunicode("stream", default="") or "")
-    if stream is None or stream.owner != owner():
-        bottle.abort(404, "No such answer.")
-    streams.stop(stream.id)
-    if not htmx() and stream.conversation_id:
-        bottle.redirect(f"/c/{stream.conversation_id}", 303)
+    conversation_id = streams.stop_for(bottle.request.query.getunicode("stream", default="") or "", owner())
+    if not htmx() and conversation_id:
+        bottle.redirect(f"/c/{conversation_id}", 303)
     bottle.response.status = 204
     return ""
 
@@ -3683,6 +4380,7 @@ def shutdown():
     log.info("shutting down")
     live = [s.greenlet for s in streams.by_id.values() if not s.finished and s.greenlet]
     gevent.killall(live, ServerStopping, block=True, timeout=3)
+    streams.drain()
     store.close()
 
 
