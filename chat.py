@@ -141,6 +141,7 @@ class Settings:
         self.lease_seconds = float(env.get("CHAT_LEASE_SECONDS") or 15)
         # Redis (redis://host:port/db) to share answers between processes; unset: in this process only.
         self.redis_url = env.get("CHAT_REDIS_URL") or None
+        self.workers = int(env.get("CHAT_WORKERS") or 1)  # processes on one port (--workers)
         # Sampling defaults for conversations that set none (unset: the server's own defaults).
         self.temperature = float(env["CHAT_TEMPERATURE"]) if env.get("CHAT_TEMPERATURE") else None
         self.top_p = float(env["CHAT_TOP_P"]) if env.get("CHAT_TOP_P") else None
@@ -1665,7 +1666,7 @@ class RedisStreams(Streams):
     def rewrite(self, stream):
         """Write a stream's whole log again (Redis lost it), as one transaction, from what this process holds."""
         log_key = f"chat:{stream.id}:log"
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.establish(self.redis.pipeline(transaction=True), stream)  # the job record went with it
         pipe.delete(log_key)
         upto = len(stream.log.kinds)
         for n, kind, text, tail in stream.log.entries(0, upto):
@@ -1889,7 +1890,7 @@ class RedisStreams(Streams):
                 pipe.execute()
         except self.errors:
             bottle.abort(503, "The server cannot reach its shared state just now; try again shortly.")
-        return int(job[b"conversation"]) if job.get(b"conversation") else None
+        return job.get(b"conversation", b"").decode() or None
 
     def stop_conversation(self, conversation_id):
         """Stop the answer being written in a conversation, wherever it is."""
@@ -2000,7 +2001,7 @@ class RedisStreams(Streams):
                     break
                 after = f"({entries[-1][0].decode()}"
             message_id = int(job["message"]) if job.get("message") else None
-            conversation_id = int(job["conversation"]) if job.get("conversation") else None
+            conversation_id = job.get("conversation") or None
             answer = {"bubble_id": stream_id, "conversation_id": conversation_id,
                       "text": "".join(text["m"]).lstrip("\r\n"), "reasoning": "".join(text["r"]).strip(),
                       "status": "interrupted", "error": None, "notes": [NOTES["interrupted"]], "footer": "",
@@ -4310,6 +4311,8 @@ environment (flags override them):
   CHAT_RETENTION_DAYS        delete conversations untouched this long (unset: keep)
   CHAT_DATABASE_URL          postgresql://… to keep conversations in PostgreSQL (unset: CHAT_DB)
   CHAT_LEASE_SECONDS         an answer whose writer stops renewing it this long is interrupted (15)
+  CHAT_REDIS_URL             redis://… to share answers between processes and hosts (unset: here only)
+  CHAT_WORKERS               as --workers
   CHAT_TEMPERATURE, CHAT_TOP_P, CHAT_MAX_TOKENS  sampling defaults (unset: the server's)
   CHAT_IMAGE_HOSTS           hosts whose https images answers may show (others: links)
   CHAT_CONNECT_TIMEOUT, CHAT_PING_INTERVAL, CHAT_STREAM_GRACE, CHAT_DEMO_DELAY: see README
@@ -4335,6 +4338,8 @@ def parse_args(argv):
     p.add_argument("--host", help="listen address (env HOST; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (env PORT; default 8080)")
     p.add_argument("--db", help="SQLite database file (env CHAT_DB; default chat.db in the working directory)")
+    p.add_argument("--workers", type=int, help="worker processes sharing the port, one per core (env CHAT_WORKERS; "
+                                               "default 1; more need CHAT_REDIS_URL)")
     p.add_argument("--debug", action="store_true", help="log tracebacks and reload templates")
     p.add_argument("--version", action=VersionAction, nargs=0,
                    help="print the version and the commit it was built from, then exit")
@@ -4344,7 +4349,7 @@ def parse_args(argv):
 def main(argv=None):
     """Parse flags, bind the server and serve forever."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    for name in ("base_url", "model", "host", "port", "db"):
+    for name in ("base_url", "model", "host", "port", "db", "workers"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if settings.base_url:
@@ -4352,8 +4357,19 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bottle.debug(args.debug)
-    server = Server((settings.host, settings.port), app, log=logging.getLogger("chat.access"),
-                    error_log=logging.getLogger("chat.error"))
+    worker = os.environ.get("CHAT_WORKER")
+    if settings.workers > 1 and not worker:
+        if not settings.redis_url:
+            log.error("--workers %d needs CHAT_REDIS_URL: the workers share their answers through Redis",
+                      settings.workers)
+            sys.exit(2)
+        if not settings.port:
+            log.error("--workers needs a fixed --port (each worker binds it)")
+            sys.exit(2)
+        sys.exit(run_workers(settings.workers))
+    # A worker binds the port with SO_REUSEPORT: the kernel spreads new connections over the workers.
+    listener = reuse_port_listener(settings.host, settings.port) if worker else (settings.host, settings.port)
+    server = Server(listener, app, log=logging.getLogger("chat.access"), error_log=logging.getLogger("chat.error"))
     server.init_socket()
     try:
         store.db  # noqa: B018 — open and migrate the database now: a bad path fails at start, not at the first message
@@ -4373,6 +4389,48 @@ def main(argv=None):
     gevent.spawn(housekeeping_forever)
     server.serve_forever()
     shutdown()
+
+
+def reuse_port_listener(host, port):
+    """A listening socket that other workers bind too (SO_REUSEPORT)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.listen(1024)
+    return sock
+
+
+def run_workers(count):
+    """--workers N: run N copies of this very command on the same port, start again one that dies, and end them
+    all on SIGTERM or Ctrl-C. Each is a whole chat.py; Redis and the database are what they share."""
+    import subprocess  # only here, in the parent of the workers
+    # The same program: the script (or the .pyz) with its interpreter, or the one-file executable itself.
+    command = [sys.executable, *([] if getattr(sys, "frozen", False) else [sys.argv[0]]), *sys.argv[1:]]
+    # Every worker must accept the others' calls to the demo model: one key for all.
+    env = {**os.environ, "CHAT_WORKER": "1", "CHAT_DEMO_KEY": settings.demo_key}
+    children = [subprocess.Popen(command, env=env) for _ in range(count)]
+    log.info("chat.py with %d workers on http://%s:%d/", count, settings.host, settings.port)
+    stopping = gevent.event.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, stopping.set)
+    started = [time.monotonic()] * count
+    while not stopping.wait(0.5):
+        for index, child in enumerate(children):
+            if child.poll() is not None and time.monotonic() - started[index] > 1:  # at most once a second
+                log.warning("worker %d exited (%s); starting another", child.pid, child.returncode)
+                children[index], started[index] = subprocess.Popen(command, env=env), time.monotonic()
+    for child in children:
+        with contextlib.suppress(OSError):
+            child.terminate()
+    deadline = time.monotonic() + 10
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return 0
 
 
 def shutdown():

@@ -5055,3 +5055,210 @@ def test_header_and_sidebar_stay_while_a_long_chat_scrolls(open_page, page_upstr
     sidebar = page.locator("nav.sidebar")
     assert sidebar.bounding_box()["y"] < 100  # still in view, under the header
     assert page.evaluate("getComputedStyle(document.querySelector('nav.sidebar')).overflowY") == "auto"
+
+
+# ---------------------------------------------------------------------------
+# Scale out: several chat.py processes sharing Redis and PostgreSQL
+# ---------------------------------------------------------------------------
+
+class RedisServer:
+    """Debian's redis-server of the suite's own: no persistence (a restart comes back empty), a free port."""
+
+    def __init__(self, folder):
+        self.executable = required_tool("redis-server", "/usr/bin/redis-server")
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+        self.start()
+
+    def start(self):
+        """Start it and wait until it answers PING."""
+        self.process = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.answering, timeout=10, what="redis-server to answer PING")
+
+    def answering(self):
+        """True once PING gets PONG."""
+        assert self.process.poll() is None, "redis-server exited: " + (self.folder / "redis.log").read_text()
+        return self.command(b"PING") == b"+PONG\r\n"
+
+    def command(self, *words):
+        """Send one command over a fresh connection; its raw reply (b"" when nobody answers)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                sock.sendall(b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words))
+                return sock.recv(65536)
+        except OSError:
+            return b""
+
+    def stop(self, kill=False):
+        """Stop it (SIGKILL: at once, losing everything, as no persistence is configured)."""
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """The suite's redis-server; skipped without redis-server or redis-py, failing under CI."""
+    if importlib.util.find_spec("redis") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-py is missing under CI (pip install -r requirements-scale.txt)")
+        pytest.skip("no redis-py here (pip install -r requirements-scale.txt)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop(kill=True)
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The suite's Redis, emptied for this test."""
+    if redis_server.process.poll() is not None:
+        redis_server.start()
+    assert redis_server.command(b"FLUSHALL") == b"+OK\r\n"
+    return redis_server.url
+
+
+@pytest.fixture
+def cluster(tmp_path, upstream, redis_url, postgres_url):
+    """cluster(n, **env): n `python chat.py` processes on their own ports, sharing Redis and a fresh PostgreSQL,
+    all talking to the fake upstream."""
+    import psycopg
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    started = []
+
+    def start(count=3, **env):
+        settings = dict(OPENAI_BASE_URL=upstream.url, CHAT_MODEL="test-model", CHAT_REDIS_URL=redis_url,
+                        CHAT_DATABASE_URL=postgres_url, **env)
+        for index in range(count):
+            started.append(ChatProcess(tmp_path / f"chat-{len(started)}.log", **settings))
+        return started[-count:]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def stream_of(response):
+    """The stream id in a POST /streaming response."""
+    assert response.status_code == 200, response.text
+    return re.search(r'sse-connect="/events\?stream=([\w-]+)"', response.text).group(1)
+
+
+COUNTED = [f" n{n}" for n in range(60)]
+
+
+def test_an_answer_posted_on_one_process_is_read_on_a_second_and_resumed_on_a_third(cluster, upstream):
+    """POST on A, read on B, cut B, resume on C with Last-Event-ID: every token exactly once, in order."""
+    a, b, c = cluster(3)
+    body = answer(*COUNTED)
+    reply = upstream.serve(body, pause_at=after_event(body, b'" n29"'))
+    stream_id = stream_of(web.post(a.url + "/streaming", data={"prompt": "count"}, timeout=5))
+    first = SSEReader(b.url, stream_id)
+    seen = first.read_until(lambda t: t.message.endswith(" n29"), what="the first half on B")
+    first.close()
+    reply.gate.set()
+    second = SSEReader(c.url, stream_id, last_event_id=seen.ids[-1])
+    rest = second.read_until(lambda t: t.finished, what="the rest on C")
+    second.close()
+    assert seen.ids + rest.ids == list(range(1, len(seen.ids) + len(rest.ids) + 1))
+    assert seen.message + rest.message == "".join(COUNTED)
+    assert source_text(rest.done).strip() == "".join(COUNTED).strip()
+
+
+def test_stop_sent_to_any_process_closes_the_writers_upstream(cluster, upstream):
+    """Stop on C: 204, A closes its upstream connection, and readers on B get the Stopped bubble with the text."""
+    a, b, c = cluster(3)
+    body = answer("Partial", " answer", " then", " more")
+    upstream.serve(body, hang_at=after_event(body, b'" answer"'))
+    stream_id = stream_of(web.post(a.url + "/streaming", data={"prompt": "go"}, timeout=5))
+    reader = SSEReader(b.url, stream_id)
+    reader.read_until(lambda t: t.message == "Partial answer", what="the first tokens on B")
+    response = web.post(c.url + "/stop", params={"stream": stream_id}, timeout=5)
+    assert response.status_code == 204
+    wait_until(upstream.last.client_closed.is_set, timeout=3, what="A to close its upstream connection")
+    bubble = reader.read_until(lambda t: t.finished, what="done on B").done
+    reader.close()
+    assert source_text(bubble) == "Partial answer"
+    assert "Stopped." in notes(bubble)
+    # A stranger cannot stop it, wherever they ask.
+    assert requests.post(c.url + "/stop", params={"stream": stream_id}, timeout=5).status_code == 404
+
+
+def test_the_per_owner_limit_holds_across_processes(cluster, upstream):
+    """Four answers at once per browser, wherever they land: the fifth gets 429 on every process; a second answer in
+    the same conversation gets 409 on another process."""
+    processes = cluster(3)
+    body = answer("Slow", " answer")
+    reply = upstream.serve(body, pause_at=after_event(body, b'"Slow"'))
+    responses = [web.post(processes[i % 3].url + "/streaming", data={"prompt": f"q{i}"}, timeout=5) for i in range(4)]
+    assert [r.status_code for r in responses] == [200] * 4
+    for process in processes:
+        refused = web.post(process.url + "/streaming", data={"prompt": "one more"}, timeout=5)
+        assert refused.status_code == 429
+        assert "4 answers streaming" in refused.text
+    conversation = responses[0].headers["HX-Push-Url"].removeprefix("/c/")
+    reply.gate.set()
+    for response in responses:
+        SSEReader(processes[2].url, stream_of(response)).read_until(lambda t: t.finished, what="done")
+    # Finished answers give their places back at once, in every process.
+    upstream.serve(body, pause_at=after_event(body, b'"Slow"'))
+    busy = web.post(processes[0].url + "/streaming", data={"prompt": "again", "conversation": conversation}, timeout=5)
+    assert busy.status_code == 200
+    clash = web.post(processes[1].url + "/streaming", data={"prompt": "and again", "conversation": conversation},
+                     timeout=5)
+    assert clash.status_code == 409
+    upstream.release()
+    SSEReader(processes[2].url, stream_of(busy)).read_until(lambda t: t.finished, what="done")
+
+
+def test_a_killed_writer_s_readers_elsewhere_get_an_interrupted_bubble_with_the_text(cluster, upstream):
+    """kill -9 the process writing an answer: readers on B get an interrupted done bubble within the lease, and the
+    stored answer keeps every token they saw."""
+    a, b = cluster(2, CHAT_LEASE_SECONDS="2")
+    body = answer("Half", " an", " answer", " and", " the", " rest")
+    upstream.serve(body, hang_at=after_event(body, b'" answer"'))
+    response = web.post(a.url + "/streaming", data={"prompt": "Tell me everything"}, timeout=5)
+    stream_id, conversation = stream_of(response), response.headers["HX-Push-Url"]
+    reader = SSEReader(b.url, stream_id)
+    reader.read_until(lambda t: t.message == "Half an answer", what="the first tokens on B")
+    a.process.kill()
+    a.process.wait(timeout=5)
+    killed = time.monotonic()
+    transcript = reader.read_until(lambda t: t.finished, timeout=15, what="the interrupted bubble")
+    assert time.monotonic() - killed < 2 * 2 + 3  # the lease, the janitor's pass, and some slack
+    reader.close()
+    assert transcript.ids == list(range(1, len(transcript.ids) + 1))
+    assert source_text(transcript.done) == "Half an answer"
+    assert any("server stopped" in n for n in notes(transcript.done))
+    page = web.get(b.url + conversation, timeout=5).text
+    (bubble,) = elements(page, "div", cls="interrupted")
+    assert "Half an answer" in source_text(page)
+
+
+def test_readers_recover_from_a_redis_restart_without_loss_or_repeat(cluster, upstream, redis_server):
+    """Redis restarts empty mid-answer: the writer writes the log again, readers fill the gap; nothing lost, nothing
+    repeated."""
+    a, b = cluster(2)
+    body = answer(*COUNTED)
+    reply = upstream.serve(body, pause_at=after_event(body, b'" n19"'))
+    stream_id = stream_of(web.post(a.url + "/streaming", data={"prompt": "count"}, timeout=5))
+    near, far = SSEReader(a.url, stream_id), SSEReader(b.url, stream_id)
+    for reader in (near, far):
+        reader.read_until(lambda t: t.message.endswith(" n19"), what="the first part")
+    redis_server.stop(kill=True)
+    redis_server.start()
+    reply.gate.set()
+    for reader in (near, far):
+        transcript = reader.read_until(lambda t: t.finished, timeout=20, what="the rest after the restart")
+        reader.close()
+        assert transcript.ids == list(range(1, len(transcript.ids) + 1))
+        assert transcript.message == "".join(COUNTED)
+        assert source_text(transcript.done).strip() == "".join(COUNTED).strip()
+    # A reader that comes now reads the whole answer from the log written again.
+    assert SSEReader(b.url, stream_id).read_until(lambda t: t.finished).message == "".join(COUNTED)
