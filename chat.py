@@ -4354,10 +4354,11 @@ def main(argv=None):
             setattr(settings, name, getattr(args, name))
     if settings.base_url:
         settings.base_url = settings.base_url.rstrip("/")
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    bottle.debug(args.debug)
     worker = os.environ.get("CHAT_WORKER")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,  # a worker says which it is
+                        format="%(asctime)s %(levelname)s %(name)s" + ("[%(process)d]" if worker else "") +
+                               ": %(message)s")
+    bottle.debug(args.debug)
     if settings.workers > 1 and not worker:
         if not settings.redis_url:
             log.error("--workers %d needs CHAT_REDIS_URL: the workers share their answers through Redis",

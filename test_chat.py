@@ -255,13 +255,13 @@ def clean_env(**extra):
 class ChatProcess:
     """`python chat.py --port <free port>` (the README's run command) as a subprocess, with its log."""
 
-    def __init__(self, log_path, **env):
+    def __init__(self, log_path, *args, **env):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         with open(log_path, "wb") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "chat.py", "--port", str(self.port)], cwd=HERE, stdout=log_file,
+                [sys.executable, "chat.py", "--port", str(self.port), *args], cwd=HERE, stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=clean_env(PYTHONUNBUFFERED="1", **{"CHAT_DB": str(log_path.parent / "chat.db"), **env}))
         try:
@@ -5262,3 +5262,51 @@ def test_readers_recover_from_a_redis_restart_without_loss_or_repeat(cluster, up
         assert source_text(transcript.done).strip() == "".join(COUNTED).strip()
     # A reader that comes now reads the whole answer from the log written again.
     assert SSEReader(b.url, stream_id).read_until(lambda t: t.finished).message == "".join(COUNTED)
+
+
+def worker_pids(log_text, line):
+    """The worker process ids that logged a line containing `line` (workers log as chat...[pid])."""
+    return {int(pid) for pid in re.findall(r"chat[.\w]*\[(\d+)\]: .*" + re.escape(line), log_text)}
+
+
+def test_workers_share_one_port_and_a_dead_one_is_replaced(tmp_path, redis_url):
+    """--workers 2: both workers serve the one port (the kernel spreads connections), answers of the demo model
+    complete wherever their requests land, a worker killed with SIGKILL is started again, and SIGTERM ends all."""
+    app = ChatProcess(tmp_path / "chat.log", "--workers", "2", CHAT_REDIS_URL=redis_url, CHAT_DEMO_DELAY="0.001")
+    try:
+        wait_until(lambda: len(worker_pids(app.log_path.read_text(), "chat.py on http")) == 2, timeout=15,
+                   what="two workers to start")
+        for _ in range(40):  # a new connection each time
+            assert requests.get(app.url + "/healthz", timeout=5).status_code == 200
+        log_text = app.log_path.read_text()
+        assert len(worker_pids(log_text, "GET /healthz")) == 2, "one worker took every connection"
+        session = requests.Session()
+        session.trust_env = False
+        for n in range(6):
+            stream_id = stream_of(session.post(app.url + "/streaming", data={"prompt": f"hello {n}"},
+                                               headers={**HX, "Connection": "close"}, timeout=5))
+            done = requests.get(app.url + "/events", params={"stream": stream_id}, cookies=session.cookies,
+                                timeout=10)
+            assert "demo model" in source_text(Transcript(done.content).done)
+        victim = min(worker_pids(log_text, "chat.py on http"))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(worker_pids(app.log_path.read_text(), "chat.py on http")) == 3, timeout=15,
+                   what="a new worker in place of the killed one")
+        wait_until(lambda: all(requests.get(app.url + "/healthz", timeout=5).ok for _ in range(10)), timeout=10,
+                   what="the port to be served again")
+        app.process.terminate()
+        assert app.process.wait(timeout=15) == 0
+        pids = worker_pids(app.log_path.read_text(), "chat.py on http") - {victim}
+        for pid in pids:
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=5, what=f"worker {pid} to exit")
+    finally:
+        app.stop()
+
+
+def test_more_than_one_worker_needs_redis(tmp_path):
+    """--workers 2 without CHAT_REDIS_URL refuses to start, saying why."""
+    result = subprocess.run([sys.executable, "chat.py", "--workers", "2", "--port", str(free_port())], cwd=HERE,
+                            env=clean_env(CHAT_DB=str(tmp_path / "chat.db")), capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2
+    assert "CHAT_REDIS_URL" in result.stderr
