@@ -3635,18 +3635,19 @@ def render_bubbles(conversation, at=None, plain=False):
                                            conversation_id=conversation["id"], nav=nav))
             continue
         stream = streams.for_message(row["id"], conversation["id"]) if row["status"] == "streaming" else None
-        if stream is not None and not stream.finished:
-            if plain and live is None and stream.local and len(stream.readers) < settings.readers_per_stream:
+        # A page without JavaScript can follow an answer only in the process writing it.
+        if stream is not None and not stream.finished and (stream.local or not plain):
+            if plain and live is None and len(stream.readers) < settings.readers_per_stream:
                 live = stream  # a page reading an answer counts against the readers' cap too
                 bubbles.append(LIVE_ANSWER)
             else:  # reloaded mid-answer: the new bubble replays the stream's log from the start
                 bubbles.append(bottle.template("streaming", stream_id=stream.id, nav=nav))
             continue
         answer = stored_answer(row)
-        if row["status"] == "streaming" and stream is None:
+        if row["status"] == "streaming" and (stream is None or not stream.local):
             # Not written here: by another process while its lease lasts, else nobody any more
             # (the store failed, or the process died). Show what was saved, and say so.
-            elsewhere = (row["lease_until"] or 0) > time.time() and settings.database_url
+            elsewhere = (row["lease_until"] or 0) > time.time() and (settings.database_url or settings.redis_url)
             answer.update(status="interrupted",
                           notes=answer["notes"] + [NOTES["elsewhere" if elsewhere else "unsaved"]])
         bubbles.append(render_answer(answer, last=row["id"] == last_assistant, nav=nav))

@@ -145,10 +145,20 @@ BOTH_DATABASES = {
 }
 
 
+# The page's streaming, reload and Stop checks run also through nginx in front of two processes sharing Redis.
+BOTH_DEPLOYMENTS = {
+    "test_page_shows_tokens_while_the_upstream_streams", "test_done_bubble_renders_markdown_code_and_crlf",
+    "test_reload_mid_answer_shows_everything_once", "test_stop_closes_the_upstream_and_keeps_the_partial_answer",
+    "test_send_becomes_stop_while_an_answer_streams",
+}
+
+
 def pytest_generate_tests(metafunc):
-    """Run the storage tests once on SQLite and once on PostgreSQL."""
+    """Run the storage tests once on SQLite and once on PostgreSQL, and some page tests on two processes."""
     if metafunc.function.__name__ in BOTH_DATABASES:
         metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+    if metafunc.function.__name__ in BOTH_DEPLOYMENTS:
+        metafunc.parametrize("live_chat", ["one process", "two behind nginx"], indirect=True, scope="module")
 
 
 @pytest.fixture(autouse=True)
@@ -1862,12 +1872,36 @@ def page_upstream():
 
 
 @pytest.fixture(scope="module")
-def live_chat(page_upstream, tmp_path_factory):
-    """python chat.py talking to the fake upstream."""
-    app = ChatProcess(tmp_path_factory.mktemp("live") / "chat.log", OPENAI_BASE_URL=page_upstream.url,
-                      CHAT_MODEL="test-model", NO_PROXY="127.0.0.1", CHAT_STREAM_GRACE="30")
-    yield app
-    app.stop()
+def live_chat(request, page_upstream, tmp_path_factory):
+    """python chat.py talking to the fake upstream; or (parametrized) two of them sharing Redis and their SQLite
+    file, behind nginx with the README's "Scale out" upstream block, which takes them in turn request by request."""
+    folder = tmp_path_factory.mktemp("live")
+    settings = dict(OPENAI_BASE_URL=page_upstream.url, CHAT_MODEL="test-model", NO_PROXY="127.0.0.1",
+                    CHAT_STREAM_GRACE="30")
+    if getattr(request, "param", "one process") == "one process":
+        app = ChatProcess(folder / "chat.log", **settings)
+        yield app
+        app.stop()
+        return
+    redis = request.getfixturevalue("redis_server")
+    # Through nginx every browser comes from nginx's address: the new-browser bucket is for the real world.
+    workers = [ChatProcess(folder / f"chat-{n}.log", CHAT_REDIS_URL=redis.url, CHAT_NEW_OWNERS_PER_MINUTE="1000",
+                           **settings) for n in range(2)]
+    try:
+        front = Nginx(tmp_path_factory.mktemp("nginx"), workers[0].port, scaled_nginx_block(workers[1].port))
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
+    yield front
+    front.stop()
+    for worker in workers:
+        worker.stop()
+    posts = [w.log_path.read_text().count("POST /streaming") for w in workers]
+    events = [w.log_path.read_text().count("GET /events") for w in workers]
+    print(f"POST /streaming per process: {posts}; GET /events per process: {events}")
+    # Both took part: answers were posted on one process and read on the other.
+    assert all(posts) and all(events), f"nginx sent every send or every read to one process: {posts}, {events}"
 
 
 @pytest.fixture(scope="module")
@@ -1917,7 +1951,7 @@ class PageWatch:
 @pytest.fixture
 def context(browser):
     """A fresh browser context (own cookies, clipboard allowed)."""
-    ctx = browser.new_context(viewport={"width": 1000, "height": 700})
+    ctx = browser.new_context(viewport={"width": 1000, "height": 700}, ignore_https_errors=True)  # nginx's own
     ctx.grant_permissions(["clipboard-read", "clipboard-write"])
     yield ctx
     ctx.close()
@@ -3043,6 +3077,20 @@ def readme_nginx_block():
     blocks = re.findall(r"^```nginx\n(.*?)^```$", deploy.group(1), re.M | re.S)
     assert len(blocks) == 1, f"expected one ```nginx block under ## Deploy, found {len(blocks)}"
     return blocks[0]
+
+
+def scaled_nginx_block(second_port):
+    """The Deploy block with the "Scale out" section's upstream block: its first server becomes the port Nginx
+    fills in, its second one second_port."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^## Scale out\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
+    assert section, "README.md has no ## Scale out section"
+    (upstream,) = re.findall(r"^```nginx\n(.*?)^```$", section.group(1), re.M | re.S)
+    upstream = substitute(upstream, "server 10.0.0.11:8080;", "server 127.0.0.1:8080;")
+    upstream = substitute(upstream, "server 10.0.0.12:8080;", f"server 127.0.0.1:{second_port};")
+    deploy = readme_nginx_block()
+    (original,) = re.findall(r"^upstream chat \{.*?^\}\n", deploy, re.M | re.S)
+    return deploy.replace(original, upstream)
 
 
 def substitute(text, old, new):
