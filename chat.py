@@ -1413,6 +1413,76 @@ redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return 0
 """
 
+APPEND_LUA = """
+-- Append events to answers' logs and publish them. ARGV: (stream id, event id, kind, payload)
+-- repeated; event id 0 is only published (the waiting clock). An event is published only once
+-- it is in the log. Returns, for each event not written, its position (from 0) and 0 (the log is
+-- gone: Redis lost it) or -1 (refused: an event at or after this id is there already).
+local out = {}
+for i = 1, #ARGV, 4 do
+  local sid, n, kind, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local reply = true
+  if n ~= '0' then
+    local key = 'chat:' .. sid .. ':log'
+    if n == '1' then
+      reply = redis.pcall('XADD', key, '1-0', 'k', kind, 'v', payload)
+    else  -- NOMKSTREAM: a log Redis lost is written again whole, not started from its middle
+      reply = redis.pcall('XADD', key, 'NOMKSTREAM', n .. '-0', 'k', kind, 'v', payload)
+    end
+  end
+  if not reply then
+    out[#out + 1] = (i - 1) / 4
+    out[#out + 1] = 0
+  elseif type(reply) == 'table' and reply.err then
+    out[#out + 1] = (i - 1) / 4
+    out[#out + 1] = -1
+  else
+    redis.call('PUBLISH', 'chat:' .. sid .. ':live', n .. ' ' .. kind .. ' ' .. payload)
+  end
+end
+return out
+"""
+
+RENEW_LUA = """
+-- Renew the leases of the answers this process writes. ARGV: lease until, ttl ms, then
+-- (stream id, owner, conversation id, message id) repeated. Returns one state per answer:
+-- 0 fine, 1 Stop was asked for, 2 finished by another process, 3 its record is gone.
+local until, ttl, out = ARGV[1], ARGV[2], {}
+for i = 3, #ARGV, 4 do
+  local sid, owner, conv, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local job, owned = 'chat:' .. sid .. ':job', 'chat:owner:' .. owner
+  local state = redis.call('HMGET', job, 'owner', 'stop', 'done')
+  if not state[1] then
+    out[#out + 1] = 3
+  elseif state[3] == '1' then
+    out[#out + 1] = 2
+  else
+    redis.call('HSET', job, 'alive', until)
+    redis.call('ZADD', 'chat:leases', until, sid)
+    redis.call('ZADD', owned, until, sid)
+    redis.call('PEXPIRE', job, ttl)
+    redis.call('PEXPIRE', owned, ttl)
+    redis.call('PEXPIRE', 'chat:' .. sid .. ':log', ttl)
+    if conv ~= '' then
+      redis.call('SET', 'chat:conv:' .. conv, sid, 'PX', ttl)
+      redis.call('SET', 'chat:msg:' .. conv .. ':' .. msg, sid, 'PX', ttl)
+    end
+    out[#out + 1] = state[2] == '1' and 1 or 0
+  end
+end
+return out
+"""
+
+TOPS_LUA = """
+-- The last event id of each answer's log (0: none). ARGV: stream ids.
+local out = {}
+for i = 1, #ARGV do
+  local last = redis.call('XREVRANGE', 'chat:' .. ARGV[i] .. ':log', '+', '-', 'COUNT', 1)
+  out[i] = #last > 0 and tonumber(string.match(last[1][1], '^(%d+)')) or 0
+end
+return out
+"""
+
 RELEASE_LUA = """
 -- KEYS: log, job, all leases, the owner's live answers, the conversation's writer
 -- ARGV: stream id, ttl ms, done (1: the answer finished; 0: it never started)
@@ -1452,6 +1522,7 @@ redis.call('PUBLISH', ARGV[6], id .. ' d ' .. ARGV[3])
 return 1
 """
 
+FLUSH_EVERY = 0.003  # seconds: the writer's shortest interval between calls to Redis
 KIND_CODES = {"message": "m", "reasoning": "r", "block": "b", "done": "d", "status": "s"}
 NUDGE = -1  # put in a reader's queue: read the log again from your last id
 
@@ -1497,9 +1568,17 @@ class RedisStreams(Streams):
         # greenlets wait their turn for one. Pub/sub has its own connection.
         self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
             url, max_connections=8, timeout=5, socket_timeout=5, socket_connect_timeout=3))
+        # The writer greenlet's own connection, used directly: redis-py's per-command machinery (pool,
+        # retries, reply callbacks) would cost as much as the call itself.
+        self.writer = redis.Redis.from_url(url, single_connection_client=True, socket_timeout=5,
+                                           socket_connect_timeout=3).connection
+        self.no_script = redis.exceptions.NoScriptError
         self.subscriber = redis.Redis.from_url(url, socket_connect_timeout=3, socket_keepalive=True,
                                                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
         self.reserve_script = self.redis.register_script(RESERVE_LUA)
+        self.append_script = self.redis.register_script(APPEND_LUA)
+        self.renew_script = self.redis.register_script(RENEW_LUA)
+        self.tops_script = self.redis.register_script(TOPS_LUA)
         self.release_script = self.redis.register_script(RELEASE_LUA)
         self.fence_script = self.redis.register_script(FENCE_LUA)
         self.instance = secrets.token_hex(8)
@@ -1606,10 +1685,16 @@ class RedisStreams(Streams):
         self.wake.set()
 
     def write_forever(self):
-        """The writer greenlet: whatever has queued, for every stream, goes to Redis as one pipeline."""
-        backoff = 0.0
+        """The writer greenlet: whatever has queued, for every stream, goes to Redis in one script call."""
+        backoff, last = 0.0, 0.0
         while True:
             self.wake.wait()
+            # At most one call every FLUSH_EVERY: under load, events gather into fewer, larger calls
+            # (each costs ~100 µs of CPU here, whatever its size); when quiet, an event goes at once.
+            pause = last + FLUSH_EVERY - time.monotonic()
+            if pause > 0:
+                gevent.sleep(pause)
+            last = time.monotonic()
             self.wake.clear()
             batch, self.dirty = self.dirty, {}
             try:
@@ -1624,44 +1709,60 @@ class RedisStreams(Streams):
                 self.wake.set()
 
     def flush(self, batch):
-        """Write these streams' queued events, publish them, and hand them to this process's readers."""
-        pipe, plan = self.redis.pipeline(transaction=False), []
+        """Write these streams' queued events and publish them (one script call for all), then hand them to this
+        process's readers, and give back the places of the answers that finished."""
+        args, plan, finished = [], [], []
         for stream in batch:
             if stream.flushed < 0:
                 self.rewrite(stream)
-            log_key, *_ = keys = self.keys(stream.id, stream.owner, stream.conversation_id)
             entries = [e for e in stream.outbox if e[0] == 0 or e[0] > stream.flushed]
             for n, kind, payload in entries:
-                if n:
-                    # NOMKSTREAM: a log that vanished (Redis restarted empty) is written again whole, not
-                    # started over from the middle.
-                    pipe.xadd(log_key, {"k": kind, "v": payload}, id=f"{n}-0", nomkstream=n > 1)
-                pipe.publish(f"chat:{stream.id}:live", b"%d %s " % (n, kind.encode()) + payload)
+                args += (stream.id, n, kind, payload)
                 if kind == "d":
-                    self.release_script(keys=keys, args=[stream.id, self.ttl_ms(max(settings.grace, 30)), 1],
-                                        client=pipe)
+                    finished.append(stream)
             plan.append((stream, len(stream.outbox), entries))
-        results = iter(pipe.execute(raise_on_error=False))
+        # One script call, not a pipeline: redis-py's pipelines ask whether the scripts are loaded first,
+        # a second round trip each time.
+        reply = self.write(self.append_script, args)
+        for stream in finished:
+            self.release_script(keys=self.keys(stream.id, stream.owner, stream.conversation_id),
+                                args=[stream.id, self.ttl_ms(max(settings.grace, 30)), 1])
+        # Events not written: position in args -> 0 (the log is gone: Redis lost it) or -1 (refused).
+        failed = dict(zip(reply[::2], reply[1::2]))
+        position = 0
         for stream, taken, entries in plan:
             del stream.outbox[:taken]
-            failed = False
+            stopped, fenced = False, None
             for n, kind, payload in entries:
-                written = next(results) if n else True
-                next(results)  # the publish
-                if kind == "d":
-                    next(results)  # the release
-                if failed:
+                problem, position = failed.get(position), position + 1
+                if stopped:
                     continue
-                if written is None:  # the log is gone (NOMKSTREAM): write it again from the start
-                    failed, stream.flushed = True, -1
+                if problem == -1 and fenced is None:
+                    fenced = self.refused(stream)
+                if problem == 0:  # written again from the start (with this event) by the next flush
+                    stopped, stream.flushed = True, -1
                     self.dirty[stream.id] = stream
                     self.wake.set()
-                elif isinstance(written, Exception):
-                    failed = True
-                    self.refused(stream, written)
-                else:
+                elif problem == -1 and fenced:
+                    stopped = True
+                else:  # written (or, refused as a repeat, written by an earlier try whose reply was lost)
                     stream.flushed = max(stream.flushed, n)
-                    self.deliver(stream.id, n, event_frame(n, kind, payload), kind == "d")
+                    if stream.id in self.feeds:
+                        self.deliver(stream.id, n, event_frame(n, kind, payload), kind == "d")
+
+    def write(self, script, args):
+        """Run a script on the writer's connection (loading it first if Redis does not know it)."""
+        try:
+            self.writer.send_command("EVALSHA", script.sha, 0, *args)
+            return self.writer.read_response()
+        except self.no_script:
+            self.writer.send_command("SCRIPT", "LOAD", script.script)
+            self.writer.read_response()
+            self.writer.send_command("EVALSHA", script.sha, 0, *args)
+            return self.writer.read_response()
+        except self.errors:
+            self.writer.disconnect()  # connects again at the next call
+            raise
 
     def rewrite(self, stream):
         """Write a stream's whole log again (Redis lost it), as one transaction, from what this process holds."""
@@ -1681,22 +1782,21 @@ class RedisStreams(Streams):
         self.deliver(stream.id, NUDGE, None)  # readers here read what they missed from the log
         log.info("wrote the log of a live answer to Redis again (%d events)", upto)
 
-    def refused(self, stream, error):
-        """Redis refused an event: a repeat after a retry is fine; a finished log means another process
-        finished this answer (this one was taken for dead), so stop writing it."""
-        if "equal or smaller" not in str(error):
-            log.error("Redis refused an event: %s", error)
-            return
+    def refused(self, stream):
+        """Redis refused an event: True if another process finished this answer (this one was taken for dead),
+        which then stops here; False for a repeat (an earlier try was written, its reply lost)."""
         try:
             done = self.redis.hget(f"chat:{stream.id}:job", "done") == b"1"
         except self.errors:
-            return
+            return False
         if done and not stream.finished:
             log.warning("another process finished an answer this one was still writing; it stops here")
             stream.outbox.clear()
             stream.finished_at = time.monotonic()  # its own done would come after the one readers got
             if stream.greenlet:
                 stream.greenlet.kill(block=False)
+            return True
+        return False
 
     def drain(self, timeout=3.0):
         """Wait (a little) until the writer has sent everything queued: at shutdown."""
@@ -1927,48 +2027,35 @@ class RedisStreams(Streams):
             log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
 
     def renew(self):
-        """One pipeline: every live answer's lease, its stop flag, and whether its record survived."""
+        """One script call: every live answer's lease renewed, and what became of it (stopped, finished
+        elsewhere, or lost with a Redis that restarted empty)."""
         live = [s for s in self.by_id.values() if s.finished_at is None and s.greenlet is not None]
         if not live:
             return
-        until, ttl = time.time() + settings.lease_seconds, self.ttl_ms(settings.lease_seconds * 2)
-        pipe = self.redis.pipeline(transaction=False)
+        args = [time.time() + settings.lease_seconds, self.ttl_ms(settings.lease_seconds * 2)]
         for stream in live:
-            log_key, job, leases, owned, writer = self.keys(stream.id, stream.owner, stream.conversation_id)
-            pipe.hset(job, "alive", until)
-            pipe.hmget(job, "stop", "done", "owner")
-            pipe.zadd(leases, {stream.id: until})
-            pipe.zadd(owned, {stream.id: until})
-            for key in (job, owned, log_key, writer, f"chat:msg:{stream.conversation_id}:{stream.message_id}"):
-                pipe.pexpire(key, ttl)
-        replies = pipe.execute()
-        step = len(replies) // len(live)
+            args += (stream.id, stream.owner, stream.conversation_id or "", stream.message_id or "")
         lost = self.redis.pipeline(transaction=False)
-        for index, stream in enumerate(live):
-            stop, done, owner = replies[index * step + 1]
-            if owner is None:  # the record was gone (Redis restarted empty): put it all back
+        for stream, state in zip(live, self.renew_script(args=args)):
+            if state == 3:  # the record was gone: put it all back
                 self.establish(lost, stream)
                 stream.flushed = -1
                 self.dirty[stream.id] = stream
                 self.wake.set()
-            elif done == b"1":
-                self.refused(stream, "equal or smaller")
-            elif stop == b"1":
+            elif state == 2:
+                self.refused(stream)
+            elif state == 1:
                 self.stop(stream.id)
         if len(lost):
             lost.execute()
             log.info("Redis had lost live answers; their records and logs are written again")
 
     def nudge(self):
-        """Readers that are behind the log's end read it again (pub/sub may drop, a log may be written again)."""
-        remote = list(self.feeds)
+        """Readers of other processes' answers that are behind the log's end read it again (pub/sub may drop)."""
+        remote = [i for i in self.feeds if i not in self.by_id]
         if not remote:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for stream_id in remote:
-            pipe.xrevrange(f"chat:{stream_id}:log", "+", "-", count=1)
-        for stream_id, last in zip(remote, pipe.execute()):
-            top = int(last[0][0].split(b"-")[0]) if last else 0
+        for stream_id, top in zip(remote, self.tops_script(args=remote)):
             for reader in self.feeds.get(stream_id, ()):
                 if reader.last < top:
                     reader.queue.put_nowait((NUDGE, None, False))

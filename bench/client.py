@@ -90,6 +90,21 @@ def proc_fds(pid):
         return None
 
 
+def server_pids(pid):
+    """The server and its children (the workers of `chat.py --workers N`)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid] + [int(child) for child in f.read().split()]
+    except OSError:
+        return [pid]
+
+
+def summed(reading, pids):
+    """A /proc reading summed over processes (None if the first cannot be read)."""
+    values = [reading(pid) for pid in pids]
+    return None if values[0] is None else sum(v for v in values if v is not None)
+
+
 def cores_busy_s():
     """Per-core busy and steal seconds from /proc/stat: {core: (busy, steal)}."""
     out = {}
@@ -447,9 +462,11 @@ class Client:
     # -- measurements ---------------------------------------------------------
     def sample(self):
         a = self.args
-        return {"t": time.monotonic(), "server_cpu_s": proc_cpu_s(a.server_pid),
-                "server_runtime_ns": proc_runtime_ns(a.server_pid),
-                "server_rss_kb": proc_rss_kb(a.server_pid), "server_fds": proc_fds(a.server_pid),
+        pids = server_pids(a.server_pid)
+        return {"t": time.monotonic(), "server_cpu_s": summed(proc_cpu_s, pids),
+                "server_runtime_ns": summed(proc_runtime_ns, pids),
+                "server_rss_kb": summed(proc_rss_kb, pids), "server_fds": summed(proc_fds, pids),
+                "also_cpu_s": proc_cpu_s(a.also_pid) if a.also_pid else None,
                 "client_cpu_s": self_cpu_s(), "cores": cores_busy_s(),
                 "upstream_cpu_s": proc_cpu_s(a.upstream_pid) if a.upstream_pid else None}
 
@@ -501,6 +518,9 @@ class Client:
             "server_cpu_util": cpu / dt if cpu is not None and dt > 0 else None,
             "cpu_us_per_token": cpu / tokens * 1e6 if cpu is not None and tokens else None,
             "cpu_us_per_token_schedstat": rt / tokens * 1e6 if rt is not None and tokens else None,
+            "also_cpu_us_per_token": ((s1["also_cpu_s"] - s0["also_cpu_s"]) / tokens * 1e6
+                                      if s0["also_cpu_s"] is not None and s1["also_cpu_s"] is not None and tokens
+                                      else None),
             "latency_ms": lat,
             "chats_done_in_window": self.done_window,
             "harness_cpu_util": harness / dt if dt > 0 else None,
@@ -660,6 +680,7 @@ def main():
     p.add_argument("--stop-at-zero", action="store_true")
     p.add_argument("--server-pid", type=int, required=True)
     p.add_argument("--upstream-pid", type=int)
+    p.add_argument("--also-pid", type=int, help="another process whose CPU per token to report (redis-server)")
     p.add_argument("--upstream-url")
     p.add_argument("--deadline", type=float, default=300, help="hard limit on the whole run, s")
     p.add_argument("--direct", action="store_true",
