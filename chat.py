@@ -33,6 +33,7 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import array  # noqa: E402
+import collections  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
@@ -1358,6 +1359,9 @@ class Streams:
     def maintain(self, now):
         """The janitor's extra work when answers are shared (nothing here)."""
 
+    def check(self):
+        """Fail at start if what the streams need is missing (here: nothing is)."""
+
     def drain(self, timeout=3.0):
         """Wait until every event is where readers get it: here it already is."""
 
@@ -1570,8 +1574,7 @@ class RedisStreams(Streams):
             url, max_connections=8, timeout=5, socket_timeout=5, socket_connect_timeout=3))
         # The writer greenlet's own connection, used directly: redis-py's per-command machinery (pool,
         # retries, reply callbacks) would cost as much as the call itself.
-        self.writer = redis.Redis.from_url(url, single_connection_client=True, socket_timeout=5,
-                                           socket_connect_timeout=3).connection
+        self.writer = redis.ConnectionPool.from_url(url, socket_timeout=5, socket_connect_timeout=3).make_connection()
         self.no_script = redis.exceptions.NoScriptError
         self.subscriber = redis.Redis.from_url(url, socket_connect_timeout=3, socket_keepalive=True,
                                                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
@@ -1584,6 +1587,7 @@ class RedisStreams(Streams):
         self.instance = secrets.token_hex(8)
         self.control = f"chat:ctl:{self.instance}"
         self.feeds = {}          # stream id -> the Readers of it connected to this process
+        self.owner_readers = collections.Counter()  # owner -> their Readers connected to this process
         self.dirty = {}          # stream id -> stream with events for the writer
         self.wake = gevent.event.Event()
         self.pubsub = None
@@ -1795,6 +1799,7 @@ class RedisStreams(Streams):
             stream.finished_at = time.monotonic()  # its own done would come after the one readers got
             if stream.greenlet:
                 stream.greenlet.kill(block=False)
+            Streams.forget(self, stream)
             return True
         return False
 
@@ -1830,9 +1835,8 @@ class RedisStreams(Streams):
         if job.get(b"owner", b"").decode() != owner:
             bottle.abort(404, "No such answer.")
         feed = self.feeds.get(stream_id, ())
-        if job.get(b"done") != b"1" and (
-                len(feed) >= settings.readers_per_stream
-                or sum(r.owner == owner for f in self.feeds.values() for r in f) >= settings.readers_per_owner):
+        if job.get(b"done") != b"1" and (len(feed) >= settings.readers_per_stream
+                                         or self.owner_readers[owner] >= settings.readers_per_owner):
             bottle.abort(429, TOO_MANY_READERS)
         return self.read(stream_id, Reader(last_id, owner))
 
@@ -1907,6 +1911,7 @@ class RedisStreams(Streams):
         """Add a reader to its stream's feed; the first reader of another process's answer subscribes."""
         feed = self.feeds.setdefault(stream_id, set())
         feed.add(reader)
+        self.owner_readers[reader.owner] += 1
         if len(feed) == 1 and stream_id not in self.by_id and self.pubsub is not None:
             with contextlib.suppress(*self.errors):
                 self.pubsub.subscribe(f"chat:{stream_id}:live")
@@ -1914,9 +1919,12 @@ class RedisStreams(Streams):
     def detach(self, stream_id, reader):
         """Remove a reader; the last one of a feed unsubscribes."""
         feed = self.feeds.get(stream_id)
-        if feed is None:
+        if feed is None or reader not in feed:
             return
         feed.discard(reader)
+        self.owner_readers[reader.owner] -= 1
+        if not self.owner_readers[reader.owner]:
+            del self.owner_readers[reader.owner]
         if not feed:
             del self.feeds[stream_id]
             if self.pubsub is not None:
@@ -1984,22 +1992,29 @@ class RedisStreams(Streams):
             if not job or job.get(b"owner", b"").decode() != owner:
                 bottle.abort(404, "No such answer.")
             if job.get(b"done") != b"1":
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.hset(f"chat:{stream_id}:job", "stop", 1)
-                pipe.publish(f"chat:ctl:{job.get(b'instance', b'').decode()}", stream_id)
-                pipe.execute()
+                self.stop_remote(stream_id, job)
         except self.errors:
             bottle.abort(503, "The server cannot reach its shared state just now; try again shortly.")
         return job.get(b"conversation", b"").decode() or None
+
+    def stop_remote(self, stream_id, job):
+        """Raise an answer's stop flag (its process's janitor reads it) and tell that process at once."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(f"chat:{stream_id}:job", "stop", 1)
+        pipe.publish(f"chat:ctl:{job.get(b'instance', b'').decode()}", stream_id)
+        pipe.execute()
 
     def stop_conversation(self, conversation_id):
         """Stop the answer being written in a conversation, wherever it is."""
         super().stop_conversation(conversation_id)
         with contextlib.suppress(*self.errors):
-            stream_id = self.redis.get(f"chat:conv:{conversation_id}")
-            if stream_id and stream_id.decode() not in self.by_id:
-                job = self.redis.hget(f"chat:{stream_id.decode()}:job", "instance")
-                self.redis.publish(f"chat:ctl:{(job or b'').decode()}", stream_id)
+            stream_id = (self.redis.get(f"chat:conv:{conversation_id}") or b"").decode()
+            if stream_id and stream_id not in self.by_id:
+                self.stop_remote(stream_id, self.redis.hgetall(f"chat:{stream_id}:job"))
+
+    def check(self):
+        """Fail at start, not at the first message, when Redis cannot be reached."""
+        self.redis.ping()
 
     def for_message(self, message_id, conversation_id):
         """The stream writing this stored answer: here, or in another process (Redis says which)."""
@@ -2956,8 +2971,8 @@ class PostgresDatabase:
 
 
 def redact_url(text):
-    """Text with the password of any postgresql:// URL blanked out (it must never reach a log)."""
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1[redacted]@", text)
+    """Text with the password of any postgresql:// or redis:// URL blanked out (it must never reach a log)."""
+    return re.sub(r"((?:postgres(?:ql)?|rediss?)://[^:/@\s]*:)[^@\s]*@", r"\1[redacted]@", text)
 
 
 def open_database(path, url):
@@ -4464,6 +4479,11 @@ def main(argv=None):
         store.db  # noqa: B018 — open and migrate the database now: a bad path fails at start, not at the first message
     except Exception as exc:  # noqa: BLE001 — any failure here (a path, a server, a driver) ends the start
         log.error("cannot open the database: %s", redact_url(str(exc)))
+        sys.exit(2)
+    try:
+        streams.check()
+    except Exception as exc:  # noqa: BLE001
+        log.error("cannot reach Redis (CHAT_REDIS_URL): %s", redact_url(str(exc)))
         sys.exit(2)
     settings.port = server.server_port  # --port 0 picks a free port; the demo needs the real one
     log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port,

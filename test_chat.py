@@ -5358,3 +5358,14 @@ def test_more_than_one_worker_needs_redis(tmp_path):
                             timeout=30)
     assert result.returncode == 2
     assert "CHAT_REDIS_URL" in result.stderr
+
+
+def test_an_unreachable_redis_stops_the_start_without_showing_its_password(tmp_path):
+    """CHAT_REDIS_URL pointing at nothing: chat.py says so and exits 2 at start, with the URL's password blanked."""
+    result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, timeout=60,
+                            env=clean_env(CHAT_DB=str(tmp_path / "chat.db"),
+                                          CHAT_REDIS_URL=f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"),
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "cannot reach Redis" in result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr

@@ -294,6 +294,18 @@ def report(results):
     lines.append(f"| p99 added latency at saturation, ms | {ms(sat.get('local', {}).get('latency_ms', {}).get('p99'))} | "
                  f"{ms(sat.get('redis', {}).get('latency_ms', {}).get('p99'))} | "
                  f"{ms(sat.get('workers2', {}).get('latency_ms', {}).get('p99'))} | |")
+    def cpu(result, field):
+        """A CPU share in % of one core: the server's, or redis-server's (from its µs per token)."""
+        result = result or {}
+        if field == "redis":
+            per = result.get("also_cpu_us_per_token")
+            return None if per is None else per * result.get("tokens_per_s", 0) / 1e4
+        value = result.get(field)
+        return None if value is None else value * 100
+
+    lines.append(f"| CPU at saturation, % of a core: chat.py / redis-server | {num(cpu(sat.get('local'), 'server_cpu_util'))} | "
+                 f"{num(cpu(sat.get('redis'), 'server_cpu_util'))} / {num(cpu(sat.get('redis'), 'redis'))} | "
+                 f"{num(cpu(sat.get('workers2'), 'server_cpu_util'))} / {num(cpu(sat.get('workers2'), 'redis'))} | |")
     lines.append(f"| harness CPU at saturation (shares the cores) | {num((sat.get('local') or {}).get('harness_cpu_util', 0) * 100)} % | "
                  f"{num((sat.get('redis') or {}).get('harness_cpu_util', 0) * 100)} % | "
                  f"{num((sat.get('workers2') or {}).get('harness_cpu_util', 0) * 100)} % | |")
