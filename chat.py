@@ -1570,13 +1570,15 @@ class RedisStreams(Streams):
         self.url = url
         # A few connections for every request and the writer, however many readers there are:
         # greenlets wait their turn for one. Pub/sub has its own connection.
+        name = f"chat.py-{os.getpid()}"  # CLIENT LIST shows which process holds which connection
         self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            url, max_connections=8, timeout=5, socket_timeout=5, socket_connect_timeout=3))
+            url, max_connections=8, timeout=5, socket_timeout=5, socket_connect_timeout=3, client_name=name))
         # The writer greenlet's own connection, used directly: redis-py's per-command machinery (pool,
         # retries, reply callbacks) would cost as much as the call itself.
-        self.writer = redis.ConnectionPool.from_url(url, socket_timeout=5, socket_connect_timeout=3).make_connection()
+        self.writer = redis.ConnectionPool.from_url(url, socket_timeout=5, socket_connect_timeout=3,
+                                                    client_name=name).make_connection()
         self.no_script = redis.exceptions.NoScriptError
-        self.subscriber = redis.Redis.from_url(url, socket_connect_timeout=3, socket_keepalive=True,
+        self.subscriber = redis.Redis.from_url(url, socket_connect_timeout=3, socket_keepalive=True, client_name=name,
                                                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
         self.reserve_script = self.redis.register_script(RESERVE_LUA)
         self.append_script = self.redis.register_script(APPEND_LUA)

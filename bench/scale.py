@@ -234,7 +234,8 @@ def connections_per_process(chat, redis, upstream, counts):
                 sock.recv(4096)  # the headers and the hello: the reader is attached
                 held.append(sock)
             time.sleep(1.5)
-            out[count] = redis_info(redis.port, "connected_clients") - 1  # not our own INFO connection
+            clients = redis_command(redis.port, "CLIENT", "LIST") or ""
+            out[count] = clients.count(f"name=chat.py-{chat.pid} ")  # chat.py names its connections
     finally:
         for sock in held:
             sock.close()
@@ -291,9 +292,6 @@ def report(results):
     lines.append(f"| tokens/s at saturation ({results['sizes']['burst']} chats, unpaced) | {num(base)} | "
                  f"{num(one_redis)} | {num(two)} ({two / one_redis:.2f}× Redis, 1 process) | 2 workers ≥ 1.7× |"
                  if two and one_redis else f"| tokens/s at saturation | {num(base)} | {num(one_redis)} | {num(two)} | |")
-    lines.append(f"| p99 added latency at saturation, ms | {ms(sat.get('local', {}).get('latency_ms', {}).get('p99'))} | "
-                 f"{ms(sat.get('redis', {}).get('latency_ms', {}).get('p99'))} | "
-                 f"{ms(sat.get('workers2', {}).get('latency_ms', {}).get('p99'))} | |")
     def cpu(result, field):
         """A CPU share in % of one core: the server's, or redis-server's (from its µs per token)."""
         result = result or {}
