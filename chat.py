@@ -45,6 +45,7 @@ import ipaddress  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
 import secrets  # noqa: E402
@@ -517,10 +518,6 @@ def read_completion(response, completion, on_read=None):
         def read1(size):
             return raw.read1(size, decode_content=True)
     while not completion.finished:
-        # gevent switches only when a read would block: an upstream that always has data
-        # ready would keep this greenlet running and starve every other stream.
-        if loop_turn.overdue():
-            gevent.sleep(0)
         data = read1(65536)
         if on_read:
             on_read()  # keep-alive comments count as life too
@@ -528,6 +525,11 @@ def read_completion(response, completion, on_read=None):
         for line in lines.feed(data) if data else lines.close() + [b""]:
             event = sse.feed(line)
             if event:
+                # gevent switches only when a read would block: an upstream that always has data
+                # ready (a 64 KB read holds hundreds of events) would keep this greenlet running
+                # and delay every other stream.
+                if loop_turn.overdue():
+                    gevent.sleep(0)
                 yield from completion.apply(*event)
                 if completion.finished:
                     return
@@ -542,7 +544,7 @@ class LoopTurn:
         self.at = time.monotonic()
         self.watcher = None
 
-    def overdue(self, limit=0.005):
+    def overdue(self, limit=0.001):
         """True if this greenlet has kept the loop from polling for more than limit seconds."""
         if self.watcher is None:
             self.watcher = gevent.get_hub().loop.prepare(ref=False)
@@ -1033,6 +1035,8 @@ class AnswerLog:
         """
         pending, size = [], 0
         for event_id, kind, text, tail in self.entries(after, upto):
+            if loop_turn.overdue():  # a long replay shares the loop: other readers wait ~1 ms at most
+                gevent.sleep(0)
             if kind == "block":
                 frame = block_frame(self.stream_id, render_block(text), tail, event_id)
             else:
@@ -1420,9 +1424,10 @@ return 0
 APPEND_LUA = """
 -- Append events to answers' logs and publish them. ARGV: (stream id, event id, kind, payload)
 -- repeated; event id 0 is only published (the waiting clock). An event is published only once
--- it is in the log. Returns, for each event not written, its position (from 0) and 0 (the log is
--- gone: Redis lost it) or -1 (refused: an event at or after this id is there already).
-local out = {}
+-- it is in the log, and each answer's events of one call in one message ("id kind size payload"
+-- each). Returns, for each event not written, its position (from 0) and 0 (the log is gone:
+-- Redis lost it) or -1 (refused: an event at or after this id is there already).
+local out, messages, order = {}, {}, {}
 for i = 1, #ARGV, 4 do
   local sid, n, kind, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local reply = true
@@ -1441,8 +1446,17 @@ for i = 1, #ARGV, 4 do
     out[#out + 1] = (i - 1) / 4
     out[#out + 1] = -1
   else
-    redis.call('PUBLISH', 'chat:' .. sid .. ':live', n .. ' ' .. kind .. ' ' .. payload)
+    local parts = messages[sid]
+    if not parts then
+      parts = {}
+      messages[sid] = parts
+      order[#order + 1] = sid
+    end
+    parts[#parts + 1] = n .. ' ' .. kind .. ' ' .. #payload .. ' ' .. payload
   end
+end
+for _, sid in ipairs(order) do
+  redis.call('PUBLISH', 'chat:' .. sid .. ':live', table.concat(messages[sid]))
 end
 return out
 """
@@ -1512,7 +1526,14 @@ if redis.call('HGET', KEYS[2], 'done') == '1' then return 0 end
 if tonumber(redis.call('HGET', KEYS[2], 'alive') or '0') > tonumber(ARGV[2]) then return 0 end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local top = 0
-if #last > 0 then top = tonumber(string.match(last[1][1], '^(%d+)')) end
+if #last > 0 then
+  top = tonumber(string.match(last[1][1], '^(%d+)'))
+  if last[1][2][2] == 'd' then  -- it did finish (its record was lost and made again)
+    redis.call('HSET', KEYS[2], 'done', 1)
+    redis.call('ZREM', KEYS[3], ARGV[4])
+    return 0
+  end
+end
 if top ~= tonumber(ARGV[1]) then return 0 end
 local id = top + 1
 redis.call('XADD', KEYS[1], id .. '-0', 'k', 'd', 'v', ARGV[3])
@@ -1522,7 +1543,7 @@ redis.call('ZREM', KEYS[4], ARGV[4])
 if redis.call('GET', KEYS[5]) == ARGV[4] then redis.call('DEL', KEYS[5]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[6], id .. ' d ' .. ARGV[3])
+redis.call('PUBLISH', ARGV[6], id .. ' d ' .. #ARGV[3] .. ' ' .. ARGV[3])
 return 1
 """
 
@@ -1727,26 +1748,31 @@ class RedisStreams(Streams):
                 if kind == "d":
                     finished.append(stream)
             plan.append((stream, len(stream.outbox), entries))
-        # One script call, not a pipeline: redis-py's pipelines ask whether the scripts are loaded first,
-        # a second round trip each time.
-        reply = self.write(self.append_script, args)
+        # A finished answer gives its places back before anyone sees its done event, as in one process:
+        # whoever reads done may send again in that conversation at once.
         for stream in finished:
             self.release_script(keys=self.keys(stream.id, stream.owner, stream.conversation_id),
                                 args=[stream.id, self.ttl_ms(max(settings.grace, 30)), 1])
+        # One script call, not a pipeline: redis-py's pipelines ask whether the scripts are loaded first,
+        # a second round trip each time.
+        reply = self.write(self.append_script, args)
         # Events not written: position in args -> 0 (the log is gone: Redis lost it) or -1 (refused).
         failed = dict(zip(reply[::2], reply[1::2]))
         position = 0
         for stream, taken, entries in plan:
             del stream.outbox[:taken]
             stopped, fenced = False, None
-            for n, kind, payload in entries:
+            for index, (n, kind, payload) in enumerate(entries):
                 problem, position = failed.get(position), position + 1
                 if stopped:
                     continue
                 if problem == -1 and fenced is None:
                     fenced = self.refused(stream)
-                if problem == 0:  # written again from the start (with this event) by the next flush
+                if problem == 0:
+                    # The next flush writes the log again from what this process holds, then these
+                    # events (the done event is not in the answer's log, so it must not be dropped).
                     stopped, stream.flushed = True, -1
+                    stream.outbox[:0] = entries[index:]
                     self.dirty[stream.id] = stream
                     self.wake.set()
                 elif problem == -1 and fenced:
@@ -1953,8 +1979,10 @@ class RedisStreams(Streams):
                     self.lost = False
                     self.recover()
                 backoff = 0.0
-                for message in pubsub.listen():
-                    self.on_message(message["channel"], message["data"])
+                while True:  # parse_response, not listen(): no dict per message
+                    reply = pubsub.parse_response(block=True)
+                    if reply and reply[0] == b"message":
+                        self.on_message(reply[1], reply[2])
             except self.errors as exc:
                 log_limited("redis", "lost the connection to Redis: %s", redact_url(str(exc)))
             self.pubsub, self.lost = None, True
@@ -1969,9 +1997,15 @@ class RedisStreams(Streams):
             self.stop(data.decode())
             return
         stream_id = channel.decode()[5:-5]  # chat:<id>:live
-        n, kind, payload = data.split(b" ", 2)
-        n, kind = int(n), kind.decode()
-        self.deliver(stream_id, n, event_frame(n, kind, payload), kind == "d")
+        if stream_id not in self.feeds:
+            return
+        position = 0
+        while position < len(data):  # events, each "id kind size payload"
+            head = data.index(b" ", data.index(b" ", data.index(b" ", position) + 1) + 1)
+            n, kind, size = data[position:head].split(b" ")
+            n, kind, end = int(n), kind.decode(), head + 1 + int(size)
+            self.deliver(stream_id, n, event_frame(n, kind, data[head + 1:end]), kind == "d")
+            position = end
 
     def recover(self):
         """Back after a lost connection: every reader reads the log again, and every answer written here is
@@ -2054,6 +2088,8 @@ class RedisStreams(Streams):
             args += (stream.id, stream.owner, stream.conversation_id or "", stream.message_id or "")
         lost = self.redis.pipeline(transaction=False)
         for stream, state in zip(live, self.renew_script(args=args)):
+            if stream.finished_at is not None:
+                continue  # it finished meanwhile, and gave its places back
             if state == 3:  # the record was gone: put it all back
                 self.establish(lost, stream)
                 stream.flushed = -1
@@ -4286,7 +4322,8 @@ class Handler(WSGIHandler):
                 return b""
         except OSError:
             return b""
-        self.head_deadline = gevent.Timeout.start_new(settings.header_timeout, HeadTimeout)
+        # Spread a little, so that hundreds of heads sent at once (slowloris) do not time out at once.
+        self.head_deadline = gevent.Timeout.start_new(settings.header_timeout * random.uniform(1, 1.2), HeadTimeout)
         try:
             return super().read_requestline()
         except HeadTimeout:
@@ -4361,7 +4398,7 @@ class Server(WSGIServer):
             # Every blocking send or receive gives up after this: a reader that stops reading
             # is dropped, and so is a connection idle between requests. Without a cap the kernel
             # would first buffer up to 4 MB for such a reader.
-            sock.settimeout(settings.write_timeout)
+            sock.settimeout(settings.write_timeout * random.uniform(1, 1.2))  # spread, as the heads' deadlines
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             return super().handle(sock, address)

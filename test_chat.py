@@ -5289,7 +5289,7 @@ def test_a_killed_writer_s_readers_elsewhere_get_an_interrupted_bubble_with_the_
     assert "Half an answer" in source_text(page)
 
 
-def test_readers_recover_from_a_redis_restart_without_loss_or_repeat(cluster, upstream, redis_server):
+def test_readers_recover_from_a_redis_restart_without_loss_or_repeat(cluster, upstream, redis_server, postgres_url):
     """Redis restarts empty mid-answer: the writer writes the log again, readers fill the gap; nothing lost, nothing
     repeated."""
     a, b = cluster(2)
@@ -5310,6 +5310,10 @@ def test_readers_recover_from_a_redis_restart_without_loss_or_repeat(cluster, up
         assert source_text(transcript.done).strip() == "".join(COUNTED).strip()
     # A reader that comes now reads the whole answer from the log written again.
     assert SSEReader(b.url, stream_id).read_until(lambda t: t.finished).message == "".join(COUNTED)
+    import psycopg
+    with psycopg.connect(postgres_url) as connection:
+        stored = connection.execute("SELECT status, content FROM messages WHERE role = 'assistant'").fetchall()
+    assert stored == [("done", "".join(COUNTED))]
 
 
 def worker_pids(log_text, line):
