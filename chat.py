@@ -505,7 +505,7 @@ def read_completion(response, completion, on_read=None):
     if ctype == "text/html":
         raise UpstreamError("The model server answered with a web page instead of a stream: "
                             + body_message(response.raw.read(65536, decode_content=True)))
-    lines, sse = LineSplitter(), SSEParser()
+    lines, sse, busy = LineSplitter(), SSEParser(), Slice()
     # read1() returns whatever has arrived, chunked or close-delimited alike (iter_lines()
     # and iter_content() hold tokens back on a close-delimited body). Without a
     # Content-Encoding, read http.client's response under urllib3 directly: urllib3's own
@@ -525,11 +525,7 @@ def read_completion(response, completion, on_read=None):
         for line in lines.feed(data) if data else lines.close() + [b""]:
             event = sse.feed(line)
             if event:
-                # gevent switches only when a read would block: an upstream that always has data
-                # ready (a 64 KB read holds hundreds of events) would keep this greenlet running
-                # and delay every other stream.
-                if loop_turn.overdue():
-                    gevent.sleep(0)
+                busy.give_way_if_due()  # an upstream that always has data ready (hundreds of events a read)
                 yield from completion.apply(*event)
                 if completion.finished:
                     return
@@ -544,12 +540,12 @@ class LoopTurn:
         self.at = time.monotonic()
         self.watcher = None
 
-    def overdue(self, limit=0.001):
-        """True if this greenlet has kept the loop from polling for more than limit seconds."""
+    def now(self):
+        """The time, with the watcher running (started on first use, in the hub of the caller)."""
         if self.watcher is None:
             self.watcher = gevent.get_hub().loop.prepare(ref=False)
             self.watcher.start(self.stamp)
-        return time.monotonic() - self.at > limit
+        return time.monotonic()
 
     def stamp(self):
         """Called by the loop before every poll."""
@@ -557,6 +553,37 @@ class LoopTurn:
 
 
 loop_turn = LoopTurn()
+
+
+class Slice:
+    """One greenlet's run since the loop last turned, for work that never waits by itself (an upstream
+    flooding, a long replay): gevent switches only when a read or write would block, so such work would
+    keep every other stream waiting. It gives way once it has run a while in one turn; a greenlet that
+    only handles what just arrived never does."""
+
+    __slots__ = ("turn", "since")
+
+    def __init__(self):
+        self.turn, self.since = None, 0.0
+
+    def give_way_if_due(self, limit=0.0003):
+        """Give way if this greenlet has run more than limit seconds and the loop has not polled for 0.5 ms."""
+        now = loop_turn.now()
+        if self.turn != loop_turn.at:  # the loop turned since we last looked: our run starts now
+            self.turn, self.since = loop_turn.at, now
+        elif now - self.since > limit and now - loop_turn.at > 0.0005:
+            give_way()
+
+
+hot_lane = gevent.lock.Semaphore()
+
+
+def give_way():
+    """Let everything else that is ready run first, then go on. Such greenlets take turns, one per turn of
+    the loop, each when the loop is otherwise idle: sleep(0) would run them again before the loop even
+    looks for other streams' data, and idle() alone would wake them all in the same turn."""
+    with hot_lane:
+        gevent.idle()
 
 
 def auth_headers():
@@ -1033,10 +1060,9 @@ class AnswerLog:
         A reader that is slow to take them holds one batch, not a copy of the whole answer.
         Blocks are rendered again (a reconnect costs CPU, the log no memory).
         """
-        pending, size = [], 0
+        pending, size, busy = [], 0, Slice()
         for event_id, kind, text, tail in self.entries(after, upto):
-            if loop_turn.overdue():  # a long replay shares the loop: other readers wait ~1 ms at most
-                gevent.sleep(0)
+            busy.give_way_if_due()  # a long replay gives way to live tokens
             if kind == "block":
                 frame = block_frame(self.stream_id, render_block(text), tail, event_id)
             else:
@@ -3421,7 +3447,7 @@ def check_request(environ):
     # Read the (small) body now, within a deadline: a client that trickles it is cut off.
     body = environ["wsgi.input"]
     try:
-        with gevent.Timeout(settings.header_timeout):
+        with gevent.Timeout(settings.header_timeout * random.uniform(1, 1.2)):  # spread, as the heads' deadlines
             data = body.read(int(length or 0))
     except gevent.Timeout:
         return ("408 Request Timeout", "The request body did not arrive in time.\n")
@@ -4377,6 +4403,9 @@ class Server(WSGIServer):
     """gevent's WSGI server with TCP_NODELAY, a cap on open connections, and timeouts on every socket."""
 
     handler_class = Handler
+    # Connections taken per turn of the loop (gevent: 100): hundreds arriving at once are taken in
+    # small bites, between which tokens keep flowing.
+    max_accept = 8
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -4527,6 +4556,9 @@ def main(argv=None):
     settings.port = server.server_port  # --port 0 picks a free port; the demo needs the real one
     log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port,
              settings.upstream_label())
+    # Markdown of a long answer renders in a worker thread; Python hands the GIL back to the hub
+    # only every switch interval (5 ms by default), which every token would wait for.
+    sys.setswitchinterval(0.0002)
     # Everything loaded so far lives for the whole process: keep it out of the collector's way.
     gc.collect()
     gc.freeze()
