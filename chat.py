@@ -1491,7 +1491,7 @@ RENEW_LUA = """
 -- Renew the leases of the answers this process writes. ARGV: lease until, ttl ms, then
 -- (stream id, owner, conversation id, message id) repeated. Returns one state per answer:
 -- 0 fine, 1 Stop was asked for, 2 finished by another process, 3 its record is gone.
-local until, ttl, out = ARGV[1], ARGV[2], {}
+local alive, ttl, out = ARGV[1], ARGV[2], {}
 for i = 3, #ARGV, 4 do
   local sid, owner, conv, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local job, owned = 'chat:' .. sid .. ':job', 'chat:owner:' .. owner
@@ -1501,9 +1501,9 @@ for i = 3, #ARGV, 4 do
   elseif state[3] == '1' then
     out[#out + 1] = 2
   else
-    redis.call('HSET', job, 'alive', until)
-    redis.call('ZADD', 'chat:leases', until, sid)
-    redis.call('ZADD', owned, until, sid)
+    redis.call('HSET', job, 'alive', alive)
+    redis.call('ZADD', 'chat:leases', alive, sid)
+    redis.call('ZADD', owned, alive, sid)
     redis.call('PEXPIRE', job, ttl)
     redis.call('PEXPIRE', owned, ttl)
     redis.call('PEXPIRE', 'chat:' .. sid .. ':log', ttl)
@@ -1573,7 +1573,8 @@ redis.call('PUBLISH', ARGV[6], id .. ' d ' .. #ARGV[3] .. ' ' .. ARGV[3])
 return 1
 """
 
-FLUSH_EVERY = 0.003  # seconds: the writer's shortest interval between calls to Redis
+FLUSH_EVERY = 0.003  # seconds: the writer's shortest interval between calls to Redis, under load
+BUSY_CALLS = 1000     # calls to Redis in a second (~10 % of a core) above which the writer batches
 KIND_CODES = {"message": "m", "reasoning": "r", "block": "b", "done": "d", "status": "s"}
 NUDGE = -1  # put in a reader's queue: read the log again from your last id
 
@@ -1739,15 +1740,18 @@ class RedisStreams(Streams):
 
     def write_forever(self):
         """The writer greenlet: whatever has queued, for every stream, goes to Redis in one script call."""
-        backoff, last = 0.0, 0.0
+        backoff, last, second, calls, busy = 0.0, 0.0, 0.0, 0, False
         while True:
             self.wake.wait()
-            # At most one call every FLUSH_EVERY: under load, events gather into fewer, larger calls
-            # (each costs ~100 µs of CPU here, whatever its size); when quiet, an event goes at once.
-            pause = last + FLUSH_EVERY - time.monotonic()
-            if pause > 0:
-                gevent.sleep(pause)
-            last = time.monotonic()
+            # Under load (more than BUSY_CALLS calls in the last second), at most one call every
+            # FLUSH_EVERY: events gather into fewer, larger calls (each costs ~100 µs of CPU here,
+            # whatever its size). When it is quieter, an event goes at once.
+            now = time.monotonic()
+            if now - second >= 1.0:
+                second, busy, calls = now, calls > BUSY_CALLS, 0
+            if busy and last + FLUSH_EVERY > now:
+                gevent.sleep(last + FLUSH_EVERY - now)
+            last, calls = time.monotonic(), calls + 1
             self.wake.clear()
             batch, self.dirty = self.dirty, {}
             try:

@@ -5289,6 +5289,25 @@ def test_a_killed_writer_s_readers_elsewhere_get_an_interrupted_bubble_with_the_
     assert "Half an answer" in source_text(page)
 
 
+def test_an_answer_outlives_its_lease_while_its_writer_lives(cluster, upstream, postgres_url):
+    """An answer that takes many leases' time is renewed by its writer: nobody takes it for dead, and Stop still
+    reaches it through the flag the writer's janitor reads."""
+    a, b = cluster(2, CHAT_LEASE_SECONDS="1")
+    body = answer("Slow", " but", " alive")
+    reply = upstream.serve(body, pause_at=after_event(body, b'"Slow"'))
+    stream_id = stream_of(web.post(a.url + "/streaming", data={"prompt": "take your time"}, timeout=5))
+    reader = SSEReader(b.url, stream_id)
+    reader.read_until(lambda t: t.message == "Slow", what="the first token on B")
+    gevent.sleep(4)  # the time under test: four leases, while B's janitor looks for dead writers every second
+    reply.gate.set()
+    transcript = reader.read_until(lambda t: t.finished, what="done")
+    assert transcript.message == "Slow but alive"
+    assert "interrupted" not in transcript.done and "server stopped" not in transcript.done
+    import psycopg
+    with psycopg.connect(postgres_url) as connection:
+        assert connection.execute("SELECT status FROM messages WHERE role = 'assistant'").fetchall() == [("done",)]
+
+
 def test_readers_recover_from_a_redis_restart_without_loss_or_repeat(cluster, upstream, redis_server, postgres_url):
     """Redis restarts empty mid-answer: the writer writes the log again, readers fill the gap; nothing lost, nothing
     repeated."""

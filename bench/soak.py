@@ -966,6 +966,27 @@ class Soak:
         child.port = int(line.split()[1])
         self.upstream = child
 
+    def start_redis(self):
+        """--redis: a redis-server of the soak's own (no persistence, a free port) for CHAT_REDIS_URL."""
+        with socket.socket() as probe:
+            probe.bind((HOST, 0))
+            port = probe.getsockname()[1]
+        self.redis = self.spawn("redis", ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                                          "--appendonly", "no", "--dir", self.tmp],
+                                os.path.join(self.logdir, "redis.log"), core=1)
+        self.redis.url = f"redis://{HOST}:{port}/0"
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                with socket.create_connection((HOST, port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start; see " + os.path.join(self.logdir, "redis.log"))
+
     def chat_env(self):
         env = dict(os.environ)
         for name in list(env):
@@ -974,6 +995,10 @@ class Soak:
         env.update(SERVER_ENV)
         env.update({"OPENAI_BASE_URL": f"http://{HOST}:{self.upstream.port}/v1", "CHAT_DB": self.db,
                     "PYTHONUNBUFFERED": "1"})
+        if self.a.redis:
+            # A short lease: after kill -9, the restarted process finishes the dead one's answers
+            # from Redis within the kill phase.
+            env.update({"CHAT_REDIS_URL": self.redis.url, "CHAT_LEASE_SECONDS": "3"})
         if self.a.monitor_hub:
             # gevent's own monitor thread: logs the stack of anything that blocks the hub for longer.
             env.update({"GEVENT_MONITOR_THREAD_ENABLE": "true", "GEVENT_MAX_BLOCKING_TIME": str(self.a.monitor_hub)})
@@ -1119,6 +1144,8 @@ class Soak:
         self.setup_db_dir()
         self.snapshot_code()
         self.start_upstream()
+        if self.a.redis:
+            self.start_redis()
         self.start_chat()
         self.started_wall = time.time()
         sampler = asyncio.create_task(self.sampler())
@@ -2294,6 +2321,7 @@ def parse_args(argv):
     p.add_argument("--upstream-idle", type=float, default=5, help="s the fake upstream keeps an idle connection (5)")
     p.add_argument("--tmpfs-mb", type=int, default=128, help="size of the tmpfs holding CHAT_DB (128)")
     p.add_argument("--no-tmpfs", action="store_true", help="keep CHAT_DB in a temporary directory (no full disk)")
+    p.add_argument("--redis", action="store_true", help="chat.py with CHAT_REDIS_URL (a redis-server of its own)")
     p.add_argument("--monitor-hub", type=float, default=0,
                    help="diagnosis: run chat.py with gevent's monitor thread, logging what blocks its hub longer "
                         "than this many seconds (0: off)")
