@@ -5190,6 +5190,8 @@ def cluster(tmp_path, upstream, redis_url, postgres_url):
     yield start
     for process in started:
         process.stop()
+    for process in started:  # whatever a test checks, no process may have hit an error on the way
+        assert "Traceback" not in process.log_path.read_text(), process.log_path.read_text()[-3000:]
 
 
 def stream_of(response):
