@@ -40,6 +40,7 @@ import hashlib  # noqa: E402
 import functools  # noqa: E402
 import hmac  # noqa: E402
 import io  # noqa: E402
+import itertools  # noqa: E402
 import html  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
@@ -1574,6 +1575,8 @@ return 1
 """
 
 FLUSH_EVERY = 0.003  # seconds: the writer's shortest interval between calls to Redis, under load
+EVENTS_PER_CALL = 512  # at most, in one call to Redis: packing and running it stay well under a millisecond
+OUTBOX_LIMIT = 4096   # events a relay may have waiting for the writer before it waits too
 BUSY_CALLS = 1000     # calls to Redis in a second (~10 % of a core) above which the writer batches
 KIND_CODES = {"message": "m", "reasoning": "r", "block": "b", "done": "d", "status": "s"}
 NUDGE = -1  # put in a reader's queue: read the log again from your last id
@@ -1640,6 +1643,7 @@ class RedisStreams(Streams):
         self.owner_readers = collections.Counter()  # owner -> their Readers connected to this process
         self.dirty = {}          # stream id -> stream with events for the writer
         self.wake = gevent.event.Event()
+        self.flushed = gevent.event.Event()
         self.pubsub = None
         self.lost = False        # the pub/sub connection broke: recover once it is back
         self.renewed = 0.0
@@ -1734,6 +1738,11 @@ class RedisStreams(Streams):
             return
         if isinstance(payload, str):
             payload = payload.encode()
+        # A relay that gets ahead of Redis by this much waits (and with it its upstream), so an upstream
+        # that floods cannot grow the outbox without bound. Never the done event (it may be written
+        # as the relay is being stopped) or the waiting clock (the janitor's).
+        while len(stream.outbox) >= OUTBOX_LIMIT and kind not in ("done", "status"):
+            self.flushed.wait(1.0)
         stream.outbox.append((event_id or 0, KIND_CODES[kind], payload))
         self.dirty[stream.id] = stream
         self.wake.set()
@@ -1757,8 +1766,15 @@ class RedisStreams(Streams):
             try:
                 self.flush(list(batch.values()))
                 backoff = 0.0
-            except self.errors as exc:
-                log_limited("redis", "writing to Redis failed: %s; trying again", redact_url(str(exc)))
+                self.flushed.set()  # relays waiting for room in their outbox go on
+                self.flushed.clear()
+                if self.dirty:
+                    self.wake.set()
+            except Exception as exc:  # noqa: BLE001 — Redis away, or a bug: the writer must go on either way
+                if isinstance(exc, self.errors):
+                    log_limited("redis", "writing to Redis failed: %s; trying again", redact_url(str(exc)))
+                else:
+                    log.exception("writing to Redis failed; trying again")
                 for stream in batch.values():
                     self.dirty.setdefault(stream.id, stream)
                 backoff = min(1.0, backoff * 2 or 0.05)
@@ -1768,16 +1784,31 @@ class RedisStreams(Streams):
     def flush(self, batch):
         """Write these streams' queued events and publish them (one script call for all), then hand them to this
         process's readers, and give back the places of the answers that finished."""
-        args, plan, finished = [], [], []
-        for stream in batch:
+        parts, count, plan, finished, budget = [], 0, [], [], EVENTS_PER_CALL
+        # Answers with few events first: a flooding one takes what is left of the call, never a
+        # well-behaved answer's turn.
+        for stream in sorted(batch, key=lambda s: len(s.outbox)):
+            if budget <= 0:
+                self.dirty[stream.id] = stream  # the next call takes it
+                continue
             if stream.flushed < 0:
                 self.rewrite(stream)
-            entries = [e for e in stream.outbox if e[0] == 0 or e[0] > stream.flushed]
+            chunk = stream.outbox[:budget]
+            entries = [e for e in chunk if e[0] == 0 or e[0] > stream.flushed]
+            # The script's arguments in Redis's own protocol, made here: redis-py's packer costs ~8 µs an event.
+            sid = stream.id.encode()
+            head = b"$%d\r\n%s\r\n" % (len(sid), sid)
             for n, kind, payload in entries:
-                args += (stream.id, n, kind, payload)
+                number = b"%d" % n
+                parts.append(b"%s$%d\r\n%s\r\n$1\r\n%s\r\n$%d\r\n%s\r\n" % (
+                    head, len(number), number, kind.encode(), len(payload), payload))
                 if kind == "d":
                     finished.append(stream)
-            plan.append((stream, len(stream.outbox), entries))
+            budget -= len(chunk)
+            count += len(entries)
+            plan.append((stream, len(chunk), entries))
+            if len(stream.outbox) > len(chunk):
+                self.dirty[stream.id] = stream
         # A finished answer gives its places back before anyone sees its done event, as in one process:
         # whoever reads done may send again in that conversation at once.
         for stream in finished:
@@ -1785,13 +1816,13 @@ class RedisStreams(Streams):
                                 args=[stream.id, self.ttl_ms(max(settings.grace, 30)), 1])
         # One script call, not a pipeline: redis-py's pipelines ask whether the scripts are loaded first,
         # a second round trip each time.
-        reply = self.write(self.append_script, args)
+        reply = self.write(self.append_script, parts, count)
         # Events not written: position in args -> 0 (the log is gone: Redis lost it) or -1 (refused).
         failed = dict(zip(reply[::2], reply[1::2]))
         position = 0
         for stream, taken, entries in plan:
             del stream.outbox[:taken]
-            stopped, fenced = False, None
+            stopped, fenced, written = False, None, []
             for index, (n, kind, payload) in enumerate(entries):
                 problem, position = failed.get(position), position + 1
                 if stopped:
@@ -1810,17 +1841,22 @@ class RedisStreams(Streams):
                 else:  # written (or, refused as a repeat, written by an earlier try whose reply was lost)
                     stream.flushed = max(stream.flushed, n)
                     if stream.id in self.feeds:
-                        self.deliver(stream.id, n, event_frame(n, kind, payload), kind == "d")
+                        written.append((n, event_frame(n, kind, payload), kind == "d"))
+            if written:
+                self.deliver(stream.id, written)
 
-    def write(self, script, args):
-        """Run a script on the writer's connection (loading it first if Redis does not know it)."""
+    def write(self, script, parts, count):
+        """Run a script on the writer's connection with count events of packed arguments (loading the script
+        first if Redis does not know it)."""
+        command = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n%s" % (
+            3 + 4 * count, script.sha.encode(), b"".join(parts))
         try:
-            self.writer.send_command("EVALSHA", script.sha, 0, *args)
+            self.writer.send_packed_command([command])
             return self.writer.read_response()
         except self.no_script:
             self.writer.send_command("SCRIPT", "LOAD", script.script)
             self.writer.read_response()
-            self.writer.send_command("EVALSHA", script.sha, 0, *args)
+            self.writer.send_packed_command([command])
             return self.writer.read_response()
         except self.errors:
             self.writer.disconnect()  # connects again at the next call
@@ -1841,7 +1877,7 @@ class RedisStreams(Streams):
         pipe.pexpire(log_key, self.ttl_ms(settings.lease_seconds * 2))
         pipe.execute()
         stream.flushed = upto
-        self.deliver(stream.id, NUDGE, None)  # readers here read what they missed from the log
+        self.deliver(stream.id, [(NUDGE, None, False)])  # readers here read what they missed from the log
         log.info("wrote the log of a live answer to Redis again (%d events)", upto)
 
     def refused(self, stream):
@@ -1918,7 +1954,7 @@ class RedisStreams(Streams):
                 while reader.queue.qsize():
                     items.append(reader.queue.get_nowait())
                 out = []
-                for n, frame, done in items:
+                for n, frame, done in itertools.chain.from_iterable(items):
                     if n == NUDGE:
                         reader.behind = True
                     elif n == 0:
@@ -1992,10 +2028,11 @@ class RedisStreams(Streams):
         if stream is not None:
             stream.left_at = time.monotonic()
 
-    def deliver(self, stream_id, n, frame, done=False):
-        """Hand one event to this process's readers of a stream."""
+    def deliver(self, stream_id, events):
+        """Hand events of a stream, [(id, frame, done)], to this process's readers of it: one queue item
+        each, however many events."""
         for reader in self.feeds.get(stream_id, ()):
-            reader.queue.put_nowait((n, frame, done))
+            reader.queue.put_nowait(events)
 
     def listen_forever(self):
         """The pub/sub greenlet: one connection per process, fanned out to the local readers' queues."""
@@ -2029,13 +2066,14 @@ class RedisStreams(Streams):
         stream_id = channel.decode()[5:-5]  # chat:<id>:live
         if stream_id not in self.feeds:
             return
-        position = 0
+        position, events = 0, []
         while position < len(data):  # events, each "id kind size payload"
             head = data.index(b" ", data.index(b" ", data.index(b" ", position) + 1) + 1)
             n, kind, size = data[position:head].split(b" ")
             n, kind, end = int(n), kind.decode(), head + 1 + int(size)
-            self.deliver(stream_id, n, event_frame(n, kind, data[head + 1:end]), kind == "d")
+            events.append((n, event_frame(n, kind, data[head + 1:end]), kind == "d"))
             position = end
+        self.deliver(stream_id, events)
 
     def recover(self):
         """Back after a lost connection: every reader reads the log again, and every answer written here is
@@ -2043,7 +2081,7 @@ class RedisStreams(Streams):
         log.info("connected to Redis again")
         for feed in self.feeds.values():
             for reader in feed:
-                reader.queue.put_nowait((NUDGE, None, False))
+                reader.queue.put_nowait([(NUDGE, None, False)])
         self.renewed = 0.0
 
     # -- stopping and finding ----------------------------------------------------------------
@@ -2141,7 +2179,7 @@ class RedisStreams(Streams):
         for stream_id, top in zip(remote, self.tops_script(args=remote)):
             for reader in self.feeds.get(stream_id, ()):
                 if reader.last < top:
-                    reader.queue.put_nowait((NUDGE, None, False))
+                    reader.queue.put_nowait([(NUDGE, None, False)])
 
     def find_dead(self):
         """Answers whose lease ran out, written by a process that died: finish them as interrupted."""
@@ -3451,7 +3489,7 @@ def check_request(environ):
     # Read the (small) body now, within a deadline: a client that trickles it is cut off.
     body = environ["wsgi.input"]
     try:
-        with gevent.Timeout(settings.header_timeout * random.uniform(1, 1.2)):  # spread, as the heads' deadlines
+        with gevent.Timeout(settings.header_timeout * random.uniform(1, 1.1)):  # spread, as the heads' deadlines
             data = body.read(int(length or 0))
     except gevent.Timeout:
         return ("408 Request Timeout", "The request body did not arrive in time.\n")
@@ -4353,7 +4391,7 @@ class Handler(WSGIHandler):
         except OSError:
             return b""
         # Spread a little, so that hundreds of heads sent at once (slowloris) do not time out at once.
-        self.head_deadline = gevent.Timeout.start_new(settings.header_timeout * random.uniform(1, 1.2), HeadTimeout)
+        self.head_deadline = gevent.Timeout.start_new(settings.header_timeout * random.uniform(1, 1.1), HeadTimeout)
         try:
             return super().read_requestline()
         except HeadTimeout:
@@ -4431,7 +4469,7 @@ class Server(WSGIServer):
             # Every blocking send or receive gives up after this: a reader that stops reading
             # is dropped, and so is a connection idle between requests. Without a cap the kernel
             # would first buffer up to 4 MB for such a reader.
-            sock.settimeout(settings.write_timeout * random.uniform(1, 1.2))  # spread, as the heads' deadlines
+            sock.settimeout(settings.write_timeout * random.uniform(1, 1.1))  # spread, as the heads' deadlines
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             return super().handle(sock, address)
