@@ -1645,6 +1645,7 @@ class RedisStreams(Streams):
         self.wake = gevent.event.Event()
         self.flushed = gevent.event.Event()
         self.pubsub = None
+        self.subscribing = {}    # channel -> an Event set when Redis confirms the subscription
         self.lost = False        # the pub/sub connection broke: recover once it is back
         self.renewed = 0.0
         self.finishing = set()   # dead writers' answers being finished here
@@ -2007,8 +2008,14 @@ class RedisStreams(Streams):
         feed.add(reader)
         self.owner_readers[reader.owner] += 1
         if len(feed) == 1 and stream_id not in self.by_id and self.pubsub is not None:
+            # Wait until Redis confirms: what is published from then on comes here, and what came
+            # before is in the log the reader reads next (an event is published only once logged).
+            channel = f"chat:{stream_id}:live"
+            confirmed = self.subscribing.setdefault(channel, gevent.event.Event())
             with contextlib.suppress(*self.errors):
-                self.pubsub.subscribe(f"chat:{stream_id}:live")
+                self.pubsub.subscribe(channel)
+                confirmed.wait(timeout=1.0)
+            self.subscribing.pop(channel, None)
 
     def detach(self, stream_id, reader):
         """Remove a reader; the last one of a feed unsubscribes."""
@@ -2050,6 +2057,8 @@ class RedisStreams(Streams):
                     reply = pubsub.parse_response(block=True)
                     if reply and reply[0] == b"message":
                         self.on_message(reply[1], reply[2])
+                    elif reply and reply[0] == b"subscribe" and reply[1].decode() in self.subscribing:
+                        self.subscribing[reply[1].decode()].set()
             except self.errors as exc:
                 log_limited("redis", "lost the connection to Redis: %s", redact_url(str(exc)))
             self.pubsub, self.lost = None, True
