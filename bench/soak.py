@@ -1898,7 +1898,7 @@ LOG_PATTERNS = {
     "database is locked": re.compile(r"database is locked"),
     "disk full": re.compile(r"disk is full|database or disk is full"),
     "slow heads closed (logged)": re.compile(r"its request head took over"),
-    "write timeouts": re.compile(r"TimeoutError: timed out|socket.timeout"),
+    "write timeouts": re.compile(r"TimeoutError: timed out|socket.timeout|took no data for"),  # one rate-limited line
     "tracebacks": re.compile(r"^Traceback", re.M),
     "failed logins (logged)": re.compile(r"failed login"),
     "saving failed": re.compile(r"saving (the answer|partial answers) failed"),
