@@ -1166,8 +1166,7 @@ class Stream:
         self.tokens += 1
         self.chars += len(text)
         event_id = self.log.append(kind, text)
-        if streams.wanted(self):
-            streams.publish(self, event_id, kind, text)
+        streams.publish(self, event_id, kind, text)  # frames it only if someone reads
         if kind == "message":
             for block in self.blocks.feed(text):
                 self.publish_block(block)
@@ -1238,7 +1237,8 @@ class Streams:
         return self.by_id.get(stream_id)
 
     def wanted(self, stream):
-        """True if an event of this stream would reach anyone now (here: a connected reader)."""
+        """True if a block event of this stream would reach anyone now (here: a connected reader), which is
+        worth knowing before making its frame."""
         return bool(stream.readers)
 
     def publish(self, stream, event_id, kind, payload):
@@ -1618,7 +1618,6 @@ class RedisStreams(Streams):
         super().__init__()
         import redis  # only when configured; after monkey.patch_all(), so its sockets are gevent's
         self.errors = (redis.ConnectionError, redis.TimeoutError, OSError)
-        self.url = url
         # A few connections for every request and the writer, however many readers there are:
         # greenlets wait their turn for one. Pub/sub has its own connection.
         name = f"chat.py-{os.getpid()}"  # CLIENT LIST shows which process holds which connection

@@ -382,8 +382,8 @@ def main():
         results["resume"]["local"] = resume_across(one, one, sizes["resume"])
         run.kill(one)
         # Two processes on one host share the SQLite file (and with it the key that signs owner cookies).
-        a = start_chat("resume-a", upstream, logdir, tmpdir, redis=redis.url, db="shared")
-        b = start_chat("resume-b", upstream, logdir, tmpdir, core=1, redis=redis.url, db="shared")
+        a = start_chat("resume-a", upstream, logdir, tmpdir, redis=redis.url, db="common")
+        b = start_chat("resume-b", upstream, logdir, tmpdir, core=1, redis=redis.url, db="common")
         results["resume"]["redis"] = resume_across(a, b, sizes["resume"])
         print("Redis connections and memory …", flush=True)
         results["connections"] = connections_per_process(a, redis, upstream, sizes["readers"])
