@@ -35,6 +35,7 @@ import base64  # noqa: E402
 import array  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
 import functools  # noqa: E402
@@ -53,6 +54,7 @@ import secrets  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sqlite3  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
@@ -1190,8 +1192,10 @@ class Stream:
         self.finished_at = time.monotonic()
         answer = answer_record(self)
         nav = ""
+        streams.journal.hold(self.message_id)
         try:
             store.finish_answer(self.message_id, answer)
+            streams.journal.settle(self.message_id)
             nav = sibling_nav(self.conversation_id, self.message_id)
         except DATABASE_ERRORS as exc:
             log.error("saving the answer failed: %s; trying again every second", exc)
@@ -1227,6 +1231,7 @@ class Streams:
         self.janitor = None
         self.saving = None  # the greenlet saving partial answers, if one is under way
         self.unsaved = {}   # message id -> a finished answer whose final save failed (a full disk, a lock)
+        self.journal = Journal()  # opened by check() at start: the text shown since the last save
         self.last_ping = 0.0
 
     def __len__(self):
@@ -1244,10 +1249,16 @@ class Streams:
     def publish(self, stream, event_id, kind, payload):
         """Hand an event to the stream's readers: a token's text (framed here), or a whole frame (block, done,
         and the unlogged status and ping, which have no id)."""
+        if kind in Journal.KINDS:
+            self.journal.write(stream, kind, payload)
         if stream.readers:
             frame = token_frame(kind, payload, event_id) if kind in ("message", "reasoning") else payload
             for queue in stream.readers:
                 queue.put_nowait(frame)
+
+    def shown(self):
+        """Called before a reader is given text: make what was published survive a kill -9 (the journal)."""
+        self.journal.flush()
 
     def events(self, stream_id, owner, last_id):
         """The response body of GET /events: the frames after last_id, then live ones until done."""
@@ -1345,7 +1356,7 @@ class Streams:
         # The store may be slow (a lock held by another process, a full disk): it saves in a
         # greenlet of its own, and this pass only collects for it when the last save is done.
         can_save = self.saving is None or self.saving.ready()
-        partials, idle, now_wall = [], [], time.time()
+        partials, growing, idle, now_wall = [], [], [], time.time()
         for stream in list(self.by_id.values()):
             if stream.finished:
                 # Kept for reconnects until nobody has watched for the grace period; the
@@ -1366,6 +1377,7 @@ class Streams:
             partial = stream.partial(now_wall + settings.lease_seconds) if can_save else None
             if partial:
                 partials.append(partial)  # saving the text renews the lease too
+                growing.append(stream)
                 stream.renewed_at = now
             elif can_save and stream.message_id and now - stream.renewed_at >= settings.lease_seconds / 3:
                 idle.append(stream.message_id)  # a third of the lease: two renewals may fail before it runs out
@@ -1383,15 +1395,41 @@ class Streams:
             # Every second, in one transaction: the text that grew, and the leases of every answer
             # this process writes (another process, or this one after a restart, takes an
             # answer whose lease ran out for interrupted).
+            # The journal's segment so far holds text these partials cover: it goes once they commit.
+            segment = self.journal.cut()
             if partials or idle or self.unsaved:
-                self.saving = gevent.spawn(save_progress, partials, idle)
+                self.saving = gevent.spawn(save_progress, partials, idle, growing, segment)
+            else:
+                self.journal.saved(segment)
         self.maintain(now)
 
     def maintain(self, now):
         """The janitor's extra work when answers are shared (nothing here)."""
 
     def check(self):
-        """Fail at start if what the streams need is missing (here: nothing is)."""
+        """At start: open the journal of shown but unsaved text (next to the database) and put back what a
+        process that died left in it."""
+        if settings.db != ":memory:":
+            self.journal.open(settings.db + ".unsaved")
+            self.take_over()
+
+    def take_over(self):
+        """Put back into the store the text a dead process (this one before a kill -9, or another sharing
+        the database) had shown but not saved; the answers are then marked interrupted."""
+        self.journal.take_over(self.put_back)
+
+    @staticmethod
+    def put_back(message_id, conversation_id, parts):
+        """Save a dead process's answer with its journal's text, if it is still marked streaming."""
+        row = store.answer_text(message_id, conversation_id)
+        if row is not None and row[2] == "streaming":
+            text, reasoning = put_back(row[0], parts.get("message", ())), put_back(row[1], parts.get("reasoning", ()))
+            if (text, reasoning) != (row[0], row[1]):
+                store.save_partials([(text, reasoning, 0, message_id, conversation_id)])  # lease 0: ends now
+
+    def close(self):
+        """At a clean exit: the journal keeps only the text of answers that are still unsaved."""
+        self.journal.close({s.message_id for s in self.by_id.values() if s.finished_at is None} | set(self.unsaved))
 
     def drain(self, timeout=3.0):
         """Wait until every event is where readers get it: here it already is."""
@@ -1410,6 +1448,193 @@ class Streams:
         while self.by_id or self.unsaved:
             gevent.sleep(min(1.0, settings.grace, settings.ping_interval))
             self.sweep(time.monotonic())
+
+
+class Journal:
+    """The text readers were shown but the store may not have yet, in a file, so that kill -9 loses none of it.
+
+    Answers are saved once a second; a process killed in between would lose what its readers
+    saw since. So every token is appended here before any reader is given it: a write() to the
+    kernel's page cache, which a killed process cannot take back (no fsync: this guards against
+    a crash of the process, not of the machine). The file is cut into segments, one per save,
+    and a segment goes once the saves covering it have committed, so the journal holds about a
+    second of text. Each process holds a lock on its journal; one that finds another's lock free
+    (the process died) puts that text back into the store.
+    """
+
+    RECORD = struct.Struct("<QBIIB")  # message id, kind, where the bytes go in that text, their length, len(conv id)
+    KINDS = ("message", "reasoning")
+    FLUSH_AT = 1 << 16  # bytes buffered before writing even with no reader waiting
+
+    def __init__(self):
+        self.folder = None
+        self.name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.lock = None          # our lock file, held for our whole life; None: not open (or failed)
+        self.fd = None            # the segment being written
+        self.number = 0           # its number
+        self.ids = set()          # message ids with records in it
+        self.closed = []          # [(number, path, message ids)] of earlier segments, oldest first
+        self.buffer, self.size = [], 0
+        self.unsettled = set()    # finishing answers whose final save has not committed yet
+        self.committed = 0        # the last segment a committed save covers
+
+    def open(self, folder):
+        """Create the folder (readable by this user only) and take our lock; on failure, run without a journal."""
+        self.folder = folder
+        try:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            self.lock = os.open(os.path.join(self.folder, self.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.begin_segment()
+        except OSError as exc:
+            log.warning("cannot keep the journal of unsaved text in %s (%s): a kill -9 may lose the last second "
+                        "of answers", self.folder, exc)
+            self.lock = self.fd = None
+
+    def begin_segment(self):
+        """Open the next segment file."""
+        self.number += 1
+        self.fd = os.open(self.segment_path(self.name, self.number), os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+
+    def segment_path(self, name, number):
+        """The file of one segment of a journal."""
+        return os.path.join(self.folder, f"{name}.{number}")
+
+    def write(self, stream, kind, text):
+        """Log one token of a stored answer (buffered: flush() writes it before anyone is shown it)."""
+        if self.fd is None or stream.message_id is None:
+            return
+        data, conv = text.encode(), stream.conversation_id.encode()
+        end = len(stream.log.text[kind])
+        self.buffer.append(self.RECORD.pack(stream.message_id, self.KINDS.index(kind), end - len(data), len(data),
+                                            len(conv)) + conv + data)
+        self.ids.add(stream.message_id)
+        self.size += len(data) + 40
+        if self.size >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self):
+        """Write what is buffered (called before a reader is given anything)."""
+        if self.buffer:
+            data, self.buffer, self.size = b"".join(self.buffer), [], 0
+            try:
+                os.write(self.fd, data)  # appending to a regular file writes it whole, or raises
+            except OSError as exc:  # a full disk: the answers go on, only this safety net has a hole
+                log_limited("journal", "writing the journal of unsaved text failed: %s", exc)
+
+    def cut(self):
+        """Start a new segment as the janitor takes the text to save; returns the number of the last one."""
+        if self.fd is None:
+            return 0
+        self.flush()
+        if self.ids:
+            os.close(self.fd)
+            self.closed.append((self.number, self.segment_path(self.name, self.number), self.ids))
+            self.ids = set()
+            self.begin_segment()
+        return self.number - 1
+
+    def hold(self, message_id):
+        """An answer is finishing: keep its text until its final save commits."""
+        if self.fd is not None:
+            self.unsettled.add(message_id)
+
+    def settle(self, message_id):
+        """An answer's final save committed: its text here is no longer needed."""
+        if message_id in self.unsettled:
+            self.unsettled.discard(message_id)
+            self.saved(self.committed)
+
+    def saved(self, upto):
+        """The save of everything up to segment `upto` committed: delete the segments it covers, oldest first,
+        except those with text of an answer whose final save has not committed."""
+        self.committed = max(self.committed, upto)
+        while self.closed and self.closed[0][0] <= upto and not self.closed[0][2] & self.unsettled:
+            with contextlib.suppress(OSError):
+                os.unlink(self.closed.pop(0)[1])
+
+    def take_over(self, save):
+        """Find journals whose process died (their lock is free) and hand their text to save(id, conversation id,
+        {kind: [(offset, bytes)]}); then delete them."""
+        if self.lock is None:
+            return
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return
+        for entry in names:
+            name, dot, ext = entry.rpartition(".")
+            if ext != "lock" or name == self.name:
+                continue
+            path = os.path.join(self.folder, entry)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    continue  # another process took it over and deleted it meanwhile
+                segments = sorted((int(n.rpartition(".")[2]), n) for n in names
+                                  if n.startswith(name + ".") and n.rpartition(".")[2].isdigit())
+                answers = {}
+                for _, segment in segments:
+                    with open(os.path.join(self.folder, segment), "rb") as file:
+                        self.parse(file.read(), answers)
+                for (message_id, conversation_id), parts in answers.items():
+                    save(message_id, conversation_id, parts)
+                for _, segment in segments:
+                    os.unlink(os.path.join(self.folder, segment))
+                os.unlink(path)
+                log.info("put back the unsaved text of %d answers from a process that died (journal %s)",
+                         len(answers), name)
+            except BlockingIOError:
+                continue  # alive
+            except (OSError, ValueError) as exc:
+                log_limited("journal", "taking over the journal %s failed: %s", name, exc)
+            finally:
+                os.close(fd)
+
+    def parse(self, data, answers):
+        """Add the records of one segment to answers: {(message id, conversation id): {kind: [(offset, bytes)]}};
+        a record cut short (the disk filled as it was written) ends the segment."""
+        at, head = 0, self.RECORD.size
+        while at + head <= len(data):
+            message_id, kind, offset, length, conv_length = self.RECORD.unpack_from(data, at)
+            at += head
+            if at + conv_length + length > len(data) or kind >= len(self.KINDS):
+                return
+            conversation_id = data[at:at + conv_length].decode()
+            at += conv_length
+            parts = answers.setdefault((message_id, conversation_id), {})
+            parts.setdefault(self.KINDS[kind], []).append((offset, data[at:at + length]))
+            at += length
+
+    def close(self, live=()):
+        """At a clean exit: delete what saves have made useless, keep the rest (live: answers still unsaved)
+        for the next start."""
+        if self.fd is not None:
+            self.unsettled.update(live)
+            self.cut()
+            self.saved(self.number)
+            os.close(self.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.segment_path(self.name, self.number))
+            if not self.closed:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.folder, self.name + ".lock"))
+            self.fd = None
+
+
+def put_back(text, parts):
+    """A stored text with journal records applied: each record's bytes replace everything from its offset."""
+    data = bytearray(text.encode())
+    for offset, chunk in parts:
+        if offset > len(data):
+            break  # a gap: what follows cannot be placed (never expected: segments go oldest first)
+        del data[offset:]
+        data += chunk
+    return data.decode(errors="replace")
 
 
 BUSY_CONVERSATION = "An answer is still being written in this conversation; wait for it, or stop it."
@@ -2251,16 +2476,27 @@ def open_streams(url):
 streams = open_streams(settings.redis_url)
 
 
-def save_progress(partials, idle):
+def save_progress(partials, idle, growing, segment):
     """Save the answers still streaming (which renews their leases) and renew the leases of those that did not
-    grow, all in one transaction: one commit a second. Then try again the finished answers whose final save failed."""
+    grow, all in one transaction: one commit a second. Then try again the finished answers whose final save failed.
+
+    growing: the streams of the partials; segment: the last journal segment whose text they cover.
+    """
     try:
         with store.transaction():
             store.save_partials(partials)
             store.renew_leases(idle, time.time() + settings.lease_seconds)
+    except DATABASE_ERRORS as exc:
+        log_limited("save", "saving answers failed: %s", exc)
+        for stream in growing:
+            stream.saved = -1  # not saved: the next pass saves them again, grown or not
+        return
+    streams.journal.saved(segment)
+    try:
         for message_id, answer in list(streams.unsaved.items()):
             store.finish_answer(message_id, answer)
             del streams.unsaved[message_id]
+            streams.journal.settle(message_id)
             log.info("saved an answer whose first save had failed")
     except DATABASE_ERRORS as exc:
         log_limited("save", "saving answers failed: %s", exc)
@@ -2272,6 +2508,7 @@ def housekeeping_forever(every=3600.0):
     last_hourly = -every
     while True:
         try:
+            streams.take_over()  # a process sharing the database died: its shown text first, then its leases
             store.expire_leases(time.time())
             if time.monotonic() - last_hourly >= every:
                 last_hourly = time.monotonic()
@@ -3245,6 +3482,11 @@ class Store:
         """This owner's conversations and messages containing every word (as a prefix), best first."""
         return self.db.search(owner, words, limit) if words else []
 
+    def answer_text(self, message_id, conversation_id):
+        """(content, reasoning, status) of an answer, or None."""
+        return self.db.execute("SELECT content, reasoning, status FROM messages WHERE id = ? AND conversation_id = ?",
+                               (message_id, conversation_id)).fetchone()
+
     def save_partials(self, partials):
         """Save the text of answers still streaming and renew their leases: (text, reasoning, lease, message id,
         conversation id) each. The conversation is checked too: SQLite reuses a deleted row's id."""
@@ -3904,6 +4146,7 @@ def plain_answer(stream):
                     parts.append(f'</div><div class="md-block" hx-disable>{render_block(text)}</div>'
                                  f'<div class="tokens"><span>{html.escape(tail, quote=False)}</span>')
             seen = upto
+            streams.shown()
             if stream.finished:
                 yield "".join(parts) + "</div></div></div>\n" + stream.bubble
                 return
@@ -4290,6 +4533,7 @@ def stream_events(stream, last_id):
         # A reader that already has everything still gets done again: an empty
         # response would only make the browser reconnect, again and again.
         yield SSE_HELLO
+        streams.shown()
         yield from stream.log.frames(min(last_id, logged), logged)
         yield stream.log.done
         return
@@ -4297,11 +4541,13 @@ def stream_events(stream, last_id):
     stream.readers.add(queue)
     try:
         yield SSE_HELLO
+        streams.shown()
         yield from stream.log.frames(last_id, logged)
         while True:
             frames = [queue.get()]
             while queue.qsize():
                 frames.append(queue.get_nowait())
+            streams.shown()
             yield b"".join(frames)
             # The done frame was in this batch if the stream finished and nothing came after.
             if stream.finished and not queue.qsize():
@@ -4669,6 +4915,7 @@ def shutdown():
     live = [s.greenlet for s in streams.by_id.values() if not s.finished and s.greenlet]
     gevent.killall(live, ServerStopping, block=True, timeout=3)
     streams.drain()
+    streams.close()
     store.close()
 
 

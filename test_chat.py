@@ -2622,6 +2622,89 @@ def test_concurrent_streams_leave_the_database_consistent(server, upstream):
     assert contents == [("".join(f" t{n}" for n in range(30)), "done")] * 8
 
 
+def test_killed_server_keeps_every_word_a_reader_saw_though_no_save_ran(upstream, tmp_path):
+    """kill -9 right after a reader was shown text the store never got (its writes were locked out): the journal
+    next to the database has it, and the next start puts it back; a clean stop leaves no journal behind."""
+    body = answer("Seen", " but", " never", " saved")
+    upstream.serve(body, pause_at=after_event(body, b'" saved"'))
+    db = tmp_path / "chat.db"
+    settings = dict(OPENAI_BASE_URL=upstream.url, CHAT_MODEL="test-model", CHAT_DB=str(db), CHAT_DATABASE_URL="")
+    first = ChatProcess(tmp_path / "first.log", **settings)
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        response = web.post(first.url + "/streaming", data={"prompt": "Remember"}, timeout=5)
+        stream_id = re.search(r"stream=([\w-]+)", response.text).group(1)
+        other.execute("BEGIN EXCLUSIVE")  # from now on every save of the answer fails
+        reader = SSEReader(first.url, stream_id)
+        reader.read_until(lambda t: t.message == "Seen but never saved", what="the four tokens")
+        assert other.execute("SELECT content, status FROM messages WHERE role = 'assistant'").fetchall() == [
+            ("", "streaming")]
+        assert any(name.startswith(f"{first.process.pid}-") for name in os.listdir(f"{db}.unsaved"))
+        first.process.kill()  # SIGKILL, with the reader's text only in the journal
+        first.process.wait(timeout=5)
+    finally:
+        other.close()
+        first.stop()
+    upstream.release()
+    second = ChatProcess(tmp_path / "second.log", **settings)
+    try:
+        rows = "SELECT content, status FROM messages WHERE role = 'assistant'"
+        wait_until(lambda: db_file_rows(db, rows) == [("Seen but never saved", "interrupted")], timeout=10,
+                   what="the journal's text put back and the answer interrupted")
+        assert not [n for n in os.listdir(f"{db}.unsaved") if n.startswith(f"{first.process.pid}-")]
+        assert "put back the unsaved text of 1 answers" in second.log_path.read_text()
+        upstream.serve(answer("And", " this", " one."))
+        stream_id = re.search(r"stream=([\w-]+)", web.post(
+            second.url + "/streaming", data={"prompt": "Again"}, timeout=5).text).group(1)
+        assert "And this one." in SSEReader(second.url, stream_id).read_to_end().done
+    finally:
+        second.stop()
+    assert second.process.returncode == 0 and os.listdir(f"{db}.unsaved") == []
+
+
+def db_file_rows(path, query):
+    """The rows of a query on an SQLite file, read with a connection of its own."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute(query).fetchall()
+
+
+def test_journal_keeps_about_a_second_of_text_and_nothing_saved(tmp_path):
+    """Journal segments go once the save covering them commits, except while an answer's final save is pending;
+    take_over() puts the text of a dead process back from the first unsaved offset on."""
+    journal = chat.Journal()
+    journal.open(str(tmp_path / "j"))
+    stream = chat.Stream("s", [], conversation_id="conv", message_id=7)
+    for piece in ("Hello", " wörld"):
+        stream.log.append("message", piece)
+        journal.write(stream, "message", piece)
+    first = journal.cut()
+    stream.log.append("message", "!")
+    journal.write(stream, "message", "!")
+    journal.hold(7)  # finishing: its final save is under way
+    second = journal.cut()
+    assert sorted(os.listdir(tmp_path / "j")) == sorted([f"{journal.name}.lock", f"{journal.name}.1",
+                                                          f"{journal.name}.2", f"{journal.name}.3"])
+    journal.saved(second)
+    assert len(os.listdir(tmp_path / "j")) == 4  # held: the final save has not committed
+    journal.settle(7)
+    assert sorted(os.listdir(tmp_path / "j")) == sorted([f"{journal.name}.lock", f"{journal.name}.3"])
+    assert first == 1 and second == 2
+    # A dead process's journal: what it logged after the stored text is put back, from its offset on.
+    dead = chat.Journal()
+    dead.open(str(tmp_path / "dead"))
+    stream.log.append("message", " more")
+    dead.write(stream, "message", " more")
+    dead.flush()
+    os.close(dead.lock)  # as the kernel does when a process dies
+    found = []
+    journal.folder = str(tmp_path / "dead")
+    journal.take_over(lambda *args: found.append(args))
+    assert found == [(7, "conv", {"message": [(len("Hello wörld!".encode()), b" more")]})]
+    assert chat.put_back("Hello wörld!", found[0][2]["message"]) == "Hello wörld! more"
+    assert chat.put_back("Hello", [(5, " wö".encode()), (9, "rld".encode())]) == "Hello wörld"
+    assert os.listdir(tmp_path / "dead") == []
+
+
 def test_schema_has_a_version_and_answers_whose_lease_ran_out_are_interrupted(tmp_path):
     """A new database is at the latest schema; a streaming answer is interrupted only once its lease runs out."""
     path = str(tmp_path / "fresh.db")
