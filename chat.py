@@ -56,6 +56,7 @@ import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
+import termios  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
 from http.client import HTTPException  # noqa: E402
@@ -128,6 +129,9 @@ class Settings:
         self.write_timeout = float(env.get("CHAT_WRITE_TIMEOUT") or 30)
         self.max_answer_chars = int(env.get("CHAT_MAX_ANSWER_CHARS") or 400_000)
         self.max_answer_seconds = float(env.get("CHAT_MAX_ANSWER_SECONDS") or 900)
+        # The fastest models send a few thousand tokens a second; an upstream flooding faster is
+        # read at this pace, so that no one answer takes the whole CPU (0: no limit).
+        self.max_tokens_per_second = float(env.get("CHAT_MAX_TOKENS_PER_SECOND") or 2000)
         self.allowed_hosts = {h.strip().lower() for h in (env.get("CHAT_ALLOWED_HOSTS") or "").split(",")
                               if h.strip()}
         self.trusted_proxies = [ipaddress.ip_network(n.strip(), strict=False) for n in
@@ -589,6 +593,11 @@ def give_way():
         gevent.idle()
 
 
+def in_background(fn, *args):
+    """fn(*args) in a worker thread, the calling greenlet waiting cooperatively (the store, long renders)."""
+    return gevent.get_hub().threadpool.apply(fn, args)
+
+
 def auth_headers():
     """The Authorization header for the upstream: the API key, or our demo endpoint's own key."""
     key = settings.demo_key if settings.demo else settings.api_key
@@ -907,6 +916,27 @@ def waiting_frame(seconds):
     return sse_frame("status", f'<span class="waiting">Waiting for the model server… {seconds:.0f} s</span>')
 
 
+SLOW_READER_BYTES = 16384  # sent to a reader and not yet taken: it is not keeping up
+SLOW_READER_PAUSE = 0.1    # seconds such a reader waits between writes
+_TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)  # Linux: bytes in a TCP socket not yet acknowledged
+
+
+def pause_if_behind(sock):
+    """After a write to a reader: if it has not taken what it was sent (stalled, or a slow network), wait
+    a little, so that its tokens go out in a few large writes a second instead of one per token: a
+    hundred readers that never read then cost the loop what a few live ones do. Returns True if it waited."""
+    if sock is None or _TIOCOUTQ is None:
+        return False
+    try:
+        unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return False
+    if unsent <= SLOW_READER_BYTES:
+        return False
+    gevent.sleep(SLOW_READER_PAUSE)
+    return True
+
+
 # ---------------------------------------------------------------------------
 # Streams
 # ---------------------------------------------------------------------------
@@ -1096,9 +1126,13 @@ BLOCK_IN_THREAD = 8192  # characters: a longer text is rendered off the hub
 
 def render_block(text):
     """A finished Markdown block as HTML: a long one in a worker thread; one that fails, as escaped text."""
-    rendered = (gevent.get_hub().threadpool.apply(safe_markdown, (text,)) if len(text) > BLOCK_IN_THREAD
+    rendered = (in_background(safe_markdown, text) if len(text) > BLOCK_IN_THREAD
                 else safe_markdown(text))
     return rendered if rendered is not None else f"<pre>{html.escape(text)}</pre>"
+
+
+PACE_EVERY = 32  # tokens between two checks of an answer's pace
+PACE_BURST = 0.25  # seconds' worth of tokens an answer may relay at once (servers send in bursts too)
 
 
 class Stream:
@@ -1107,7 +1141,7 @@ class Stream:
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
                  "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "outbox", "flushed")
+                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "outbox", "flushed", "budget", "budget_at")
 
     local = True  # written by this process (RemoteAnswer: by another one)
 
@@ -1142,6 +1176,8 @@ class Stream:
         self.renewed_at = 0.0         # when the lease was last renewed without new text
         self.outbox = []              # with Redis: (id, kind, payload) events not yet written there
         self.flushed = 0              # with Redis: the last event id written there; -1: write the log again
+        self.budget = settings.max_tokens_per_second * PACE_BURST  # tokens it may relay at once (refilled at the rate)
+        self.budget_at = self.started
 
     @property
     def finished(self):
@@ -1175,6 +1211,17 @@ class Stream:
         if self.chars > settings.max_answer_chars:
             raise AnswerLimit(f"The answer reached chat.py's limit of {settings.max_answer_chars:,} "
                               "characters and was cut off there.")
+        if self.tokens % PACE_EVERY == 0 and settings.max_tokens_per_second:
+            self.pace(settings.max_tokens_per_second)
+
+    def pace(self, rate):
+        """Wait if the last PACE_EVERY tokens came faster than the rate allows (a bucket of PACE_BURST seconds):
+        an upstream that floods then waits on TCP, and its answer takes a bounded share of the CPU."""
+        now = time.monotonic()
+        self.budget = min(rate * PACE_BURST, self.budget + (now - self.budget_at) * rate) - PACE_EVERY
+        self.budget_at = now
+        if self.budget < 0:
+            gevent.sleep(-self.budget / rate)
 
     def publish_block(self, block):
         """Render a finished Markdown block once, log where it ends, and send it with the new tail."""
@@ -1270,7 +1317,7 @@ class Streams:
         if not stream.finished and (len(stream.readers) >= settings.readers_per_stream
                                     or self.readers_of(stream.owner) >= settings.readers_per_owner):
             bottle.abort(429, TOO_MANY_READERS)
-        return stream_events(stream, last_id)
+        return stream_events(stream, last_id, bottle.request.environ.get("chat.socket"))
 
     def stop_for(self, stream_id, owner):
         """Stop this owner's answer (404 if there is none); returns its conversation's id."""
@@ -2157,10 +2204,11 @@ class RedisStreams(Streams):
         if job.get(b"done") != b"1" and (len(feed) >= settings.readers_per_stream
                                          or self.owner_readers[owner] >= settings.readers_per_owner):
             bottle.abort(429, TOO_MANY_READERS)
-        return self.read(stream_id, Reader(last_id, owner))
+        return self.read(stream_id, Reader(last_id, owner), bottle.request.environ.get("chat.socket"))
 
-    def read(self, stream_id, reader):
-        """Yield the log from the reader's last id, then events as they come: each once, in order."""
+    def read(self, stream_id, reader, sock=None):
+        """Yield the log from the reader's last id, then events as they come: each once, in order (sock: the
+        reader's connection, to notice it falling behind)."""
         self.attach(stream_id, reader)
         try:
             yield SSE_HELLO
@@ -2194,6 +2242,7 @@ class RedisStreams(Streams):
                         reader.behind = True  # a gap (pub/sub dropped something): the log has it
                 if out:
                     yield b"".join(out)
+                    pause_if_behind(sock)
         finally:
             self.detach(stream_id, reader)
 
@@ -2856,7 +2905,7 @@ def render_answer(answer, last=True, nav=""):
     a long answer is rendered in a worker thread, and one that cannot be rendered is shown as plain text."""
     try:
         if len(answer["text"]) > BLOCK_IN_THREAD:
-            answer_html = gevent.get_hub().threadpool.apply(safe_markdown, (answer["text"],))
+            answer_html = in_background(safe_markdown, answer["text"])
         else:
             answer_html = safe_markdown(answer["text"])
         if answer_html is None:
@@ -3072,7 +3121,7 @@ class SQLiteDatabase:
         # A greenlet killed while it waits leaves its task running in the thread: a real lock,
         # taken inside the thread, keeps two tasks from ever using the connection at once.
         self.thread_lock = monkey.get_original("threading", "Lock")()
-        self.connection = gevent.get_hub().threadpool.apply(self.connect, (path,))
+        self.connection = in_background(self.connect, path)
 
     @staticmethod
     def connect(path):
@@ -3107,7 +3156,7 @@ class SQLiteDatabase:
                 except Exception as exc:  # noqa: BLE001 — handed back to the caller, not printed by the pool
                     return False, exc
         with self.lock:
-            ok, value = gevent.get_hub().threadpool.apply(run)
+            ok, value = in_background(run)
         if not ok:
             raise value
         return value
@@ -4526,8 +4575,9 @@ def events():
     return streams.events(stream_id, owner(), last_id)
 
 
-def stream_events(stream, last_id):
-    """Yield the frames after last_id, then live ones, draining the reader's queue into one write each time."""
+def stream_events(stream, last_id, sock=None):
+    """Yield the frames after last_id, then live ones, draining the reader's queue into one write each time
+    (sock: the reader's connection, to notice it falling behind)."""
     logged = len(stream.log.kinds)  # token events; a reader's queue takes everything after these
     if stream.finished:
         # A reader that already has everything still gets done again: an empty
@@ -4552,6 +4602,7 @@ def stream_events(stream, last_id):
             # The done frame was in this batch if the stream finished and nothing came after.
             if stream.finished and not queue.qsize():
                 return
+            pause_if_behind(sock)
     finally:
         stream.readers.discard(queue)
         stream.left_at = time.monotonic()
@@ -4673,6 +4724,12 @@ class Handler(WSGIHandler):
             return
         super().handle_error(t, v, tb)
 
+    def get_environ(self):
+        """The WSGI environment, with the connection (for /events to notice a reader falling behind)."""
+        environ = super().get_environ()
+        environ["chat.socket"] = self.socket
+        return environ
+
     def run_application(self):
         """Run the app; after a refused body, close the connection instead of reading the body to discard it."""
         try:
@@ -4769,6 +4826,7 @@ environment (flags override them):
   CHAT_MAX_CONNECTIONS       open connections per process (45 % of the fd limit)
   CHAT_MAX_ANSWER_CHARS      characters in one answer (400000)
   CHAT_MAX_ANSWER_SECONDS    seconds one answer may take (900)
+  CHAT_MAX_TOKENS_PER_SECOND how fast one answer is read from a flooding upstream (2000; 0: no limit)
   CHAT_STREAMS_PER_OWNER     answers streaming at once per browser (4)
   CHAT_MAX_STREAMS           answers open at once in all (25000)
   CHAT_READERS_PER_STREAM    connections reading one answer (16)

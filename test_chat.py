@@ -3691,6 +3691,58 @@ def test_readers_that_never_read_are_dropped(server, upstream, monkeypatch):
         sock.close()
 
 
+def test_an_upstream_that_floods_is_read_at_the_token_rate_limit(server, upstream, monkeypatch):
+    """An upstream sending as fast as it can is read at CHAT_MAX_TOKENS_PER_SECOND (after a quarter second's
+    burst), so one answer cannot take the whole CPU; other users are served meanwhile and no text is lost."""
+    monkeypatch.setattr(chat.settings, "max_tokens_per_second", 400)
+    upstream.serve(answer(*[f"t{n} " for n in range(500)]))
+    started = time.monotonic()
+    stream = chat.streams.get(post_prompt(server))
+    wait_until(lambda: stream.tokens >= 200, timeout=5, what="the burst and the first paced tokens")
+    quick_healthz(server)
+    wait_until(lambda: stream.finished, timeout=10, what="the whole answer")
+    assert time.monotonic() - started >= (500 - 400 * chat.PACE_BURST - chat.PACE_EVERY) / 400
+    assert db_rows("SELECT content, status FROM messages WHERE role = 'assistant'") == [
+        ("".join(f"t{n} " for n in range(500)), "done")]
+
+
+def test_a_reader_that_stops_taking_data_is_written_in_batches_and_gets_everything(server, upstream):
+    """A reader whose connection holds more than SLOW_READER_BYTES it has not taken is written a few times a
+    second (pause_if_behind waits between writes); once it reads again it gets every token, in order, then done."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(listener.getsockname())
+    peer, _ = listener.accept()
+    with listener, client, peer:
+        peer.sendall(b"x" * 1000)
+        assert client.recv(4096) and not chat.pause_if_behind(peer)  # taken: no wait
+        peer.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                peer.send(b"x" * 65536)  # until the kernel's buffers are full: nothing is being taken
+        assert chat.pause_if_behind(peer)
+    parts = [f"w{n} " * 10 for n in range(1500)]  # ~100 KB of frames, more than the reader's buffers take
+    upstream.serve(answer(*parts))
+    stream_id = post_prompt(server)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(server.rsplit(":", 1)[1])))
+    with sock:
+        sock.sendall(f"GET /events?stream={stream_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Cookie: {owner_cookie_header()}\r\n\r\n".encode())
+        stream = chat.streams.get(stream_id)
+        wait_until(lambda: stream.finished, timeout=15, what="the answer, read by nobody meanwhile")
+        raw = b""
+        with gevent.Timeout(10, AssertionError("the reader never got done")):
+            while b"event: done" not in raw:
+                raw += sock.recv(65536)
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    text = "".join(re.findall(r"<span>(.*?)</span>", b"".join(
+        re.sub(rb"\r\n[0-9a-f]+\r\n", b"", b"\r\n" + body).split(b"event: done")[:1]).decode()))
+    assert text == "".join(parts)
+
+
 def owner_cookie_header():
     """The test browser's owner cookie as a Cookie header value."""
     return f"chat_owner={web.cookies['chat_owner']}"
