@@ -2190,8 +2190,9 @@ def weaknesses(soak, rows, base_p99):
                      "save: a final save that fails (disk full / database locked past busy_timeout) is never retried")
         if name == "kill" and r["answers_lost"]:
             w.append(f"{r['answers_lost']} answers lost their last tokens (sent <= "
-                     f"{fmt(e.get('unsaved_tail_s_max'), 2)} s before the kill): partial answers are saved once a "
-                     "second, so kill -9 loses up to a second of what readers already saw (by design)")
+                     f"{fmt(e.get('unsaved_tail_s_max'), 2)} s before the kill), though readers are given text only "
+                     "once it is in chat.py's journal (or in Redis) and the restart puts it back: check chat.log for "
+                     "'put back the unsaved text'")
         tb = r["log"].get("tracebacks", 0)
         if tb >= 10:
             w.append(f"chat.py's log got {tb} tracebacks in this phase (gevent prints every exception raised in its "
