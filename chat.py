@@ -1470,7 +1470,8 @@ class Streams:
         """Save a dead process's answer with its journal's text, if it is still marked streaming."""
         row = store.answer_text(message_id, conversation_id)
         if row is not None and row[2] == "streaming":
-            text, reasoning = put_back(row[0], parts.get("message", ())), put_back(row[1], parts.get("reasoning", ()))
+            text = apply_records(row[0], parts.get("message", ()))
+            reasoning = apply_records(row[1], parts.get("reasoning", ()))
             if (text, reasoning) != (row[0], row[1]):
                 store.save_partials([(text, reasoning, 0, message_id, conversation_id)])  # lease 0: ends now
 
@@ -1565,20 +1566,31 @@ class Journal:
         if self.buffer:
             data, self.buffer, self.size = b"".join(self.buffer), [], 0
             try:
-                os.write(self.fd, data)  # appending to a regular file writes it whole, or raises
+                if os.write(self.fd, data) < len(data):
+                    raise OSError("the disk filled during the write")
             except OSError as exc:  # a full disk: the answers go on, only this safety net has a hole
                 log_limited("journal", "writing the journal of unsaved text failed: %s", exc)
+                self.next_segment()  # a record may be cut short: the ones after it go to a new file
+
+    def next_segment(self):
+        """Close the segment being written and open the next (if even that fails, run without a journal)."""
+        os.close(self.fd)
+        self.closed.append((self.number, self.segment_path(self.name, self.number), self.ids))
+        self.ids = set()
+        try:
+            self.begin_segment()
+        except OSError as exc:
+            log.warning("the journal of unsaved text stops (%s): a kill -9 may lose the last second of answers",
+                        exc)
+            self.fd = None
 
     def cut(self):
         """Start a new segment as the janitor takes the text to save; returns the number of the last one."""
         if self.fd is None:
             return 0
         self.flush()
-        if self.ids:
-            os.close(self.fd)
-            self.closed.append((self.number, self.segment_path(self.name, self.number), self.ids))
-            self.ids = set()
-            self.begin_segment()
+        if self.ids and self.fd is not None:
+            self.next_segment()
         return self.number - 1
 
     def hold(self, message_id):
@@ -1610,7 +1622,7 @@ class Journal:
         except OSError:
             return
         for entry in names:
-            name, dot, ext = entry.rpartition(".")
+            name, _, ext = entry.rpartition(".")
             if ext != "lock" or name == self.name:
                 continue
             path = os.path.join(self.folder, entry)
@@ -1664,16 +1676,17 @@ class Journal:
             self.unsettled.update(live)
             self.cut()
             self.saved(self.number)
-            os.close(self.fd)
-            with contextlib.suppress(OSError):
-                os.unlink(self.segment_path(self.name, self.number))
+            if self.fd is not None:  # the segment just begun: empty
+                os.close(self.fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.segment_path(self.name, self.number))
             if not self.closed:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.folder, self.name + ".lock"))
             self.fd = None
 
 
-def put_back(text, parts):
+def apply_records(text, parts):
     """A stored text with journal records applied: each record's bytes replace everything from its offset."""
     data = bytearray(text.encode())
     for offset, chunk in parts:

@@ -2700,9 +2700,15 @@ def test_journal_keeps_about_a_second_of_text_and_nothing_saved(tmp_path):
     journal.folder = str(tmp_path / "dead")
     journal.take_over(lambda *args: found.append(args))
     assert found == [(7, "conv", {"message": [(len("Hello wörld!".encode()), b" more")]})]
-    assert chat.put_back("Hello wörld!", found[0][2]["message"]) == "Hello wörld! more"
-    assert chat.put_back("Hello", [(5, " wö".encode()), (9, "rld".encode())]) == "Hello wörld"
+    assert chat.apply_records("Hello wörld!", found[0][2]["message"]) == "Hello wörld! more"
+    assert chat.apply_records("Hello", [(5, " wö".encode()), (9, "rld".encode())]) == "Hello wörld"
     assert os.listdir(tmp_path / "dead") == []
+    # A record cut short (the disk filled during the write) ends its segment; the ones before it count.
+    one = chat.Journal.RECORD.pack(7, 0, 0, 2, 4) + b"conv" + b"ab"
+    two = chat.Journal.RECORD.pack(7, 0, 2, 2, 4) + b"conv" + b"cd"
+    torn = {}
+    chat.Journal().parse(one + two[:-1], torn)
+    assert torn == {(7, "conv"): {"message": [(0, b"ab")]}}
 
 
 def test_schema_has_a_version_and_answers_whose_lease_ran_out_are_interrupted(tmp_path):
