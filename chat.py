@@ -1141,7 +1141,8 @@ class Stream:
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
                  "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "outbox", "flushed", "budget", "budget_at")
+                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "outbox", "flushed",
+                 "budget", "budget_at")
 
     local = True  # written by this process (RemoteAnswer: by another one)
 
@@ -1554,8 +1555,8 @@ class Journal:
             return
         data, conv = text.encode(), stream.conversation_id.encode()
         end = len(stream.log.text[kind])
-        self.buffer.append(self.RECORD.pack(stream.message_id, self.KINDS.index(kind), end - len(data), len(data),
-                                            len(conv)) + conv + data)
+        self.buffer.append(self.RECORD.pack(stream.message_id, kind != "message", end - len(data), len(data),
+                                            len(conv)) + conv + data)  # kind: KINDS[0] or KINDS[1]
         self.ids.add(stream.message_id)
         self.size += len(data) + 40
         if self.size >= self.FLUSH_AT:
