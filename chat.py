@@ -3286,6 +3286,7 @@ class PostgresDatabase:
         self.psycopg = psycopg
         self.url = url
         self.pool = Queue()
+        self.closed = False
         self.connections = [self.connect() for _ in range(size)]
         for connection in self.connections:
             self.pool.put(connection)
@@ -3320,11 +3321,17 @@ class PostgresDatabase:
         if pinned is not None:
             yield pinned
             return
-        connection = self.pool.get()
+        connection = self.take()
         try:
             yield connection
         finally:
             self.pool.put(connection)
+
+    def take(self):
+        """A connection from the pool (waiting for one), or an error once the database is closed."""
+        if self.closed:
+            raise self.psycopg.OperationalError("the database was closed (chat.py is stopping)")
+        return self.pool.get()
 
     def execute(self, sql, args=()):
         """Run one statement (written with ? placeholders); return its rows and rowcount."""
@@ -3345,7 +3352,7 @@ class PostgresDatabase:
         if getattr(self.local, "connection", None) is not None:
             yield  # already inside one
             return
-        connection = self.pool.get()
+        connection = self.take()
         self.local.connection = connection
         try:
             with connection.transaction():
@@ -3378,10 +3385,18 @@ class PostgresDatabase:
             "ORDER BY ts_rank(to_tsvector('simple', m.content), q) DESC LIMIT ?", (query, owner, limit)).fetchall()
         return (titles + messages)[:limit]
 
-    def close(self):
-        """Close every connection."""
-        for connection in self.connections:
-            connection.close()
+    def close(self, timeout=5.0):
+        """Close every connection once no statement uses it: closing one under a statement that another greenlet
+        is waiting on frees what libpq still needs, and the process crashes. One still busy after the timeout is
+        left to the garbage collector."""
+        self.closed = True
+        deadline = time.monotonic() + timeout
+        for _ in self.connections:
+            try:
+                self.pool.get(timeout=max(0.0, deadline - time.monotonic())).close()
+            except gevent.queue.Empty:
+                log.warning("a PostgreSQL statement was still running at close; its connection is left open")
+                return
 
 
 def redact_url(text):

@@ -125,6 +125,20 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_closing_postgresql_waits_for_the_statement_running_on_it(postgres_url):
+    """Closing the database while another greenlet's statement runs (the janitor's save at shutdown) waits for it:
+    closing the connection under it freed what libpq still used, and the process crashed. Later statements fail
+    with a database error instead of waiting forever."""
+    db = chat.PostgresDatabase(postgres_url, size=2)
+    running = gevent.spawn(db.execute, "SELECT pg_sleep(0.3) AS slept")
+    wait_until(lambda: db.pool.qsize() == 1, what="the statement to take a connection")
+    db.close()
+    assert running.get(timeout=5).fetchall() == [("",)]
+    assert all(connection.closed for connection in db.connections)
+    with pytest.raises(db.psycopg.OperationalError):
+        db.execute("SELECT 1")
+
+
 # The storage tests run against both databases (pytest_generate_tests below parametrizes them).
 BOTH_DATABASES = {
     "test_every_request_sends_the_conversation_so_far", "test_new_conversation_gets_a_url_a_title_and_a_sidebar_entry",
