@@ -937,6 +937,86 @@ def pause_if_behind(sock):
     return True
 
 
+
+class Outlet:
+    """One reader of a live answer: a queue its greenlet waits on, and, while that greenlet waits with everything
+    sent, its connection, written to straight from the greenlet that publishes.
+
+    With many readers this is what counts: a token costs each one a non-blocking send instead of a queue, a
+    wake-up and two switches of its own greenlet, so a crowd of readers (or of stuck ones, until the
+    kernel's buffers for them fill) does not hold the loop. What the socket does not take at once is sent
+    by the reader's greenlet, and everything after it goes through the queue, in order.
+    """
+
+    __slots__ = ("queue", "handler", "chunked", "idle", "rest")
+    WAKE = object()  # queued when only the rest of a frame is left to send
+
+    def __init__(self):
+        self.queue = Queue()
+        self.handler = None  # gevent's handler of the response, once its headers are out
+        self.chunked = False
+        self.idle = False    # its greenlet waits on the queue and everything so far is sent
+        self.rest = b""      # the end of a frame the socket did not take: sent first by the greenlet
+
+    def connect(self, environ):
+        """After the response's first write: frames may now be written straight to its connection."""
+        handler = environ.get("chat.handler")
+        if handler is not None and handler.headers_sent:
+            self.handler, self.chunked = handler, handler.response_use_chunked
+
+    def send_now(self, data):
+        """From the publishing greenlet, while idle: write data (whole frames) to the socket at once. False if
+        the connection failed (queue it instead: the greenlet's own write meets the error and ends it)."""
+        if not data:
+            return True  # (an empty chunk would end the response)
+        body = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+        try:
+            sent = os.write(self.handler.socket.fileno(), body)  # -1 once closed: an error, never another's
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return False
+        self.handler.response_length += sent
+        if sent < len(body):
+            self.rest = body[sent:]
+            self.enqueue(self.WAKE)
+        return True
+
+    def put(self, frame, direct=True):
+        """Send a frame now if the reader is idle (and direct: not the done frame, which ends the reader),
+        else queue it."""
+        if not (direct and self.idle and self.send_now(frame)):
+            self.enqueue(frame)
+
+    def enqueue(self, item):
+        """Queue an item for the reader's greenlet; what comes after it is queued too, until the greenlet
+        has sent it (it may not run at once)."""
+        self.idle = False
+        self.queue.put_nowait(item)
+
+    def wait(self, timeout=None):
+        """In the reader's greenlet: wait for what is queued and return it all (an empty list if everything was
+        sent meanwhile), having sent first what the socket did not take; gevent.queue.Empty after timeout."""
+        self.send_rest()
+        self.idle = self.handler is not None and not self.queue.qsize()
+        try:
+            items = [self.queue.get(timeout=timeout)]
+        finally:
+            self.idle = False
+        while self.queue.qsize():
+            items.append(self.queue.get_nowait())
+        self.send_rest()  # a frame cut short while this waited goes before everything queued after it
+        return [item for item in items if item is not self.WAKE]
+
+    def send_rest(self):
+        """In the reader's greenlet: send the part of a frame the socket did not take, however long it takes
+        (CHAT_WRITE_TIMEOUT)."""
+        if self.rest:
+            rest, self.rest = self.rest, b""
+            self.handler.socket.sendall(rest)
+            self.handler.response_length += len(rest)
+
+
 # ---------------------------------------------------------------------------
 # Streams
 # ---------------------------------------------------------------------------
@@ -1301,8 +1381,9 @@ class Streams:
             self.journal.write(stream, kind, payload)
         if stream.readers:
             frame = token_frame(kind, payload, event_id) if kind in ("message", "reasoning") else payload
-            for queue in stream.readers:
-                queue.put_nowait(frame)
+            self.shown()  # some readers are written to right here
+            for reader in stream.readers:
+                reader.put(frame, kind != "done")  # done goes through the queue: it ends the reader
 
     def shown(self):
         """Called before a reader is given text: make what was published survive a kill -9 (the journal)."""
@@ -1318,7 +1399,7 @@ class Streams:
         if not stream.finished and (len(stream.readers) >= settings.readers_per_stream
                                     or self.readers_of(stream.owner) >= settings.readers_per_owner):
             bottle.abort(429, TOO_MANY_READERS)
-        return stream_events(stream, last_id, bottle.request.environ.get("chat.socket"))
+        return stream_events(stream, last_id, bottle.request.environ)
 
     def stop_for(self, stream_id, owner):
         """Stop this owner's answer (404 if there is none); returns its conversation's id."""
@@ -1878,13 +1959,13 @@ class RemoteAnswer:
         self.id = stream_id
 
 
-class Reader:
-    """One /events response reading a shared answer: its queue and the last event id it sent."""
+class Reader(Outlet):
+    """One /events response reading a shared answer: an Outlet that knows the last event id it sent."""
 
-    __slots__ = ("queue", "last", "behind", "owner")
+    __slots__ = ("last", "behind", "owner")
 
     def __init__(self, last, owner):
-        self.queue = Queue()
+        super().__init__()
         self.last = last
         self.behind = True  # read the log before waiting for new events
         self.owner = owner
@@ -2218,14 +2299,16 @@ class RedisStreams(Streams):
         if job.get(b"done") != b"1" and (len(feed) >= settings.readers_per_stream
                                          or self.owner_readers[owner] >= settings.readers_per_owner):
             bottle.abort(429, TOO_MANY_READERS)
-        return self.read(stream_id, Reader(last_id, owner), bottle.request.environ.get("chat.socket"))
+        return self.read(stream_id, Reader(last_id, owner), bottle.request.environ)
 
-    def read(self, stream_id, reader, sock=None):
-        """Yield the log from the reader's last id, then events as they come: each once, in order (sock: the
-        reader's connection, to notice it falling behind)."""
+    def read(self, stream_id, reader, environ=None):
+        """Yield the log from the reader's last id, then events as they come: each once, in order (environ: the
+        request's, for its connection)."""
+        environ = environ or {}
         self.attach(stream_id, reader)
         try:
             yield SSE_HELLO
+            reader.connect(environ)
             while True:
                 if reader.behind:
                     reader.behind = False
@@ -2234,12 +2317,10 @@ class RedisStreams(Streams):
                         if done:
                             return
                 try:
-                    items = [reader.queue.get(timeout=settings.ping_interval)]
+                    items = reader.wait(timeout=settings.ping_interval)
                 except gevent.queue.Empty:
                     yield SSE_PING
                     continue
-                while reader.queue.qsize():
-                    items.append(reader.queue.get_nowait())
                 out = []
                 for n, frame, done in itertools.chain.from_iterable(items):
                     if n == NUDGE:
@@ -2256,7 +2337,7 @@ class RedisStreams(Streams):
                         reader.behind = True  # a gap (pub/sub dropped something): the log has it
                 if out:
                     yield b"".join(out)
-                    pause_if_behind(sock)
+                    pause_if_behind(environ.get("chat.socket"))
         finally:
             self.detach(stream_id, reader)
 
@@ -2326,7 +2407,13 @@ class RedisStreams(Streams):
         """Hand events of a stream, [(id, frame, done)], to this process's readers of it: one queue item
         each, however many events."""
         for reader in self.feeds.get(stream_id, ()):
-            reader.queue.put_nowait(events)
+            # Straight to the socket when the reader is idle and these come next, in order, without the end.
+            if reader.idle and not reader.behind and all(n == reader.last + 1 + i and not done
+                                                          for i, (n, _, done) in enumerate(events)):
+                if reader.send_now(b"".join(frame for _, frame, _ in events)):
+                    reader.last += len(events)
+                    continue
+            reader.enqueue(events)
 
     def listen_forever(self):
         """The pub/sub greenlet: one connection per process, fanned out to the local readers' queues."""
@@ -2377,7 +2464,7 @@ class RedisStreams(Streams):
         log.info("connected to Redis again")
         for feed in self.feeds.values():
             for reader in feed:
-                reader.queue.put_nowait([(NUDGE, None, False)])
+                reader.enqueue([(NUDGE, None, False)])
         self.renewed = 0.0
 
     # -- stopping and finding ----------------------------------------------------------------
@@ -2475,7 +2562,7 @@ class RedisStreams(Streams):
         for stream_id, top in zip(remote, self.tops_script(args=remote)):
             for reader in self.feeds.get(stream_id, ()):
                 if reader.last < top:
-                    reader.queue.put_nowait([(NUDGE, None, False)])
+                    reader.enqueue([(NUDGE, None, False)])
 
     def find_dead(self):
         """Answers whose lease ran out, written by a process that died: finish them as interrupted."""
@@ -4210,8 +4297,8 @@ def plain_answer(stream):
     with what came after it; CSS hides a text part that a block follows, and hides the whole
     live answer once the finished bubble follows it.
     """
-    queue = Queue()  # its frames only wake this reader; the log says what is new
-    stream.readers.add(queue)
+    reader = Outlet()  # never written to directly: its frames only wake it; the log says what is new
+    stream.readers.add(reader)
     try:
         yield bottle.template("plain_answer", stream_id=stream.id)
         seen, starts = 0, {"message": 0, "reasoning": 0, "block": 0}
@@ -4229,11 +4316,9 @@ def plain_answer(stream):
                 yield "".join(parts) + "</div></div></div>\n" + stream.bubble
                 return
             yield "".join(parts) or "\n"  # a newline keeps proxies from timing out while the model thinks
-            queue.get()
-            while queue.qsize():
-                queue.get_nowait()
+            reader.wait()
     finally:
-        stream.readers.discard(queue)
+        stream.readers.discard(reader)
         stream.left_at = time.monotonic()
 
 
@@ -4604,9 +4689,11 @@ def events():
     return streams.events(stream_id, owner(), last_id)
 
 
-def stream_events(stream, last_id, sock=None):
+def stream_events(stream, last_id, environ=None):
     """Yield the frames after last_id, then live ones, draining the reader's queue into one write each time
     (sock: the reader's connection, to notice it falling behind)."""
+    environ = environ or {}
+    sock = environ.get("chat.socket")
     logged = len(stream.log.kinds)  # token events; a reader's queue takes everything after these
     if stream.finished:
         # A reader that already has everything still gets done again: an empty
@@ -4616,24 +4703,23 @@ def stream_events(stream, last_id, sock=None):
         yield from stream.log.frames(min(last_id, logged), logged)
         yield stream.log.done
         return
-    queue = Queue()
-    stream.readers.add(queue)
+    reader = Outlet()
+    stream.readers.add(reader)
     try:
         yield SSE_HELLO
+        reader.connect(environ)
         streams.shown()
         yield from stream.log.frames(last_id, logged)
         while True:
-            frames = [queue.get()]
-            while queue.qsize():
-                frames.append(queue.get_nowait())
+            frames = b"".join(reader.wait())
             streams.shown()
-            yield b"".join(frames)
+            yield frames
             # The done frame was in this batch if the stream finished and nothing came after.
-            if stream.finished and not queue.qsize():
+            if stream.finished and not reader.queue.qsize():
                 return
             pause_if_behind(sock)
     finally:
-        stream.readers.discard(queue)
+        stream.readers.discard(reader)
         stream.left_at = time.monotonic()
 
 
@@ -4757,6 +4843,7 @@ class Handler(WSGIHandler):
         """The WSGI environment, with the connection (for /events to notice a reader falling behind)."""
         environ = super().get_environ()
         environ["chat.socket"] = self.socket
+        environ["chat.handler"] = self
         return environ
 
     def run_application(self):
@@ -4785,9 +4872,9 @@ class Server(WSGIServer):
     """gevent's WSGI server with TCP_NODELAY, a cap on open connections, and timeouts on every socket."""
 
     handler_class = Handler
-    # Connections taken per turn of the loop (gevent: 100): hundreds arriving at once are taken in
-    # small bites, between which tokens keep flowing.
-    max_accept = 8
+    # Connections taken per turn of the loop (gevent: 100): one, so that hundreds arriving at once (each
+    # about a millisecond of Python to read and answer) are taken one by one, tokens flowing in between.
+    max_accept = 1
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
