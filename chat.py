@@ -2781,6 +2781,22 @@ def fit_history(history, model, below=None, room=None):
 # Rendering
 # ---------------------------------------------------------------------------
 
+class Template(bottle.SimpleTemplate):
+    """bottle's template engine without the reference cycle each rendering leaves (its namespace holds functions
+    bound to the namespace): emptied when done, it is freed at once instead of by the cyclic collector."""
+
+    def execute(self, _stdout, kwargs):
+        """Run the template into _stdout; returns its namespace, emptied (bottle's callers ignore it)."""
+        namespace = super().execute(_stdout, kwargs)
+        namespace.clear()
+        return namespace
+
+
+def template(name, **kwargs):
+    """Render templates/<name>.tpl with bottle's syntax (autoescaped {{ }}), through Template."""
+    return bottle.template(name, template_adapter=Template, **kwargs)
+
+
 _FORMATTER = HtmlFormatter(nowrap=True)
 
 
@@ -3011,7 +3027,7 @@ def render_answer(answer, last=True, nav=""):
             answer_html = safe_markdown(answer["text"])
         if answer_html is None:
             raise ValueError("rendering failed")
-        return bottle.template("answer", answer=answer, answer_html=answer_html, last=last,
+        return template("answer", answer=answer, answer_html=answer_html, last=last,
                                error=short_error(answer["error"]), nav=nav)
     except Exception:  # noqa: BLE001 — a rendering bug must not break the bubble or the page
         log.exception("rendering an answer failed")
@@ -3032,7 +3048,7 @@ def safe_markdown(text):
 def render_plain(answer):
     """The finished bubble without Markdown: the fallback if rendering ever fails."""
     text = answer["text"]
-    return bottle.template("answer", answer=answer, last=False, error=short_error(answer["error"]), nav="",
+    return template("answer", answer=answer, last=False, error=short_error(answer["error"]), nav="",
                            answer_html=f"<pre>{html.escape(text)}</pre>" if text else "")
 
 
@@ -3735,7 +3751,7 @@ def sibling_nav(conversation_id, message_id):
     ids = store.siblings(message_id)
     if len(ids) < 2:
         return ""
-    return bottle.template("siblings", conversation_id=conversation_id, ids=ids, position=ids.index(message_id))
+    return template("siblings", conversation_id=conversation_id, ids=ids, position=ids.index(message_id))
 
 
 def conversation_params(conversation):
@@ -3992,7 +4008,7 @@ app = App()
 def form_error(status, message):
     """A readable error for the form; htmx is configured to show 4xx bodies in #form-error."""
     bottle.response.status = status
-    return bottle.template("form_error", message=message)
+    return template("form_error", message=message)
 
 
 # -- who is asking: client address, owner cookie, optional password, same-origin writes
@@ -4163,7 +4179,7 @@ def login_page():
     """The password page (only when CHAT_PASSWORD is set)."""
     if not settings.password:
         bottle.redirect("/")
-    return bottle.template("login", error=None, next=next_page())
+    return template("login", error=None, next=next_page())
 
 
 @app.post("/login")
@@ -4178,7 +4194,7 @@ def login():
     if (not local and limits.login_all.tokens("all") < 1) or (not local and limits.login.tokens(address) < 1):
         bottle.response.status = 429
         bottle.response.set_header("Retry-After", "6")
-        return bottle.template("login", error="Too many wrong passwords. Wait a few seconds and try again.",
+        return template("login", error="Too many wrong passwords. Wait a few seconds and try again.",
                                next=next_page())
     given = (bottle.request.forms.getunicode("password", default="") or "").encode()
     if not hmac.compare_digest(hashlib.sha256(given).digest(),
@@ -4188,7 +4204,7 @@ def login():
             limits.login.take(address)
         log_limited("login", "failed login from %s", address)
         bottle.response.status = 401
-        return bottle.template("login", error="Wrong password.", next=next_page())
+        return template("login", error="Wrong password.", next=next_page())
     token = secrets.token_urlsafe(32)
     store.add_session(session_hash(token), password_tag(), time.time() + SESSION_DAYS * 86400)
     set_cookie(SESSION_COOKIE, token, SESSION_DAYS * 86400)
@@ -4229,7 +4245,7 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
     system = conversation["system_prompt"] if conversation else store.owner_system_prompt(owner())
     params = {name: conversation[name] if conversation else None for name in PARAMETERS}
-    page = bottle.template("page", demo=settings.demo, upstream=settings.upstream_label(),
+    page = template("page", demo=settings.demo, upstream=settings.upstream_label(),
                            conversation=conversation, conversations=store.conversations(owner()),
                            bubbles=bubbles, models=models, model=model, label=model_label,
                            password=bool(settings.password), draft=draft, error=error, leaf=leaf,
@@ -4251,10 +4267,10 @@ def render_bubbles(conversation, at=None, plain=False):
     last_assistant = max((r["id"] for r in path if r["role"] == "assistant"), default=None)
     for row in path:
         siblings = tree.siblings(row)
-        nav = bottle.template("siblings", conversation_id=conversation["id"], ids=siblings,
+        nav = template("siblings", conversation_id=conversation["id"], ids=siblings,
                               position=siblings.index(row["id"])) if len(siblings) > 1 else ""
         if row["role"] == "user":
-            bubbles.append(bottle.template("user", prompt=row["content"], message_id=row["id"],
+            bubbles.append(template("user", prompt=row["content"], message_id=row["id"],
                                            conversation_id=conversation["id"], nav=nav))
             continue
         stream = streams.for_message(row["id"], conversation["id"]) if row["status"] == "streaming" else None
@@ -4264,7 +4280,7 @@ def render_bubbles(conversation, at=None, plain=False):
                 live = stream  # a page reading an answer counts against the readers' cap too
                 bubbles.append(LIVE_ANSWER)
             else:  # reloaded mid-answer: the new bubble replays the stream's log from the start
-                bubbles.append(bottle.template("streaming", stream_id=stream.id, nav=nav))
+                bubbles.append(template("streaming", stream_id=stream.id, nav=nav))
             continue
         answer = stored_answer(row)
         if row["status"] == "streaming" and (stream is None or not stream.local):
@@ -4280,7 +4296,7 @@ def render_bubbles(conversation, at=None, plain=False):
 def messages_fragment(conversation):
     """The branch shown, for htmx to swap into #chat-messages, and the composer's parent kept in step."""
     bubbles, _, leaf = render_bubbles(store.conversation(conversation["id"], owner()))
-    return "".join(bubbles) + bottle.template("parent", leaf=leaf)
+    return "".join(bubbles) + template("parent", leaf=leaf)
 
 
 def streamed_page(before, stream, after):
@@ -4300,7 +4316,7 @@ def plain_answer(stream):
     reader = Outlet()  # never written to directly: its frames only wake it; the log says what is new
     stream.readers.add(reader)
     try:
-        yield bottle.template("plain_answer", stream_id=stream.id)
+        yield template("plain_answer", stream_id=stream.id)
         seen, starts = 0, {"message": 0, "reasoning": 0, "block": 0}
         while True:
             upto, parts = len(stream.log.kinds), []
@@ -4332,7 +4348,7 @@ def index():
 def model_options():
     """The model picker's options, once the background fetch of /models has answered (or given up)."""
     models = catalog.wait()
-    return bottle.template("model_options", models=models, model=settings.model or (models[0] if models else None),
+    return template("model_options", models=models, model=settings.model or (models[0] if models else None),
                            label=model_label)
 
 
@@ -4500,7 +4516,7 @@ def start_streaming():
         bottle.response.delete_cookie(PLAIN_COOKIE, path="/")  # JavaScript is on again
     if created:
         bottle.response.set_header("HX-Push-Url", f"/c/{conversation_id}")
-    return bottle.template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation,
+    return template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation,
                            created=created, question_id=question, leaf=stream.message_id)
 
 
@@ -4593,7 +4609,7 @@ def search():
         log_limited("search", "a search failed: %s", exc)
         results = []
     if htmx():
-        return bottle.template("search_results", results=results, query=query)
+        return template("search_results", results=results, query=query)
     return render_page(results=results, query=query)
 
 
@@ -4616,7 +4632,7 @@ def rename(conversation_id):
     store.update_conversation(conversation_id, title=title)
     if not htmx():
         plain_redirect(f"/c/{conversation_id}")
-    return bottle.template("title", conversation=store.conversation(conversation_id, owner()))
+    return template("title", conversation=store.conversation(conversation_id, owner()))
 
 
 def prompt_header():
@@ -4651,7 +4667,7 @@ def delete(conversation_id):
 def confirm_delete(conversation_id):
     """Without JavaScript: a page that asks before deleting."""
     no_store()
-    return bottle.template("confirm_delete", conversation=owned_conversation(conversation_id))
+    return template("confirm_delete", conversation=owned_conversation(conversation_id))
 
 
 @app.post("/c/<conversation_id>/delete")
@@ -4791,7 +4807,7 @@ def error_page(error):
         return form_error(413, f"Your message is too large; the limit is {settings.max_prompt:,} characters.")
     request = bottle.request
     if request.method == "GET" and not htmx() and "text/html" in (request.get_header("Accept") or ""):
-        return bottle.template("not_found" if error.status_code == 404 else "error", error=error)
+        return template("not_found" if error.status_code == 404 else "error", error=error)
     bottle.response.content_type = "text/plain; charset=utf-8"
     return html.escape(f"{error.status_line}: {error.body or ''}\n")
 
@@ -4855,6 +4871,10 @@ class Handler(WSGIHandler):
                 self.wsgi_input.content_length = self.wsgi_input.position
                 self.wsgi_input.chunked_input = False
                 self.close_connection = True
+            # Bottle's request and the environ refer to each other (and the environ to this handler):
+            # emptied, each request's objects are freed at once, not left to the cyclic collector, whose
+            # pauses of several milliseconds under a flood of requests would stop every stream.
+            self.environ.clear()
 
 
 class HeadTimeout(Exception):

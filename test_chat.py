@@ -3857,6 +3857,31 @@ def test_a_reader_whose_socket_fills_mid_frame_gets_the_rest_first_then_everythi
     assert any(rest for _, rest in calls), "no direct write was cut short: the test did not fill the socket"
 
 
+def test_requests_leave_nothing_to_the_cyclic_garbage_collector(server, upstream, open_sse):
+    """A page, a send, its answer read to the end, a 404 and a static file leave no reference cycles of the
+    request (handler, environ, bottle's request, template namespaces): freed at once, so a flood of requests
+    does not build up collector pauses that stop every stream."""
+    import gc
+    upstream.serve(answer("Hello", " there"))
+    web.get(f"{server}/", timeout=5)  # warm: templates compiled, caches filled
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        assert web.get(f"{server}/", timeout=5).status_code == 200
+        stream_id = post_prompt(server)
+        open_sse(stream_id).read_until(lambda t: any(e.event == "done" for e in t.events), what="done")
+        assert web.get(f"{server}/c/999999", timeout=5).status_code == 404
+        assert web.get(f"{server}/static/chat.js", timeout=5).status_code == 200
+        assert web.get(f"{server}/healthz", timeout=5).status_code == 200
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, chat.Handler)
+                or isinstance(o, dict) and ("bottle.request" in o or "_stdout" in o or "wsgi.input" in o)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not left, f"{len(left)} request objects left in cycles, e.g. {sorted(map(str, left[0]))[:8] if isinstance(left[0], dict) else left[0]}"
+
+
 def owner_cookie_header():
     """The test browser's owner cookie as a Cookie header value."""
     return f"chat_owner={web.cookies['chat_owner']}"
