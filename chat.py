@@ -593,9 +593,32 @@ def give_way():
         gevent.idle()
 
 
+LARGE_WRITE = 16384  # bytes: a write to a reader this big (a long answer's bubble) waits for its turn
+
+
+def in_turn(data):
+    """Before writing data to a reader: if it is large, let what is ready run first, one such write per turn of
+    the loop, so that a long answer's bubble going to many readers at once does not hold every other stream."""
+    if len(data) > LARGE_WRITE:
+        give_way()
+    return data
+
+
 def in_background(fn, *args):
     """fn(*args) in a worker thread, the calling greenlet waiting cooperatively (the store, long renders)."""
     return gevent.get_hub().threadpool.apply(fn, args)
+
+
+# Long renders take turns in one worker thread. Python runs one thread at a time: a dozen long answers
+# finishing together, rendered in a dozen threads, would leave the hub (every other stream) one turn
+# in thirteen; rendered one after another, it gets every other turn at worst.
+RENDER_LANE = gevent.lock.BoundedSemaphore(1)
+
+
+def render_in_background(text):
+    """safe_markdown(text) in a worker thread, one such render at a time."""
+    with RENDER_LANE:
+        return in_background(safe_markdown, text)
 
 
 def auth_headers():
@@ -890,14 +913,16 @@ def partial_suffix(text, tag):
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
+_NEXT_DATA_LINE = "\ndata: "
+
+
 def sse_frame(event, payload, event_id=None):
     """One SSE frame as bytes: id, event, one "data: " line per payload line, blank line."""
     head = f"id: {event_id}\nevent: {event}\n" if event_id is not None else f"event: {event}\n"
     if "\n" not in payload and "\r" not in payload:
         return f"{head}data: {payload}\n\n".encode()
     # Split on CR, LF and CRLF only: str.splitlines() would also split on U+2028 etc.
-    body = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(payload))
-    return f"{head}{body}\n".encode()
+    return f"{head}data: {_LINE_BREAK.sub(_NEXT_DATA_LINE, payload)}\n\n".encode()
 
 
 # The first write of every /events response: sends the headers at once and makes
@@ -1206,7 +1231,7 @@ BLOCK_IN_THREAD = 8192  # characters: a longer text is rendered off the hub
 
 def render_block(text):
     """A finished Markdown block as HTML: a long one in a worker thread; one that fails, as escaped text."""
-    rendered = (in_background(safe_markdown, text) if len(text) > BLOCK_IN_THREAD
+    rendered = (render_in_background(text) if len(text) > BLOCK_IN_THREAD
                 else safe_markdown(text))
     return rendered if rendered is not None else f"<pre>{html.escape(text)}</pre>"
 
@@ -2331,12 +2356,12 @@ class RedisStreams(Streams):
                         out.append(frame)
                         reader.last = n
                         if done:
-                            yield b"".join(out)
+                            yield in_turn(b"".join(out))
                             return
                     elif n > reader.last:
                         reader.behind = True  # a gap (pub/sub dropped something): the log has it
                 if out:
-                    yield b"".join(out)
+                    yield in_turn(b"".join(out))
                     pause_if_behind(environ.get("chat.socket"))
         finally:
             self.detach(stream_id, reader)
@@ -3022,7 +3047,7 @@ def render_answer(answer, last=True, nav=""):
     a long answer is rendered in a worker thread, and one that cannot be rendered is shown as plain text."""
     try:
         if len(answer["text"]) > BLOCK_IN_THREAD:
-            answer_html = in_background(safe_markdown, answer["text"])
+            answer_html = render_in_background(answer["text"])
         else:
             answer_html = safe_markdown(answer["text"])
         if answer_html is None:
@@ -4717,7 +4742,7 @@ def stream_events(stream, last_id, environ=None):
         yield SSE_HELLO
         streams.shown()
         yield from stream.log.frames(min(last_id, logged), logged)
-        yield stream.log.done
+        yield in_turn(stream.log.done)
         return
     reader = Outlet()
     stream.readers.add(reader)
@@ -4729,7 +4754,7 @@ def stream_events(stream, last_id, environ=None):
         while True:
             frames = b"".join(reader.wait())
             streams.shown()
-            yield frames
+            yield in_turn(frames)
             # The done frame was in this batch if the stream finished and nothing came after.
             if stream.finished and not reader.queue.qsize():
                 return

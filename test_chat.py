@@ -3882,6 +3882,42 @@ def test_requests_leave_nothing_to_the_cyclic_garbage_collector(server, upstream
     assert not left, f"{len(left)} request objects left in cycles, e.g. {sorted(map(str, left[0]))[:8] if isinstance(left[0], dict) else left[0]}"
 
 
+def test_long_renders_take_turns_in_one_worker_thread(monkeypatch):
+    """Many long answers finishing at once are rendered one after another in a worker thread, never two at a
+    time (a dozen threads holding Python's lock in turn would leave the hub one turn in thirteen), and each
+    gets its own Markdown."""
+    real_sleep = monkey.get_original("time", "sleep")  # the worker threads are real threads
+    running, most, guard = [0], [0], monkey.get_original("_thread", "allocate_lock")()
+    original = chat.safe_markdown
+
+    def counting(text):
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            real_sleep(0.05)  # a render long enough for any others to overlap it
+            return original(text)
+        finally:
+            with guard:
+                running[0] -= 1
+    monkeypatch.setattr(chat, "safe_markdown", counting)
+    texts = [f"**answer {n}** " + "word " * (chat.BLOCK_IN_THREAD // 4) for n in range(6)]
+    answers = [dict(chat.answer_record(chat.Stream(f"s{n}", [])), text=text) for n, text in enumerate(texts)]
+    bubbles = [g.get(timeout=30) for g in [gevent.spawn(chat.render_answer, a) for a in answers]]
+    assert most[0] == 1
+    assert all(f"<strong>answer {n}</strong>" in bubble for n, bubble in enumerate(bubbles))
+
+
+def test_a_large_write_to_a_reader_waits_for_its_turn_of_the_loop(monkeypatch):
+    """A write bigger than LARGE_WRITE (a long answer's bubble) first lets what is ready run (give_way); a
+    token's write never waits."""
+    turns = []
+    monkeypatch.setattr(chat, "give_way", lambda: turns.append(1))
+    small, large = b"x" * 100, b"x" * (chat.LARGE_WRITE + 1)
+    assert chat.in_turn(small) is small and turns == []
+    assert chat.in_turn(large) is large and turns == [1]
+
+
 def owner_cookie_header():
     """The test browser's owner cookie as a Cookie header value."""
     return f"chat_owner={web.cookies['chat_owner']}"
