@@ -13,10 +13,11 @@ OPENAI_API_KEY, CHAT_MODEL, HOST, PORT, CHAT_DB (SQLite file), CHAT_PASSWORD,
 CHAT_DATABASE_URL (PostgreSQL instead), and the limits and defaults `--help` lists.
 
 How a token travels: upstream bytes -> relay_upstream() greenlet (split lines, parse
-SSE, parse JSON chunk) -> Stream.token() logs its text once (AnswerLog), frames it for
-each reader's Queue, and renders each Markdown block that it completes (MarkdownBlocks)
--> the /events generator drains everything queued into one write -> htmx-ext-sse
-appends the <span> (and the rendered block) to the bubble.
+SSE, parse JSON chunk) -> Stream.token() logs its text once (AnswerLog), frames it once
+and writes it to each reader that keeps up (Outlet; a reader behind gets it through its
+queue, its /events generator draining everything queued into one write), and renders each
+Markdown block that it completes (MarkdownBlocks) -> htmx-ext-sse appends the <span> (and
+the rendered block) to the bubble.
 
 Sections, in the order data flows: configuration, upstream client, models and their
 context, <think> reasoning, SSE framing, streams, rendering, storage (SQLite or
@@ -1264,7 +1265,7 @@ class Stream:
         self.saved = 0                # how many events the store has seen
         self.log = AnswerLog(stream_id)
         self.blocks = MarkdownBlocks()
-        self.readers = set()          # one Queue per connected /events response
+        self.readers = set()          # one Outlet per connected /events response (or page)
         self.completion = Completion(keep_text=False)  # the log keeps the text
         self.started = self.last_activity = self.left_at = time.monotonic()
         self.first_byte_at = None     # the upstream's first body byte: waiting ends, silence counts
@@ -2070,6 +2071,12 @@ class RedisStreams(Streams):
         """A key's lifetime in milliseconds."""
         return int(seconds * 1000)
 
+    @classmethod
+    def kept_ms(cls):
+        """How long a live answer's records outlive its last renewal: its lease, then at least 30 s more, so that
+        a process started again after a crash (or any other) still finds the text to finish the answer with."""
+        return cls.ttl_ms(settings.lease_seconds + max(settings.lease_seconds, 30))
+
     # -- writing -----------------------------------------------------------------------------
 
     def reserve(self, owner, conversation_id=None):
@@ -2082,7 +2089,7 @@ class RedisStreams(Streams):
             verdict = self.reserve_script(
                 keys=[owned, writer, job],
                 args=[stream.id, now, now + settings.lease_seconds, settings.streams_per_owner,
-                      self.ttl_ms(settings.lease_seconds * 2), owner, self.instance, 1 if conversation_id else 0])
+                      self.kept_ms(), owner, self.instance, 1 if conversation_id else 0])
         except self.errors as exc:
             super().forget(stream)
             log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
@@ -2104,7 +2111,7 @@ class RedisStreams(Streams):
     def establish(self, pipe, stream):
         """Queue the commands that (re)create an answer's job record, leases and pointers."""
         log_key, job, leases, owned, writer = self.keys(stream.id, stream.owner, stream.conversation_id)
-        until, ttl = time.time() + settings.lease_seconds, self.ttl_ms(settings.lease_seconds * 2)
+        until, ttl = time.time() + settings.lease_seconds, self.kept_ms()
         pipe.hset(job, mapping={"owner": stream.owner, "instance": self.instance, "alive": until, "stop": 0,
                                 "done": 0, "message": stream.message_id or "",
                                 "conversation": stream.conversation_id or "", "model": stream.model or "",
@@ -2266,7 +2273,7 @@ class RedisStreams(Streams):
             else:
                 payload = text.encode()
             pipe.xadd(log_key, {"k": KIND_CODES[kind], "v": payload}, id=f"{n}-0")
-        pipe.pexpire(log_key, self.ttl_ms(settings.lease_seconds * 2))
+        pipe.pexpire(log_key, self.kept_ms())
         pipe.execute()
         stream.flushed = upto
         self.deliver(stream.id, [(NUDGE, None, False)])  # readers here read what they missed from the log
@@ -2559,7 +2566,7 @@ class RedisStreams(Streams):
         live = [s for s in self.by_id.values() if s.finished_at is None and s.greenlet is not None]
         if not live:
             return
-        args = [time.time() + settings.lease_seconds, self.ttl_ms(settings.lease_seconds * 2)]
+        args = [time.time() + settings.lease_seconds, self.kept_ms()]
         for stream in live:
             args += (stream.id, stream.owner, stream.conversation_id or "", stream.message_id or "")
         lost = self.redis.pipeline(transaction=False)

@@ -5602,6 +5602,46 @@ def test_a_killed_writer_s_readers_elsewhere_get_an_interrupted_bubble_with_the_
     assert "Half an answer" in source_text(page)
 
 
+def test_more_dead_answers_than_one_pass_finishes_are_all_finished(cluster, upstream):
+    """kill -9 a process writing more answers than the janitor finishes in one pass (16): the readers on B of
+    every one of them get an interrupted bubble with the text they saw, a pass or two later."""
+    a, b = cluster(2, CHAT_LEASE_SECONDS="2", CHAT_STREAMS_PER_OWNER="40", CHAT_READERS_PER_OWNER="100")
+    body = answer("Half", " an", " answer", " and", " the", " rest")
+    upstream.serve(body, hang_at=after_event(body, b'" answer"'))
+    ids = [stream_of(web.post(a.url + "/streaming", data={"prompt": f"Question {n}"}, timeout=5)) for n in range(20)]
+    readers = [SSEReader(b.url, stream_id) for stream_id in ids]
+    for reader in readers:
+        reader.read_until(lambda t: t.message == "Half an answer", what="the first tokens on B")
+    a.process.kill()
+    a.process.wait(timeout=5)
+    for reader in readers:
+        transcript = reader.read_until(lambda t: t.finished, timeout=20, what="the interrupted bubble")
+        reader.close()
+        assert source_text(transcript.done) == "Half an answer"
+        assert any("server stopped" in n for n in notes(transcript.done))
+
+
+def test_a_process_started_again_after_the_lease_ran_out_still_finishes_the_answer(cluster, upstream, redis_url):
+    """kill -9 the only process and start one again late (the lease long over): the dead answer's records are
+    still in Redis, so its reader gets the interrupted bubble with the text it saw, not a missing answer."""
+    import redis
+    (a,) = cluster(1, CHAT_LEASE_SECONDS="1")
+    body = answer("Half", " an", " answer", " and", " the", " rest")
+    upstream.serve(body, hang_at=after_event(body, b'" answer"'))
+    stream_id = stream_of(web.post(a.url + "/streaming", data={"prompt": "Tell me everything"}, timeout=5))
+    SSEReader(a.url, stream_id).read_until(lambda t: t.message == "Half an answer", what="the first tokens")
+    a.process.kill()
+    a.process.wait(timeout=5)
+    alive = float(redis.Redis.from_url(redis_url).hget(f"chat:{stream_id}:job", "alive"))
+    wait_until(lambda: time.time() > alive + 1.5, timeout=10, what="a restart slower than twice the lease")
+    (b,) = cluster(1, CHAT_LEASE_SECONDS="1")
+    reader = SSEReader(b.url, stream_id)
+    transcript = reader.read_until(lambda t: t.finished, timeout=15, what="the interrupted bubble")
+    reader.close()
+    assert source_text(transcript.done) == "Half an answer"
+    assert any("server stopped" in n for n in notes(transcript.done))
+
+
 def test_an_answer_outlives_its_lease_while_its_writer_lives(cluster, upstream, postgres_url):
     """An answer that takes many leases' time is renewed by its writer: nobody takes it for dead, and Stop still
     reaches it through the flag the writer's janitor reads."""
