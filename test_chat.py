@@ -3812,12 +3812,9 @@ def count_direct_sends(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
-def test_a_reader_that_keeps_up_is_written_straight_from_the_relay(server, upstream, monkeypatch, version):
-    """A reader waiting with everything sent is written each token by the relay itself, framed as its response
-    is (chunked for HTTP/1.1, plain for HTTP/1.0): the bytes decode to every token in order, then done."""
-    calls = count_direct_sends(monkeypatch)
-    parts = [f"t{n} " for n in range(200)]
+def read_a_waiting_reader(server, upstream, parts, version="HTTP/1.1", rcvbuf=None, unread_until_done=False):
+    """Post an answer of parts, held until a raw /events reader waits with everything sent, then let it stream
+    (unread_until_done: the reader takes nothing until the answer is finished); returns (head, body)."""
     body = answer(*parts)
     upstream.serve(body, pause_at=after_event(body, b'"role"'))
     stream_id = post_prompt(server)
@@ -3826,11 +3823,27 @@ def test_a_reader_that_keeps_up_is_written_straight_from_the_relay(server, upstr
     def connected(sock):
         wait_until(lambda: any(reader.idle for reader in stream.readers), what="the reader waiting, all sent")
         upstream.release()
-    head, raw = read_raw_events(server, stream_id, version, connected=connected)
+        if unread_until_done:
+            wait_until(lambda: stream.finished, timeout=15, what="the answer, read by nobody meanwhile")
+    return read_raw_events(server, stream_id, version, rcvbuf=rcvbuf, connected=connected)
+
+
+def span_text(events):
+    """The text of the token events before the done event."""
+    return "".join(re.findall(r"<span>(.*?)</span>", events.split("event: done")[0]))
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_a_reader_that_keeps_up_is_written_straight_from_the_relay(server, upstream, monkeypatch, version):
+    """A reader waiting with everything sent is written each token by the relay itself, framed as its response
+    is (chunked for HTTP/1.1, plain for HTTP/1.0): the bytes decode to every token in order, then done."""
+    calls = count_direct_sends(monkeypatch)
+    parts = [f"t{n} " for n in range(200)]
+    head, raw = read_a_waiting_reader(server, upstream, parts, version)
     chunked = b"transfer-encoding: chunked" in head.lower()
     assert chunked == (version == "HTTP/1.1")
     events = (dechunk(raw) if chunked else raw).decode()
-    assert "".join(re.findall(r"<span>(.*?)</span>", events.split("event: done")[0])) == "".join(parts)
+    assert span_text(events) == "".join(parts)
     assert "event: done" in events
     assert len(calls) >= len(parts)  # each token was sent by the relay, not by the reader's greenlet
 
@@ -3842,18 +3855,8 @@ def test_a_reader_whose_socket_fills_mid_frame_gets_the_rest_first_then_everythi
     calls = count_direct_sends(monkeypatch)
     monkeypatch.setattr(chat, "SEND_BUFFER", 4096)  # the kernel holds little for this client: it fills soon
     parts = [f"w{n} " * 10 for n in range(1500)]  # ~100 KB of frames
-    body = answer(*parts)
-    upstream.serve(body, pause_at=after_event(body, b'"role"'))
-    stream_id = post_prompt(server)
-    stream = chat.streams.get(stream_id)
-
-    def connected(sock):
-        wait_until(lambda: any(reader.idle for reader in stream.readers), what="the reader waiting, all sent")
-        upstream.release()
-        wait_until(lambda: stream.finished, timeout=15, what="the answer, read by nobody meanwhile")
-    _, raw = read_raw_events(server, stream_id, rcvbuf=4096, connected=connected)
-    events = dechunk(raw).decode()
-    assert "".join(re.findall(r"<span>(.*?)</span>", events.split("event: done")[0])) == "".join(parts)
+    _, raw = read_a_waiting_reader(server, upstream, parts, rcvbuf=4096, unread_until_done=True)
+    assert span_text(dechunk(raw).decode()) == "".join(parts)
     assert any(rest for _, rest in calls), "no direct write was cut short: the test did not fill the socket"
 
 
