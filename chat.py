@@ -963,7 +963,6 @@ def pause_if_behind(sock):
     return True
 
 
-
 class Outlet:
     """One reader of a live answer: a queue its greenlet waits on, and, while that greenlet waits with everything
     sent, its connection, written to straight from the greenlet that publishes.
@@ -1033,6 +1032,10 @@ class Outlet:
             items.append(self.queue.get_nowait())
         self.send_rest()  # a frame cut short while this waited goes before everything queued after it
         return [item for item in items if item is not self.WAKE]
+
+    def pause_if_behind(self):
+        """In the reader's greenlet, after a write: pause_if_behind() on its connection (if it has one)."""
+        return pause_if_behind(self.handler.socket if self.handler is not None else None)
 
     def send_rest(self):
         """In the reader's greenlet: send the part of a frame the socket did not take, however long it takes
@@ -2369,7 +2372,7 @@ class RedisStreams(Streams):
                         reader.behind = True  # a gap (pub/sub dropped something): the log has it
                 if out:
                     yield in_turn(b"".join(out))
-                    pause_if_behind(environ.get("chat.socket"))
+                    reader.pause_if_behind()
         finally:
             self.detach(stream_id, reader)
 
@@ -2438,11 +2441,16 @@ class RedisStreams(Streams):
     def deliver(self, stream_id, events):
         """Hand events of a stream, [(id, frame, done)], to this process's readers of it: one queue item
         each, however many events."""
+        if not events:
+            return
+        # Straight to the socket of a reader that is idle, if these are in order, without the end, and come
+        # next for it: then they are joined once for all such readers.
+        first, frames = events[0][0], None
+        in_order = all(n == first + i and not done for i, (n, _, done) in enumerate(events))
         for reader in self.feeds.get(stream_id, ()):
-            # Straight to the socket when the reader is idle and these come next, in order, without the end.
-            if reader.idle and not reader.behind and all(n == reader.last + 1 + i and not done
-                                                          for i, (n, _, done) in enumerate(events)):
-                if reader.send_now(b"".join(frame for _, frame, _ in events)):
+            if in_order and reader.idle and not reader.behind and reader.last + 1 == first:
+                frames = frames or b"".join(frame for _, frame, _ in events)
+                if reader.send_now(frames):
                     reader.last += len(events)
                     continue
             reader.enqueue(events)
@@ -3060,7 +3068,7 @@ def render_answer(answer, last=True, nav=""):
         if answer_html is None:
             raise ValueError("rendering failed")
         return template("answer", answer=answer, answer_html=answer_html, last=last,
-                               error=short_error(answer["error"]), nav=nav)
+                        error=short_error(answer["error"]), nav=nav)
     except Exception:  # noqa: BLE001 — a rendering bug must not break the bubble or the page
         log.exception("rendering an answer failed")
         answer = dict(answer, error=answer["error"] or "chat.py could not render this answer.")
@@ -3081,7 +3089,7 @@ def render_plain(answer):
     """The finished bubble without Markdown: the fallback if rendering ever fails."""
     text = answer["text"]
     return template("answer", answer=answer, last=False, error=short_error(answer["error"]), nav="",
-                           answer_html=f"<pre>{html.escape(text)}</pre>" if text else "")
+                    answer_html=f"<pre>{html.escape(text)}</pre>" if text else "")
 
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -4227,7 +4235,7 @@ def login():
         bottle.response.status = 429
         bottle.response.set_header("Retry-After", "6")
         return template("login", error="Too many wrong passwords. Wait a few seconds and try again.",
-                               next=next_page())
+                        next=next_page())
     given = (bottle.request.forms.getunicode("password", default="") or "").encode()
     if not hmac.compare_digest(hashlib.sha256(given).digest(),
                                hashlib.sha256(settings.password.encode()).digest()):
@@ -4278,12 +4286,12 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     system = conversation["system_prompt"] if conversation else store.owner_system_prompt(owner())
     params = {name: conversation[name] if conversation else None for name in PARAMETERS}
     page = template("page", demo=settings.demo, upstream=settings.upstream_label(),
-                           conversation=conversation, conversations=store.conversations(owner()),
-                           bubbles=bubbles, models=models, model=model, label=model_label,
-                           password=bool(settings.password), draft=draft, error=error, leaf=leaf,
-                           system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
-                           results=results, query=query,
-                           answering=any(b is not LIVE_ANSWER and 'class="msg assistant streaming' in b for b in bubbles))
+                    conversation=conversation, conversations=store.conversations(owner()),
+                    bubbles=bubbles, models=models, model=model, label=model_label,
+                    password=bool(settings.password), draft=draft, error=error, leaf=leaf,
+                    system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
+                    results=results, query=query,
+                    answering=any(b is not LIVE_ANSWER and 'class="msg assistant streaming' in b for b in bubbles))
     if live is None:
         return page
     before, _, after = page.partition(LIVE_ANSWER)
@@ -4300,10 +4308,10 @@ def render_bubbles(conversation, at=None, plain=False):
     for row in path:
         siblings = tree.siblings(row)
         nav = template("siblings", conversation_id=conversation["id"], ids=siblings,
-                              position=siblings.index(row["id"])) if len(siblings) > 1 else ""
+                       position=siblings.index(row["id"])) if len(siblings) > 1 else ""
         if row["role"] == "user":
             bubbles.append(template("user", prompt=row["content"], message_id=row["id"],
-                                           conversation_id=conversation["id"], nav=nav))
+                                    conversation_id=conversation["id"], nav=nav))
             continue
         stream = streams.for_message(row["id"], conversation["id"]) if row["status"] == "streaming" else None
         # A page without JavaScript can follow an answer only in the process writing it.
@@ -4381,7 +4389,7 @@ def model_options():
     """The model picker's options, once the background fetch of /models has answered (or given up)."""
     models = catalog.wait()
     return template("model_options", models=models, model=settings.model or (models[0] if models else None),
-                           label=model_label)
+                    label=model_label)
 
 
 @app.get("/c/<conversation_id>")
@@ -4549,7 +4557,7 @@ def start_streaming():
     if created:
         bottle.response.set_header("HX-Push-Url", f"/c/{conversation_id}")
     return template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation,
-                           created=created, question_id=question, leaf=stream.message_id)
+                    created=created, question_id=question, leaf=stream.message_id)
 
 
 def form_parent(forms, conversation):
@@ -4739,9 +4747,8 @@ def events():
 
 def stream_events(stream, last_id, environ=None):
     """Yield the frames after last_id, then live ones, draining the reader's queue into one write each time
-    (sock: the reader's connection, to notice it falling behind)."""
+    (environ: the request's, for its connection)."""
     environ = environ or {}
-    sock = environ.get("chat.socket")
     logged = len(stream.log.kinds)  # token events; a reader's queue takes everything after these
     if stream.finished:
         # A reader that already has everything still gets done again: an empty
@@ -4765,7 +4772,7 @@ def stream_events(stream, last_id, environ=None):
             # The done frame was in this batch if the stream finished and nothing came after.
             if stream.finished and not reader.queue.qsize():
                 return
-            pause_if_behind(sock)
+            reader.pause_if_behind()
     finally:
         stream.readers.discard(reader)
         stream.left_at = time.monotonic()
@@ -4888,9 +4895,8 @@ class Handler(WSGIHandler):
         super().handle_error(t, v, tb)
 
     def get_environ(self):
-        """The WSGI environment, with the connection (for /events to notice a reader falling behind)."""
+        """The WSGI environment, with this handler (for /events to write to its connection)."""
         environ = super().get_environ()
-        environ["chat.socket"] = self.socket
         environ["chat.handler"] = self
         return environ
 
