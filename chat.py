@@ -969,8 +969,9 @@ class Outlet:
 
     With many readers this is what counts: a token costs each one a non-blocking send instead of a queue, a
     wake-up and two switches of its own greenlet, so a crowd of readers (or of stuck ones, until the
-    kernel's buffers for them fill) does not hold the loop. What the socket does not take at once is sent
-    by the reader's greenlet, and everything after it goes through the queue, in order.
+    kernel's buffers for them fill: SLOW_READER_BYTES not yet sent) does not hold the loop. What the socket
+    does not take at once is sent by the reader's greenlet, and everything after it goes through the
+    queue, in order.
     """
 
     __slots__ = ("queue", "handler", "chunked", "idle", "rest")
@@ -2372,7 +2373,7 @@ class RedisStreams(Streams):
                         reader.behind = True  # a gap (pub/sub dropped something): the log has it
                 if out:
                     yield in_turn(b"".join(out))
-                    reader.pause_if_behind()
+                reader.pause_if_behind()  # (also when woken with nothing new: a write the socket refused)
         finally:
             self.detach(stream_id, reader)
 
@@ -4957,6 +4958,11 @@ class Server(WSGIServer):
             sock.settimeout(settings.write_timeout * random.uniform(1, 1.1))  # spread, as the heads' deadlines
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            # And the kernel takes more only while it holds less than this not yet sent: a reader that
+            # stops reading soon refuses the relay's writes, so its greenlet takes over, waiting until the
+            # socket drains (or CHAT_WRITE_TIMEOUT), and its tokens cost a queue entry each, not a write.
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, SLOW_READER_BYTES)
             return super().handle(sock, address)
         finally:
             self.connections -= 1

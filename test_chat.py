@@ -3860,6 +3860,21 @@ def test_a_reader_whose_socket_fills_mid_frame_gets_the_rest_first_then_everythi
     assert any(rest for _, rest in calls), "no direct write was cut short: the test did not fill the socket"
 
 
+def test_a_reader_written_straight_that_stops_reading_is_handed_to_its_greenlet_and_written_in_batches(
+        server, upstream, monkeypatch):
+    """A reader written straight from the relay that stops taking data is found behind within SLOW_READER_BYTES
+    more: from then on its own greenlet writes it a few times a second (not the relay once a token, which
+    a crowd of stuck readers would make the loop's main work), and it still gets every token in order."""
+    calls = count_direct_sends(monkeypatch)
+    parts = [f"w{n} " * 10 for n in range(1500)]  # ~100 KB of frames; the server's buffer (SEND_BUFFER) holds them
+    _, raw = read_a_waiting_reader(server, upstream, parts, rcvbuf=4096, unread_until_done=True)
+    assert span_text(dechunk(raw).decode()) == "".join(parts)
+    straight = sum(size for size, _ in calls)
+    # What the client's small buffer took, the bytes until the next check, and one frame: no more.
+    assert straight < 2 * chat.SLOW_READER_BYTES + 16384, straight
+    assert len(calls) < len(parts) / 2, len(calls)
+
+
 def test_requests_leave_nothing_to_the_cyclic_garbage_collector(server, upstream, open_sse):
     """A page, a send, its answer read to the end, a 404 and a static file leave no reference cycles of the
     request (handler, environ, bottle's request, template namespaces): freed at once, so a flood of requests
@@ -5579,6 +5594,34 @@ def test_the_per_owner_limit_holds_across_processes(cluster, upstream):
     assert clash.status_code == 409
     upstream.release()
     SSEReader(processes[2].url, stream_of(busy)).read_until(lambda t: t.finished, what="done")
+
+
+def test_readers_connecting_at_once_are_counted_exactly_on_every_process(cluster, upstream):
+    """Attack 5 with Redis: ten readers of one live answer connect together, on the writer and on another process:
+    each process lets in exactly CHAT_READERS_PER_STREAM of them (check and registration are one step) and
+    refuses the rest with 429."""
+    a, b = cluster(2, CHAT_READERS_PER_STREAM="4")
+    body = answer("Slow", " answer")
+    reply = upstream.serve(body, pause_at=after_event(body, b'"Slow"'))
+    stream_id = stream_of(web.post(a.url + "/streaming", data={"prompt": "go"}, timeout=5))
+    opened = []
+    for process in (a, b):
+        head = (f"GET /events?stream={stream_id} HTTP/1.1\r\nHost: 127.0.0.1:{process.port}\r\n"
+                f"Accept: text/event-stream\r\nCookie: {owner_cookie_header()}\r\n\r\n").encode()
+        socks = [socket.create_connection(("127.0.0.1", process.port), timeout=5) for _ in range(10)]
+        opened += socks
+        for sock in socks:  # all ten requests are in before the first is read
+            sock.sendall(head)
+        heads = [sock.recv(12) for sock in socks]
+        assert sorted(h[9:12] for h in heads) == [b"200"] * 4 + [b"429"] * 6, process.url
+        admitted = [sock for sock, h in zip(socks, heads) if h[9:12] == b"200"]
+    reply.gate.set()
+    received = b""
+    with gevent.Timeout(10, AssertionError("no done on an admitted reader")):
+        while b"event: done" not in received:
+            received += admitted[0].recv(65536)
+    for sock in opened:
+        sock.close()
 
 
 def test_a_killed_writer_s_readers_elsewhere_get_an_interrupted_bubble_with_the_text(cluster, upstream):

@@ -1440,6 +1440,20 @@ async def fault_stuck(soak, seconds, huge=False):
         tracked.append({"sock": s, "port": s.getsockname()[1], "t_open": time.monotonic(), "released": None,
                         "state": None, "kind": kind})
 
+    async def answered(socks, deadline=10.0):
+        # Until each socket has the start of a response (or the deadline): peeked, so the reader still never reads.
+        end_wait = time.monotonic() + deadline
+        for s in socks:
+            while time.monotonic() < end_wait:
+                try:
+                    s.recv(1, socket.MSG_PEEK)  # a byte, or b"" once closed: either way it was answered
+                    break
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    break
+                await asyncio.sleep(0.01)
+
     async def start_stream(jar, xff, prompt):
         try:
             status, _, body = await http(soak.port, "POST", "/streaming", xff=xff, jar=jar,
@@ -1465,7 +1479,9 @@ async def fault_stuck(soak, seconds, huge=False):
                 await asyncio.gather(*(stuck_reader(sid, jar, xff, "huge" if huge else "long")
                                        for _ in range(per_stream)))
             if o == 0 and wave == 0 and ids:
-                # One reader more than CHAT_READERS_PER_STREAM: refused.
+                # One reader more than CHAT_READERS_PER_STREAM: refused. Sent once the others have their
+                # response heads, so that it is the 17th to reach chat.py, not only the 17th to be sent.
+                await answered([t["sock"] for t in tracked if t["kind"] == ("huge" if huge else "long")][:per_stream])
                 r = await read_events(soak.port, ids[0], jar, xff, idle=5)
                 extra.append(r["http"])
             wave += 1
@@ -1958,9 +1974,11 @@ def build_report(soak):
         return [x / 1e6 for x in lat[a:b]]
 
     baseline = next(p for p in soak.phases if p["kind"] == "baseline")
-    # The reference: the median p99* of every quiet window (baseline, the quiet after each fault,
-    # recovery), all under the same steady load; one window disturbed by the machine's other
-    # work does not move it much.
+    # The reference: p99* of the tokens of every quiet window taken together (baseline, the quiet
+    # after each fault, recovery), all under the same steady load, interleaved with the faults, so
+    # it sees the machine's hiccups as often as a fault phase does. (The median of each window's
+    # own p99* is kept for comparison: quiet windows are short, most hold no hiccup at all, so it
+    # is lower than the p99* of a longer phase with no fault in it: of the baseline, for one.)
     # Only windows this machine's other work left alone count (see noisy()); if fewer than two were, all count.
     quiet = []
     for p in soak.phases:
@@ -1976,14 +1994,18 @@ def build_report(soak):
         ours = [x["ours_cpu_s"] for x in allsmp]
         foreign = (max(0.0, (busy[-1] - busy[0]) - (ours[-1] - ours[0])) / ((t1 - t0) / 1e9)
                    if len(busy) > 1 else None)
-        quiet.append({"phase": p["name"], "p99_clean_ms": percentile(lat_ms(t0, t1, clean=True), 0.99),
+        window = lat_ms(t0, t1, clean=True)
+        quiet.append({"phase": p["name"], "p99_clean_ms": percentile(window, 0.99), "tokens": window,
                       "runqueue_wait_ms_per_s": rq, "floor_p99_ms": fl, "foreign_cpu": foreign,
                       "clean": fl is not None and not noisy(fl, foreign)})
-    clean_windows = [q["p99_clean_ms"] for q in quiet if q["clean"] and q["p99_clean_ms"] is not None]
-    every_window = [q["p99_clean_ms"] for q in quiet if q["p99_clean_ms"] is not None]
+    clean_windows = [q for q in quiet if q["clean"] and q["tokens"]]
+    every_window = [q for q in quiet if q["tokens"]]
     use = clean_windows if len(clean_windows) >= 2 else every_window
-    base_p99 = statistics.median(use) if use else None
-    soak.reference = {"windows": quiet, "median": base_p99, "from": "clean" if use is clean_windows else "all",
+    base_p99 = percentile([x for q in use for x in q["tokens"]], 0.99) if use else None
+    for q in quiet:
+        del q["tokens"]
+    soak.reference = {"windows": quiet, "pooled": base_p99, "from": "clean" if use is clean_windows else "all",
+                      "median_of_windows": statistics.median(q["p99_clean_ms"] for q in use) if use else None,
                       "baseline_window": percentile(lat_ms(*soak.window(baseline), clean=True), 0.99)}
     base_samples = soak.samples_in(*soak.window(baseline))
     base_rss = max((s["rss_kb"] for s in base_samples if s["rss_kb"]), default=None)
@@ -2239,10 +2261,11 @@ def print_table(rows, base_p99, soak):
     print("keeps freed memory, so this asks whether the fault left memory behind), fds vs the baseline (<= +10).")
     ref = soak.reference
     n_clean = sum(1 for q in ref["windows"] if q["clean"])
-    print(f"Reference p99*: {fmt(base_p99, 2)} ms, the median of "
+    print(f"Reference p99*: {fmt(base_p99, 2)} ms, of the tokens of "
           + (f"the {n_clean} clean quiet windows (floor <= 10 ms, other processes <= one core)"
              if ref["from"] == "clean" else f"all {len(ref['windows'])} quiet windows (fewer than 2 were clean)")
-          + f"; the baseline window alone: {fmt(ref['baseline_window'], 2)} ms. ~: this phase was not clean either.")
+          + f" taken together; the median of their own p99*: {fmt(ref['median_of_windows'], 2)} ms; the baseline"
+          f" window alone: {fmt(ref['baseline_window'], 2)} ms. ~: this phase was not clean either.")
     print()
     for r in rows:
         e = r["effect"]
