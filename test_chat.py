@@ -3862,9 +3862,10 @@ def test_a_reader_whose_socket_fills_mid_frame_gets_the_rest_first_then_everythi
 
 def test_a_reader_written_straight_that_stops_reading_is_handed_to_its_greenlet_and_written_in_batches(
         server, upstream, monkeypatch):
-    """A reader written straight from the relay that stops taking data is found behind within SLOW_READER_BYTES
-    more: from then on its own greenlet writes it a few times a second (not the relay once a token, which
-    a crowd of stuck readers would make the loop's main work), and it still gets every token in order."""
+    """A reader written straight from the relay that stops taking data refuses the relay's writes within about
+    SLOW_READER_BYTES more (TCP_NOTSENT_LOWAT): from then on its own greenlet writes it, in batches (not the
+    relay once a token, which a crowd of stuck readers would make the loop's main work), and it still gets
+    every token in order."""
     calls = count_direct_sends(monkeypatch)
     parts = [f"w{n} " * 10 for n in range(1500)]  # ~100 KB of frames; the server's buffer (SEND_BUFFER) holds them
     _, raw = read_a_waiting_reader(server, upstream, parts, rcvbuf=4096, unread_until_done=True)
