@@ -1249,10 +1249,12 @@ class Soak:
         return data.decode("utf-8", "replace")
 
 
-def noisy(floor_p99_ms, foreign_cpu):
+def noisy(floor_p99_ms, foreign_cpu, typical_floor_ms=None):
     """True when this machine's other work disturbed a window: the control chats (no chat.py in the path)
-    had p99 > 10 ms, or other processes used more than a whole core of the two."""
-    return (floor_p99_ms or 0) > 10 or (foreign_cpu or 0) > 1.0
+    had p99 > 10 ms, or more than 3 x their typical p99 (the median over the quiet windows; at least 1 ms),
+    or other processes used more than a whole core of the two."""
+    limit = min(10.0, max(1.0, 3 * typical_floor_ms)) if typical_floor_ms else 10.0
+    return (floor_p99_ms or 0) > limit or (foreign_cpu or 0) > 1.0
 
 
 def judge(rec, by_conv):
@@ -1996,8 +1998,12 @@ def build_report(soak):
                    if len(busy) > 1 else None)
         window = lat_ms(t0, t1, clean=True)
         quiet.append({"phase": p["name"], "p99_clean_ms": percentile(window, 0.99), "tokens": window,
-                      "runqueue_wait_ms_per_s": rq, "floor_p99_ms": fl, "foreign_cpu": foreign,
-                      "clean": fl is not None and not noisy(fl, foreign)})
+                      "runqueue_wait_ms_per_s": rq, "floor_p99_ms": fl, "foreign_cpu": foreign})
+    floors = [q["floor_p99_ms"] for q in quiet if q["floor_p99_ms"] is not None]
+    soak.typical_floor = statistics.median(floors) if floors else None
+    for q in quiet:
+        q["clean"] = q["floor_p99_ms"] is not None and not noisy(q["floor_p99_ms"], q["foreign_cpu"],
+                                                                 soak.typical_floor)
     clean_windows = [q for q in quiet if q["clean"] and q["tokens"]]
     every_window = [q for q in quiet if q["tokens"]]
     use = clean_windows if len(clean_windows) >= 2 else every_window
@@ -2180,7 +2186,7 @@ def weaknesses(soak, rows, base_p99):
                       f"{fmt((r['foreign_cpu'] or 0) * 100, 0)} % of a core)")
             if r["p99_clean_ms"] - (base_p99 or 0) < 5:
                 e.setdefault("notes", []).append("above 2 x, but by less than 5 ms: " + detail)
-            elif not noisy(r["floor_p99_ms"], r["foreign_cpu"]):
+            elif not noisy(r["floor_p99_ms"], r["foreign_cpu"], soak.typical_floor):
                 w.append("well-behaved chats slowed: " + detail)
             else:
                 e.setdefault("notes", []).append("slower, but the machine interfered: " + detail)
@@ -2238,7 +2244,7 @@ def print_table(rows, base_p99, soak):
         e = r["effect"] or {}
         effect = "-" if not e else ("skip" if e.get("skipped") else ("ok" if e.get("ok") else "NO"))
         ratio = r["p99_ratio"]
-        mark = "~" if noisy(r["floor_p99_ms"], r["foreign_cpu"]) else ""
+        mark = "~" if noisy(r["floor_p99_ms"], r["foreign_cpu"], soak.typical_floor) else ""
         print(f"{r['phase']:<20} {r['seconds']:>5.0f} {r['chats_done']:>5} {r['chats_failed']:>5} "
               f"{r['answers_lost']:>5} {fmt(r['p50_ms'], 2):>6} "
               f"{fmt(r['p99_clean_ms'], 2):>7} {mark + fmt(ratio, 2) + ('!' if ratio and ratio > 2 else ' '):>7} "
@@ -2262,7 +2268,8 @@ def print_table(rows, base_p99, soak):
     ref = soak.reference
     n_clean = sum(1 for q in ref["windows"] if q["clean"])
     print(f"Reference p99*: {fmt(base_p99, 2)} ms, of the tokens of "
-          + (f"the {n_clean} clean quiet windows (floor <= 10 ms, other processes <= one core)"
+          + (f"the {n_clean} clean quiet windows (floor <= {fmt(min(10.0, max(1.0, 3 * (soak.typical_floor or 10))), 2)} ms:"
+             f" 3 x its median {fmt(soak.typical_floor, 2)} ms, 1-10 ms; other processes <= one core)"
              if ref["from"] == "clean" else f"all {len(ref['windows'])} quiet windows (fewer than 2 were clean)")
           + f" taken together; the median of their own p99*: {fmt(ref['median_of_windows'], 2)} ms; the baseline"
           f" window alone: {fmt(ref['baseline_window'], 2)} ms. ~: this phase was not clean either.")
