@@ -2331,6 +2331,15 @@ class RedisStreams(Streams):
             return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
         if job.get(b"owner", b"").decode() != owner:
             bottle.abort(404, "No such answer.")
+        if job.get(b"done") == b"1":
+            # Finished: its done bubble, which replaces every token in the page, is all a reader needs.
+            # Reading the log instead would cost each reconnect a parse of every token of the answer.
+            try:
+                last = self.redis.xrevrange(f"chat:{stream_id}:log", "+", "-", count=1)
+            except self.errors:
+                return [SSE_HELLO]
+            if last and last[0][1].get(b"k") == b"d":
+                return [SSE_HELLO + last[0][1][b"v"]]
         feed = self.feeds.get(stream_id, ())
         if job.get(b"done") != b"1" and (len(feed) >= settings.readers_per_stream
                                          or self.owner_readers[owner] >= settings.readers_per_owner):
