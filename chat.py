@@ -2331,7 +2331,8 @@ class RedisStreams(Streams):
             return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
         if job.get(b"owner", b"").decode() != owner:
             bottle.abort(404, "No such answer.")
-        if job.get(b"done") == b"1":
+        done = job.get(b"done") == b"1"
+        if done:
             # Finished: its done bubble, which replaces every token in the page, is all a reader needs.
             # Reading the log instead would cost each reconnect a parse of every token of the answer.
             try:
@@ -2341,8 +2342,8 @@ class RedisStreams(Streams):
             if last and last[0][1].get(b"k") == b"d":
                 return [SSE_HELLO + last[0][1][b"v"]]
         feed = self.feeds.get(stream_id, ())
-        if job.get(b"done") != b"1" and (len(feed) >= settings.readers_per_stream
-                                         or self.owner_readers[owner] >= settings.readers_per_owner):
+        if not done and (len(feed) >= settings.readers_per_stream
+                         or self.owner_readers[owner] >= settings.readers_per_owner):
             bottle.abort(429, TOO_MANY_READERS)
         return self.read(stream_id, Reader(last_id, owner), bottle.request.environ)
 

@@ -1249,12 +1249,16 @@ class Soak:
         return data.decode("utf-8", "replace")
 
 
+def floor_limit(typical_floor_ms=None):
+    """The control chats' p99 above which a window counts as disturbed: 3 x their typical p99 (the median over
+    the quiet windows), within 1-10 ms; 10 ms when that is not known."""
+    return min(10.0, max(1.0, 3 * typical_floor_ms)) if typical_floor_ms else 10.0
+
+
 def noisy(floor_p99_ms, foreign_cpu, typical_floor_ms=None):
     """True when this machine's other work disturbed a window: the control chats (no chat.py in the path)
-    had p99 > 10 ms, or more than 3 x their typical p99 (the median over the quiet windows; at least 1 ms),
-    or other processes used more than a whole core of the two."""
-    limit = min(10.0, max(1.0, 3 * typical_floor_ms)) if typical_floor_ms else 10.0
-    return (floor_p99_ms or 0) > limit or (foreign_cpu or 0) > 1.0
+    had a p99 over floor_limit(), or other processes used more than a whole core of the two."""
+    return (floor_p99_ms or 0) > floor_limit(typical_floor_ms) or (foreign_cpu or 0) > 1.0
 
 
 def judge(rec, by_conv):
@@ -1406,7 +1410,7 @@ async def fault_stuck(soak, seconds, huge=False):
     per_stream = int(os.environ.get("SOAK_READERS_PER_STREAM", "16"))
     long_prompt = "stuck mode=paced rate=100 tokens=5000 pad=40"
     huge_prompt = "stuck-huge mode=flood chars=1000000 size=2 char=<"
-    tracked = []  # {"sock", "port", "t_open", "released", "state", "kind"}
+    tracked = []  # {"sock", "port", "t_open", "released", "state", "kind", "stream"}
     posts = collections.Counter()
     extra = []
     end = time.monotonic() + seconds
@@ -1440,7 +1444,7 @@ async def fault_stuck(soak, seconds, huge=False):
             s.close()
             return
         tracked.append({"sock": s, "port": s.getsockname()[1], "t_open": time.monotonic(), "released": None,
-                        "state": None, "kind": kind})
+                        "state": None, "kind": kind, "stream": stream_id})
 
     async def answered(socks, deadline=10.0):
         # Until each socket has the start of a response (or the deadline): peeked, so the reader still never reads.
@@ -1483,7 +1487,7 @@ async def fault_stuck(soak, seconds, huge=False):
             if o == 0 and wave == 0 and ids:
                 # One reader more than CHAT_READERS_PER_STREAM: refused. Sent once the others have their
                 # response heads, so that it is the 17th to reach chat.py, not only the 17th to be sent.
-                await answered([t["sock"] for t in tracked if t["kind"] == ("huge" if huge else "long")][:per_stream])
+                await answered([t["sock"] for t in tracked if t["stream"] == ids[0]])
                 r = await read_events(soak.port, ids[0], jar, xff, idle=5)
                 extra.append(r["http"])
             wave += 1
@@ -2268,7 +2272,7 @@ def print_table(rows, base_p99, soak):
     ref = soak.reference
     n_clean = sum(1 for q in ref["windows"] if q["clean"])
     print(f"Reference p99*: {fmt(base_p99, 2)} ms, of the tokens of "
-          + (f"the {n_clean} clean quiet windows (floor <= {fmt(min(10.0, max(1.0, 3 * (soak.typical_floor or 10))), 2)} ms:"
+          + (f"the {n_clean} clean quiet windows (floor <= {fmt(floor_limit(soak.typical_floor), 2)} ms:"
              f" 3 x its median {fmt(soak.typical_floor, 2)} ms, 1-10 ms; other processes <= one core)"
              if ref["from"] == "clean" else f"all {len(ref['windows'])} quiet windows (fewer than 2 were clean)")
           + f" taken together; the median of their own p99*: {fmt(ref['median_of_windows'], 2)} ms; the baseline"
