@@ -47,6 +47,7 @@ import html  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
@@ -138,7 +139,11 @@ class Settings:
         self.trusted_proxies = [ipaddress.ip_network(n.strip(), strict=False) for n in
                                 (env.get("CHAT_TRUSTED_PROXIES") or "127.0.0.0/8,::1").split(",") if n.strip()]
         self.new_owners_per_minute = float(env.get("CHAT_NEW_OWNERS_PER_MINUTE") or 10)
+        # New owners from every address together: what a flood of rotating addresses can add to the database.
+        self.new_owners_per_minute_total = float(env.get("CHAT_NEW_OWNERS_PER_MINUTE_TOTAL") or 60)
         self.max_connections = int(env.get("CHAT_MAX_CONNECTIONS") or 0) or default_max_connections()
+        # One client address's share of the connections (0: 10 % of the cap), so that no one client takes them all.
+        self.connections_per_address = int(env.get("CHAT_CONNECTIONS_PER_ADDRESS") or 0)
         self.readers_per_stream = int(env.get("CHAT_READERS_PER_STREAM") or 16)
         self.readers_per_owner = int(env.get("CHAT_READERS_PER_OWNER") or 64)
         # Stored text per owner (bytes of messages); beyond it new messages are refused.
@@ -160,6 +165,11 @@ class Settings:
         self.image_hosts = {h.strip().lower() for h in (env.get("CHAT_IMAGE_HOSTS") or "").split(",") if h.strip()}
         # Our own demo endpoint only answers this process (it may sit behind CHAT_PASSWORD).
         self.demo_key = env.get("CHAT_DEMO_KEY") or secrets.token_urlsafe(24)  # set by --workers for all
+
+    @property
+    def address_share(self):
+        """Connections one client address may hold at once."""
+        return self.connections_per_address or max(1, self.max_connections // 10)
 
     @property
     def demo(self):
@@ -3934,49 +3944,94 @@ class App(bottle.Bottle):
     """Bottle, with the checks every request passes before any route reads it, and the security headers."""
 
     def wsgi(self, environ, start_response):
-        """Refuse a foreign Host or an oversized body at once; add the security headers to every answer."""
+        """Refuse a foreign Host or a body that does not belong at once; add the security headers to every answer."""
         def start(status, headers, exc_info=None):
             names = {name.lower() for name, _ in headers}
             return start_response(status, headers + [h for h in security_headers() if h[0].lower() not in names],
                                   exc_info)
+        believe_forwarded(environ)
         refusal = check_request(environ)
         if refusal:
             environ["chat.refused"] = True  # the server must not read the body it refused
             status, message = refusal
-            start(status, [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close")])
-            return [message.encode()]
+            content_type, body = error_body(environ, status, message)
+            start(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                           ("Connection", "close")])
+            return [body]
         return super().wsgi(environ, start)
+
+    def default_error_handler(self, res):
+        """Every error Bottle makes itself (400, 404, 405, 411, 413, 416, 431...) gets the site's error answer."""
+        return error_page(res)
+
+
+# Request methods whose requests carry no body here: one that comes with one is refused unread.
+NO_BODY = ("GET", "HEAD", "OPTIONS", "DELETE")
+
+
+def believe_forwarded(environ):
+    """Keep X-Forwarded-Host and -Proto only from a trusted proxy: Bottle builds redirects from them."""
+    if not trusted_proxy(environ.get("REMOTE_ADDR") or ""):
+        environ.pop("HTTP_X_FORWARDED_HOST", None)
+        environ.pop("HTTP_X_FORWARDED_PROTO", None)
+    elif (environ.get("HTTP_X_FORWARDED_PROTO") or "").lower() not in ("", "http", "https"):
+        environ.pop("HTTP_X_FORWARDED_PROTO")
 
 
 def check_request(environ):
-    """(status, message) if the request must be refused before routing: Host, body size and shape, slow body."""
-    host = (environ.get("HTTP_HOST") or "").strip().lower()
-    if not host_allowed(host):
-        log_limited("host", "refused a request for the host %r (set CHAT_ALLOWED_HOSTS to allow it)", host[:100])
-        return ("421 Misdirected Request", "This server does not answer for that host name. Its operator can "
-                                           "allow it with CHAT_ALLOWED_HOSTS.\n")
-    if environ.get("REQUEST_METHOD") in ("GET", "HEAD", "OPTIONS", "DELETE") and not environ.get("CONTENT_LENGTH"):
-        return None
+    """(status, message) if the request must be refused before routing: Host, headers, body size and shape,
+    slow body."""
+    hosts = [environ.get("HTTP_HOST") or ""] + \
+        ([environ["HTTP_X_FORWARDED_HOST"]] if "HTTP_X_FORWARDED_HOST" in environ else [])
+    for host in hosts:
+        host = host.strip().lower()
+        if not host_allowed(host):
+            log_limited("host", "refused a request for the host %r (set CHAT_ALLOWED_HOSTS to allow it)", host[:100])
+            return ("421 Misdirected Request", "This server does not answer for that host name. Its operator can "
+                                               "allow it with CHAT_ALLOWED_HOSTS.")
+    if environ.get("chat.over_share"):
+        return ("429 Too Many Requests", "Refused: your address has too many connections open here; close some.")
+    if not utf8_headers(environ):
+        return ("400 Bad Request", "Refused: a header of this request is not UTF-8 text.")
+    # Bottle would read a chunked body one byte at a time for the size of each chunk (quadratic, on the
+    # event loop), and spool a large one to a temporary file: refused as soon as the headers are in.
+    if environ.get("HTTP_TRANSFER_ENCODING"):
+        return ("411 Length Required", "Refused: this server takes request bodies with a Content-Length only.")
     length = environ.get("CONTENT_LENGTH") or ""
+    if length and not length.isdigit():
+        return ("400 Bad Request", "Refused: the request's Content-Length is not a number.")
+    if not int(length or 0):
+        return None
+    if environ.get("REQUEST_METHOD") in NO_BODY:
+        return ("400 Bad Request", f"Refused: a {environ.get('REQUEST_METHOD')} request takes no body here.")
     limit = settings.max_body
     if environ.get("PATH_INFO", "").startswith("/demo/") and demo_caller(environ):
         limit = DEMO_MAX_BODY
-    if "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower() or (length and not length.isdigit()):
-        return ("413 Payload Too Large", "Refused: this server takes request bodies with a Content-Length only.\n")
-    if (environ.get("CONTENT_TYPE") or "").lower().startswith("multipart/"):
-        return ("413 Payload Too Large", "Refused: this server takes no file uploads.\n")
-    if int(length or 0) > limit:
+    if (environ.get("CONTENT_TYPE") or "").strip().lower().startswith("multipart/"):
+        return ("413 Payload Too Large", "Refused: this server takes no file uploads.")
+    if int(length) > limit:
         return ("413 Payload Too Large", f"Refused: the request is larger than {limit:,} bytes. "
-                                         "Shorten your message and send it again.\n")
+                                         "Shorten your message and send it again.")
     # Read the (small) body now, within a deadline: a client that trickles it is cut off.
     body = environ["wsgi.input"]
     try:
         with gevent.Timeout(settings.header_timeout * random.uniform(1, 1.1)):  # spread, as the heads' deadlines
-            data = body.read(int(length or 0))
+            data = body.read(int(length))
     except gevent.Timeout:
-        return ("408 Request Timeout", "The request body did not arrive in time.\n")
+        return ("408 Request Timeout", "The request body did not arrive in time.")
     environ["wsgi.input"] = io.BytesIO(data)
     return None
+
+
+def utf8_headers(environ):
+    """True if every header value is UTF-8 text (WSGI hands them over as Latin-1 strings)."""
+    for name, value in environ.items():
+        if name.startswith("HTTP_") and not value.isascii():
+            try:
+                value.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                return False
+    return True
 
 
 def host_allowed(host):
@@ -4041,6 +4096,10 @@ class TokenBuckets:
         tokens, at = self.buckets.get(key, (self.burst, now))
         return min(self.burst, tokens + (now - at) * self.rate)
 
+    def wait(self, key):
+        """Seconds until this key has a token again (0 if it has one)."""
+        return max(0.0, (1 - self.tokens(key)) / self.rate) if self.rate else 0.0
+
     def take(self, key):
         """Take a token; False (and nothing taken) if the bucket is empty."""
         now = time.monotonic()
@@ -4064,23 +4123,30 @@ def form_error(status, message):
 
 # -- who is asking: client address, owner cookie, optional password, same-origin writes
 
-OWNER_COOKIE, SESSION_COOKIE = "chat_owner", "chat_session"
+OWNER_COOKIE, SESSION_COOKIE, DEVICE_COOKIE = "chat_owner", "chat_session", "chat_device"
 _OWNER_ID = re.compile(r"[A-Za-z0-9_-]{24,64}")
+_DEVICE = re.compile(r"([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{22})")
 _SESSION_TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
 PUBLIC_PATHS = ("/login", "/static/", "/demo/", "/healthz")  # reachable without logging in
 SESSION_DAYS = 30
+DEVICE_DAYS = 400  # a browser that logged in once is known for about a year (browsers cap cookies at 400 days)
 
 
 class Limits:
     """The rate limits that outlive a request: password guesses and new owners, by client address."""
 
     def __init__(self):
-        # However many connections guess, at most 10 wrong passwords a second are checked in all,
-        # and one address gets 5 at once, then one every 6 s.
+        # However many addresses guess, at most 10 wrong passwords a second are checked in all, and one
+        # address (IPv6: its /64) gets 5 at once, then one every 6 s. A browser that has logged in before
+        # has a budget of its own (its device cookie), so that nobody else's guessing locks it out.
         self.login_all = TokenBuckets(rate=10, burst=10)
         self.login = TokenBuckets(rate=1 / 6, burst=5)
+        self.devices = TokenBuckets(rate=1 / 6, burst=5)
         self.new_owners = TokenBuckets(rate=settings.new_owners_per_minute / 60,
                                        burst=max(1, min(3, int(settings.new_owners_per_minute))))
+        # And new owners from all addresses but this machine together, so rotating addresses buys nothing.
+        total = settings.new_owners_per_minute_total
+        self.new_owners_all = TokenBuckets(rate=total / 60, burst=max(1, min(20, int(total))))
         self.sessions = {}  # token hash -> when this process last found it valid (saves a query a request)
         self.searches = TokenBuckets(rate=2, burst=10)  # per owner: search holds the shared database
 
@@ -4106,6 +4172,19 @@ def client_address(environ):
     hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
     # Read from the right: entries left of the first untrusted one may be made up by the client.
     return next((hop for hop in reversed(hops) if not trusted_proxy(hop)), hops[0] if hops else peer)
+
+
+def address_key(address):
+    """The key one client's limits are counted by: an IPv4 address, or an IPv6 address's /64 (one subscriber's)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return address
+    if ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 def from_this_machine(environ):
@@ -4167,6 +4246,20 @@ def session_hash(token):
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def device_mac(device_id):
+    """The device cookie's signature of its id."""
+    mac = hmac.new(store.secret("device").encode(), f"device:{device_id}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac[:16]).decode().rstrip("=")
+
+
+def known_device(request):
+    """The id of the device cookie this browser got at an earlier login, or None (none, or tampered with)."""
+    match = _DEVICE.fullmatch(request.get_cookie(DEVICE_COOKIE) or "")
+    if match and hmac.compare_digest(device_mac(match[1]), match[2]):
+        return match[1]
+    return None
+
+
 def logged_in(request):
     """True if the request carries a session cookie that the store knows and has not revoked."""
     token = request.get_cookie(SESSION_COOKIE) or ""
@@ -4217,7 +4310,10 @@ def owned_conversation(conversation_id):
 
 def next_page():
     """Where to go after logging in: the local page that asked for it, else the start page."""
-    target = bottle.request.params.getunicode("next", default="") or ""
+    request = bottle.request
+    # From the query on a GET and from the form on a POST: never a body that does not belong.
+    fields = request.forms if request.method == "POST" else request.query
+    target = fields.getunicode("next", default="") or ""
     # Browsers drop tabs and newlines from URLs and read "\\" as "/": "/\t/evil.com" would leave the site.
     if not target.startswith("/") or target.startswith("//") or re.search(r"[\x00-\x20\x7f\\]", target):
         return "/"
@@ -4235,22 +4331,27 @@ def login_page():
 
 @app.post("/login")
 def login():
-    """Check the password in constant time, within the global and per-address guessing limits."""
+    """Check the password in constant time, within the guessing budgets (README: Security)."""
     if not settings.password:
         bottle.redirect("/")
-    environ = bottle.request.environ
-    address, local = client_address(environ), from_this_machine(environ)
-    # The machine itself (the operator, through no proxy) can always try: a flood from elsewhere
-    # must not lock it out. Everyone else shares the global budget (see README: Security).
-    if (not local and limits.login_all.tokens("all") < 1) or (not local and limits.login.tokens(address) < 1):
+    request = bottle.request
+    device = known_device(request)
+    address = address_key(client_address(request.environ))
+    # A browser that has logged in here before spends its own budget; any other, its address's and everyone's.
+    wait = limits.devices.wait(device) if device else max(limits.login.wait(address), limits.login_all.wait("all"))
+    if wait > 0:
+        seconds = max(1, math.ceil(wait))
         bottle.response.status = 429
-        bottle.response.set_header("Retry-After", "6")
-        return template("login", error="Too many wrong passwords. Wait a few seconds and try again.",
-                        next=next_page())
-    given = (bottle.request.forms.getunicode("password", default="") or "").encode()
+        bottle.response.set_header("Retry-After", str(seconds))
+        log_limited("login-busy", "refused a login from %s: too many wrong passwords", address)
+        return template("login", error=f"Too many wrong passwords have been tried just now. Wait {seconds} "
+                                       f"second{'s' if seconds > 1 else ''} and try again.", next=next_page())
+    given = (request.forms.getunicode("password", default="") or "").encode()
     if not hmac.compare_digest(hashlib.sha256(given).digest(),
                                hashlib.sha256(settings.password.encode()).digest()):
-        if not local:
+        if device:
+            limits.devices.take(device)
+        else:
             limits.login_all.take("all")
             limits.login.take(address)
         log_limited("login", "failed login from %s", address)
@@ -4259,6 +4360,8 @@ def login():
     token = secrets.token_urlsafe(32)
     store.add_session(session_hash(token), password_tag(), time.time() + SESSION_DAYS * 86400)
     set_cookie(SESSION_COOKIE, token, SESSION_DAYS * 86400)
+    device = device or secrets.token_urlsafe(16)
+    set_cookie(DEVICE_COOKIE, f"{device}.{device_mac(device)}", DEVICE_DAYS * 86400)
     bottle.redirect(next_page())
 
 
@@ -4427,9 +4530,17 @@ def reserve_stream(conversation_id=None):
     # A new owner is one with no conversation yet: without a cookie, or with one just minted by
     # a GET (which costs nothing, so dropping the cookie and fetching a page must not dodge this).
     new = environ.get("chat.new_owner") or not store.owner_exists(owner())
-    if new and not from_this_machine(environ) and not limits.new_owners.take(client_address(environ)):
-        raise Refused(429, "Too many new visitors from your address in the last minute. Allow cookies for "
-                           "this site, or wait a minute and send again.")
+    if new and not from_this_machine(environ):
+        address = address_key(client_address(environ))
+        if limits.new_owners.tokens(address) < 1:
+            raise Refused(429, "Too many new visitors from your address in the last minute. Allow cookies for "
+                               "this site, or wait a minute and send again.")
+        if not limits.new_owners_all.take("all"):
+            log_limited("new-owners", "refused a new visitor from %s: CHAT_NEW_OWNERS_PER_MINUTE_TOTAL reached",
+                        address)
+            raise Refused(429, "This server is taking in too many new visitors just now. Wait a minute and "
+                               "send again.")
+        limits.new_owners.take(address)
     return streams.reserve(owner(), conversation_id)
 
 
@@ -4842,24 +4953,40 @@ def demo_only():
         bottle.abort(404)
 
 
-@app.error(401)
-@app.error(403)
-@app.error(404)
-@app.error(405)
-@app.error(409)
-@app.error(413)
-@app.error(429)
-@app.error(500)
-@app.error(503)
 def error_page(error):
     """Short, honest error answers; tracebacks stay in the log. A page someone navigated to gets a page."""
-    if error.status_code == 413:
+    if error.status_code == 413 and htmx():
         return form_error(413, f"Your message is too large; the limit is {settings.max_prompt:,} characters.")
-    request = bottle.request
-    if request.method == "GET" and not htmx() and "text/html" in (request.get_header("Accept") or ""):
-        return template("not_found" if error.status_code == 404 else "error", error=error)
-    bottle.response.content_type = "text/plain; charset=utf-8"
-    return html.escape(f"{error.status_line}: {error.body or ''}\n")
+    content_type, body = error_body(bottle.request.environ, error.status_line, error_message(error),
+                                    conversation=bottle.request.path.startswith("/c/"))
+    bottle.response.content_type = content_type
+    return body
+
+
+def error_message(error):
+    """The sentence an error answer shows: ours as it is, Bottle's without class names or echoed paths."""
+    if error.status_code == 500:  # an exception's text is for the log, not the client
+        return "Something went wrong on the server; it has been logged."
+    body = str(error.body or "").splitlines()[0] if error.body else ""
+    if error.status_code == 404 and (not body or body.startswith("Not found: ")):
+        return "Page not found."
+    body = re.sub(r"^[A-Z]\w*(Error|Exception): ", "", body)
+    return body[:300] or error.status_line[4:] + "."
+
+
+def wants_page(environ):
+    """True when a browser navigated here (not htmx, not a script): it gets an HTML page, others one plain line."""
+    return environ.get("REQUEST_METHOD") in ("GET", "HEAD") and environ.get("HTTP_HX_REQUEST") != "true" \
+        and "text/html" in (environ.get("HTTP_ACCEPT") or "")
+
+
+def error_body(environ, status, message, conversation=False):
+    """(Content-Type, bytes) of an error answer: the site's page for a browser, else the sentence on one line."""
+    if wants_page(environ):
+        if status.startswith("404") and conversation:
+            return "text/html; charset=utf-8", template("not_found").encode()
+        return "text/html; charset=utf-8", template("error", status=status, message=message).encode()
+    return "text/plain; charset=utf-8", f"{message}\n".encode()
 
 
 # ---------------------------------------------------------------------------
@@ -4905,10 +5032,35 @@ class Handler(WSGIHandler):
             return
         super().handle_error(t, v, tb)
 
+    def handle(self):
+        """Serve the connection if its address is within its share of the connections, counted while it lasts."""
+        peer = self.client_address[0] if isinstance(self.client_address, tuple) else ""
+        # A trusted proxy's connection counts for the client of each request it carries (get_environ), so
+        # only a connection from anyone else is counted, and refused past its share, before its first request.
+        self.counted = None if trusted_proxy(peer) else address_key(peer)
+        if self.counted is not None and not self.server.admit(self.counted):
+            log_limited("address-share", "refused a connection from %s: it holds its share of the connections "
+                                         "(CHAT_CONNECTIONS_PER_ADDRESS)", self.counted)
+            with contextlib.suppress(OSError):
+                self.socket.sendall(OVER_SHARE)
+            return None
+        try:
+            return super().handle()
+        finally:
+            self.server.release(self.counted)
+
     def get_environ(self):
-        """The WSGI environment, with this handler (for /events to write to its connection)."""
+        """The WSGI environment, with this handler (for /events to write to its connection); a trusted proxy's
+        connection now counts for the client of this request, unless that client holds its share already."""
         environ = super().get_environ()
         environ["chat.handler"] = self
+        key = address_key(client_address(environ))
+        if key != self.counted:
+            if self.server.admit(key):
+                self.server.release(self.counted)
+                self.counted = key
+            else:
+                environ["chat.over_share"] = True
         return environ
 
     def run_application(self):
@@ -4934,6 +5086,10 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=
         b"Retry-After: 5\r\nContent-Length: 54\r\n\r\nThe server is at its connection limit; try again soon.\n")
 
 
+OVER_SHARE = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+              b"Retry-After: 5\r\nContent-Length: 61\r\n\r\nYour address has too many connections open here; close some.\n")
+
+
 SEND_BUFFER = 256 * 1024  # bytes the kernel holds for one client: plenty for tokens, bounded for a stuck reader
 
 
@@ -4948,6 +5104,21 @@ class Server(WSGIServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.connections = 0
+        self.by_address = collections.Counter()  # client address key -> connections counted for it
+
+    def admit(self, key):
+        """Count one more connection for this client address, unless it holds its share (CHAT_CONNECTIONS_PER_ADDRESS)."""
+        if self.by_address[key] >= settings.address_share:
+            return False
+        self.by_address[key] += 1
+        return True
+
+    def release(self, key):
+        """Count one connection less for this client address (None: not counted)."""
+        if key is not None:
+            self.by_address[key] -= 1
+            if self.by_address[key] <= 0:
+                del self.by_address[key]
 
     def handle(self, sock, address):
         """Refuse past the connection cap; otherwise set TCP_NODELAY and the write timeout, then serve."""
@@ -5014,6 +5185,7 @@ environment (flags override them):
   CHAT_HEADER_TIMEOUT        seconds to receive a request's head or body (15)
   CHAT_WRITE_TIMEOUT         seconds a client may take no data, or sit idle (30)
   CHAT_MAX_CONNECTIONS       open connections per process (45 % of the fd limit)
+  CHAT_CONNECTIONS_PER_ADDRESS  open connections per client address, IPv6 per /64 (10 % of the above)
   CHAT_MAX_ANSWER_CHARS      characters in one answer (400000)
   CHAT_MAX_ANSWER_SECONDS    seconds one answer may take (900)
   CHAT_MAX_TOKENS_PER_SECOND how fast one answer is read from a flooding upstream (2000; 0: no limit)
@@ -5022,6 +5194,7 @@ environment (flags override them):
   CHAT_READERS_PER_STREAM    connections reading one answer (16)
   CHAT_READERS_PER_OWNER     connections reading one browser's answers (64)
   CHAT_NEW_OWNERS_PER_MINUTE new browsers one address may start chatting from (10)
+  CHAT_NEW_OWNERS_PER_MINUTE_TOTAL  new browsers from all addresses but this machine (60)
   CHAT_OWNER_QUOTA           bytes of stored text per browser (104857600)
   CHAT_RETENTION_DAYS        delete conversations untouched this long (unset: keep)
   CHAT_DATABASE_URL          postgresql://… to keep conversations in PostgreSQL (unset: CHAT_DB)

@@ -3516,20 +3516,22 @@ def closed_by_server(sock):
 FROM_AFAR = {"X-Forwarded-For": "198.51.100.7"}  # through the (trusted) loopback proxy: not this machine
 
 
-@pytest.mark.parametrize("path, content_type, length, extra", [
-    ("/login", "multipart/form-data; boundary=xx", 200 << 20, ""),
-    ("/streaming", "application/x-www-form-urlencoded", 200 << 20, ""),
-    ("/streaming", "multipart/form-data; boundary=xx", 2000, ""),
-    ("/streaming", "application/x-www-form-urlencoded", None, "Transfer-Encoding: chunked\r\n"),
+@pytest.mark.parametrize("path, content_type, length, extra, status", [
+    ("/login", "multipart/form-data; boundary=xx", 200 << 20, "", 413),
+    ("/streaming", "application/x-www-form-urlencoded", 200 << 20, "", 413),
+    ("/streaming", "multipart/form-data; boundary=xx", 2000, "", 413),
+    ("/streaming", "application/x-www-form-urlencoded", None, "Transfer-Encoding: chunked\r\n", 411),
 ], ids=["login-200MB", "streaming-200MB", "multipart", "chunked"])
-def test_bodies_over_the_limit_are_refused_before_a_byte_is_read(server, monkeypatch, path, content_type, length, extra):
-    """Attack 1: 413 at once, while the client has sent only the head; nothing is spooled to disk."""
+def test_bodies_over_the_limit_are_refused_before_a_byte_is_read(server, monkeypatch, path, content_type, length, extra,
+                                                                  status):
+    """Attack 1: 413 (411 for a chunked body) at once, while the client has sent only the head; nothing is spooled
+    to disk."""
     monkeypatch.setattr(chat.bottle, "NamedTemporaryFile", lambda *a, **k: pytest.fail("a body was spooled to disk"))
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
             + (f"Content-Length: {length}\r\n" if length else "") + extra + "\r\n").encode()
     sock, answer = raw_request(server, head, b"x" * 1000)
     sock.close()
-    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
     assert b"Refused" in answer
     quick_healthz(server)
 
@@ -5380,13 +5382,24 @@ def test_control_characters_are_dropped_from_prompts_and_answers(client, upstrea
     assert db_rows("SELECT content FROM messages ORDER BY id") == [("zebra question",), ("zebra crossing",)]
 
 
-def test_this_machine_can_log_in_while_others_guess(client, monkeypatch):
-    """Guesses from elsewhere use up the shared budget; the operator on this machine still gets in."""
+def test_a_browser_that_logged_in_before_gets_in_while_others_guess(client, monkeypatch):
+    """Guesses from rotating addresses use up the shared budget: a new browser, loopback included, gets 429 with
+    Retry-After; a browser with the device cookie of an earlier login still gets in; a tampered one does not."""
     monkeypatch.setattr(chat.settings, "password", "pw")
+    known = plain_app()
+    known.post("/login", {"password": "pw"}, status=302)
+    device = known.cookies[chat.DEVICE_COOKIE]
+    known.post("/logout", status=302)
     for n in range(30):
         client.post("/login", {"password": "x"}, headers={"X-Forwarded-For": f"198.51.100.{n}"}, expect_errors=True)
-    plain_app().post("/login", {"password": "pw"}, headers={"X-Forwarded-For": "203.0.113.1"}, status=429)
-    plain_app().post("/login", {"password": "pw"}, status=302)  # loopback, no proxy: the operator
+    refused = plain_app().post("/login", {"password": "pw"}, headers={"X-Forwarded-For": "203.0.113.1"}, status=429)
+    assert int(refused.headers["Retry-After"]) >= 1 and "Wait" in refused.text
+    plain_app().post("/login", {"password": "pw"}, status=429)  # loopback is an address like any other
+    tampered = plain_app()
+    tampered.set_cookie(chat.DEVICE_COOKIE, device[:-1] + ("A" if device[-1] != "A" else "B"))
+    tampered.post("/login", {"password": "pw"}, status=429)
+    known.post("/login", {"password": "pw"}, status=302)
+    assert known.cookies[chat.DEVICE_COOKIE] == device  # the same device, kept
 
 
 def test_fresh_cookies_from_page_loads_count_as_new_owners(server, upstream, monkeypatch):

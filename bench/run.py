@@ -178,7 +178,7 @@ def start_server(which, upstream_port, scenario, logdir, tmpdir, chat_py):
     port = free_port()
     env = dict(os.environ)
     env.update({"OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1", "CHAT_MODEL": "bench",
-                "CHAT_MAX_STREAMS": "1000000", "CHAT_DB": os.path.join(tmpdir, f"{which}-{scenario}.db"),
+                "CHAT_MAX_STREAMS": "1000000", "CHAT_CONNECTIONS_PER_ADDRESS": "1000000", "CHAT_DB": os.path.join(tmpdir, f"{which}-{scenario}.db"),
                 "PYTHONUNBUFFERED": "1"})
     env.pop("OPENAI_API_KEY", None)
     if which == "chat":

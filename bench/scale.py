@@ -107,7 +107,7 @@ def start_chat(name, upstream, logdir, tmpdir, core=0, workers=1, redis=None, da
     port = run.free_port()
     env = dict(os.environ, OPENAI_BASE_URL=f"http://127.0.0.1:{upstream.port}/v1", CHAT_MODEL="bench",
                CHAT_MAX_STREAMS="1000000", CHAT_DB=os.path.join(tmpdir, f"{db or name}.db"), PYTHONUNBUFFERED="1",
-               CHAT_STREAMS_PER_OWNER="1000000")
+               CHAT_STREAMS_PER_OWNER="1000000", CHAT_CONNECTIONS_PER_ADDRESS="1000000")
     env.pop("OPENAI_API_KEY", None)
     for key, value in (("CHAT_REDIS_URL", redis), ("CHAT_DATABASE_URL", database_url)):
         if value:
