@@ -5023,6 +5023,21 @@ class Handler(WSGIHandler):
             self.head_deadline.close()
 
 
+    def handle_one_request(self):
+        """gevent's, with a line that says why for a request head it cannot read."""
+        result = super().handle_one_request()
+        if isinstance(result, tuple):
+            return result[0], BAD_HEADS.get(result[0], result[1])
+        return result
+
+    def _handle_client_error(self, ex):
+        """A malformed request head: a client's mistake, so one log line and no traceback (gevent prints one)."""
+        log_limited("bad-head", "refused a request head from %s: %s", self.client_address[0] if isinstance(
+            self.client_address, tuple) else "?", str(ex)[:200] or type(ex).__name__)
+        self.close_connection = True
+        too_large = isinstance(ex, HTTPException) or re.search(r"too long|more than", str(ex), re.I)
+        return ("431" if too_large else "400"), None
+
     def handle_error(self, t, v, tb):
         """A client that took no data for CHAT_WRITE_TIMEOUT is dropped with one line, not a traceback."""
         if isinstance(v, TimeoutError):
@@ -5082,12 +5097,21 @@ class HeadTimeout(Exception):
     """A request's head did not arrive within CHAT_HEADER_TIMEOUT."""
 
 
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-        b"Retry-After: 5\r\nContent-Length: 54\r\n\r\nThe server is at its connection limit; try again soon.\n")
+def plain_response(status, message, retry_after=None):
+    """A whole HTTP response that closes the connection, for refusals made before any request is read."""
+    body = f"{message}\n".encode()
+    head = f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n" + \
+        (f"Retry-After: {retry_after}\r\n" if retry_after else "") + f"Content-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
 
 
-OVER_SHARE = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-              b"Retry-After: 5\r\nContent-Length: 61\r\n\r\nYour address has too many connections open here; close some.\n")
+BUSY = plain_response("503 Service Unavailable", "The server is at its connection limit; try again soon.", 5)
+OVER_SHARE = plain_response("429 Too Many Requests", "Your address has too many connections open here; close some.", 5)
+# gevent answers a request head it cannot read with an empty body; these say why, in one line.
+BAD_HEADS = {"400": plain_response("400 Bad Request", "The request could not be read: its head is malformed."),
+             "414": plain_response("414 URI Too Long", "The request's URL is longer than 8 KB."),
+             "431": plain_response("431 Request Header Fields Too Large",
+                                   "The request's headers are too large (at most 100 lines of 64 KB).")}
 
 
 SEND_BUFFER = 256 * 1024  # bytes the kernel holds for one client: plenty for tokens, bounded for a stuck reader
