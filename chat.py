@@ -4975,9 +4975,8 @@ def error_message(error):
 
 
 def wants_page(environ):
-    """True when a browser navigated here (not htmx, not a script): it gets an HTML page, others one plain line."""
-    return environ.get("REQUEST_METHOD") in ("GET", "HEAD") and environ.get("HTTP_HX_REQUEST") != "true" \
-        and "text/html" in (environ.get("HTTP_ACCEPT") or "")
+    """True for a browser's own navigation or form (not htmx, not a script): it gets a page, others one plain line."""
+    return environ.get("HTTP_HX_REQUEST") != "true" and "text/html" in (environ.get("HTTP_ACCEPT") or "")
 
 
 def error_body(environ, status, message, conversation=False):
