@@ -5555,8 +5555,9 @@ def test_an_answer_posted_on_one_process_is_read_on_a_second_and_resumed_on_a_th
     first = SSEReader(b.url, stream_id)
     seen = first.read_until(lambda t: t.message.endswith(" n29"), what="the first half on B")
     first.close()
-    reply.gate.set()
+    # Resumed while the answer still streams (a reader of a finished answer gets its done bubble alone).
     second = SSEReader(c.url, stream_id, last_event_id=seen.ids[-1])
+    reply.gate.set()
     rest = second.read_until(lambda t: t.finished, what="the rest on C")
     second.close()
     assert seen.ids + rest.ids == list(range(1, len(seen.ids) + len(rest.ids) + 1))
