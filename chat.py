@@ -148,6 +148,8 @@ class Settings:
         self.readers_per_owner = int(env.get("CHAT_READERS_PER_OWNER") or 64)
         # Stored text per owner (bytes of messages); beyond it new messages are refused.
         self.owner_quota = int(env.get("CHAT_OWNER_QUOTA") or 100 << 20)
+        # The whole database (pages in use, SQLite's WAL included), in MB; beyond it new messages are refused.
+        self.max_db_mb = float(env.get("CHAT_MAX_DB_MB") or 2048)
         self.retention_days = float(env.get("CHAT_RETENTION_DAYS") or 0) or None  # None: keep forever
         # PostgreSQL instead of the SQLite file (postgresql://user:pass@host/db); unset: SQLite.
         self.database_url = env.get("CHAT_DATABASE_URL") or None
@@ -244,7 +246,15 @@ class AnswerLimit(Exception):
 
 
 BOM = b"\xef\xbb\xbf"
-MAX_LINE = 8 << 20  # one SSE line from the upstream; real ones are a chunk of JSON
+# What the upstream may send at once before the answer ends with an error. A real chunk is a few KB
+# of JSON (a tool call's a few more); a whole answer at CHAT_MAX_ANSWER_CHARS is 0.4-1.2 MB of raw
+# UTF-8. So a hostile server costs a few MB, not the machine: even JSON of empty objects, which
+# takes 24 times its size once parsed, stays within tens of MB.
+MAX_LINE = 1 << 20         # bytes in one line
+MAX_EVENT = 1 << 20        # bytes of data in one event, its lines together
+MAX_EVENT_LINES = 10_000   # data lines in one event (each costs ~60 bytes however short)
+MAX_JSON_BODY = 2 << 20    # a whole completion, from a server that ignores stream:true
+MAX_TOOL_CALLS = 128       # in one answer (parallel tool calls are a handful); their text counts as the answer's
 
 
 class LineSplitter:
@@ -252,6 +262,8 @@ class LineSplitter:
 
     def __init__(self):
         self.pending = b""
+        self.more = []        # reads with no line ending that continue pending: joined once the line ends
+        self.held = 0         # bytes in pending and more
         self.started = False
         self.skip_lf = False  # the last read ended in CR: a LF that follows belongs to it
 
@@ -261,6 +273,14 @@ class LineSplitter:
             self.skip_lf = False
             if data[:1] == b"\n":
                 data = data[1:]
+        if self.pending and b"\n" not in data and b"\r" not in data:
+            # The line goes on: keep the read aside, not pending + data, which copies the whole line
+            # again each read (quadratic: a line sent a byte a chunk would take hours).
+            self.more.append(data)
+            self._hold(len(data))
+            return []
+        if self.more:
+            self.pending, self.more = b"".join([self.pending, *self.more]), []
         buf = self.pending + data if self.pending else data
         if not self.started:
             if len(buf) < 3 and BOM.startswith(buf):
@@ -273,17 +293,23 @@ class LineSplitter:
         lines = buf.splitlines(True)
         if lines and lines[-1][-1:] not in (b"\n", b"\r"):
             self.pending = lines.pop()
-            if len(self.pending) > MAX_LINE:
-                raise UpstreamError("The model server sent a line longer than 8 MiB; gave up reading it.")
+            self.held = 0
+            self._hold(len(self.pending))
         else:
-            self.pending = b""
+            self.pending, self.held = b"", 0
         if lines and lines[-1][-1:] == b"\r":
             self.skip_lf = True
         return [line.rstrip(b"\r\n") for line in lines]
 
+    def _hold(self, size):
+        """Count bytes of an unfinished line; past MAX_LINE, give up."""
+        self.held += size
+        if self.held > MAX_LINE:
+            raise UpstreamError(f"The model server sent a line longer than {MAX_LINE >> 20} MiB; gave up reading it.")
+
     def close(self):
         """Return the last line if the stream ended without a line ending."""
-        rest, self.pending = self.pending, b""
+        rest, self.pending, self.more, self.held = b"".join([self.pending, *self.more]), b"", [], 0
         return [rest] if rest else []
 
 
@@ -293,6 +319,7 @@ class SSEParser:
     def __init__(self):
         self.event = ""
         self.data = None  # None: no data line seen, so a blank line dispatches nothing
+        self.size = 0     # bytes in data, a line ending each
 
     def feed(self, line):
         """Take one line (bytes); return (event, data) when it completes an event."""
@@ -309,20 +336,26 @@ class SSEParser:
         if value[:1] == b" ":
             value = value[1:]
         if field == b"data":
-            (self.data if self.data is not None else self._start()).append(value.decode("utf-8", "replace"))
+            self._add(value)
         elif field == b"event":
             self.event = value.decode("utf-8", "replace")
         elif field == b"error":
             # llama.cpp before 2025-09 sent errors as a non-standard "error:" field.
             self.event = "error"
-            self._start().append(value.decode("utf-8", "replace"))
+            self._add(value)
         return None
 
-    def _start(self):
-        """Begin (or continue) the data buffer of the pending event."""
+    def _add(self, value):
+        """Add a data line to the pending event: the limits count here, before dispatch, or an event
+        that never ends (no blank line) would grow without bound."""
         if self.data is None:
-            self.data = []
-        return self.data
+            self.data, self.size = [], 0
+        self.size += len(value) + 1
+        if self.size > MAX_EVENT or len(self.data) >= MAX_EVENT_LINES:
+            self.data = None
+            raise UpstreamError(f"The model server sent an event of more than {MAX_EVENT >> 20} MiB or "
+                                f"{MAX_EVENT_LINES:,} lines; gave up reading it.")
+        self.data.append(value.decode("utf-8", "replace"))
 
     def close(self):
         """At EOF, dispatch a pending event that lacked its blank line (lenient)."""
@@ -380,6 +413,7 @@ class Completion:
         self.finish_reason = None
         self.usage = None
         self.tool_calls = {}
+        self.tool_chars = 0  # of the tool calls' names and arguments: they are shown, so they count as text
         self.error = None
         self.done_marker = False
         self.model = None
@@ -398,7 +432,7 @@ class Completion:
             return ()
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested deeper than the parser goes
             if event == "error":
                 self.error = data.strip()[:500]
             else:
@@ -464,9 +498,15 @@ class Completion:
                                           {"id": None, "name": "", "arguments": ""})
         slot["id"] = call.get("id") or slot["id"]
         function = call.get("function") or {}
-        slot["name"] += function.get("name") or ""
-        args = function.get("arguments")
-        slot["arguments"] += args if isinstance(args, str) else json.dumps(args) if args else ""
+        name, args = function.get("name") or "", function.get("arguments")
+        args = args if isinstance(args, str) else json.dumps(args) if args else ""
+        self.tool_chars += len(name) + len(args) + 1  # + 1: each call counts, even an empty one
+        if self.tool_chars > settings.max_answer_chars or len(self.tool_calls) > MAX_TOOL_CALLS:
+            raise AnswerLimit(f"The model's tool calls reached chat.py's limit of {settings.max_answer_chars:,} "
+                              f"characters or {MAX_TOOL_CALLS} calls and were cut off there.")
+        slot["name"] += name
+        slot["arguments"] += args
+
 
 
 def open_completion(session, messages, model, params=None):
@@ -516,7 +556,10 @@ def read_completion(response, completion, on_read=None):
     ctype = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if ctype == "application/json":
         # The server ignored stream:true and answered one whole completion.
-        body = response.raw.read(8 << 20, decode_content=True)
+        body = response.raw.read(MAX_JSON_BODY + 1, decode_content=True)
+        if len(body) > MAX_JSON_BODY:
+            raise UpstreamError(f"The model server sent a whole answer of more than {MAX_JSON_BODY >> 20} MiB; "
+                                "gave up reading it.")
         yield from completion.apply("message", body.decode("utf-8", "replace"))
         completion.done_marker = completion.error is None
         return
@@ -539,6 +582,7 @@ def read_completion(response, completion, on_read=None):
         data = read1(65536)
         if on_read:
             on_read()  # keep-alive comments count as life too
+        busy.give_way_if_due()  # lines that make no event (comments, unknown fields) flood as well
         # At EOF a last line without its ending, and an event without its blank line, still count.
         for line in lines.feed(data) if data else lines.close() + [b""]:
             event = sse.feed(line)
@@ -1620,6 +1664,10 @@ class Streams:
             self.sweep(time.monotonic())
 
 
+class UnsafeJournal(Exception):
+    """The journal's folder is writable by others: refused at start."""
+
+
 class Journal:
     """The text readers were shown but the store may not have yet, in a file, so that kill -9 loses none of it.
 
@@ -1649,10 +1697,21 @@ class Journal:
         self.committed = 0        # the last segment a committed save covers
 
     def open(self, folder):
-        """Create the folder (readable by this user only) and take our lock; on failure, run without a journal."""
+        """Create the folder (readable by this user only) and take our lock; on failure, run without a journal.
+        A folder others may write to is refused (UnsafeJournal): what they put there would be put back into
+        stored answers at the next start."""
         self.folder = folder
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            info = os.stat(self.folder)
+            if info.st_uid != os.geteuid():
+                raise UnsafeJournal(f"the journal folder {self.folder} belongs to another user (uid {info.st_uid}), "
+                                    "who could put text into stored answers. Fix it with: "
+                                    f"chown {os.geteuid()} {self.folder} && chmod 700 {self.folder}")
+            if info.st_mode & 0o022:
+                raise UnsafeJournal(f"the journal folder {self.folder} can be written by other users (mode "
+                                    f"{info.st_mode & 0o777:o}), who could put text into stored answers. "
+                                    f"Fix it with: chmod 700 {self.folder}")
             self.lock = os.open(os.path.join(self.folder, self.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.begin_segment()
@@ -3295,6 +3354,7 @@ class SQLiteDatabase:
     byte_length = "LENGTH(CAST({} AS BLOB))"
 
     def __init__(self, path):
+        self.path = path
         self.lock = gevent.lock.RLock()  # a greenlet's transaction spans several calls
         # A greenlet killed while it waits leaves its task running in the thread: a real lock,
         # taken inside the thread, keeps two tasks from ever using the connection at once.
@@ -3387,6 +3447,18 @@ class SQLiteDatabase:
             finally:
                 self.connection.set_progress_handler(None, 0)
             return (titles + messages)[:limit]
+        return self.call(run)
+
+    def size(self):
+        """Bytes in use: the pages that hold data (not the free list, which new rows reuse) and the WAL."""
+        def run():
+            pages, free, page_size = (self.connection.execute(f"PRAGMA {name}").fetchone()[0]
+                                      for name in ("page_count", "freelist_count", "page_size"))
+            try:
+                wal = os.path.getsize(self.path + "-wal")
+            except OSError:
+                wal = 0
+            return (pages - free) * page_size + wal
         return self.call(run)
 
     def close(self):
@@ -3549,6 +3621,12 @@ class PostgresDatabase:
             "ORDER BY ts_rank(to_tsvector('simple', m.content), q) DESC LIMIT ?", (query, owner, limit)).fetchall()
         return (titles + messages)[:limit]
 
+    def size(self):
+        """Bytes of chat.py's tables in their schema, indexes and TOAST included (not others sharing the database)."""
+        return int(self.execute("SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                "WHERE n.nspname = current_schema() AND c.relkind = 'r'").fetchone()[0])
+
     def close(self, timeout=5.0):
         """Close every connection once no statement uses it: closing one under a statement that another greenlet
         is waiting on frees what libpq still needs, and the process crashes. One still busy after the timeout is
@@ -3579,6 +3657,7 @@ def open_database(path, url):
 
 
 DATABASE_ERRORS = (sqlite3.Error,)  # what a failing database raises (psycopg's errors join with PostgreSQL)
+DB_SIZE_EVERY = 5.0  # seconds: how often the database's size is measured again, for CHAT_MAX_DB_MB
 
 
 class Store:
@@ -3589,6 +3668,7 @@ class Store:
         self._db = None
         self.opening = gevent.lock.Semaphore()
         self.secrets = {}
+        self.db_size, self.measured_at = 0, None  # the database's size in bytes, and when it was measured
 
     @property
     def db(self):
@@ -3618,6 +3698,15 @@ class Store:
         return self.db.execute(f"SELECT COALESCE(SUM({size.format('m.content')} + {size.format('m.reasoning')}), 0) "
                                "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
                                "WHERE c.owner = ?", (owner,)).fetchone()[0]
+
+    def full(self):
+        """True when the database has outgrown CHAT_MAX_DB_MB; its size is measured at most every DB_SIZE_EVERY
+        seconds, not on every send."""
+        now = time.monotonic()
+        if self.measured_at is None or now - self.measured_at >= DB_SIZE_EVERY:
+            self.measured_at = now  # first: the sends arriving meanwhile use the last size, not measure again
+            self.db_size = self.db.size()
+        return self.db_size >= settings.max_db_mb * 2**20
 
     def owner_exists(self, owner):
         """True if this owner has any conversation."""
@@ -4558,6 +4647,11 @@ def sending(conversation_id=None):
     """Reserve a stream for a send; if anything refuses or fails before it starts, release it and say why."""
     stream = reserve_stream(conversation_id)
     try:
+        # Any new message, in a new conversation or not: answers already streaming still finish and are saved.
+        if store.full():
+            raise Refused(507, f"The server's database is full (its limit is {settings.max_db_mb:,g} MB): new "
+                               "messages cannot be saved. Tell whoever runs this server; answers already being "
+                               "written are still saved.")
         if store.owner_usage(owner()) >= settings.owner_quota:
             raise Refused(507, f"Your conversations use the {settings.owner_quota / 2**20:,.0f} MB this server "
                                "keeps for each person. Delete some to go on.")
@@ -5219,6 +5313,7 @@ environment (flags override them):
   CHAT_NEW_OWNERS_PER_MINUTE new browsers one address may start chatting from (10)
   CHAT_NEW_OWNERS_PER_MINUTE_TOTAL  new browsers from all addresses but this machine (60)
   CHAT_OWNER_QUOTA           bytes of stored text per browser (104857600)
+  CHAT_MAX_DB_MB             database size past which new messages get 507, in MB (2048)
   CHAT_RETENTION_DAYS        delete conversations untouched this long (unset: keep)
   CHAT_DATABASE_URL          postgresql://… to keep conversations in PostgreSQL (unset: CHAT_DB)
   CHAT_LEASE_SECONDS         an answer whose writer stops renewing it this long is interrupted (15)
@@ -5290,6 +5385,9 @@ def main(argv=None):
         sys.exit(2)
     try:
         streams.check()
+    except UnsafeJournal as exc:
+        log.error("refusing to start: %s", exc)
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001
         log.error("cannot reach Redis (CHAT_REDIS_URL): %s", redact_url(str(exc)))
         sys.exit(2)
