@@ -94,79 +94,135 @@ bottle.TEMPLATE_PATH.insert(0, os.path.join(HERE, "templates"))
 # Configuration
 # ---------------------------------------------------------------------------
 
+def listed(text):
+    """A comma-separated setting as a set of lower-case names."""
+    return {item.strip().lower() for item in text.split(",") if item.strip()}
+
+
+def networks(text):
+    """A comma-separated setting of addresses and CIDR ranges."""
+    return [ipaddress.ip_network(item.strip(), strict=False) for item in text.split(",") if item.strip()]
+
+
+def auto_int(text):
+    """An integer where 0 means "work it out" (None)."""
+    return int(text) or None
+
+
+def auto_float(text):
+    """A number where 0 means "none" (None)."""
+    return float(text) or None
+
+
+class Setting(collections.namedtuple("Setting", "name env parse default shown help flag common")):
+    """One setting: its attribute, environment variable, parser, default (a value, or a function of the settings
+    read so far), the default as people read it, what it does, its command-line flag, and whether the README's
+    short list names it."""
+
+    def value(self, env, settings):
+        """Its value from the environment, or its default."""
+        raw = env.get(self.env)
+        value = self.parse(raw) if raw else None  # unset, empty, or 0 where 0 means auto: the default
+        if value is None:
+            value = self.default(settings) if callable(self.default) else self.default
+        return value
+
+
+def setting(name, env, parse, default, shown, text, flag=None, common=False):
+    """A row of SETTINGS."""
+    return Setting(name, env, parse, default, shown, text, flag, common)
+
+
+# Every setting, once: Settings reads them, --help lists them, and docs/configuration.md (and the README's
+# short list, the `common` ones) show this same table; a test keeps the docs in step.
+SETTINGS = (
+    setting("base_url", "OPENAI_BASE_URL", lambda v: v.rstrip("/") or None, None, "the built-in demo model",
+            'upstream base URL ending in /v1 (Ollama http://localhost:11434/v1, llama.cpp http://localhost:8081/v1, '
+            'vLLM http://localhost:8000/v1, LM Studio http://localhost:1234/v1, https://openrouter.ai/api/v1, '
+            'https://api.openai.com/v1)', "--base-url", True),
+    setting("api_key", "OPENAI_API_KEY", str, None, "none", "sent as `Authorization: Bearer`; never logged or shown",
+            common=True),
+    setting("model", "CHAT_MODEL", str, None, "the upstream's first model", "model name", "--model", True),
+    setting("host", "HOST", str, "127.0.0.1", "127.0.0.1", "listen address (0.0.0.0: every address)", "--host", True),
+    setting("port", "PORT", int, 8080, "8080", "listen port", "--port", True),
+    setting("db", "CHAT_DB", str, "chat.db", "chat.db", "SQLite database file", "--db", True),
+    setting("password", "CHAT_PASSWORD", str, None, "none", "puts the whole app behind a login page", common=True),
+    setting("workers", "CHAT_WORKERS", int, 1, "1", "worker processes sharing the port (more need CHAT_REDIS_URL)",
+            "--workers", True),
+    setting("redis_url", "CHAT_REDIS_URL", str, None, "none: answers live in the process",
+            "redis://… to share answers between processes and hosts", common=True),
+    setting("database_url", "CHAT_DATABASE_URL", str, None, "none: the SQLite file",
+            "postgresql://… to keep conversations in PostgreSQL", common=True),
+    setting("allowed_hosts", "CHAT_ALLOWED_HOSTS", listed, set(), "none", 'extra host names to answer for, '
+            'comma-separated ("*": any)'),
+    setting("trusted_proxies", "CHAT_TRUSTED_PROXIES", networks, networks("127.0.0.0/8,::1"), "127.0.0.0/8,::1",
+            "proxies whose X-Forwarded-For names the client, comma-separated addresses or CIDR ranges"),
+    setting("temperature", "CHAT_TEMPERATURE", float, None, "the server's", "sampling default for new chats"),
+    setting("top_p", "CHAT_TOP_P", float, None, "the server's", "sampling default for new chats"),
+    setting("max_tokens", "CHAT_MAX_TOKENS", int, None, "the server's", "sampling default for new chats"),
+    setting("image_hosts", "CHAT_IMAGE_HOSTS", listed, set(), "none",
+            "hosts whose https images answers may show (others: links)"),
+    # -- the upstream
+    setting("connect_timeout", "CHAT_CONNECT_TIMEOUT", float, 10.0, "10", "seconds to connect to the model server"),
+    # Before its first byte a server may be queueing the request for a free slot or reading a long prompt on a
+    # CPU (llama.cpp sends not even headers meanwhile): that is waiting, not silence, and has its own limit.
+    setting("first_byte_timeout", "CHAT_FIRST_BYTE_TIMEOUT", float, 600.0, "600",
+            "seconds to wait for the server to start answering"),
+    # Longer than any keep-alive interval (llama.cpp pings every 30 s, DeepSeek may queue for minutes but sends
+    # comments meanwhile): silence this long is dead.
+    setting("read_timeout", "CHAT_READ_TIMEOUT", float, 120.0, "120", "seconds of upstream silence mid-answer"),
+    setting("context_tokens", "CHAT_CONTEXT_TOKENS", auto_int, None, "ask the server",
+            "the model's context in tokens, for servers that do not say it (Ollama)"),
+    setting("max_context", "CHAT_MAX_CONTEXT", int, 100_000, "100000",
+            "characters of conversation sent upstream; older turns are left out beyond it"),
+    setting("ping_interval", "CHAT_PING_INTERVAL", float, 10.0, "10", "seconds between `: ping` comments to readers"),
+    setting("grace", "CHAT_STREAM_GRACE", float, 10.0, "10", "seconds a finished answer stays replayable"),
+    setting("demo_delay", "CHAT_DEMO_DELAY", float, 0.03, "0.03", "seconds between the demo model's tokens"),
+    setting("lease_seconds", "CHAT_LEASE_SECONDS", float, 15.0, "15",
+            "an answer whose writer stops renewing it this long is interrupted"),
+    # -- limits: every resource an outsider can make the server spend has one (docs/security.md)
+    setting("max_prompt", "CHAT_MAX_PROMPT", int, 32_000, "32000", "characters in one message"),
+    # A prompt at the limit, every character 4 UTF-8 bytes, %-encoded (x3), plus the other fields.
+    setting("max_body", "CHAT_MAX_BODY", int, lambda s: s.max_prompt * 12 + 65536, "prompt limit × 12 + 64 KiB",
+            "bytes in one request body"),
+    setting("header_timeout", "CHAT_HEADER_TIMEOUT", float, 15.0, "15", "seconds to receive a request's head or body"),
+    setting("write_timeout", "CHAT_WRITE_TIMEOUT", float, 30.0, "30",
+            "seconds a client may take no data, or sit idle between requests"),
+    setting("max_connections", "CHAT_MAX_CONNECTIONS", auto_int, lambda s: default_max_connections(),
+            "45 % of the fd limit", "open connections per process"),
+    setting("connections_per_address", "CHAT_CONNECTIONS_PER_ADDRESS", auto_int, None, "10 % of the above",
+            "open connections per client address (IPv6: per /64)"),
+    setting("max_answer_chars", "CHAT_MAX_ANSWER_CHARS", int, 400_000, "400000", "characters in one answer"),
+    setting("max_answer_seconds", "CHAT_MAX_ANSWER_SECONDS", float, 900.0, "900", "seconds one answer may take"),
+    # The fastest models send a few thousand tokens a second; an upstream flooding faster is read at this pace,
+    # so that no one answer takes the whole CPU.
+    setting("max_tokens_per_second", "CHAT_MAX_TOKENS_PER_SECOND", float, 2000.0, "2000",
+            "how fast one answer is read from a flooding upstream (0: no limit)"),
+    setting("streams_per_owner", "CHAT_STREAMS_PER_OWNER", int, 4, "4", "answers streaming at once per browser"),
+    setting("max_streams", "CHAT_MAX_STREAMS", int, 25_000, "25000", "answers open at once in all"),
+    setting("readers_per_stream", "CHAT_READERS_PER_STREAM", int, 16, "16", "connections reading one answer"),
+    setting("readers_per_owner", "CHAT_READERS_PER_OWNER", int, 64, "64", "connections reading one browser's answers"),
+    setting("new_owners_per_minute", "CHAT_NEW_OWNERS_PER_MINUTE", float, 10.0, "10",
+            "new browsers one address (IPv6: one /64) may start chatting from in a minute"),
+    setting("new_owners_per_minute_total", "CHAT_NEW_OWNERS_PER_MINUTE_TOTAL", float, 60.0, "60",
+            "new browsers from all addresses but this machine in a minute"),
+    setting("owner_quota", "CHAT_OWNER_QUOTA", int, 100 << 20, "104857600", "bytes of stored text per browser"),
+    setting("max_db_mb", "CHAT_MAX_DB_MB", float, 2048.0, "2048",
+            "MB of database (pages in use, WAL included) past which new messages get 507"),
+    setting("retention_days", "CHAT_RETENTION_DAYS", auto_float, None, "keep",
+            "delete conversations untouched this many days"),
+    # Our own demo endpoint answers only this process (it may sit behind CHAT_PASSWORD); --workers sets it for all.
+    setting("demo_key", "CHAT_DEMO_KEY", str, lambda s: secrets.token_urlsafe(24), "random",
+            "the key of the built-in demo model's endpoint (set by --workers for every worker)"),
+)
+
+
 class Settings:
-    """Everything configurable, read once from the environment; flags override in main()."""
+    """Everything configurable (SETTINGS), read once from the environment; flags override in main()."""
 
     def __init__(self, env):
-        self.base_url = (env.get("OPENAI_BASE_URL") or "").rstrip("/") or None
-        self.api_key = env.get("OPENAI_API_KEY") or None
-        self.model = env.get("CHAT_MODEL") or None
-        self.host = env.get("HOST") or "127.0.0.1"
-        self.port = int(env.get("PORT") or 8080)
-        self.db = env.get("CHAT_DB") or "chat.db"
-        self.max_prompt = int(env.get("CHAT_MAX_PROMPT") or 32_000)
-        self.max_streams = int(env.get("CHAT_MAX_STREAMS") or 25_000)
-        self.connect_timeout = float(env.get("CHAT_CONNECT_TIMEOUT") or 10)
-        # Longer than any keep-alive interval (llama.cpp pings every 30 s, DeepSeek
-        # may queue for minutes but sends comments meanwhile): silence this long is dead.
-        self.read_timeout = float(env.get("CHAT_READ_TIMEOUT") or 120)
-        # Before its first byte a server may be queueing the request for a free slot or reading
-        # a long prompt on a CPU (llama.cpp sends not even headers meanwhile): that is waiting,
-        # not silence, and gets its own, much longer limit.
-        self.first_byte_timeout = float(env.get("CHAT_FIRST_BYTE_TIMEOUT") or 600)
-        # The model's context in tokens, for servers that do not say (Ollama); 0 = ask the server.
-        self.context_tokens = int(env.get("CHAT_CONTEXT_TOKENS") or 0) or None
-        self.ping_interval = float(env.get("CHAT_PING_INTERVAL") or 10)
-        self.grace = float(env.get("CHAT_STREAM_GRACE") or 10)
-        self.demo_delay = float(env.get("CHAT_DEMO_DELAY") or 0.03)
-        self.password = env.get("CHAT_PASSWORD") or None
-        self.streams_per_owner = int(env.get("CHAT_STREAMS_PER_OWNER") or 4)
-        # What is sent upstream per request, in characters; older turns are dropped beyond it.
-        self.max_context = int(env.get("CHAT_MAX_CONTEXT") or 100_000)
-        # Every resource an outsider can make the server spend has a limit (README "Security").
-        # A prompt at the limit, every character 4 UTF-8 bytes, %-encoded (x3), plus the other fields.
-        self.max_body = int(env.get("CHAT_MAX_BODY") or self.max_prompt * 12 + 65536)
-        self.header_timeout = float(env.get("CHAT_HEADER_TIMEOUT") or 15)
-        # Also how long a keep-alive connection may sit idle between requests.
-        self.write_timeout = float(env.get("CHAT_WRITE_TIMEOUT") or 30)
-        self.max_answer_chars = int(env.get("CHAT_MAX_ANSWER_CHARS") or 400_000)
-        self.max_answer_seconds = float(env.get("CHAT_MAX_ANSWER_SECONDS") or 900)
-        # The fastest models send a few thousand tokens a second; an upstream flooding faster is
-        # read at this pace, so that no one answer takes the whole CPU (0: no limit).
-        self.max_tokens_per_second = float(env.get("CHAT_MAX_TOKENS_PER_SECOND") or 2000)
-        self.allowed_hosts = {h.strip().lower() for h in (env.get("CHAT_ALLOWED_HOSTS") or "").split(",")
-                              if h.strip()}
-        self.trusted_proxies = [ipaddress.ip_network(n.strip(), strict=False) for n in
-                                (env.get("CHAT_TRUSTED_PROXIES") or "127.0.0.0/8,::1").split(",") if n.strip()]
-        self.new_owners_per_minute = float(env.get("CHAT_NEW_OWNERS_PER_MINUTE") or 10)
-        # New owners from every address together: what a flood of rotating addresses can add to the database.
-        self.new_owners_per_minute_total = float(env.get("CHAT_NEW_OWNERS_PER_MINUTE_TOTAL") or 60)
-        self.max_connections = int(env.get("CHAT_MAX_CONNECTIONS") or 0) or default_max_connections()
-        # One client address's share of the connections (0: 10 % of the cap), so that no one client takes them all.
-        self.connections_per_address = int(env.get("CHAT_CONNECTIONS_PER_ADDRESS") or 0)
-        self.readers_per_stream = int(env.get("CHAT_READERS_PER_STREAM") or 16)
-        self.readers_per_owner = int(env.get("CHAT_READERS_PER_OWNER") or 64)
-        # Stored text per owner (bytes of messages); beyond it new messages are refused.
-        self.owner_quota = int(env.get("CHAT_OWNER_QUOTA") or 100 << 20)
-        # The whole database (pages in use, SQLite's WAL included), in MB; beyond it new messages are refused.
-        self.max_db_mb = float(env.get("CHAT_MAX_DB_MB") or 2048)
-        self.retention_days = float(env.get("CHAT_RETENTION_DAYS") or 0) or None  # None: keep forever
-        # PostgreSQL instead of the SQLite file (postgresql://user:pass@host/db); unset: SQLite.
-        self.database_url = env.get("CHAT_DATABASE_URL") or None
-        # How long a streaming answer's lease lasts; its writer renews it every second. A writer
-        # that dies leaves an answer that is marked interrupted once the lease runs out.
-        self.lease_seconds = float(env.get("CHAT_LEASE_SECONDS") or 15)
-        # Redis (redis://host:port/db) to share answers between processes; unset: in this process only.
-        self.redis_url = env.get("CHAT_REDIS_URL") or None
-        self.workers = int(env.get("CHAT_WORKERS") or 1)  # processes on one port (--workers)
-        # Sampling defaults for conversations that set none (unset: the server's own defaults).
-        self.temperature = float(env["CHAT_TEMPERATURE"]) if env.get("CHAT_TEMPERATURE") else None
-        self.top_p = float(env["CHAT_TOP_P"]) if env.get("CHAT_TOP_P") else None
-        self.max_tokens = int(env["CHAT_MAX_TOKENS"]) if env.get("CHAT_MAX_TOKENS") else None
-        # Hosts whose https images an answer may show; any other image is shown as a link.
-        self.image_hosts = {h.strip().lower() for h in (env.get("CHAT_IMAGE_HOSTS") or "").split(",") if h.strip()}
-        # Our own demo endpoint only answers this process (it may sit behind CHAT_PASSWORD).
-        self.demo_key = env.get("CHAT_DEMO_KEY") or secrets.token_urlsafe(24)  # set by --workers for all
+        for entry in SETTINGS:
+            setattr(self, entry.name, entry.value(env, self))
 
     @property
     def address_share(self):
@@ -5282,47 +5338,25 @@ def build_commit():
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-ENVIRONMENT = """\
-environment (flags override them):
-  OPENAI_BASE_URL    upstream ".../v1"; unset: the built-in demo model. Examples:
-                     http://localhost:11434/v1 (Ollama), http://localhost:8081/v1
-                     (llama.cpp), http://localhost:8000/v1 (vLLM), http://localhost:1234/v1
-                     (LM Studio), https://openrouter.ai/api/v1, https://api.openai.com/v1
-  OPENAI_API_KEY     sent as 'Authorization: Bearer'; never logged or shown
-  CHAT_MODEL, HOST, PORT, CHAT_DB    as the flags below
-  CHAT_PASSWORD      puts the whole app behind a login page
-  CHAT_ALLOWED_HOSTS         extra host names to answer for, comma-separated ("*": any)
-  CHAT_TRUSTED_PROXIES       proxies whose X-Forwarded-For names the client (127.0.0.0/8,::1)
-  CHAT_FIRST_BYTE_TIMEOUT    seconds to wait for the server to start answering (600)
-  CHAT_READ_TIMEOUT          seconds of upstream silence mid-answer (120)
-  CHAT_CONTEXT_TOKENS        the model's context, when the server does not say it
-  CHAT_MAX_CONTEXT           characters of conversation sent upstream (100000)
-  CHAT_MAX_PROMPT            characters in one message (32000)
-  CHAT_MAX_BODY              bytes in one request body (prompt limit x 12 + 64 KiB)
-  CHAT_HEADER_TIMEOUT        seconds to receive a request's head or body (15)
-  CHAT_WRITE_TIMEOUT         seconds a client may take no data, or sit idle (30)
-  CHAT_MAX_CONNECTIONS       open connections per process (45 % of the fd limit)
-  CHAT_CONNECTIONS_PER_ADDRESS  open connections per client address, IPv6 per /64 (10 % of the above)
-  CHAT_MAX_ANSWER_CHARS      characters in one answer (400000)
-  CHAT_MAX_ANSWER_SECONDS    seconds one answer may take (900)
-  CHAT_MAX_TOKENS_PER_SECOND how fast one answer is read from a flooding upstream (2000; 0: no limit)
-  CHAT_STREAMS_PER_OWNER     answers streaming at once per browser (4)
-  CHAT_MAX_STREAMS           answers open at once in all (25000)
-  CHAT_READERS_PER_STREAM    connections reading one answer (16)
-  CHAT_READERS_PER_OWNER     connections reading one browser's answers (64)
-  CHAT_NEW_OWNERS_PER_MINUTE new browsers one address may start chatting from (10)
-  CHAT_NEW_OWNERS_PER_MINUTE_TOTAL  new browsers from all addresses but this machine (60)
-  CHAT_OWNER_QUOTA           bytes of stored text per browser (104857600)
-  CHAT_MAX_DB_MB             database size past which new messages get 507, in MB (2048)
-  CHAT_RETENTION_DAYS        delete conversations untouched this long (unset: keep)
-  CHAT_DATABASE_URL          postgresql://… to keep conversations in PostgreSQL (unset: CHAT_DB)
-  CHAT_LEASE_SECONDS         an answer whose writer stops renewing it this long is interrupted (15)
-  CHAT_REDIS_URL             redis://… to share answers between processes and hosts (unset: here only)
-  CHAT_WORKERS               as --workers
-  CHAT_TEMPERATURE, CHAT_TOP_P, CHAT_MAX_TOKENS  sampling defaults (unset: the server's)
-  CHAT_IMAGE_HOSTS           hosts whose https images answers may show (others: links)
-  CHAT_CONNECT_TIMEOUT, CHAT_PING_INTERVAL, CHAT_STREAM_GRACE, CHAT_DEMO_DELAY: see README
-"""
+def settings_help():
+    """The --help epilog: every environment variable of SETTINGS, what it does and its default."""
+    import textwrap  # only for --help
+    lines = ["environment (flags override them):"]
+    for entry in SETTINGS:
+        name = entry.env + (f" ({entry.flag})" if entry.flag else "")
+        lines += textwrap.wrap(f"{entry.help} ({entry.shown})", 96, initial_indent=f"  {name:<34} ",
+                               subsequent_indent=" " * 37, break_on_hyphens=False)
+    return "\n".join(lines) + "\n"
+
+
+def settings_table(common=False):
+    """SETTINGS as the Markdown table the docs show (common: only the README's short list)."""
+    rows = ["| environment | flag | what it does | default |", "|---|---|---|---|"]
+    for entry in SETTINGS:
+        if entry.common or not common:
+            rows.append(f"| `{entry.env}` | {f'`{entry.flag}`' if entry.flag else '—'} | {entry.help} | "
+                        f"{entry.shown} |")
+    return "\n".join(rows) + "\n"
 
 
 class VersionAction(argparse.Action):
@@ -5337,15 +5371,11 @@ def parse_args(argv):
     """Command-line flags; each overrides its environment variable."""
     p = argparse.ArgumentParser(
         prog="chat.py", description="A chat page that streams LLM answers token by token.",
-        epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", help="OpenAI-compatible base URL ending in /v1 (env OPENAI_BASE_URL; "
-                                      "default: the built-in demo model)")
-    p.add_argument("--model", help="model name (env CHAT_MODEL; default: the upstream's first model, or demo)")
-    p.add_argument("--host", help="listen address (env HOST; default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="listen port (env PORT; default 8080)")
-    p.add_argument("--db", help="SQLite database file (env CHAT_DB; default chat.db in the working directory)")
-    p.add_argument("--workers", type=int, help="worker processes sharing the port, one per core (env CHAT_WORKERS; "
-                                               "default 1; more need CHAT_REDIS_URL)")
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    for entry in SETTINGS:
+        if entry.flag:
+            p.add_argument(entry.flag, dest=entry.name, type=entry.parse if entry.parse is int else None,
+                           help=f"{entry.help} (env {entry.env}; default {entry.shown})")
     p.add_argument("--debug", action="store_true", help="log tracebacks and reload templates")
     p.add_argument("--version", action=VersionAction, nargs=0,
                    help="print the version and the commit it was built from, then exit")
@@ -5355,9 +5385,9 @@ def parse_args(argv):
 def main(argv=None):
     """Parse flags, bind the server and serve forever."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    for name in ("base_url", "model", "host", "port", "db", "workers"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    for entry in SETTINGS:
+        if entry.flag and getattr(args, entry.name) is not None:
+            setattr(settings, entry.name, getattr(args, entry.name))
     if settings.base_url:
         settings.base_url = settings.base_url.rstrip("/")
     worker = os.environ.get("CHAT_WORKER")
