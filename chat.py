@@ -3348,6 +3348,46 @@ MIGRATIONS = [
     ALTER TABLE messages ADD COLUMN lease_until REAL;
     CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
     """,
+    # Search reads only its owner's entries: every word is indexed with the owner's key in front
+    # (search_terms(), which chat.py gives its connections), so a match never walks other owners'
+    # rows, and its time tells nothing about them. The text stored is the keyed text.
+    """
+    DROP TRIGGER message_indexed;
+    DROP TRIGGER message_reindexed;
+    DROP TRIGGER message_unindexed;
+    DROP TRIGGER title_indexed;
+    DROP TRIGGER title_reindexed;
+    DROP TRIGGER title_unindexed;
+    DROP TABLE message_search;
+    DROP TABLE title_search;
+    CREATE VIRTUAL TABLE message_search USING fts5(body, tokenize = 'unicode61 remove_diacritics 2');
+    CREATE VIRTUAL TABLE title_search USING fts5(title, tokenize = 'unicode61 remove_diacritics 2');
+    INSERT INTO message_search (rowid, body) SELECT m.id, search_terms(c.owner, m.content)
+        FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.status != 'streaming';
+    INSERT INTO title_search (rowid, title) SELECT rowid, search_terms(owner, title) FROM conversations;
+    CREATE TRIGGER message_indexed AFTER INSERT ON messages WHEN new.status != 'streaming' BEGIN
+        INSERT INTO message_search (rowid, body)
+            SELECT new.id, search_terms(owner, new.content) FROM conversations WHERE id = new.conversation_id;
+    END;
+    CREATE TRIGGER message_reindexed AFTER UPDATE OF content, status ON messages WHEN new.status != 'streaming' BEGIN
+        DELETE FROM message_search WHERE rowid = old.id;
+        INSERT INTO message_search (rowid, body)
+            SELECT new.id, search_terms(owner, new.content) FROM conversations WHERE id = new.conversation_id;
+    END;
+    CREATE TRIGGER message_unindexed AFTER DELETE ON messages BEGIN
+        DELETE FROM message_search WHERE rowid = old.id;
+    END;
+    CREATE TRIGGER title_indexed AFTER INSERT ON conversations BEGIN
+        INSERT INTO title_search (rowid, title) VALUES (new.rowid, search_terms(new.owner, new.title));
+    END;
+    CREATE TRIGGER title_reindexed AFTER UPDATE OF title ON conversations BEGIN
+        DELETE FROM title_search WHERE rowid = old.rowid;
+        INSERT INTO title_search (rowid, title) VALUES (new.rowid, search_terms(new.owner, new.title));
+    END;
+    CREATE TRIGGER title_unindexed AFTER DELETE ON conversations BEGIN
+        DELETE FROM title_search WHERE rowid = old.rowid;
+    END;
+    """,
 ]
 
 # PostgreSQL starts at today's schema; later changes are appended here, like MIGRATIONS.
@@ -3376,6 +3416,36 @@ PG_MIGRATIONS = [
     CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, password_tag TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL);
     CREATE TABLE owner_settings (owner TEXT PRIMARY KEY, system_prompt TEXT NOT NULL DEFAULT '');
+    """,
+    # Search reads only its owner's entries, as in SQLite: the indexes hold every lexeme with the
+    # owner's key in front (search_terms), so messages carry their owner. A search finds its
+    # candidates there (search_query: every word as a keyed prefix), then checks the words as before.
+    """
+    ALTER TABLE messages ADD COLUMN owner TEXT;
+    UPDATE messages m SET owner = c.owner FROM conversations c WHERE c.id = m.conversation_id;
+    CREATE FUNCTION message_owner() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.owner := (SELECT owner FROM conversations WHERE id = NEW.conversation_id);
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER message_owner BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION message_owner();
+    -- COST: computing it row by row is what the index is for; the planner must never prefer that.
+    CREATE FUNCTION search_terms(owner TEXT, body TEXT) RETURNS tsvector LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    COST 100000 AS $$
+        SELECT array_to_tsvector(ARRAY(SELECT left(md5(coalesce(owner, '')), 8) || lexeme
+                                       FROM unnest(to_tsvector('pg_catalog.simple', body))))
+    $$;
+    CREATE FUNCTION search_query(owner TEXT, words TEXT) RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT string_agg('''' || replace(replace(left(md5(owner), 8) || lexeme, chr(92), chr(92) || chr(92)),
+                                          '''', '''''') || ''':*', ' & ')::tsquery
+        FROM unnest(to_tsvector('pg_catalog.simple', words))
+    $$;
+    -- fastupdate off: entries waiting in GIN's pending list are read by every search, every owner's.
+    DROP INDEX messages_search;
+    CREATE INDEX messages_search ON messages USING GIN (search_terms(owner, content)) WITH (fastupdate = off)
+        WHERE status != 'streaming';
+    DROP INDEX conversations_search;
+    CREATE INDEX conversations_search ON conversations USING GIN (search_terms(owner, title)) WITH (fastupdate = off);
     """,
 ]
 
@@ -3422,6 +3492,7 @@ class SQLiteDatabase:
         """Open the file and migrate it to the current schema."""
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         db.row_factory = sqlite3.Row
+        db.create_function("search_terms", 2, search_terms, deterministic=True)  # the search index's triggers
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at each checkpoint, fast
         db.execute("PRAGMA foreign_keys = ON")
@@ -3480,8 +3551,11 @@ class SQLiteDatabase:
 
     def search(self, owner, words, limit):
         """This owner's titles and messages matching every word (as a prefix), best first: FTS5."""
-        # A short word as a prefix matches half the index: only words of three letters or more are.
-        query = " ".join('"' + word.replace('"', '""') + ('"*' if len(word) >= 3 else '"') for word in words)
+        # A short word as a prefix matches half the owner's words: only words of three letters or more are.
+        query = " ".join('"' + search_terms(owner, word).replace('"', '""') + ('"*' if len(word) >= 3 else '"')
+                         for word in words)
+        key = search_key(owner)  # taken out of the snippets again
+        # CROSS JOIN: the match first, so that the planner never runs it once for each of the owner's rows
 
         def run():
             deadline = time.monotonic() + SEARCH_SECONDS  # the database is shared: a search gets this long
@@ -3489,17 +3563,17 @@ class SQLiteDatabase:
             try:
                 titles = self.connection.execute(
                     "SELECT c.id AS conversation_id, c.title, NULL AS message_id, NULL AS role, "
-                    "highlight(title_search, 0, char(1), char(2)) AS snippet "
-                    "FROM title_search JOIN conversations c ON c.rowid = title_search.rowid "
+                    "replace(highlight(title_search, 0, char(1), char(2)), ?, '') AS snippet "
+                    "FROM title_search CROSS JOIN conversations c ON c.rowid = title_search.rowid "
                     "WHERE title_search MATCH ? AND c.owner = ? ORDER BY title_search.rank LIMIT ?",
-                    (query, owner, limit)).fetchall()
+                    (key, query, owner, limit)).fetchall()
                 messages = self.connection.execute(
                     "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
-                    "snippet(message_search, 0, char(1), char(2), '…', 16) AS snippet "
-                    "FROM message_search JOIN messages m ON m.id = message_search.rowid "
-                    "JOIN conversations c ON c.id = m.conversation_id "
+                    "replace(snippet(message_search, 0, char(1), char(2), '…', 16), ?, '') AS snippet "
+                    "FROM message_search CROSS JOIN messages m ON m.id = message_search.rowid "
+                    "CROSS JOIN conversations c ON c.id = m.conversation_id "
                     "WHERE message_search MATCH ? AND c.owner = ? ORDER BY message_search.rank LIMIT ?",
-                    (query, owner, limit)).fetchall()
+                    (key, query, owner, limit)).fetchall()
             finally:
                 self.connection.set_progress_handler(None, 0)
             return (titles + messages)[:limit]
@@ -3537,6 +3611,52 @@ def split_sql(script):
 
 
 SEARCH_SECONDS = 1.0  # the longest a search may hold the database
+
+
+def search_key(owner):
+    """The 8 hex digits in front of each of this owner's words in the SQLite search index (PostgreSQL's is the same)."""
+    return hashlib.md5((owner or "").encode()).hexdigest()[:8]
+
+
+class SearchTerms:
+    """Text as the SQLite search index holds it: the owner's key in front of each word that FTS5 sees.
+
+    Which characters make up a word is asked of SQLite's own tokenizer (once per character), not
+    of Python's Unicode tables: they differ, and a word without the key would never be found.
+    """
+
+    def __init__(self):
+        # code point -> "a": part of a word, "v": part of one but dropped (a diacritic), " ": between words
+        self.kinds = {c: "a" if chr(c).isalnum() else " " for c in range(128)}
+        self.lock = monkey.get_original("threading", "Lock")()
+        self.probe = sqlite3.connect(":memory:", check_same_thread=False)
+        self.probe.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'unicode61 remove_diacritics 2')")
+        self.probe.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+
+    def __call__(self, owner, text):
+        """text with search_key(owner) in front of each of its words."""
+        if text is None:
+            return None
+        unknown = [c for c in set(text) if ord(c) not in self.kinds]
+        if unknown:
+            self.learn(unknown)
+        starts = [m.start() for m in re.finditer(r"[av]*a[av]*", text.translate(self.kinds))]  # a run of only
+        # dropped characters is no word for FTS5, and must not become one (the key alone)
+        pieces = [text[a:b] for a, b in zip([0] + starts, starts + [len(text)])]
+        return search_key(owner).join(pieces)
+
+    def learn(self, chars):
+        """Ask the tokenizer what these characters are: part of a word if "a?b" is one token, dropped if "?" is none."""
+        with self.lock:
+            self.probe.execute("DELETE FROM t")
+            self.probe.executemany("INSERT INTO t (rowid, x) VALUES (?, ?)",
+                                   [row for c in chars for row in ((2 * ord(c), f"a{c}b"), (2 * ord(c) + 1, c))])
+            tokens = dict(self.probe.execute("SELECT doc, count(*) FROM v GROUP BY doc"))
+            self.kinds.update({ord(c): " " if tokens.get(2 * ord(c)) != 1 else "a" if tokens.get(2 * ord(c) + 1)
+                               else "v" for c in chars})
+
+
+search_terms = SearchTerms()
 
 
 class Row(tuple):
@@ -3659,22 +3779,30 @@ class PostgresDatabase:
         marks = "StartSel=\x01, StopSel=\x02, MaxWords=30, MinWords=10, HighlightAll=false"
         with self.transaction():
             self.execute(f"SET LOCAL statement_timeout = {int(SEARCH_SECONDS * 1000)}")
-            return self.search_rows(query, owner, limit, marks)
+            return self.search_rows(query, owner, limit, marks, " ".join(words))
 
-    def search_rows(self, query, owner, limit, marks):
-        """The search's two statements (inside search()'s transaction, with its time limit)."""
+    def search_rows(self, query, owner, limit, marks, words):
+        """The search's two statements (inside search()'s transaction, with its time limit).
+
+        The owner's keyed index finds the candidates (search_query, see PG_MIGRATIONS); the query as
+        before picks the rows among them, ranks and highlights them.
+        """
         titles = self.execute(
             "SELECT c.id AS conversation_id, c.title, NULL::BIGINT AS message_id, NULL AS role, "
             "ts_headline('simple', c.title, q, 'HighlightAll=true, StartSel=\x01, StopSel=\x02') AS snippet "
             "FROM conversations c, to_tsquery('simple', ?) q "
-            "WHERE c.owner = ? AND to_tsvector('simple', c.title) @@ q "
-            "ORDER BY ts_rank(to_tsvector('simple', c.title), q) DESC LIMIT ?", (query, owner, limit)).fetchall()
+            "WHERE c.owner = ? AND search_terms(c.owner, c.title) @@ search_query(?, ?) "
+            "AND to_tsvector('simple', c.title) @@ q "
+            "ORDER BY ts_rank(to_tsvector('simple', c.title), q) DESC LIMIT ?",
+            (query, owner, owner, words, limit)).fetchall()
         messages = self.execute(
             "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
             f"ts_headline('simple', m.content, q, '{marks}') AS snippet "
             "FROM messages m JOIN conversations c ON c.id = m.conversation_id, to_tsquery('simple', ?) q "
-            "WHERE c.owner = ? AND m.status != 'streaming' AND to_tsvector('simple', m.content) @@ q "
-            "ORDER BY ts_rank(to_tsvector('simple', m.content), q) DESC LIMIT ?", (query, owner, limit)).fetchall()
+            "WHERE c.owner = ? AND m.status != 'streaming' AND search_terms(m.owner, m.content) @@ search_query(?, ?) "
+            "AND to_tsvector('simple', m.content) @@ q "
+            "ORDER BY ts_rank(to_tsvector('simple', m.content), q) DESC LIMIT ?",
+            (query, owner, owner, words, limit)).fetchall()
         return (titles + messages)[:limit]
 
     def size(self):
@@ -4294,6 +4422,8 @@ class Limits:
         self.new_owners_all = TokenBuckets(rate=total / 60, burst=max(1, min(20, int(total))))
         self.sessions = {}  # token hash -> when this process last found it valid (saves a query a request)
         self.searches = TokenBuckets(rate=2, burst=10)  # per owner: search holds the shared database
+        # and per address (address_key): a browser without cookies is a new owner at every request
+        self.search_addresses = TokenBuckets(rate=5, burst=20)
 
 
 limits = Limits()
@@ -4912,7 +5042,10 @@ def search():
     """This browser's conversations by title and content: a list for the sidebar, or a page without JavaScript."""
     query = (bottle.request.query.getunicode("q", default="") or "")[:200]
     words = re.findall(r"\w+", query)[:6]  # words only: no query syntax reaches the database
-    if words and not limits.searches.take(owner()):
+    environ = bottle.request.environ
+    # The machine itself (the operator, through no proxy) has only the per-owner budget.
+    if words and not (limits.searches.take(owner()) and (
+            from_this_machine(environ) or limits.search_addresses.take(address_key(client_address(environ))))):
         bottle.response.status = 429
         return "<li class=\"no-results\">Too many searches at once; wait a moment.</li>"
     try:
