@@ -137,9 +137,9 @@ def setting(name, env, parse, default, shown, text, flag=None, common=False):
 # short list, the `common` ones) show this same table; a test keeps the docs in step.
 SETTINGS = (
     setting("base_url", "OPENAI_BASE_URL", lambda v: v.rstrip("/") or None, None, "the built-in demo model",
-            'upstream base URL ending in /v1 (Ollama http://localhost:11434/v1, llama.cpp http://localhost:8081/v1, '
-            'vLLM http://localhost:8000/v1, LM Studio http://localhost:1234/v1, https://openrouter.ai/api/v1, '
-            'https://api.openai.com/v1)', "--base-url", True),
+            'upstream base URL ending in /v1: http://localhost:11434/v1 (Ollama), http://localhost:8081/v1 '
+            '(llama.cpp), http://localhost:8000/v1 (vLLM), http://localhost:1234/v1 (LM Studio), '
+            'https://openrouter.ai/api/v1, https://api.openai.com/v1', "--base-url", True),
     setting("api_key", "OPENAI_API_KEY", str, None, "none", "sent as `Authorization: Bearer`; never logged or shown",
             common=True),
     setting("model", "CHAT_MODEL", str, None, "the upstream's first model", "model name", "--model", True),
