@@ -9,20 +9,24 @@ end, on error and on Ctrl-C; the tmpfs is unmounted):
 
   * a fake OpenAI-compatible upstream (this file, `--role upstream`), whose behaviour each
     request picks with key=value words in its prompt: mode=paced (default) | drop | trickle |
-    flood | hang. Only the attackers' prompts name a fault, so faults hit only their chats.
+    flood (pattern= picks its text) | bomb | hang. Only the attackers' prompts name a fault, so faults hit only their chats.
   * chat.py (`python chat.py --port P`) pinned to core 0, with CHAT_PASSWORD set, short limits
-    (SERVER_ENV) and CHAT_DB on a tmpfs mounted here when root (else a temporary directory,
-    and the full-disk fault is skipped with a note).
+    (SERVER_ENV), TMPDIR a folder of the soak's own (it must stay empty) and CHAT_DB on a tmpfs
+    mounted here when root (else a temporary directory, and the full-disk fault is skipped with
+    a note).
   * the well-behaved load (this file, `--role load`): N users, each logged in once from its
     own X-Forwarded-For address (203.0.113.N), each keeping its cookies and chatting in a
     closed loop (POST /streaming, GET /events to `done`, a short pause; four turns per
     conversation, then a new one). Every token is stamped by the upstream when sent; the
     client records receipt - stamp, /events time to headers, POST latency and the answer
     text it saw.
-  * the faults, from 198.51.100.N, each for --fault-seconds after a quiet period (FAULTS):
-    slowloris, stuck readers (of long answers; of one answer larger than a socket buffer),
-    cookie-less send flood, login guessing, an upstream that drops / trickles / floods / hangs,
-    a database locked by another process, a full disk, kill -9 and a restart.
+  * the faults, from 198.51.100.N (and a few other documentation ranges), each for --fault-seconds
+    after a quiet period (FAULTS): slowloris, chunked bodies before login, one address taking every
+    connection, stuck readers (of long answers; of one answer larger than a socket buffer),
+    cookie-less send flood, cookie-less sends from hundreds of addresses, login guessing (from
+    a few addresses; from rotating IPv4 and IPv6 addresses), a cookie-less search flood, an
+    upstream that drops / trickles / floods / sends an endless event / sends pathological
+    Markdown / hangs, a database locked by another process, a full disk, kill -9 and a restart.
   * 3 control chats that read the fake upstream directly: this machine's floor, per phase.
 
 At the end every answer a well-behaved client saw is looked up in the SQLite file: its stored
@@ -76,12 +80,15 @@ SERVER_ENV = {
     "CHAT_MAX_ANSWER_CHARS": "200000",
     "CHAT_MAX_ANSWER_SECONDS": "15",
     "CHAT_STREAM_GRACE": "5",
+    # A cap the soak can reach cheaply: one address may hold 10 % of it (CHAT_CONNECTIONS_PER_ADDRESS), 200.
+    "CHAT_MAX_CONNECTIONS": "2000",
 }
 
 NETERR = (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 SSE_CONNECT = re.compile(r'sse-connect="/events\?stream=([^"&]+)"')
 HIDDEN_CONVERSATION = re.compile(r'name="conversation" id="conversation" value="([^"]+)"')
 DONE_STATUS = re.compile(r'class="msg assistant done (\w+)"')
+ALERT = re.compile(r'role="alert">(.*?)</p>', re.S)
 STAMP = re.compile(r" t(\d+)")
 HTMX = [("HX-Request", "true")]  # what htmx adds to its requests (without it chat.py takes the no-JS path)
 
@@ -237,8 +244,10 @@ async def read_events(port, stream_id, jar, xff, last_id=0, on_token=None, idle=
                         on_token(now, html.unescape(payload))
                 elif event == "done":
                     m = DONE_STATUS.search(payload)
+                    alert = ALERT.search(payload)
                     out.update(end="done", done=m.group(1) if m else "?", t_done=now,
-                               missing="no longer available" in payload)
+                               missing="no longer available" in payload,
+                               alert=html.unescape(alert.group(1)).strip()[:300] if alert else None)
                     return out
     except asyncio.IncompleteReadError:
         out["end"] = "eof"
@@ -379,8 +388,8 @@ class FakeUpstream(asyncio.Protocol):
 
     def resume_writing(self):
         self.paused = False
-        if self.busy and self.job["mode"] == "flood" and self.timer is None:
-            self.timer = self.loop.call_soon(self.flood)
+        if self.busy and self.job["mode"] in ("flood", "bomb") and self.timer is None:
+            self.timer = self.loop.call_soon(self.flood if self.job["mode"] == "flood" else self.bomb)
 
     def data_received(self, data):
         self.buf += data
@@ -430,7 +439,8 @@ class FakeUpstream(asyncio.Protocol):
                     "pad": int(p.get("pad", 0)), "after": int(p.get("after", 20)), "first": int(p.get("first", 5)),
                     "every": float(p.get("every", 2)), "limit": int(p.get("chars", 5_000_000)),
                     "size": max(1, int(p.get("size", 32))), "char": p.get("char", "x")[:1] or "x",
-                    "trickle_i": 0}
+                    "pattern": p.get("pattern", ""), "total": int(p.get("total", 200_000_000)),
+                    "line": int(p.get("line", 65536)), "trickle_i": 0}
         self.busy = True
         UpStats.modes[mode]["started"] += 1
         if mode == "hang":
@@ -440,6 +450,16 @@ class FakeUpstream(asyncio.Protocol):
         self.transport.write(HEAD_SSE + http_chunk(ROLE))
         if mode == "flood":
             self.timer = self.loop.call_soon(self.flood)
+        elif mode == "bomb":
+            # One event that never ends: `data:` lines of `line` bytes (0: one endless line), never a blank
+            # line, up to `total` bytes, written as fast as chat.py reads, a 64 KB piece at a time.
+            line = self.job["line"]
+            piece = (b"data: " + b"x" * line + b"\n") * max(1, 65536 // (line + 7)) if line > 0 else b"x" * 65536
+            self.job["piece"] = http_chunk(piece)
+            self.job["piece_len"] = len(piece)
+            if line <= 0:
+                self.transport.write(http_chunk(b"data: "))
+            self.timer = self.loop.call_soon(self.bomb)
         else:
             self.job["start"] = self.loop.time()
             self.timer = self.loop.call_at(self.job["start"] + self.job["interval"], self.paced)
@@ -487,7 +507,7 @@ class FakeUpstream(asyncio.Protocol):
         if self.closed or self.paused:
             return
         job = self.job
-        token = job["char"] * job["size"]
+        token = (job["pattern"] * job["size"])[:job["size"]] if job["pattern"] else job["char"] * job["size"]
         event = http_chunk(content_event(token))
         n = max(1, min(256, (job["limit"] - job["chars"]) // job["size"]))
         self.transport.write(event * n)
@@ -498,6 +518,25 @@ class FakeUpstream(asyncio.Protocol):
             self.finish()
         elif not self.paused:
             self.timer = self.loop.call_soon(self.flood)
+
+    def bomb(self):
+        """The endless event: pieces written while the transport takes them, the same bytes each time."""
+        self.timer = None
+        if self.closed or self.paused:
+            return
+        job = self.job
+        for _ in range(16):
+            self.transport.write(job["piece"])
+            job["chars"] += job["piece_len"]
+            UpStats.modes["bomb"]["chars"] += job["piece_len"]
+            if job["chars"] >= job["total"]:
+                self.transport.write(b"0\r\n\r\n")  # the end of the body, still without a blank line
+                self.end_job("completed")
+                self.arm_idle()
+                return
+            if self.paused:
+                return
+        self.timer = self.loop.call_soon(self.bomb)
 
     def drop(self):
         """Break off mid-answer: alternately a FIN and a RST, never the last chunk."""
@@ -577,11 +616,16 @@ class Load:
             return
         with contextlib.suppress(*NETERR):
             await http(self.port, "GET", "/", xff=xff, jar=jar)  # the page: sets the owner cookie
-        self.ready += 1
         conversation, turns, n = None, 0, 0
+        counted = False
         while not self.stop:
             rec = await self.chat(i, xff, jar, conversation, n)
             n += 1
+            if not counted and rec["post_status"] == 200:
+                # Ready once a send was taken: a user's first send is a new owner, and all of them
+                # together start within the new-owner budget (a burst of 20, then 1 a second).
+                self.ready += 1
+                counted = True
             if rec["post_status"] == 401:
                 await self.log_in(i, xff, jar)
             if rec.get("conv") and rec["stream"]:
@@ -795,6 +839,26 @@ def proc_fds(pid):
         return None
 
 
+def fds_under(pid, folder):
+    """The files under folder that a process holds open (deleted ones too: /proc shows their old path)."""
+    out = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            if target.startswith(folder):
+                out.add(target)
+    return out
+
+
+def db_bytes(path):
+    """Bytes of an SQLite database with its WAL."""
+    return sum(os.path.getsize(f) for f in (path, path + "-wal") if os.path.exists(f))
+
+
 def proc_cpu_s(pid):
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -908,6 +972,8 @@ class Soak:
         self.a = args
         self.children = []
         self.tmp = tempfile.mkdtemp(prefix="chat-soak-")
+        self.chat_tmpdir = os.path.join(self.tmp, "chat-tmpdir")  # chat.py's TMPDIR: it must stay empty
+        os.makedirs(self.chat_tmpdir)
         self.logdir = os.path.join(RESULTS, "soak-logs")
         os.makedirs(self.logdir, exist_ok=True)
         for name in os.listdir(self.logdir):
@@ -994,7 +1060,7 @@ class Soak:
                 del env[name]
         env.update(SERVER_ENV)
         env.update({"OPENAI_BASE_URL": f"http://{HOST}:{self.upstream.port}/v1", "CHAT_DB": self.db,
-                    "PYTHONUNBUFFERED": "1"})
+                    "PYTHONUNBUFFERED": "1", "TMPDIR": self.chat_tmpdir})
         if self.a.redis:
             # A short lease: after kill -9, the restarted process finishes the dead one's answers
             # from Redis within the kill phase.
@@ -1154,7 +1220,7 @@ class Soak:
         # Wait (bounded) until every user has logged in and is chatting.
         ready = loop.run_in_executor(None, self.load.proc.stdout.readline)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(ready), 60)
+            await asyncio.wait_for(asyncio.shield(ready), 90)
         log(f"load: {self.a.users} users chatting; warm-up {self.a.warmup:g} s")
         await asyncio.sleep(self.a.warmup)
         await self.phase("baseline", "baseline", self.a.baseline_seconds)
@@ -1661,7 +1727,8 @@ async def fault_login(soak, seconds):
 
 
 async def attack_chats(soak, seconds, name, prompt, concurrency, first_octet, think=0.2):
-    """Attacker chats whose upstream misbehaves: each slot its own logged-in owner, reading /events to `done`."""
+    """Attacker chats whose upstream misbehaves: each slot its own logged-in owner, reading /events to `done`.
+    prompt: the words for the fake upstream, or a function of (slot, n) that returns them."""
     before = await soak.upstream_stats()
     rows = []
     end = time.monotonic() + seconds
@@ -1673,10 +1740,12 @@ async def attack_chats(soak, seconds, name, prompt, concurrency, first_octet, th
         while time.monotonic() < end and n < 2000:
             n += 1
             t0 = time.monotonic_ns()
-            rec = {"who": name, "t_post": t0, "conv": None, "seen": "", "status": None, "elapsed": None}
+            words = prompt(k, n) if callable(prompt) else prompt
+            rec = {"who": name, "t_post": t0, "conv": None, "seen": "", "status": None, "elapsed": None,
+                   "prompt": words, "alert": None}
             try:
                 status, headers, body = await http(soak.port, "POST", "/streaming", xff=xff, jar=jar,
-                                                   form={"prompt": f"{name} n={n} {prompt}"}, headers=HTMX,
+                                                   form={"prompt": f"{name} n={n} {words}"}, headers=HTMX,
                                                    timeout=30)
             except NETERR as exc:
                 rec["status"] = "post-" + type(exc).__name__
@@ -1694,7 +1763,7 @@ async def attack_chats(soak, seconds, name, prompt, concurrency, first_octet, th
             seen = []
             r = await read_events(soak.port, m.group(1), jar, xff, on_token=lambda now, t: seen.append(t), idle=60)
             rec.update(status=r["done"] if r["end"] == "done" else f"events-{r['end']}", seen="".join(seen),
-                       elapsed=(time.monotonic_ns() - t0) / 1e9)
+                       elapsed=(time.monotonic_ns() - t0) / 1e9, alert=r.get("alert"))
             rows.append(rec)
             await asyncio.sleep(think)
 
@@ -1892,15 +1961,442 @@ async def fault_kill(soak, seconds):
     return out
 
 
+async def fault_chunked(soak, seconds):
+    """Chunked request bodies before logging in (the audit's repro): GET /login with Transfer-Encoding:
+    chunked and either a 1 MB chunk-size line (hex digits, no line ending) or a 1 MiB chunk, from --chunked
+    clients at once, each sending again as soon as it is answered. chat.py must answer 411 as soon as the
+    head is in and close the connection without reading the body, and never write to its TMPDIR."""
+    results = []
+    end = time.monotonic() + seconds
+    seen = {"files": set(), "fds": set()}
+    polling = True
+    bodies = {"sizeline": b"f" * (1 << 20),
+              "chunk": b"100000\r\n" + b"a" * (1 << 20) + b"\r\n0\r\n\r\n"}
+
+    async def poll():
+        while polling:
+            with contextlib.suppress(OSError):
+                seen["files"].update(os.listdir(soak.chat_tmpdir))
+            seen["fds"].update(fds_under(soak.chat.pid, soak.chat_tmpdir))
+            await asyncio.sleep(0.1)
+
+    async def one(kind, k):
+        xff = f"198.51.100.{1 + k % 49}"
+        head = (f"GET /login HTTP/1.1\r\nHost: {HOST}:{soak.port}\r\nX-Forwarded-For: {xff}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n").encode()
+        body = bodies[kind]
+        r = {"kind": kind, "status": None, "t_status": None, "closed": None, "sent": 0}
+        t0 = time.monotonic()
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, soak.port), 5)
+        except NETERR as exc:
+            r["status"] = "connect-" + type(exc).__name__
+            results.append(r)
+            await asyncio.sleep(0.5)
+            return
+
+        async def send():
+            with contextlib.suppress(*NETERR):
+                writer.write(head)
+                for i in range(0, len(body), 65536):
+                    writer.write(body[i:i + 65536])
+                    await writer.drain()
+                    r["sent"] = min(len(body), i + 65536)
+
+        sender = asyncio.ensure_future(send())
+        try:
+            async with asyncio.timeout(10):
+                data = await reader.readuntil(b"\r\n\r\n")
+                r["status"], r["t_status"] = parse_head(data[:-4])[0], time.monotonic() - t0
+                while await reader.read(65536):  # the connection must be closed after the answer
+                    pass
+                r["closed"] = time.monotonic() - t0
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if r["status"] is None:
+                # chat.py closed with the body unread, so its kernel sent a RST, which can overtake the 411.
+                r["status"] = "reset" if isinstance(exc, ConnectionResetError) else "closed before an answer"
+                r["t_status"] = time.monotonic() - t0
+            r["closed"] = time.monotonic() - t0
+        except NETERR as exc:
+            r["status"] = r["status"] or type(exc).__name__
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *NETERR):
+                await sender
+            writer.close()
+        results.append(r)
+
+    async def slot(k):
+        n = 0
+        while time.monotonic() < end and n < 10_000:
+            await one(("sizeline", "chunk")[(k + n) % 2], k)
+            n += 1
+            await asyncio.sleep(0.05)
+
+    poller = asyncio.create_task(poll())
+    await asyncio.gather(*(slot(k) for k in range(soak.a.chunked)))
+    await asyncio.sleep(0.5)
+    polling = False
+    await poller
+    with contextlib.suppress(OSError):
+        seen["files"].update(os.listdir(soak.chat_tmpdir))
+    statuses = collections.Counter(str(r["status"]) for r in results)
+    answered = [r["t_status"] for r in results if r["t_status"] is not None]
+    unclosed = sum(1 for r in results if r["closed"] is None)
+    sent = [r["sent"] for r in results]
+    out = {"requests": len(results), "statuses": dict(statuses),
+           "answered_s": {"p50": percentile(answered, 0.5), "p99": percentile(answered, 0.99),
+                          "max": max(answered, default=None)},
+           "left_open": unclosed, "body_bytes_sent_p50": percentile(sent, 0.5),
+           "tmpdir_files": sorted(seen["files"])[:20], "tmpdir_fds": sorted(seen["fds"])[:20]}
+    out["ok"] = (bool(results) and set(statuses) <= {"411", "reset"} and statuses.get("411", 0) > 0
+                 and not unclosed and not seen["files"] and not seen["fds"]
+                 and (percentile(answered, 0.99) or 99) <= 1.0)
+    out["summary"] = (f"{len(results)} GET /login with a chunked body (a 1 MB chunk-size line or a 1 MiB chunk), "
+                      f"{soak.a.chunked} at once: answers {dict(statuses)} (reset: chat.py closed with the body "
+                      f"unread, and the RST overtook the 411) after p50 "
+                      f"{fmt(out['answered_s']['p50'] and out['answered_s']['p50'] * 1e3)} / p99 "
+                      f"{fmt(out['answered_s']['p99'] and out['answered_s']['p99'] * 1e3)} ms, each connection then "
+                      f"closed by chat.py ({unclosed} left open); the clients got p50 "
+                      f"{(out['body_bytes_sent_p50'] or 0) // 1024} KB of the body into the socket before that; "
+                      f"chat.py's TMPDIR: {len(seen['files'])} files, {len(seen['fds'])} open files seen")
+    return out
+
+
+async def fault_hog(soak, seconds):
+    """One client address (X-Forwarded-For through the trusted proxy) tries to hold every connection:
+    --hog connections, each sending GET /healthz and keeping its connection alive with another request
+    every 2 s (within CHAT_WRITE_TIMEOUT), reconnecting when refused. Meanwhile another address probes."""
+    share = int(SERVER_ENV.get("CHAT_CONNECTIONS_PER_ADDRESS") or int(SERVER_ENV["CHAT_MAX_CONNECTIONS"]) // 10)
+    xff = "198.51.100.77"
+    state = {"held": 0, "max_held": 0}
+    statuses = collections.Counter()
+    refused_closed, refused_open = [], 0
+    probe = collections.Counter()
+    end = time.monotonic() + seconds
+    req = (f"GET /healthz HTTP/1.1\r\nHost: {HOST}:{soak.port}\r\nX-Forwarded-For: {xff}\r\n\r\n").encode()
+
+    async def slot(k):
+        nonlocal refused_open
+        await asyncio.sleep(k * 0.002)
+        while time.monotonic() < end:
+            held = False
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, soak.port), 5)
+            except NETERR as exc:
+                statuses["connect-" + type(exc).__name__] += 1
+                await asyncio.sleep(1)
+                continue
+            try:
+                while time.monotonic() < end:
+                    writer.write(req)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                    status, headers = parse_head(head[:-4])
+                    await asyncio.wait_for(read_body(reader, headers, 1 << 16), 10)
+                    statuses[status] += 1
+                    if status != 200:
+                        t = time.monotonic()
+                        try:
+                            await asyncio.wait_for(reader.read(1), 3)  # b"": closed by chat.py
+                            refused_closed.append(time.monotonic() - t)
+                        except NETERR:
+                            refused_open += 1
+                        break
+                    if not held:
+                        held = True
+                        state["held"] += 1
+                        state["max_held"] = max(state["max_held"], state["held"])
+                    await asyncio.sleep(2.0)
+            except NETERR as exc:
+                statuses[type(exc).__name__] += 1
+            finally:
+                if held:
+                    state["held"] -= 1
+                writer.close()
+            if not held:
+                await asyncio.sleep(1.0)
+
+    async def prober():
+        while time.monotonic() < end:
+            try:
+                status, _, _ = await http(soak.port, "GET", "/healthz", xff="198.51.100.78", timeout=5)
+            except NETERR as exc:
+                status = type(exc).__name__
+            probe[status] += 1
+            await asyncio.sleep(0.5)
+
+    await asyncio.gather(prober(), *(slot(k) for k in range(soak.a.hog)))
+    out = {"connections_tried": soak.a.hog, "share": share, "max_held_at_once": state["max_held"],
+           "statuses": {str(k): v for k, v in statuses.items()}, "refused_closed_s_max": max(refused_closed, default=None),
+           "refused_left_open": refused_open, "other_address": {str(k): v for k, v in probe.items()}}
+    out["ok"] = (state["max_held"] <= share and statuses.get(429, 0) > 0 and not refused_open
+                 and set(probe) == {200})
+    out["summary"] = (f"one address opened {soak.a.hog} keep-alive connections (its share: {share}): it held at most "
+                      f"{state['max_held']} at once; answers {out['statuses']}; every refused connection closed by "
+                      f"chat.py within {fmt(out['refused_closed_s_max'] and out['refused_closed_s_max'] * 1e3)} ms "
+                      f"({refused_open} left open); another address meanwhile: {out['other_address']}")
+    return out
+
+
+async def fault_owners(soak, seconds):
+    """Sends without the owner cookie (each a new browser) from --owner-addresses rotating addresses, with a
+    session (a logged-in abuser), --owner-rate a second: only the total new-owner budget can stop them."""
+    rate = soak.a.owner_rate
+    addresses = [f"198.19.{i // 250}.{i % 250 + 1}" for i in range(soak.a.owner_addresses)]
+    session = await attacker_session(soak, "198.51.100.98", owner=False)
+    session_only = {"chat_session": session.get("chat_session", "")}
+    loop = asyncio.get_running_loop()
+
+    def conversations():
+        db = sqlite3.connect(f"file:{soak.db}?mode=ro", uri=True, timeout=30)
+        try:
+            return db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+        finally:
+            db.close()
+
+    conv_before = await loop.run_in_executor(None, conversations)
+    bytes_before = db_bytes(soak.db)
+    results = collections.Counter()
+    accepted_by = collections.Counter()
+    sem = asyncio.Semaphore(64)
+    end = time.monotonic() + seconds
+
+    async def send(xff):
+        async with sem:
+            try:
+                status, _, _ = await http(soak.port, "POST", "/streaming", xff=xff, jar=Jar(session_only),
+                                          form={"prompt": "owners mode=paced rate=20 tokens=20"}, headers=HTMX,
+                                          timeout=15)
+            except NETERR as exc:
+                status = type(exc).__name__
+        results[status] += 1
+        if status == 200:
+            accepted_by[xff] += 1
+
+    tasks, i, t0 = [], 0, time.monotonic()
+    while time.monotonic() < end and i < rate * seconds + 10:
+        tasks.append(asyncio.create_task(send(addresses[i % len(addresses)])))
+        i += 1
+        await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+    await asyncio.gather(*tasks)
+    span = time.monotonic() - t0
+    await asyncio.sleep(2.0)  # the accepted answers (20 tokens at 20/s) end and are saved
+    conv_after = await loop.run_in_executor(None, conversations)
+    total = float(SERVER_ENV.get("CHAT_NEW_OWNERS_PER_MINUTE_TOTAL", 60))
+    allowed = max(1, min(20, int(total))) + total / 60 * span + 1
+    accepted = results.get(200, 0)
+    out = {"sends": sum(results.values()), "addresses": len(addresses), "statuses": {str(k): v for k, v in results.items()},
+           "accepted": accepted, "allowed": round(allowed, 1), "accepted_max_per_address": max(accepted_by.values(), default=0),
+           "new_conversations": conv_after - conv_before, "db_growth_kb": round((db_bytes(soak.db) - bytes_before) / 1024)}
+    out["ok"] = accepted <= allowed and results.get(429, 0) > 0 and out["new_conversations"] <= allowed + 2
+    out["summary"] = (f"{out['sends']} cookie-less sends from {len(addresses)} rotating addresses: {out['statuses']}; "
+                      f"{accepted} new owners taken in {span:.0f} s (the total budget allows <= {allowed:.0f}: a burst "
+                      f"of 20, then {total:g}/min), at most {out['accepted_max_per_address']} per address; "
+                      f"{out['new_conversations']} conversations stored, the database grew {out['db_growth_kb']} KB")
+    return out
+
+
+async def fault_guessrotate(soak, seconds):
+    """Wrong passwords (--guess-rate a second) from a new address each time: half IPv4 (198.18.x.y, a fresh one
+    per guess), half IPv6 addresses within one /64. Meanwhile, every second, a browser that logged in here
+    before (its chat_device cookie, no session) logs in again, and a browser that never did tries too."""
+    rate = soak.a.guess_rate
+    net6 = "2001:db8:5:7"
+    device_jar = Jar()
+    with contextlib.suppress(*NETERR):
+        await login(soak.port, device_jar, "203.0.113.251")
+    device = device_jar.get("chat_device")
+    statuses = {"ipv4": collections.Counter(), "ipv6": collections.Counter()}
+    checked = {"ipv4": [], "ipv6": []}
+    known, new, retry_after = collections.Counter(), collections.Counter(), []
+    end = time.monotonic() + seconds
+    t_start = time.monotonic()
+
+    async def guesser(k):
+        for n in range(k, int(rate * seconds), 16):
+            wait = t_start + n / rate - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if time.monotonic() >= end:
+                break
+            if n % 2:
+                family, xff = "ipv6", f"{net6}:{random.getrandbits(16):x}:{random.getrandbits(16):x}:" \
+                                      f"{random.getrandbits(16):x}:{random.getrandbits(16):x}"
+            else:
+                family, xff = "ipv4", f"198.18.{(n // 2) // 250 % 250}.{(n // 2) % 250 + 1}"
+            try:
+                st = await login(soak.port, Jar(), xff, password=f"guess-{n}", timeout=10)
+            except NETERR as exc:
+                st = type(exc).__name__
+            statuses[family][st] += 1
+            if st == 401:
+                checked[family].append(time.monotonic())
+
+    async def browsers():
+        await asyncio.sleep(min(2.0, seconds / 4))  # the guesses have emptied the shared budget by then
+        k = 0
+        while time.monotonic() < end:
+            form = {"password": PASSWORD, "next": "/"}
+            try:
+                st, _, _ = await http(soak.port, "POST", "/login", xff="203.0.113.251",
+                                      jar=Jar({"chat_device": device} if device else {}), form=form, timeout=10)
+            except NETERR as exc:
+                st = type(exc).__name__
+            known[st] += 1
+            try:
+                st, headers, _ = await http(soak.port, "POST", "/login", xff=f"203.0.113.{230 + k % 20}", jar=Jar(),
+                                            form=form, timeout=10)
+                if st == 429:
+                    retry_after.append(dict(headers).get("retry-after"))
+            except NETERR as exc:
+                st = type(exc).__name__
+            new[st] += 1
+            k += 1
+            await asyncio.sleep(1.0)
+
+    t0 = time.monotonic()
+    await asyncio.gather(browsers(), *(guesser(k) for k in range(16)))
+    span = max(1e-6, time.monotonic() - t0)
+    every = checked["ipv4"] + checked["ipv6"]
+    per_second = collections.Counter(int(t - t0) for t in every)
+    allowed6 = 5 + span / 6 + 1
+    out = {"guesses": {f: sum(c.values()) for f, c in statuses.items()},
+           "statuses": {f: {str(k): v for k, v in c.items()} for f, c in statuses.items()},
+           "checked_per_s_avg": round(len(every) / span, 1), "checked_per_s_max": max(per_second.values(), default=0),
+           "checked_in_the_64": len(checked["ipv6"]), "allowed_in_the_64": round(allowed6, 1),
+           "known_browser_logins": {str(k): v for k, v in known.items()},
+           "new_browser_logins": {str(k): v for k, v in new.items()},
+           "retry_after": dict(collections.Counter(retry_after)), "device_cookie": bool(device)}
+    out["allowed_checked"] = round(10 + 10 * span + 1, 1)  # the shared budget: a burst of 10, then 10 a second
+    out["ok"] = (bool(device) and len(every) <= out["allowed_checked"] and out["checked_per_s_max"] <= 20
+                 and len(checked["ipv6"]) <= allowed6 and set(known) <= {302, 303} and known
+                 and new.get(429, 0) > 0 and None not in retry_after
+                 and not any(s.get(303) for s in statuses.values()))
+    out["summary"] = (f"{sum(out['guesses'].values())} wrong passwords from rotating addresses ({out['guesses']['ipv4']} "
+                      f"IPv4, each new; {out['guesses']['ipv6']} IPv6 within one /64): IPv4 {out['statuses']['ipv4']}, "
+                      f"IPv6 {out['statuses']['ipv6']}; {len(every)} checked in {span:.0f} s (the shared budget: <= "
+                      f"{out['allowed_checked']:.0f}), {out['checked_per_s_avg']}/s (max "
+                      f"{out['checked_per_s_max']} in one second), {len(checked['ipv6'])} of them in the /64 (its "
+                      f"budget: <= {allowed6:.0f}); meanwhile a browser with its device cookie logged in "
+                      f"{out['known_browser_logins']}, a new browser got {out['new_browser_logins']} "
+                      f"(Retry-After {out['retry_after']})")
+    return out
+
+
+async def fault_search(soak, seconds):
+    """GET /search without the owner cookie (so each is a new owner with a fresh per-owner budget), with a
+    session, --search-rate a second from each of 3 addresses: only the per-address budget stops them."""
+    addresses = [f"198.51.100.{120 + i}" for i in range(3)]
+    rate = soak.a.search_rate
+    session = await attacker_session(soak, "198.51.100.97", owner=False)
+    session_only = {"chat_session": session.get("chat_session", "")}
+    results = {a: collections.Counter() for a in addresses}
+    end = time.monotonic() + seconds
+    t0 = time.monotonic()
+
+    async def searcher(xff, k):
+        n, tasks = 0, []
+        sem = asyncio.Semaphore(16)
+
+        async def one(n):
+            async with sem:
+                try:
+                    st, _, _ = await http(soak.port, "GET", f"/search?q=soak+word{n}+t{n % 7}", xff=xff,
+                                          jar=Jar(session_only), headers=HTMX, timeout=10)
+                except NETERR as exc:
+                    st = type(exc).__name__
+            results[xff][st] += 1
+
+        while time.monotonic() < end and n < rate * seconds + 10:
+            tasks.append(asyncio.create_task(one(n)))
+            n += 1
+            await asyncio.sleep(max(0.0, t0 + k * 0.01 + n / rate - time.monotonic()))
+        await asyncio.gather(*tasks)
+
+    await asyncio.gather(*(searcher(a, k) for k, a in enumerate(addresses)))
+    span = time.monotonic() - t0
+    allowed = 20 + 5 * span + 1
+    accepted = {a: c.get(200, 0) for a, c in results.items()}
+    out = {"searches": sum(sum(c.values()) for c in results.values()),
+           "statuses": {a: {str(k): v for k, v in c.items()} for a, c in results.items()},
+           "accepted_per_address_max": max(accepted.values()), "allowed_per_address": round(allowed, 1)}
+    out["ok"] = out["accepted_per_address_max"] <= allowed and all(c.get(429, 0) for c in results.values())
+    merged = collections.Counter()
+    for c in results.values():
+        merged.update(c)
+    out["summary"] = (f"{out['searches']} cookie-less searches, {rate:g}/s from each of {len(addresses)} addresses: "
+                      f"{ {str(k): v for k, v in merged.items()} }; at most {out['accepted_per_address_max']} answered "
+                      f"per address in {span:.0f} s (budget: a burst of 20, then 5/s: <= {allowed:.0f})")
+    return out
+
+
+BOMB_SHAPES = ("line=65536", "line=8", "line=0")  # 64 KB lines, 8-byte lines, one endless line
+
+
+async def fault_bomb(soak, seconds):
+    """Attacker chats whose upstream answers 200 MB of `data:` lines and never a blank line: one event that
+    never ends, in three shapes (long lines, short lines, one endless line), streamed as fast as chat.py reads."""
+    rows, up = await attack_chats(soak, seconds, "bomb",
+                                  lambda k, n: f"mode=bomb total=200000000 {BOMB_SHAPES[(k + n) % 3]}", 2, 240)
+    statuses, elapsed, chars = chat_summary(rows)
+    u = up.get("bomb", {})
+    closed = u.get("chars_at_close") or []
+    alerts = collections.Counter((r["alert"] or "(none)")[:90] for r in rows if r["elapsed"] is not None)
+    out = {"chats": len(rows), "statuses": dict(statuses), "alerts": dict(alerts),
+           "elapsed_p50": percentile(elapsed, 0.5), "elapsed_max": max(elapsed, default=None),
+           "upstream_bytes_at_close_max": max(closed, default=None), "upstream_completed": u.get("completed")}
+    with_alert = sum(1 for r in rows if r["elapsed"] is not None and r["alert"] and "MiB" in r["alert"])
+    out["ok"] = (bool(rows) and set(statuses) == {"error"} and with_alert == len(rows)
+                 and not u.get("completed"))
+    out["summary"] = (f"{len(rows)} chats whose upstream sends 200 MB of `data:` lines with no blank line; chat.py "
+                      f"ended them {dict(statuses)} after p50 {fmt(out['elapsed_p50'], 2)} / max "
+                      f"{fmt(out['elapsed_max'], 2)} s, {with_alert} with the alert {list(alerts)}; the upstream had "
+                      f"sent at most {(max(closed, default=0)) / 2**20:.1f} MB when chat.py closed it; answers it "
+                      f"finished: {u.get('completed')}")
+    return out
+
+
+RENDER_PATTERNS = ("\\(", "![", "*_", "[", "\\[")
+
+
+async def fault_render(soak, seconds):
+    """Attacker chats whose upstream answers pathological Markdown/TeX just under CHAT_MAX_ANSWER_CHARS, as fast
+    as chat.py reads: one pattern repeated (\\( with no closer, ![, *_, [, \\[), 64 characters a token."""
+    limit = int(SERVER_ENV["CHAT_MAX_ANSWER_CHARS"])
+    rows, up = await attack_chats(
+        soak, seconds, "render",
+        lambda k, n: f"mode=flood chars={limit - 1024} size=64 pattern={RENDER_PATTERNS[(2 * n + k) % len(RENDER_PATTERNS)]}",
+        2, 245)
+    statuses, elapsed, chars = chat_summary(rows)
+    by_pattern = collections.defaultdict(list)
+    for r in rows:
+        if r["elapsed"] is not None:
+            by_pattern[r["prompt"].rsplit("pattern=", 1)[-1]].append(r["elapsed"])
+    out = {"chats": len(rows), "statuses": dict(statuses), "chars_seen_max": max(chars, default=None),
+           "elapsed_by_pattern": {p: {"n": len(v), "max": max(v)} for p, v in by_pattern.items()}}
+    out["ok"] = bool(rows)  # judged with the well-behaved chats' done delay (judge_faults)
+    out["summary"] = (f"{len(rows)} chats of ~{(limit - 1024) // 1000} K characters of one pattern repeated; they "
+                      f"ended {dict(statuses)}, post to `done` by pattern (max s): "
+                      f"{ {p: round(v['max'], 1) for p, v in out['elapsed_by_pattern'].items()} }")
+    return out
+
+
 FAULTS = [
     ("slowloris", fault_slowloris),
+    ("chunked", fault_chunked),
+    ("hog", fault_hog),
     ("stuck", fault_stuck),
     ("stuckhuge", lambda soak, seconds: fault_stuck(soak, seconds, huge=True)),
     ("sendflood", fault_sendflood),
+    ("owners", fault_owners),
     ("login", fault_login),
+    ("guessrotate", fault_guessrotate),
+    ("search", fault_search),
     ("drop", fault_drop),
     ("trickle", fault_trickle),
     ("flood", fault_flood),
+    ("bomb", fault_bomb),
+    ("render", fault_render),
     ("hang", fault_hang),
     ("dblock", fault_dblock),
     ("diskfull", fault_diskfull),
@@ -1926,18 +2422,26 @@ LOG_PATTERNS = {
     "saving failed": re.compile(r"saving (the answer|partial answers) failed"),
     "storing a message failed": re.compile(r"storing a message failed"),
     "upstream broke off": re.compile(r"upstream broke off"),
+    "connections over an address's share": re.compile(r"holds its share of the connections"),
+    "new visitors over the total": re.compile(r"CHAT_NEW_OWNERS_PER_MINUTE_TOTAL reached"),
+    "logins refused (logged)": re.compile(r"refused a login from"),
+    "bad request heads": re.compile(r"refused a request head"),
 }
+
+
+FOLDED = re.compile(r"\(and (\d+) more like it\)")
 
 
 def log_counts(text):
     out = {}
+    lines = text.splitlines()
     for name, pattern in LOG_PATTERNS.items():
-        n = len(pattern.findall(text))
-        # log_limited() folds repeats into "(and N more like it)".
-        if name in ("slow heads closed (logged)", "failed logins (logged)"):
-            key = "its request head took over" if name.startswith("slow") else "failed login"
-            for m in re.finditer(re.escape(key) + r".*?\(and (\d+) more like it\)", text):
-                n += int(m.group(1))
+        n = 0
+        for line in lines:
+            if pattern.search(line):
+                # log_limited() folds repeats into "(and N more like it)".
+                folded = FOLDED.search(line)
+                n += 1 + (int(folded.group(1)) if folded else 0)
         if n:
             out[name] = n
     return out
@@ -2165,13 +2669,36 @@ def judge_faults(soak, rows, chats, base_done_delay):
                 e["ok"] = False
         elif base_name == "login":
             e["log"] = logs
-        elif base_name in ("drop", "trickle", "flood", "hang"):
+        elif base_name in ("drop", "trickle", "flood", "hang", "bomb", "render"):
             attack = [c for c in soak.attacker_chats if c["who"] == base_name and p["t0"] <= c["t_post"] <= p["t1"]]
             verdicts = collections.Counter(c.get("stored", {}).get("verdict") for c in attack)
             e["stored_verdicts"] = dict(verdicts)
             e["summary"] += f"; the attacker's partial answers in the store: {dict(verdicts)}"
             if verdicts.get("lost"):
                 e["ok"] = False
+        if base_name == "bomb":
+            before = row.get("rss_before_mb")
+            growth = (row["peak_rss_mb"] - before) if row["peak_rss_mb"] and before else None
+            e["rss_peak_over_before_mb"] = growth
+            e["summary"] += (f"; chat.py's RSS peaked at {fmt(row['peak_rss_mb'])} MB, {fmt(growth)} MB over its "
+                             "level before the phase")
+            if growth is None or growth > 50:
+                e["ok"] = False
+        elif base_name == "render":
+            delay_p99, delay_max = row["done_delay_p99_ms"], row["done_delay_max_ms"]
+            base = base_delay_p99 or 0
+            e["users_done_delay_ms"] = {"p99": delay_p99, "max": delay_max, "baseline_p99": base}
+            prompt_ = delay_p99 is not None and delay_p99 <= base + 500
+            e["ok"] = e["ok"] and prompt_
+            e["summary"] += (f"; the well-behaved chats' `done` came p99 {fmt(delay_p99)} / max {fmt(delay_max)} ms "
+                             f"after their last token (baseline p99 {fmt(base)} ms; promptly: <= baseline + 500 ms), "
+                             f"their tokens p99* {fmt(row['p99_clean_ms'], 2)} ms ({fmt(row['p99_ratio'], 2)} x)")
+            if not prompt_:
+                e["summary"] += "; DONE BUBBLES DELAYED"
+        elif base_name in ("chunked", "hog", "owners", "guessrotate", "search"):
+            e["log"] = logs
+            e["summary"] += (f"; the well-behaved chats meanwhile: {row['chats_done']} done, {row['chats_failed']} "
+                             f"failed, tokens p99* {fmt(row['p99_clean_ms'], 2)} ms ({fmt(row['p99_ratio'], 2)} x)")
 
 
 def weaknesses(soak, rows, base_p99):
@@ -2353,6 +2880,12 @@ def parse_args(argv):
     p.add_argument("--flood-rate", type=float, default=40, help="cookie-less sends per second (40)")
     p.add_argument("--guess-rate", type=float, default=100, help="wrong passwords per second (100)")
     p.add_argument("--down-seconds", type=float, default=2, help="kill: seconds chat.py stays down (2)")
+    p.add_argument("--chunked", type=int, default=20, help="clients sending chunked bodies at once (20)")
+    p.add_argument("--hog", type=int, default=300,
+                   help="connections one address tries to hold (300; its share is 200 of CHAT_MAX_CONNECTIONS=2000)")
+    p.add_argument("--owner-rate", type=float, default=40, help="cookie-less sends per second from rotating addresses (40)")
+    p.add_argument("--owner-addresses", type=int, default=400, help="how many addresses they rotate over (400)")
+    p.add_argument("--search-rate", type=float, default=30, help="cookie-less searches per second and address (30)")
     p.add_argument("--upstream-idle", type=float, default=5, help="s the fake upstream keeps an idle connection (5)")
     p.add_argument("--tmpfs-mb", type=int, default=128, help="size of the tmpfs holding CHAT_DB (128)")
     p.add_argument("--no-tmpfs", action="store_true", help="keep CHAT_DB in a temporary directory (no full disk)")
