@@ -33,6 +33,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import bisect  # noqa: E402
 import array  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
@@ -75,6 +76,7 @@ import urllib3.exceptions  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 from gevent.queue import Queue  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
+from markdown_it.common.utils import escapeHtml  # noqa: E402
 from mdit_py_plugins.dollarmath import dollarmath_plugin  # noqa: E402
 from pygments import highlight as pygments_highlight  # noqa: E402
 from pygments.formatters import HtmlFormatter  # noqa: E402
@@ -727,10 +729,20 @@ def in_background(fn, *args):
 RENDER_LANE = gevent.lock.BoundedSemaphore(1)
 
 
+# A render that outruns its slice there is stopped and done again in a lane of its own, with the whole budget:
+# a huge or hostile answer then holds up neither the hub nor the renders of everyone else's answers.
+LONG_LANE = gevent.lock.BoundedSemaphore(1)
+
+
 def render_in_background(text):
-    """safe_markdown(text) in a worker thread, one such render at a time."""
+    """safe_markdown(text) in a worker thread, one such render at a time; one that outruns RENDER_SLICE is done
+    again in the long lane, with RENDER_BUDGET (TOO_SLOW past it)."""
     with RENDER_LANE:
-        return in_background(safe_markdown, text)
+        rendered = in_background(safe_markdown, text)
+    if rendered is TOO_SLOW:
+        with LONG_LANE:
+            rendered = in_background(safe_markdown, text, RENDER_BUDGET)
+    return rendered
 
 
 def auth_headers():
@@ -1346,10 +1358,9 @@ BLOCK_IN_THREAD = 8192  # characters: a longer text is rendered off the hub
 
 
 def render_block(text):
-    """A finished Markdown block as HTML: a long one in a worker thread; one that fails, as escaped text."""
-    rendered = (render_in_background(text) if len(text) > BLOCK_IN_THREAD
-                else safe_markdown(text))
-    return rendered if rendered is not None else f"<pre>{html.escape(text)}</pre>"
+    """A finished Markdown block as HTML (see render_text); one that fails or takes too long, as escaped text."""
+    rendered = render_text(text)
+    return rendered if rendered not in (None, TOO_SLOW) else f"<pre>{html.escape(text)}</pre>"
 
 
 PACE_EVERY = 32  # tokens between two checks of an answer's pace
@@ -2128,11 +2139,12 @@ def template(name, **kwargs):
 
 
 _FORMATTER = HtmlFormatter(nowrap=True)
+HIGHLIGHT_LIMIT = 30_000  # characters: Pygments takes ~5 µs a character, in one call no deadline can stop
 
 
 def highlight_code(code, lang, _attrs):
-    """Pygments-highlight a fenced code block; unknown languages stay plain (markdown-it escapes)."""
-    if not lang:
+    """Pygments-highlight a fenced code block; unknown languages and huge blocks stay plain (markdown-it escapes)."""
+    if not lang or len(code) > HIGHLIGHT_LIMIT:
         return ""
     try:
         lexer = get_lexer_by_name(lang.split()[0])
@@ -2145,7 +2157,7 @@ def bracket_math(state, silent):
     """Inline rule: \\( … \\) and \\[ … \\] as math (the dollar forms come from dollarmath)."""
     for opener, closer, kind in (("\\(", "\\)", "math_inline"), ("\\[", "\\]", "math_inline_double")):
         if state.src.startswith(opener, state.pos):
-            end = state.src.find(closer, state.pos + 2)
+            end = next_closer(state, closer, state.pos + 2)
             if end < 0 or not state.src[state.pos + 2:end].strip():
                 return False
             if not silent:
@@ -2154,6 +2166,17 @@ def bracket_math(state, silent):
             state.pos = end + 2
             return True
     return False
+
+
+def next_closer(state, closer, start):
+    """Where closer next occurs in the inline text from start, or -1, as str.find: its places are found once per
+    text, since searching afresh for each opener made a page of openers without a closer quadratic."""
+    places = state.__dict__.setdefault("closers", {})
+    if closer not in places:
+        places[closer] = [match.start() for match in re.finditer(re.escape(closer), state.src)]
+    found = places[closer]
+    n = bisect.bisect_left(found, start)
+    return found[n] if n < len(found) else -1
 
 
 # What latex2mathml may give the page: MathML Core's elements and presentation attributes.
@@ -2203,12 +2226,19 @@ def rebuilt_mathml(element):
 
 def render_math(renderer, tokens, idx, options, env):
     """Inline or display math from either syntax, as MathML the browser draws itself."""
+    check_deadline(env, RenderDeadline.EVERY)  # a formula can take a millisecond
     token = tokens[idx]
     display = token.type != "math_inline"
     if not token.content.strip():
         return html.escape(token.markup * 2)
     mathml = tex_to_mathml(token.content.strip(), display)
     return f'<div class="math">{mathml}</div>\n' if token.type.startswith("math_block") else mathml
+
+
+def render_text_token(renderer, tokens, idx, options, env):
+    """Plain text, escaped as markdown-it does; the deadline is checked here while the tokens become HTML."""
+    check_deadline(env)
+    return escapeHtml(tokens[idx].content)
 
 
 def render_link_open(renderer, tokens, idx, options, env):
@@ -2233,11 +2263,49 @@ def render_image(renderer, tokens, idx, options, env):
 
 def render_fence(renderer, tokens, idx, options, env):
     """A fenced code block under a bar with its language and a copy button (which then covers no code)."""
+    check_deadline(env, RenderDeadline.EVERY)
     block = renderer.fence(tokens, idx, options, env)
     lang = html.escape(tokens[idx].info.split()[0]) if tokens[idx].info.strip() else "text"
     return ('<div class="code-block"><div class="code-bar"><span class="lang">' + lang + '</span>'
             '<button type="button" class="copy" data-copy="code" aria-label="Copy code">Copy</button></div>'
             f'{block}</div>\n')
+
+
+class RenderTimeout(Exception):
+    """A render ran past its budget."""
+
+
+class RenderDeadline:
+    """The end of a render's budget, in CPU time of the thread it runs in: neither the hub nor other threads
+    taking the CPU meanwhile make a render run out (the same text renders the same way under load)."""
+
+    EVERY = 32  # calls between two readings of the clock (a system call)
+    __slots__ = ("at", "calls")
+
+    def __init__(self, seconds):
+        self.at, self.calls = time.thread_time() + seconds, 0
+
+    def check(self, weight=1):
+        """Count a call (weight for a costly one); raise RenderTimeout if the budget is spent."""
+        self.calls += weight
+        if self.calls >= self.EVERY:
+            self.calls = 0
+            if time.thread_time() > self.at:
+                raise RenderTimeout()
+
+
+def check_deadline(env, weight=1):
+    """Check the deadline of the render env belongs to, if it has one."""
+    deadline = env.get("deadline")
+    if deadline is not None:
+        deadline.check(weight)
+
+
+def deadline_rule(state, *_):
+    """A block and inline rule that matches nothing: markdown-it tries it first at every position, so a render
+    stops soon after its deadline, whatever the Markdown makes the other rules do."""
+    check_deadline(state.env)
+    return False
 
 
 def make_markdown(linkify):
@@ -2250,8 +2318,12 @@ def make_markdown(linkify):
     # Pandoc's rule: no space inside the dollars and no digit after the closing one, so "$5 and $10" is money.
     md.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True)
     md.inline.ruler.before("escape", "bracket_math", bracket_math)
+    # As a terminator too, the deadline is checked at every line of a paragraph, list, quote or table.
+    md.block.ruler.before("table", "deadline", deadline_rule, {"alt": ["paragraph", "reference", "blockquote", "list"]})
+    md.inline.ruler.before("text", "deadline", deadline_rule)
     for rule in ("math_inline", "math_inline_double", "math_block", "math_block_label"):
         md.add_render_rule(rule, render_math)
+    md.add_render_rule("text", render_text_token)
     md.add_render_rule("link_open", render_link_open)
     md.add_render_rule("image", render_image)
     md.add_render_rule("fence", render_fence)
@@ -2265,11 +2337,26 @@ markdown, markdown_without_linkify = make_markdown(True), make_markdown(False)
 LINKIFY_LIMIT = 20_000  # characters
 
 
-def render_markdown(text):
-    """Answer text as safe HTML: raw HTML is escaped, javascript: links are refused."""
+# Seconds of CPU a render may take: on the hub (an ordinary block of BLOCK_IN_THREAD characters takes ~10 ms),
+# in the lane all renders share, and in the long lane; past the last, the text is shown as it is.
+HUB_SLICE, RENDER_SLICE, RENDER_BUDGET = 0.03, 0.1, 0.9
+TOO_SLOW = object()  # what safe_markdown gives for a text it could not render within its budget
+
+
+def render_markdown(text, budget=None):
+    """Answer text as safe HTML: raw HTML is escaped, javascript: links are refused. RenderTimeout if it takes
+    more than budget seconds of CPU."""
     # linkify's pretest costs a millisecond a text: skip it for texts without a URL in them.
     linkify = "://" in text and len(text) <= LINKIFY_LIMIT
-    return (markdown if linkify else markdown_without_linkify).render(text)
+    env = {} if budget is None else {"deadline": RenderDeadline(budget)}
+    return (markdown if linkify else markdown_without_linkify).render(text, env)
+
+
+def render_text(text):
+    """Markdown text as HTML, or None or TOO_SLOW (see safe_markdown): on the hub if it is short and renders
+    within HUB_SLICE, else in a worker thread (render_in_background)."""
+    rendered = safe_markdown(text, HUB_SLICE) if len(text) <= BLOCK_IN_THREAD else TOO_SLOW
+    return render_in_background(text) if rendered is TOO_SLOW else rendered
 
 
 NOTES = {
@@ -2282,6 +2369,7 @@ NOTES = {
     "unsaved": "This answer was not saved completely (the server stopped, or could not write it); "
                "this is the text saved last.",
     "elsewhere": "Another chat.py process is still writing this answer; reload to see more of it.",
+    "unformatted": "This answer is too long or too intricate to format in time, so it is shown as plain text.",
 }
 
 
@@ -2351,12 +2439,12 @@ def render_answer(answer, last=True, nav=""):
     """The finished assistant bubble (sent as the done event, or drawn from the store), never an exception:
     a long answer is rendered in a worker thread, and one that cannot be rendered is shown as plain text."""
     try:
-        if len(answer["text"]) > BLOCK_IN_THREAD:
-            answer_html = render_in_background(answer["text"])
-        else:
-            answer_html = safe_markdown(answer["text"])
+        answer_html = render_text(answer["text"])
         if answer_html is None:
             raise ValueError("rendering failed")
+        if answer_html is TOO_SLOW:
+            answer_html = f"<pre>{html.escape(answer['text'])}</pre>"
+            answer = dict(answer, notes=answer["notes"] + [NOTES["unformatted"]])
         return template("answer", answer=answer, answer_html=answer_html, last=last,
                         error=short_error(answer["error"]), nav=nav)
     except Exception:  # noqa: BLE001 — a rendering bug must not break the bubble or the page
@@ -2366,11 +2454,13 @@ def render_answer(answer, last=True, nav=""):
 
 
 @functools.lru_cache(maxsize=32)
-def safe_markdown(text):
+def safe_markdown(text, budget=RENDER_SLICE):
     """render_markdown(), remembered for the last few texts, and None instead of an exception (also in a thread,
-    where an exception with a deep traceback could not be sent back to the hub)."""
+    where an exception with a deep traceback could not be sent back to the hub); TOO_SLOW past budget."""
     try:
-        return render_markdown(text)
+        return render_markdown(text, budget)
+    except RenderTimeout:
+        return TOO_SLOW
     except Exception:  # noqa: BLE001
         return None
 
