@@ -33,6 +33,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import bisect  # noqa: E402
 import array  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
@@ -42,7 +43,6 @@ import hashlib  # noqa: E402
 import functools  # noqa: E402
 import hmac  # noqa: E402
 import io  # noqa: E402
-import itertools  # noqa: E402
 import html  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
@@ -76,6 +76,7 @@ import urllib3.exceptions  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 from gevent.queue import Queue  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
+from markdown_it.common.utils import escapeHtml  # noqa: E402
 from mdit_py_plugins.dollarmath import dollarmath_plugin  # noqa: E402
 from pygments import highlight as pygments_highlight  # noqa: E402
 from pygments.formatters import HtmlFormatter  # noqa: E402
@@ -83,6 +84,8 @@ from pygments.lexers import get_lexer_by_name  # noqa: E402
 from pygments.util import ClassNotFound  # noqa: E402
 
 log = logging.getLogger("chat")
+# Run as a script, this module is __main__; chat_scale.py imports it as `chat` and must get this same module.
+sys.modules.setdefault("chat", sys.modules[__name__])
 
 VERSION = "1.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -726,10 +729,20 @@ def in_background(fn, *args):
 RENDER_LANE = gevent.lock.BoundedSemaphore(1)
 
 
+# A render that outruns its slice there is stopped and done again in a lane of its own, with the whole budget:
+# a huge or hostile answer then holds up neither the hub nor the renders of everyone else's answers.
+LONG_LANE = gevent.lock.BoundedSemaphore(1)
+
+
 def render_in_background(text):
-    """safe_markdown(text) in a worker thread, one such render at a time."""
+    """safe_markdown(text) in a worker thread, one such render at a time; one that outruns RENDER_SLICE is done
+    again in the long lane, with RENDER_BUDGET (TOO_SLOW past it)."""
     with RENDER_LANE:
-        return in_background(safe_markdown, text)
+        rendered = in_background(safe_markdown, text)
+    if rendered is TOO_SLOW:
+        with LONG_LANE:
+            rendered = in_background(safe_markdown, text, RENDER_BUDGET)
+    return rendered
 
 
 def auth_headers():
@@ -1345,10 +1358,9 @@ BLOCK_IN_THREAD = 8192  # characters: a longer text is rendered off the hub
 
 
 def render_block(text):
-    """A finished Markdown block as HTML: a long one in a worker thread; one that fails, as escaped text."""
-    rendered = (render_in_background(text) if len(text) > BLOCK_IN_THREAD
-                else safe_markdown(text))
-    return rendered if rendered is not None else f"<pre>{html.escape(text)}</pre>"
+    """A finished Markdown block as HTML (see render_text); one that fails or takes too long, as escaped text."""
+    rendered = render_text(text)
+    return rendered if rendered not in (None, TOO_SLOW) else f"<pre>{html.escape(text)}</pre>"
 
 
 PACE_EVERY = 32  # tokens between two checks of an answer's pace
@@ -1944,859 +1956,12 @@ def too_many_streams():
             "wait for one to finish or stop one.")
 
 
-# ---------------------------------------------------------------------------
-# Streams shared through Redis (CHAT_REDIS_URL): any process reads, resumes or stops any answer
-# ---------------------------------------------------------------------------
-#
-# Per answer, Redis holds its event log as a Redis Stream whose entry ids are our SSE ids
-# (N-0, dense: a reader sees a gap or a repeat at once, and XADD refuses a stale writer),
-# and a job record (owner, writing process, lease, stop flag). Readers fill from the log
-# and get new events over one pub/sub connection per process. The relay never waits on
-# Redis: one writer greenlet per process sends what has queued as one pipeline, and
-# readers (here and elsewhere) get an event only once it is in the log, so a crash never
-# takes back text anyone has seen.
-
-RESERVE_LUA = """
--- KEYS: the owner's live answers (sorted by lease), the conversation's writer, the job
--- ARGV: stream id, now, lease until, limit, ttl ms, owner, instance, in a conversation (1/0)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-if ARGV[8] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 409 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 429 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-if ARGV[8] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[5]) end
-redis.call('HSET', KEYS[3], 'owner', ARGV[6], 'instance', ARGV[7], 'alive', ARGV[3], 'stop', 0, 'done', 0)
-redis.call('PEXPIRE', KEYS[3], ARGV[5])
-return 0
-"""
-
-APPEND_LUA = """
--- Append events to answers' logs and publish them. ARGV: (stream id, event id, kind, payload)
--- repeated; event id 0 is only published (the waiting clock). An event is published only once
--- it is in the log, and each answer's events of one call in one message ("id kind size payload"
--- each). Returns, for each event not written, its position (from 0) and 0 (the log is gone:
--- Redis lost it) or -1 (refused: an event at or after this id is there already).
-local out, messages, order = {}, {}, {}
-for i = 1, #ARGV, 4 do
-  local sid, n, kind, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local reply = true
-  if n ~= '0' then
-    local key = 'chat:' .. sid .. ':log'
-    if n == '1' then
-      reply = redis.pcall('XADD', key, '1-0', 'k', kind, 'v', payload)
-    else  -- NOMKSTREAM: a log Redis lost is written again whole, not started from its middle
-      reply = redis.pcall('XADD', key, 'NOMKSTREAM', n .. '-0', 'k', kind, 'v', payload)
-    end
-  end
-  if not reply then
-    out[#out + 1] = (i - 1) / 4
-    out[#out + 1] = 0
-  elseif type(reply) == 'table' and reply.err then
-    out[#out + 1] = (i - 1) / 4
-    out[#out + 1] = -1
-  else
-    local parts = messages[sid]
-    if not parts then
-      parts = {}
-      messages[sid] = parts
-      order[#order + 1] = sid
-    end
-    parts[#parts + 1] = n .. ' ' .. kind .. ' ' .. #payload .. ' ' .. payload
-  end
-end
-for _, sid in ipairs(order) do
-  redis.call('PUBLISH', 'chat:' .. sid .. ':live', table.concat(messages[sid]))
-end
-return out
-"""
-
-RENEW_LUA = """
--- Renew the leases of the answers this process writes. ARGV: lease until, ttl ms, then
--- (stream id, owner, conversation id, message id) repeated. Returns one state per answer:
--- 0 fine, 1 Stop was asked for, 2 finished by another process, 3 its record is gone.
-local alive, ttl, out = ARGV[1], ARGV[2], {}
-for i = 3, #ARGV, 4 do
-  local sid, owner, conv, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local job, owned = 'chat:' .. sid .. ':job', 'chat:owner:' .. owner
-  local state = redis.call('HMGET', job, 'owner', 'stop', 'done')
-  if not state[1] then
-    out[#out + 1] = 3
-  elseif state[3] == '1' then
-    out[#out + 1] = 2
-  else
-    redis.call('HSET', job, 'alive', alive)
-    redis.call('ZADD', 'chat:leases', alive, sid)
-    redis.call('ZADD', owned, alive, sid)
-    redis.call('PEXPIRE', job, ttl)
-    redis.call('PEXPIRE', owned, ttl)
-    redis.call('PEXPIRE', 'chat:' .. sid .. ':log', ttl)
-    if conv ~= '' then
-      redis.call('SET', 'chat:conv:' .. conv, sid, 'PX', ttl)
-      redis.call('SET', 'chat:msg:' .. conv .. ':' .. msg, sid, 'PX', ttl)
-    end
-    out[#out + 1] = state[2] == '1' and 1 or 0
-  end
-end
-return out
-"""
-
-TOPS_LUA = """
--- The last event id of each answer's log (0: none). ARGV: stream ids.
-local out = {}
-for i = 1, #ARGV do
-  local last = redis.call('XREVRANGE', 'chat:' .. ARGV[i] .. ':log', '+', '-', 'COUNT', 1)
-  out[i] = #last > 0 and tonumber(string.match(last[1][1], '^(%d+)')) or 0
-end
-return out
-"""
-
-RELEASE_LUA = """
--- KEYS: log, job, all leases, the owner's live answers, the conversation's writer
--- ARGV: stream id, ttl ms, done (1: the answer finished; 0: it never started)
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
-if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[2], 'done', 1)
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-else
-  redis.call('DEL', KEYS[2])
-end
-return 1
-"""
-
-FENCE_LUA = """
--- Finish an answer whose writer died: only if its lease ran out, it is not done, and the log
--- still ends at the event the caller read (so the done event follows everything seen).
--- KEYS: log, job, all leases, the owner's live answers, the conversation's writer
--- ARGV: last event id read, now, done frame, stream id, ttl ms, live channel
-if redis.call('HGET', KEYS[2], 'done') == '1' then return 0 end
-if tonumber(redis.call('HGET', KEYS[2], 'alive') or '0') > tonumber(ARGV[2]) then return 0 end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local top = 0
-if #last > 0 then
-  top = tonumber(string.match(last[1][1], '^(%d+)'))
-  if last[1][2][2] == 'd' then  -- it did finish (its record was lost and made again)
-    redis.call('HSET', KEYS[2], 'done', 1)
-    redis.call('ZREM', KEYS[3], ARGV[4])
-    return 0
-  end
-end
-if top ~= tonumber(ARGV[1]) then return 0 end
-local id = top + 1
-redis.call('XADD', KEYS[1], id .. '-0', 'k', 'd', 'v', ARGV[3])
-redis.call('HSET', KEYS[2], 'done', 1, 'instance', '')
-redis.call('ZREM', KEYS[3], ARGV[4])
-redis.call('ZREM', KEYS[4], ARGV[4])
-if redis.call('GET', KEYS[5]) == ARGV[4] then redis.call('DEL', KEYS[5]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[6], id .. ' d ' .. #ARGV[3] .. ' ' .. ARGV[3])
-return 1
-"""
-
-FLUSH_EVERY = 0.003  # seconds: the writer's shortest interval between calls to Redis, under load
-EVENTS_PER_CALL = 512  # at most, in one call to Redis: packing and running it stay well under a millisecond
-OUTBOX_LIMIT = 4096   # events a relay may have waiting for the writer before it waits too
-BUSY_CALLS = 1000     # calls to Redis in a second (~10 % of a core) above which the writer batches
-KIND_CODES = {"message": "m", "reasoning": "r", "block": "b", "done": "d", "status": "s"}
-NUDGE = -1  # put in a reader's queue: read the log again from your last id
-
-
-class RemoteAnswer:
-    """An answer another process is writing, as far as a page needs to know (its stream id)."""
-
-    local = False
-    finished = False
-
-    def __init__(self, stream_id):
-        self.id = stream_id
-
-
-class Reader(Outlet):
-    """One /events response reading a shared answer: an Outlet that knows the last event id it sent."""
-
-    __slots__ = ("last", "behind", "owner")
-
-    def __init__(self, last, owner):
-        super().__init__()
-        self.last = last
-        self.behind = True  # read the log before waiting for new events
-        self.owner = owner
-
-
-def event_frame(n, kind, payload):
-    """The SSE frame of a logged event (kind code and payload as Redis keeps them)."""
-    if kind in ("m", "r"):
-        return token_frame("message" if kind == "m" else "reasoning", payload.decode(), n)
-    return payload
-
-
-class RedisStreams(Streams):
-    """Streams shared by every chat.py process on one Redis: same methods, answers readable and stoppable anywhere."""
-
-    def __init__(self, url):
-        super().__init__()
-        import redis  # only when configured; after monkey.patch_all(), so its sockets are gevent's
-        self.errors = (redis.ConnectionError, redis.TimeoutError, OSError)
-        # A few connections for every request and the writer, however many readers there are:
-        # greenlets wait their turn for one. Pub/sub has its own connection.
-        name = f"chat.py-{os.getpid()}"  # CLIENT LIST shows which process holds which connection
-        self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            url, max_connections=8, timeout=5, socket_timeout=5, socket_connect_timeout=3, client_name=name))
-        # The writer greenlet's own connection, used directly: redis-py's per-command machinery (pool,
-        # retries, reply callbacks) would cost as much as the call itself.
-        self.writer = redis.ConnectionPool.from_url(url, socket_timeout=5, socket_connect_timeout=3,
-                                                    client_name=name).make_connection()
-        self.no_script = redis.exceptions.NoScriptError
-        self.subscriber = redis.Redis.from_url(url, socket_connect_timeout=3, socket_keepalive=True, client_name=name,
-                                               retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
-        self.reserve_script = self.redis.register_script(RESERVE_LUA)
-        self.append_script = self.redis.register_script(APPEND_LUA)
-        self.renew_script = self.redis.register_script(RENEW_LUA)
-        self.tops_script = self.redis.register_script(TOPS_LUA)
-        self.release_script = self.redis.register_script(RELEASE_LUA)
-        self.fence_script = self.redis.register_script(FENCE_LUA)
-        self.instance = secrets.token_hex(8)
-        self.control = f"chat:ctl:{self.instance}"
-        self.feeds = {}          # stream id -> the Readers of it connected to this process
-        self.owner_readers = collections.Counter()  # owner -> their Readers connected to this process
-        self.dirty = {}          # stream id -> stream with events for the writer
-        self.wake = gevent.event.Event()
-        self.flushed = gevent.event.Event()
-        self.pubsub = None
-        self.subscribing = {}    # channel -> an Event set when Redis confirms the subscription
-        self.lost = False        # the pub/sub connection broke: recover once it is back
-        self.renewed = 0.0
-        self.finishing = set()   # dead writers' answers being finished here
-        self.greenlets = []
-
-    def start(self):
-        """Start the writer, the pub/sub listener and the janitor (once)."""
-        if not self.greenlets:
-            self.greenlets = [gevent.spawn(self.write_forever), gevent.spawn(self.listen_forever)]
-            self.janitor = gevent.spawn(self.sweep_forever)
-
-    def sweep_forever(self):
-        """The janitor runs for good: other processes' answers need watching too."""
-        while True:
-            gevent.sleep(min(1.0, settings.grace, settings.ping_interval))
-            try:
-                self.sweep(time.monotonic())
-            except Exception:  # noqa: BLE001 — the janitor must outlive any one bad pass
-                log.exception("the janitor's pass failed")
-
-    # -- keys ------------------------------------------------------------------------------
-
-    @staticmethod
-    def keys(stream_id, owner="", conversation_id=None):
-        """The keys of an answer: log, job, all leases, the owner's answers, the conversation's writer."""
-        return [f"chat:{stream_id}:log", f"chat:{stream_id}:job", "chat:leases", f"chat:owner:{owner}",
-                f"chat:conv:{conversation_id or ''}"]
-
-    @staticmethod
-    def ttl_ms(seconds):
-        """A key's lifetime in milliseconds."""
-        return int(seconds * 1000)
-
-    @classmethod
-    def kept_ms(cls):
-        """How long a live answer's records outlive its last renewal: its lease, then at least 30 s more, so that
-        a process started again after a crash (or any other) still finds the text to finish the answer with."""
-        return cls.ttl_ms(settings.lease_seconds + max(settings.lease_seconds, 30))
-
-    # -- writing -----------------------------------------------------------------------------
-
-    def reserve(self, owner, conversation_id=None):
-        """Register a stream if this owner's answers in every process allow it: one Lua script checks and adds."""
-        self.start()
-        stream = self.register(owner, conversation_id)
-        log_key, job, _, owned, writer = self.keys(stream.id, owner, conversation_id)
-        now = time.time()
-        try:
-            verdict = self.reserve_script(
-                keys=[owned, writer, job],
-                args=[stream.id, now, now + settings.lease_seconds, settings.streams_per_owner,
-                      self.kept_ms(), owner, self.instance, 1 if conversation_id else 0])
-        except self.errors as exc:
-            super().forget(stream)
-            log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
-            raise Refused(503, "The server cannot reach its shared state just now; try again shortly.") from None
-        if verdict:
-            super().forget(stream)
-            raise Refused(409, BUSY_CONVERSATION) if verdict == 409 else Refused(429, too_many_streams())
-        return stream
-
-    def begin(self, stream, history, **fields):
-        """Start the relay, and tell Redis which stored answer it writes (pages elsewhere link to it)."""
-        super().begin(stream, history, **fields)
-        try:
-            self.establish(self.redis.pipeline(transaction=False), stream).execute()
-        except self.errors as exc:  # the janitor's next renewal puts it there
-            log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
-        return stream
-
-    def establish(self, pipe, stream):
-        """Queue the commands that (re)create an answer's job record, leases and pointers."""
-        log_key, job, leases, owned, writer = self.keys(stream.id, stream.owner, stream.conversation_id)
-        until, ttl = time.time() + settings.lease_seconds, self.kept_ms()
-        pipe.hset(job, mapping={"owner": stream.owner, "instance": self.instance, "alive": until, "stop": 0,
-                                "done": 0, "message": stream.message_id or "",
-                                "conversation": stream.conversation_id or "", "model": stream.model or "",
-                                "started": time.time() - (time.monotonic() - stream.started)})
-        pipe.pexpire(job, ttl)
-        pipe.zadd(leases, {stream.id: until})
-        pipe.zadd(owned, {stream.id: until})
-        pipe.pexpire(owned, ttl)
-        if stream.conversation_id:
-            pipe.set(writer, stream.id, px=ttl)
-            pipe.set(f"chat:msg:{stream.conversation_id}:{stream.message_id}", stream.id, px=ttl)
-        return pipe
-
-    def wanted(self, stream):
-        """Every event is wanted: readers may be in any process."""
-        return True
-
-    def publish(self, stream, event_id, kind, payload):
-        """Queue an event for the writer greenlet (pings are made by each reader itself)."""
-        if stream.readers:
-            super().publish(stream, event_id, kind, payload)  # a page without JavaScript, reading here
-        if kind == "ping":
-            return
-        if isinstance(payload, str):
-            payload = payload.encode()
-        # A relay that gets ahead of Redis by this much waits (and with it its upstream), so an upstream
-        # that floods cannot grow the outbox without bound. Never the done event (it may be written
-        # as the relay is being stopped) or the waiting clock (the janitor's).
-        while len(stream.outbox) >= OUTBOX_LIMIT and kind not in ("done", "status"):
-            self.flushed.wait(1.0)
-        stream.outbox.append((event_id or 0, KIND_CODES[kind], payload))
-        self.dirty[stream.id] = stream
-        self.wake.set()
-
-    def write_forever(self):
-        """The writer greenlet: whatever has queued, for every stream, goes to Redis in one script call."""
-        backoff, last, second, calls, busy = 0.0, 0.0, 0.0, 0, False
-        while True:
-            self.wake.wait()
-            # Under load (more than BUSY_CALLS calls in the last second), at most one call every
-            # FLUSH_EVERY: events gather into fewer, larger calls (each costs ~100 µs of CPU here,
-            # whatever its size). When it is quieter, an event goes at once.
-            now = time.monotonic()
-            if now - second >= 1.0:
-                second, busy, calls = now, calls > BUSY_CALLS, 0
-            if busy and last + FLUSH_EVERY > now:
-                gevent.sleep(last + FLUSH_EVERY - now)
-            last, calls = time.monotonic(), calls + 1
-            self.wake.clear()
-            batch, self.dirty = self.dirty, {}
-            try:
-                self.flush(list(batch.values()))
-                backoff = 0.0
-                self.flushed.set()  # relays waiting for room in their outbox go on
-                self.flushed.clear()
-                if self.dirty:
-                    self.wake.set()
-            except Exception as exc:  # noqa: BLE001 — Redis away, or a bug: the writer must go on either way
-                if isinstance(exc, self.errors):
-                    log_limited("redis", "writing to Redis failed: %s; trying again", redact_url(str(exc)))
-                else:
-                    log.exception("writing to Redis failed; trying again")
-                for stream in batch.values():
-                    self.dirty.setdefault(stream.id, stream)
-                backoff = min(1.0, backoff * 2 or 0.05)
-                gevent.sleep(backoff)
-                self.wake.set()
-
-    def flush(self, batch):
-        """Write these streams' queued events and publish them (one script call for all), then hand them to this
-        process's readers, and give back the places of the answers that finished."""
-        parts, count, plan, finished, budget = [], 0, [], [], EVENTS_PER_CALL
-        # Answers with few events first: a flooding one takes what is left of the call, never a
-        # well-behaved answer's turn.
-        for stream in sorted(batch, key=lambda s: len(s.outbox)):
-            if budget <= 0:
-                self.dirty[stream.id] = stream  # the next call takes it
-                continue
-            if stream.flushed < 0:
-                self.rewrite(stream)
-            chunk = stream.outbox[:budget]
-            entries = [e for e in chunk if e[0] == 0 or e[0] > stream.flushed]
-            # The script's arguments in Redis's own protocol, made here: redis-py's packer costs ~8 µs an event.
-            sid = stream.id.encode()
-            head = b"$%d\r\n%s\r\n" % (len(sid), sid)
-            for n, kind, payload in entries:
-                number = b"%d" % n
-                parts.append(b"%s$%d\r\n%s\r\n$1\r\n%s\r\n$%d\r\n%s\r\n" % (
-                    head, len(number), number, kind.encode(), len(payload), payload))
-                if kind == "d":
-                    finished.append(stream)
-            budget -= len(chunk)
-            count += len(entries)
-            plan.append((stream, len(chunk), entries))
-            if len(stream.outbox) > len(chunk):
-                self.dirty[stream.id] = stream
-        # A finished answer gives its places back before anyone sees its done event, as in one process:
-        # whoever reads done may send again in that conversation at once.
-        for stream in finished:
-            self.release_script(keys=self.keys(stream.id, stream.owner, stream.conversation_id),
-                                args=[stream.id, self.ttl_ms(max(settings.grace, 30)), 1])
-        # One script call, not a pipeline: redis-py's pipelines ask whether the scripts are loaded first,
-        # a second round trip each time.
-        reply = self.write(self.append_script, parts, count)
-        # Events not written: position in args -> 0 (the log is gone: Redis lost it) or -1 (refused).
-        failed = dict(zip(reply[::2], reply[1::2]))
-        position = 0
-        for stream, taken, entries in plan:
-            del stream.outbox[:taken]
-            stopped, fenced, written = False, None, []
-            for index, (n, kind, payload) in enumerate(entries):
-                problem, position = failed.get(position), position + 1
-                if stopped:
-                    continue
-                if problem == -1 and fenced is None:
-                    fenced = self.refused(stream)
-                if problem == 0:
-                    # The next flush writes the log again from what this process holds, then these
-                    # events (the done event is not in the answer's log, so it must not be dropped).
-                    stopped, stream.flushed = True, -1
-                    stream.outbox[:0] = entries[index:]
-                    self.dirty[stream.id] = stream
-                    self.wake.set()
-                elif problem == -1 and fenced:
-                    stopped = True
-                else:  # written (or, refused as a repeat, written by an earlier try whose reply was lost)
-                    stream.flushed = max(stream.flushed, n)
-                    if stream.id in self.feeds:
-                        written.append((n, event_frame(n, kind, payload), kind == "d"))
-            if written:
-                self.deliver(stream.id, written)
-
-    def write(self, script, parts, count):
-        """Run a script on the writer's connection with count events of packed arguments (loading the script
-        first if Redis does not know it)."""
-        command = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n%s" % (
-            3 + 4 * count, script.sha.encode(), b"".join(parts))
-        try:
-            self.writer.send_packed_command([command])
-            return self.writer.read_response()
-        except self.no_script:
-            self.writer.send_command("SCRIPT", "LOAD", script.script)
-            self.writer.read_response()
-            self.writer.send_packed_command([command])
-            return self.writer.read_response()
-        except self.errors:
-            self.writer.disconnect()  # connects again at the next call
-            raise
-
-    def rewrite(self, stream):
-        """Write a stream's whole log again (Redis lost it), as one transaction, from what this process holds."""
-        log_key = f"chat:{stream.id}:log"
-        pipe = self.establish(self.redis.pipeline(transaction=True), stream)  # the job record went with it
-        pipe.delete(log_key)
-        upto = len(stream.log.kinds)
-        for n, kind, text, tail in stream.log.entries(0, upto):
-            if kind == "block":
-                payload = block_frame(stream.id, render_block(text), tail, n)
-            else:
-                payload = text.encode()
-            pipe.xadd(log_key, {"k": KIND_CODES[kind], "v": payload}, id=f"{n}-0")
-        pipe.pexpire(log_key, self.kept_ms())
-        pipe.execute()
-        stream.flushed = upto
-        self.deliver(stream.id, [(NUDGE, None, False)])  # readers here read what they missed from the log
-        log.info("wrote the log of a live answer to Redis again (%d events)", upto)
-
-    def refused(self, stream):
-        """Redis refused an event: True if another process finished this answer (this one was taken for dead),
-        which then stops here; False for a repeat (an earlier try was written, its reply lost)."""
-        try:
-            done = self.redis.hget(f"chat:{stream.id}:job", "done") == b"1"
-        except self.errors:
-            return False
-        if done and not stream.finished:
-            log.warning("another process finished an answer this one was still writing; it stops here")
-            stream.outbox.clear()
-            stream.finished_at = time.monotonic()  # its own done would come after the one readers got
-            if stream.greenlet:
-                stream.greenlet.kill(block=False)
-            Streams.forget(self, stream)
-            return True
-        return False
-
-    def drain(self, timeout=3.0):
-        """Wait (a little) until the writer has sent everything queued: at shutdown."""
-        deadline = time.monotonic() + timeout
-        while (self.dirty or any(s.outbox for s in self.by_id.values())) and time.monotonic() < deadline:
-            gevent.sleep(0.02)
-
-    def forget(self, stream):
-        """Drop a stream; one that never started gives its place back in Redis at once."""
-        super().forget(stream)
-        if stream.greenlet is None:
-            gevent.spawn(self.release_quietly, stream)
-
-    def release_quietly(self, stream):
-        """Release a never-started stream's lease and conversation lock (the lease runs out anyway)."""
-        with contextlib.suppress(*self.errors):
-            self.release_script(keys=self.keys(stream.id, stream.owner, stream.conversation_id),
-                                args=[stream.id, 0, 0])
-
-    # -- reading -----------------------------------------------------------------------------
-
-    def events(self, stream_id, owner, last_id):
-        """The response body of GET /events: the log after last_id, then new events as they are written."""
-        self.start()
-        try:
-            job = self.redis.hgetall(f"chat:{stream_id}:job") if stream_id else {}
-        except self.errors:
-            return [SSE_HELLO]  # Redis is down: the browser comes back after the retry interval
-        if not job:
-            return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
-        if job.get(b"owner", b"").decode() != owner:
-            bottle.abort(404, "No such answer.")
-        done = job.get(b"done") == b"1"
-        if done:
-            # Finished: its done bubble, which replaces every token in the page, is all a reader needs.
-            # Reading the log instead would cost each reconnect a parse of every token of the answer.
-            try:
-                last = self.redis.xrevrange(f"chat:{stream_id}:log", "+", "-", count=1)
-            except self.errors:
-                return [SSE_HELLO]
-            if last and last[0][1].get(b"k") == b"d":
-                return [SSE_HELLO + last[0][1][b"v"]]
-        feed = self.feeds.get(stream_id, ())
-        if not done and (len(feed) >= settings.readers_per_stream
-                         or self.owner_readers[owner] >= settings.readers_per_owner):
-            bottle.abort(429, TOO_MANY_READERS)
-        return self.read(stream_id, Reader(last_id, owner), bottle.request.environ)
-
-    def read(self, stream_id, reader, environ=None):
-        """Yield the log from the reader's last id, then events as they come: each once, in order (environ: the
-        request's, for its connection)."""
-        environ = environ or {}
-        self.attach(stream_id, reader)
-        try:
-            yield SSE_HELLO
-            reader.connect(environ)
-            while True:
-                if reader.behind:
-                    reader.behind = False
-                    for frames, done in self.backfill(stream_id, reader):
-                        yield frames
-                        if done:
-                            return
-                try:
-                    items = reader.wait(timeout=settings.ping_interval)
-                except gevent.queue.Empty:
-                    yield SSE_PING
-                    continue
-                out = []
-                for n, frame, done in itertools.chain.from_iterable(items):
-                    if n == NUDGE:
-                        reader.behind = True
-                    elif n == 0:
-                        out.append(frame)  # the waiting clock: not logged
-                    elif n == reader.last + 1 and not reader.behind:
-                        out.append(frame)
-                        reader.last = n
-                        if done:
-                            yield in_turn(b"".join(out))
-                            return
-                    elif n > reader.last:
-                        reader.behind = True  # a gap (pub/sub dropped something): the log has it
-                if out:
-                    yield in_turn(b"".join(out))
-                reader.pause_if_behind()  # (also when woken with nothing new: a write the socket refused)
-        finally:
-            self.detach(stream_id, reader)
-
-    def backfill(self, stream_id, reader, batch=512):
-        """Yield (frames, done) from the log after the reader's last id, up to a gap or the end."""
-        log_key = f"chat:{stream_id}:log"
-        while True:
-            try:
-                entries = self.redis.xrange(log_key, f"{reader.last + 1}-0", "+", count=batch)
-            except self.errors:
-                return  # the janitor nudges the reader when Redis is back
-            out = []
-            for entry_id, fields in entries:
-                n = int(entry_id.split(b"-")[0])
-                if n != reader.last + 1:
-                    break  # a hole: the writer is writing the log again; wait for it
-                kind = fields[b"k"].decode()
-                out.append(event_frame(n, kind, fields[b"v"]))
-                reader.last = n
-                if kind == "d":
-                    yield b"".join(out), True
-                    return
-            else:
-                if out:
-                    yield b"".join(out), False
-                if len(entries) == batch:
-                    continue
-                return
-            if out:
-                yield b"".join(out), False
-            return
-
-    def attach(self, stream_id, reader):
-        """Add a reader to its stream's feed; the first reader of another process's answer subscribes."""
-        feed = self.feeds.setdefault(stream_id, set())
-        feed.add(reader)
-        self.owner_readers[reader.owner] += 1
-        if len(feed) == 1 and stream_id not in self.by_id and self.pubsub is not None:
-            # Wait until Redis confirms: what is published from then on comes here, and what came
-            # before is in the log the reader reads next (an event is published only once logged).
-            channel = f"chat:{stream_id}:live"
-            confirmed = self.subscribing.setdefault(channel, gevent.event.Event())
-            with contextlib.suppress(*self.errors):
-                self.pubsub.subscribe(channel)
-                confirmed.wait(timeout=1.0)
-            self.subscribing.pop(channel, None)
-
-    def detach(self, stream_id, reader):
-        """Remove a reader; the last one of a feed unsubscribes."""
-        feed = self.feeds.get(stream_id)
-        if feed is None or reader not in feed:
-            return
-        feed.discard(reader)
-        self.owner_readers[reader.owner] -= 1
-        if not self.owner_readers[reader.owner]:
-            del self.owner_readers[reader.owner]
-        if not feed:
-            del self.feeds[stream_id]
-            if self.pubsub is not None:
-                with contextlib.suppress(*self.errors):
-                    self.pubsub.unsubscribe(f"chat:{stream_id}:live")
-        stream = self.by_id.get(stream_id)
-        if stream is not None:
-            stream.left_at = time.monotonic()
-
-    def deliver(self, stream_id, events):
-        """Hand events of a stream, [(id, frame, done)], to this process's readers of it: one queue item
-        each, however many events."""
-        if not events:
-            return
-        # Straight to the socket of a reader that is idle, if these are in order, without the end, and come
-        # next for it: then they are joined once for all such readers.
-        first, frames = events[0][0], None
-        in_order = all(n == first + i and not done for i, (n, _, done) in enumerate(events))
-        for reader in self.feeds.get(stream_id, ()):
-            if in_order and reader.idle and not reader.behind and reader.last + 1 == first:
-                frames = frames or b"".join(frame for _, frame, _ in events)
-                if reader.send_now(frames):
-                    reader.last += len(events)
-                    continue
-            reader.enqueue(events)
-
-    def listen_forever(self):
-        """The pub/sub greenlet: one connection per process, fanned out to the local readers' queues."""
-        backoff = 0.0
-        while True:
-            pubsub = self.subscriber.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.control, *[f"chat:{i}:live" for i in self.feeds if i not in self.by_id])
-                self.pubsub = pubsub
-                if self.lost:
-                    self.lost = False
-                    self.recover()
-                backoff = 0.0
-                while True:  # parse_response, not listen(): no dict per message
-                    reply = pubsub.parse_response(block=True)
-                    if reply and reply[0] == b"message":
-                        self.on_message(reply[1], reply[2])
-                    elif reply and reply[0] == b"subscribe" and reply[1].decode() in self.subscribing:
-                        self.subscribing[reply[1].decode()].set()
-            except self.errors as exc:
-                log_limited("redis", "lost the connection to Redis: %s", redact_url(str(exc)))
-            self.pubsub, self.lost = None, True
-            with contextlib.suppress(Exception):
-                pubsub.close()
-            backoff = min(1.0, backoff * 2 or 0.05)
-            gevent.sleep(backoff)
-
-    def on_message(self, channel, data):
-        """A published event (for the readers here) or a Stop for an answer written here."""
-        if channel == self.control.encode():
-            self.stop(data.decode())
-            return
-        stream_id = channel.decode()[5:-5]  # chat:<id>:live
-        if stream_id not in self.feeds:
-            return
-        position, events = 0, []
-        while position < len(data):  # events, each "id kind size payload"
-            head = data.index(b" ", data.index(b" ", data.index(b" ", position) + 1) + 1)
-            n, kind, size = data[position:head].split(b" ")
-            n, kind, end = int(n), kind.decode(), head + 1 + int(size)
-            events.append((n, event_frame(n, kind, data[head + 1:end]), kind == "d"))
-            position = end
-        self.deliver(stream_id, events)
-
-    def recover(self):
-        """Back after a lost connection: every reader reads the log again, and every answer written here is
-        checked at once (Redis may have restarted empty)."""
-        log.info("connected to Redis again")
-        for feed in self.feeds.values():
-            for reader in feed:
-                reader.enqueue([(NUDGE, None, False)])
-        self.renewed = 0.0
-
-    # -- stopping and finding ----------------------------------------------------------------
-
-    def stop_for(self, stream_id, owner):
-        """Stop an answer wherever it is being written: here at once, elsewhere through its process's channel
-        (and the job's stop flag, which that process's janitor also reads)."""
-        if stream_id in self.by_id:
-            return super().stop_for(stream_id, owner)
-        try:
-            job = self.redis.hgetall(f"chat:{stream_id}:job") if stream_id else {}
-            if not job or job.get(b"owner", b"").decode() != owner:
-                bottle.abort(404, "No such answer.")
-            if job.get(b"done") != b"1":
-                self.stop_remote(stream_id, job)
-        except self.errors:
-            bottle.abort(503, "The server cannot reach its shared state just now; try again shortly.")
-        return job.get(b"conversation", b"").decode() or None
-
-    def stop_remote(self, stream_id, job):
-        """Raise an answer's stop flag (its process's janitor reads it) and tell that process at once."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(f"chat:{stream_id}:job", "stop", 1)
-        pipe.publish(f"chat:ctl:{job.get(b'instance', b'').decode()}", stream_id)
-        pipe.execute()
-
-    def stop_conversation(self, conversation_id):
-        """Stop the answer being written in a conversation, wherever it is."""
-        super().stop_conversation(conversation_id)
-        with contextlib.suppress(*self.errors):
-            stream_id = (self.redis.get(f"chat:conv:{conversation_id}") or b"").decode()
-            if stream_id and stream_id not in self.by_id:
-                self.stop_remote(stream_id, self.redis.hgetall(f"chat:{stream_id}:job"))
-
-    def check(self):
-        """Fail at start, not at the first message, when Redis cannot be reached."""
-        self.redis.ping()
-
-    def for_message(self, message_id, conversation_id):
-        """The stream writing this stored answer: here, or in another process (Redis says which)."""
-        stream = super().for_message(message_id, conversation_id)
-        if stream is not None:
-            return stream
-        try:
-            stream_id = self.redis.get(f"chat:msg:{conversation_id}:{message_id}")
-        except self.errors:
-            return None
-        return RemoteAnswer(stream_id.decode()) if stream_id else None
-
-    # -- the janitor's share ----------------------------------------------------------------
-
-    def maintain(self, now):
-        """Renew the leases of the answers written here (and obey stop flags), nudge readers that fell
-        behind, and finish the answers of writers that died."""
-        try:
-            if now - self.renewed >= settings.lease_seconds / 3:
-                self.renewed = now
-                self.renew()
-            self.nudge()
-            self.find_dead()
-        except self.errors as exc:
-            log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
-
-    def renew(self):
-        """One script call: every live answer's lease renewed, and what became of it (stopped, finished
-        elsewhere, or lost with a Redis that restarted empty)."""
-        live = [s for s in self.by_id.values() if s.finished_at is None and s.greenlet is not None]
-        if not live:
-            return
-        args = [time.time() + settings.lease_seconds, self.kept_ms()]
-        for stream in live:
-            args += (stream.id, stream.owner, stream.conversation_id or "", stream.message_id or "")
-        lost = self.redis.pipeline(transaction=False)
-        for stream, state in zip(live, self.renew_script(args=args)):
-            if stream.finished_at is not None:
-                continue  # it finished meanwhile, and gave its places back
-            if state == 3:  # the record was gone: put it all back
-                self.establish(lost, stream)
-                stream.flushed = -1
-                self.dirty[stream.id] = stream
-                self.wake.set()
-            elif state == 2:
-                self.refused(stream)
-            elif state == 1:
-                self.stop(stream.id)
-        if len(lost):
-            lost.execute()
-            log.info("Redis had lost live answers; their records and logs are written again")
-
-    def nudge(self):
-        """Readers of other processes' answers that are behind the log's end read it again (pub/sub may drop)."""
-        remote = [i for i in self.feeds if i not in self.by_id]
-        if not remote:
-            return
-        for stream_id, top in zip(remote, self.tops_script(args=remote)):
-            for reader in self.feeds.get(stream_id, ()):
-                if reader.last < top:
-                    reader.enqueue([(NUDGE, None, False)])
-
-    def find_dead(self):
-        """Answers whose lease ran out, written by a process that died: finish them as interrupted."""
-        for stream_id in self.redis.zrangebyscore("chat:leases", "-inf", time.time(), start=0, num=16):
-            stream_id = stream_id.decode()
-            if stream_id not in self.by_id and stream_id not in self.finishing:
-                self.finishing.add(stream_id)
-                gevent.spawn(self.finish_dead, stream_id)
-
-    def finish_dead(self, stream_id):
-        """Read a dead writer's log, store the text everyone saw, and end the answer with an interrupted bubble."""
-        try:
-            log_key, job_key, *_ = self.keys(stream_id)
-            job = {k.decode(): v.decode() for k, v in self.redis.hgetall(job_key).items()}
-            if not job or job.get("done") == "1":
-                self.redis.zrem("chat:leases", stream_id)
-                return
-            text = {"m": [], "r": []}
-            top, after = 0, "-"
-            while True:
-                entries = self.redis.xrange(log_key, after, "+", count=1024)
-                for entry_id, fields in entries:
-                    top = int(entry_id.split(b"-")[0])
-                    if fields[b"k"].decode() in text:
-                        text[fields[b"k"].decode()].append(fields[b"v"].decode())
-                if len(entries) < 1024:
-                    break
-                after = f"({entries[-1][0].decode()}"
-            message_id = int(job["message"]) if job.get("message") else None
-            conversation_id = job.get("conversation") or None
-            answer = {"bubble_id": stream_id, "conversation_id": conversation_id,
-                      "text": "".join(text["m"]).lstrip("\r\n"), "reasoning": "".join(text["r"]).strip(),
-                      "status": "interrupted", "error": None, "notes": [NOTES["interrupted"]], "footer": "",
-                      "finish_reason": None, "usage": None, "model": job.get("model") or None,
-                      "elapsed": round(time.time() - float(job.get("started") or time.time()), 3)}
-            nav = ""
-            if message_id is not None:
-                with contextlib.suppress(*DATABASE_ERRORS):
-                    nav = sibling_nav(conversation_id, message_id)
-            frame = sse_frame("done", render_answer(answer, True, nav), top + 1)
-            keys = self.keys(stream_id, job.get("owner", ""), conversation_id)
-            if self.fence_script(keys=keys, args=[top, time.time(), frame, stream_id,
-                                                  self.ttl_ms(max(settings.grace, 30)), f"chat:{stream_id}:live"]):
-                log.warning("finished an answer whose process stopped renewing it (%d events)", top)
-                if message_id is not None:
-                    try:
-                        store.finish_answer(message_id, answer)
-                    except DATABASE_ERRORS as exc:
-                        log.error("saving an interrupted answer failed: %s", exc)
-        except self.errors as exc:
-            log_limited("redis", "Redis is unreachable: %s", redact_url(str(exc)))
-        finally:
-            self.finishing.discard(stream_id)
-
-
 def open_streams(url):
     """The registry of answers: in this process, or shared through Redis when CHAT_REDIS_URL is set."""
-    return RedisStreams(url) if url else Streams()
+    if not url:
+        return Streams()
+    from chat_scale import RedisStreams  # only when configured: it needs redis-py (requirements-scale.txt)
+    return RedisStreams(url)
 
 
 streams = open_streams(settings.redis_url)
@@ -2974,11 +2139,12 @@ def template(name, **kwargs):
 
 
 _FORMATTER = HtmlFormatter(nowrap=True)
+HIGHLIGHT_LIMIT = 30_000  # characters: Pygments takes ~5 µs a character, in one call no deadline can stop
 
 
 def highlight_code(code, lang, _attrs):
-    """Pygments-highlight a fenced code block; unknown languages stay plain (markdown-it escapes)."""
-    if not lang:
+    """Pygments-highlight a fenced code block; unknown languages and huge blocks stay plain (markdown-it escapes)."""
+    if not lang or len(code) > HIGHLIGHT_LIMIT:
         return ""
     try:
         lexer = get_lexer_by_name(lang.split()[0])
@@ -2991,7 +2157,7 @@ def bracket_math(state, silent):
     """Inline rule: \\( … \\) and \\[ … \\] as math (the dollar forms come from dollarmath)."""
     for opener, closer, kind in (("\\(", "\\)", "math_inline"), ("\\[", "\\]", "math_inline_double")):
         if state.src.startswith(opener, state.pos):
-            end = state.src.find(closer, state.pos + 2)
+            end = next_closer(state, closer, state.pos + 2)
             if end < 0 or not state.src[state.pos + 2:end].strip():
                 return False
             if not silent:
@@ -3000,6 +2166,17 @@ def bracket_math(state, silent):
             state.pos = end + 2
             return True
     return False
+
+
+def next_closer(state, closer, start):
+    """Where closer next occurs in the inline text from start, or -1, as str.find: its places are found once per
+    text, since searching afresh for each opener made a page of openers without a closer quadratic."""
+    places = state.__dict__.setdefault("closers", {})
+    if closer not in places:
+        places[closer] = [match.start() for match in re.finditer(re.escape(closer), state.src)]
+    found = places[closer]
+    n = bisect.bisect_left(found, start)
+    return found[n] if n < len(found) else -1
 
 
 # What latex2mathml may give the page: MathML Core's elements and presentation attributes.
@@ -3049,12 +2226,19 @@ def rebuilt_mathml(element):
 
 def render_math(renderer, tokens, idx, options, env):
     """Inline or display math from either syntax, as MathML the browser draws itself."""
+    check_deadline(env, RenderDeadline.EVERY)  # a formula can take a millisecond
     token = tokens[idx]
     display = token.type != "math_inline"
     if not token.content.strip():
         return html.escape(token.markup * 2)
     mathml = tex_to_mathml(token.content.strip(), display)
     return f'<div class="math">{mathml}</div>\n' if token.type.startswith("math_block") else mathml
+
+
+def render_text_token(renderer, tokens, idx, options, env):
+    """Plain text, escaped as markdown-it does; the deadline is checked here while the tokens become HTML."""
+    check_deadline(env)
+    return escapeHtml(tokens[idx].content)
 
 
 def render_link_open(renderer, tokens, idx, options, env):
@@ -3079,11 +2263,49 @@ def render_image(renderer, tokens, idx, options, env):
 
 def render_fence(renderer, tokens, idx, options, env):
     """A fenced code block under a bar with its language and a copy button (which then covers no code)."""
+    check_deadline(env, RenderDeadline.EVERY)
     block = renderer.fence(tokens, idx, options, env)
     lang = html.escape(tokens[idx].info.split()[0]) if tokens[idx].info.strip() else "text"
     return ('<div class="code-block"><div class="code-bar"><span class="lang">' + lang + '</span>'
             '<button type="button" class="copy" data-copy="code" aria-label="Copy code">Copy</button></div>'
             f'{block}</div>\n')
+
+
+class RenderTimeout(Exception):
+    """A render ran past its budget."""
+
+
+class RenderDeadline:
+    """The end of a render's budget, in CPU time of the thread it runs in: neither the hub nor other threads
+    taking the CPU meanwhile make a render run out (the same text renders the same way under load)."""
+
+    EVERY = 32  # calls between two readings of the clock (a system call)
+    __slots__ = ("at", "calls")
+
+    def __init__(self, seconds):
+        self.at, self.calls = time.thread_time() + seconds, 0
+
+    def check(self, weight=1):
+        """Count a call (weight for a costly one); raise RenderTimeout if the budget is spent."""
+        self.calls += weight
+        if self.calls >= self.EVERY:
+            self.calls = 0
+            if time.thread_time() > self.at:
+                raise RenderTimeout()
+
+
+def check_deadline(env, weight=1):
+    """Check the deadline of the render env belongs to, if it has one."""
+    deadline = env.get("deadline")
+    if deadline is not None:
+        deadline.check(weight)
+
+
+def deadline_rule(state, *_):
+    """A block and inline rule that matches nothing: markdown-it tries it first at every position, so a render
+    stops soon after its deadline, whatever the Markdown makes the other rules do."""
+    check_deadline(state.env)
+    return False
 
 
 def make_markdown(linkify):
@@ -3096,8 +2318,12 @@ def make_markdown(linkify):
     # Pandoc's rule: no space inside the dollars and no digit after the closing one, so "$5 and $10" is money.
     md.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True)
     md.inline.ruler.before("escape", "bracket_math", bracket_math)
+    # As a terminator too, the deadline is checked at every line of a paragraph, list, quote or table.
+    md.block.ruler.before("table", "deadline", deadline_rule, {"alt": ["paragraph", "reference", "blockquote", "list"]})
+    md.inline.ruler.before("text", "deadline", deadline_rule)
     for rule in ("math_inline", "math_inline_double", "math_block", "math_block_label"):
         md.add_render_rule(rule, render_math)
+    md.add_render_rule("text", render_text_token)
     md.add_render_rule("link_open", render_link_open)
     md.add_render_rule("image", render_image)
     md.add_render_rule("fence", render_fence)
@@ -3111,11 +2337,26 @@ markdown, markdown_without_linkify = make_markdown(True), make_markdown(False)
 LINKIFY_LIMIT = 20_000  # characters
 
 
-def render_markdown(text):
-    """Answer text as safe HTML: raw HTML is escaped, javascript: links are refused."""
+# Seconds of CPU a render may take: on the hub (an ordinary block of BLOCK_IN_THREAD characters takes ~10 ms),
+# in the lane all renders share, and in the long lane; past the last, the text is shown as it is.
+HUB_SLICE, RENDER_SLICE, RENDER_BUDGET = 0.03, 0.1, 0.9
+TOO_SLOW = object()  # what safe_markdown gives for a text it could not render within its budget
+
+
+def render_markdown(text, budget=None):
+    """Answer text as safe HTML: raw HTML is escaped, javascript: links are refused. RenderTimeout if it takes
+    more than budget seconds of CPU."""
     # linkify's pretest costs a millisecond a text: skip it for texts without a URL in them.
     linkify = "://" in text and len(text) <= LINKIFY_LIMIT
-    return (markdown if linkify else markdown_without_linkify).render(text)
+    env = {} if budget is None else {"deadline": RenderDeadline(budget)}
+    return (markdown if linkify else markdown_without_linkify).render(text, env)
+
+
+def render_text(text):
+    """Markdown text as HTML, or None or TOO_SLOW (see safe_markdown): on the hub if it is short and renders
+    within HUB_SLICE, else in a worker thread (render_in_background)."""
+    rendered = safe_markdown(text, HUB_SLICE) if len(text) <= BLOCK_IN_THREAD else TOO_SLOW
+    return render_in_background(text) if rendered is TOO_SLOW else rendered
 
 
 NOTES = {
@@ -3128,6 +2369,7 @@ NOTES = {
     "unsaved": "This answer was not saved completely (the server stopped, or could not write it); "
                "this is the text saved last.",
     "elsewhere": "Another chat.py process is still writing this answer; reload to see more of it.",
+    "unformatted": "This answer is too long or too intricate to format in time, so it is shown as plain text.",
 }
 
 
@@ -3197,12 +2439,12 @@ def render_answer(answer, last=True, nav=""):
     """The finished assistant bubble (sent as the done event, or drawn from the store), never an exception:
     a long answer is rendered in a worker thread, and one that cannot be rendered is shown as plain text."""
     try:
-        if len(answer["text"]) > BLOCK_IN_THREAD:
-            answer_html = render_in_background(answer["text"])
-        else:
-            answer_html = safe_markdown(answer["text"])
+        answer_html = render_text(answer["text"])
         if answer_html is None:
             raise ValueError("rendering failed")
+        if answer_html is TOO_SLOW:
+            answer_html = f"<pre>{html.escape(answer['text'])}</pre>"
+            answer = dict(answer, notes=answer["notes"] + [NOTES["unformatted"]])
         return template("answer", answer=answer, answer_html=answer_html, last=last,
                         error=short_error(answer["error"]), nav=nav)
     except Exception:  # noqa: BLE001 — a rendering bug must not break the bubble or the page
@@ -3212,11 +2454,13 @@ def render_answer(answer, last=True, nav=""):
 
 
 @functools.lru_cache(maxsize=32)
-def safe_markdown(text):
+def safe_markdown(text, budget=RENDER_SLICE):
     """render_markdown(), remembered for the last few texts, and None instead of an exception (also in a thread,
-    where an exception with a deep traceback could not be sent back to the hub)."""
+    where an exception with a deep traceback could not be sent back to the hub); TOO_SLOW past budget."""
     try:
-        return render_markdown(text)
+        return render_markdown(text, budget)
+    except RenderTimeout:
+        return TOO_SLOW
     except Exception:  # noqa: BLE001
         return None
 
@@ -3389,66 +2633,6 @@ MIGRATIONS = [
     END;
     """,
 ]
-
-# PostgreSQL starts at today's schema; later changes are appended here, like MIGRATIONS.
-PG_MIGRATIONS = [
-    """
-    CREATE TABLE conversations (
-        id TEXT PRIMARY KEY, owner TEXT NOT NULL, title TEXT NOT NULL, system_prompt TEXT NOT NULL DEFAULT '',
-        model TEXT, created DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL, leaf_id BIGINT,
-        temperature DOUBLE PRECISION, top_p DOUBLE PRECISION, max_tokens INTEGER
-    );
-    CREATE INDEX conversations_by_owner ON conversations (owner, updated DESC);
-    CREATE INDEX conversations_search ON conversations USING GIN (to_tsvector('simple', title));
-    CREATE TABLE messages (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        parent_id BIGINT REFERENCES messages (id) ON DELETE CASCADE,
-        role TEXT NOT NULL, content TEXT NOT NULL DEFAULT '', reasoning TEXT NOT NULL DEFAULT '',
-        status TEXT NOT NULL DEFAULT 'done', error TEXT, notes TEXT NOT NULL DEFAULT '[]',
-        footer TEXT NOT NULL DEFAULT '', finish_reason TEXT, usage TEXT, model TEXT,
-        elapsed DOUBLE PRECISION, created DOUBLE PRECISION NOT NULL, lease_until DOUBLE PRECISION
-    );
-    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
-    CREATE INDEX messages_by_parent ON messages (parent_id);
-    CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
-    CREATE INDEX messages_search ON messages USING GIN (to_tsvector('simple', content));
-    CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, password_tag TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL);
-    CREATE TABLE owner_settings (owner TEXT PRIMARY KEY, system_prompt TEXT NOT NULL DEFAULT '');
-    """,
-    # Search reads only its owner's entries, as in SQLite: the indexes hold every lexeme with the
-    # owner's key in front (search_terms), so messages carry their owner. A search finds its
-    # candidates there (search_query: every word as a keyed prefix), then checks the words as before.
-    """
-    ALTER TABLE messages ADD COLUMN owner TEXT;
-    UPDATE messages m SET owner = c.owner FROM conversations c WHERE c.id = m.conversation_id;
-    CREATE FUNCTION message_owner() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        NEW.owner := (SELECT owner FROM conversations WHERE id = NEW.conversation_id);
-        RETURN NEW;
-    END $$;
-    CREATE TRIGGER message_owner BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION message_owner();
-    -- COST: computing it row by row is what the index is for; the planner must never prefer that.
-    CREATE FUNCTION search_terms(owner TEXT, body TEXT) RETURNS tsvector LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    COST 100000 AS $$
-        SELECT array_to_tsvector(ARRAY(SELECT left(md5(coalesce(owner, '')), 8) || lexeme
-                                       FROM unnest(to_tsvector('pg_catalog.simple', body))))
-    $$;
-    CREATE FUNCTION search_query(owner TEXT, words TEXT) RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-        SELECT string_agg('''' || replace(replace(left(md5(owner), 8) || lexeme, chr(92), chr(92) || chr(92)),
-                                          '''', '''''') || ''':*', ' & ')::tsquery
-        FROM unnest(to_tsvector('pg_catalog.simple', words))
-    $$;
-    -- fastupdate off: entries waiting in GIN's pending list are read by every search, every owner's.
-    DROP INDEX messages_search;
-    CREATE INDEX messages_search ON messages USING GIN (search_terms(owner, content)) WITH (fastupdate = off)
-        WHERE status != 'streaming';
-    DROP INDEX conversations_search;
-    CREATE INDEX conversations_search ON conversations USING GIN (search_terms(owner, title)) WITH (fastupdate = off);
-    """,
-]
-
 
 class Result:
     """What a statement returned, fetched whole inside the database thread."""
@@ -3659,172 +2843,6 @@ class SearchTerms:
 search_terms = SearchTerms()
 
 
-class Row(tuple):
-    """A PostgreSQL row readable by column name or position, like sqlite3.Row."""
-
-    columns = {}
-
-    def __getitem__(self, key):
-        return tuple.__getitem__(self, self.columns[key] if isinstance(key, str) else key)
-
-
-@functools.lru_cache(maxsize=256)
-def row_class(names):
-    """A Row subclass for one set of column names."""
-    return type("Row", (Row,), {"columns": {name: index for index, name in enumerate(names)}})
-
-
-class PostgresDatabase:
-    """A few PostgreSQL connections shared by the greenlets, one statement or transaction at a time on each.
-
-    psycopg waits cooperatively only when it was imported after gevent patched select (it is:
-    chat.py patches first and imports psycopg here); the check below refuses to run otherwise,
-    since its C wait would block every greenlet.
-    """
-
-    name = "PostgreSQL"
-    null_safe_equal = "IS NOT DISTINCT FROM"
-    byte_length = "OCTET_LENGTH({})"
-
-    def __init__(self, url, size=4):
-        try:  # optional: only with CHAT_DATABASE_URL
-            import psycopg
-            import psycopg.waiting
-        except ImportError:
-            raise RuntimeError("CHAT_DATABASE_URL names PostgreSQL, which needs psycopg: "
-                               "pip install -r requirements-scale.txt") from None
-        if psycopg.waiting.wait is getattr(psycopg.waiting, "wait_c", None):
-            raise RuntimeError("psycopg would block every greenlet: it was imported before gevent patched select")
-        self.psycopg = psycopg
-        self.url = url
-        self.pool = Queue()
-        self.closed = False
-        self.connections = [self.connect() for _ in range(size)]
-        for connection in self.connections:
-            self.pool.put(connection)
-        self.local = gevent.local.local()  # the connection a greenlet's transaction holds
-        self.migrate()
-
-    def connect(self):
-        """A new autocommit connection whose rows read like sqlite3.Row."""
-        def rows(cursor):
-            names = tuple(column.name for column in cursor.description or ())
-            return row_class(names)
-        return self.psycopg.connect(self.url, autocommit=True, row_factory=rows)
-
-    def migrate(self):
-        """Bring the schema up to date, one process at a time (an advisory lock), each step in a transaction."""
-        with self.transaction():
-            self.execute("SELECT pg_advisory_xact_lock(7415)")  # 7415: chat.py's migrations
-            self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = self.execute("SELECT version FROM schema_version").fetchone()
-            version = row[0] if row else 0
-            for number, script in enumerate(PG_MIGRATIONS[version:], version + 1):
-                self.execute(script)
-            if not row:
-                self.execute("INSERT INTO schema_version VALUES (?)", (len(PG_MIGRATIONS),))
-            elif version < len(PG_MIGRATIONS):
-                self.execute("UPDATE schema_version SET version = ?", (len(PG_MIGRATIONS),))
-
-    @contextlib.contextmanager
-    def connection(self):
-        """The greenlet's transaction connection, or one from the pool for a single statement."""
-        pinned = getattr(self.local, "connection", None)
-        if pinned is not None:
-            yield pinned
-            return
-        connection = self.take()
-        try:
-            yield connection
-        finally:
-            self.pool.put(connection)
-
-    def take(self):
-        """A connection from the pool (waiting for one), or an error once the database is closed."""
-        if self.closed:
-            raise self.psycopg.OperationalError("the database was closed (chat.py is stopping)")
-        return self.pool.get()
-
-    def execute(self, sql, args=()):
-        """Run one statement (written with ? placeholders); return its rows and rowcount."""
-        with self.connection() as connection, connection.cursor() as cursor:
-            cursor.execute(sql.replace("%", "%%").replace("?", "%s"), args)
-            rows = cursor.fetchall() if cursor.description else []
-            return Result(rows, cursor.rowcount)
-
-    def executemany(self, sql, rows):
-        """Run one statement for each row."""
-        with self.connection() as connection, connection.cursor() as cursor:
-            cursor.executemany(sql.replace("%", "%%").replace("?", "%s"), rows)
-            return cursor.rowcount
-
-    @contextlib.contextmanager
-    def transaction(self):
-        """A transaction on one connection that this greenlet's statements use until it ends."""
-        if getattr(self.local, "connection", None) is not None:
-            yield  # already inside one
-            return
-        connection = self.take()
-        self.local.connection = connection
-        try:
-            with connection.transaction():
-                yield
-        finally:
-            self.local.connection = None
-            self.pool.put(connection)
-
-    def search(self, owner, words, limit):
-        """This owner's titles and messages matching every word (as a prefix), best first: tsvector."""
-        query = " & ".join(f"{word}:*" if len(word) >= 3 else word for word in words)
-        marks = "StartSel=\x01, StopSel=\x02, MaxWords=30, MinWords=10, HighlightAll=false"
-        with self.transaction():
-            self.execute(f"SET LOCAL statement_timeout = {int(SEARCH_SECONDS * 1000)}")
-            return self.search_rows(query, owner, limit, marks, " ".join(words))
-
-    def search_rows(self, query, owner, limit, marks, words):
-        """The search's two statements (inside search()'s transaction, with its time limit).
-
-        The owner's keyed index finds the candidates (search_query, see PG_MIGRATIONS); the query as
-        before picks the rows among them, ranks and highlights them.
-        """
-        titles = self.execute(
-            "SELECT c.id AS conversation_id, c.title, NULL::BIGINT AS message_id, NULL AS role, "
-            "ts_headline('simple', c.title, q, 'HighlightAll=true, StartSel=\x01, StopSel=\x02') AS snippet "
-            "FROM conversations c, to_tsquery('simple', ?) q "
-            "WHERE c.owner = ? AND search_terms(c.owner, c.title) @@ search_query(?, ?) "
-            "AND to_tsvector('simple', c.title) @@ q "
-            "ORDER BY ts_rank(to_tsvector('simple', c.title), q) DESC LIMIT ?",
-            (query, owner, owner, words, limit)).fetchall()
-        messages = self.execute(
-            "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
-            f"ts_headline('simple', m.content, q, '{marks}') AS snippet "
-            "FROM messages m JOIN conversations c ON c.id = m.conversation_id, to_tsquery('simple', ?) q "
-            "WHERE c.owner = ? AND m.status != 'streaming' AND search_terms(m.owner, m.content) @@ search_query(?, ?) "
-            "AND to_tsvector('simple', m.content) @@ q "
-            "ORDER BY ts_rank(to_tsvector('simple', m.content), q) DESC LIMIT ?",
-            (query, owner, owner, words, limit)).fetchall()
-        return (titles + messages)[:limit]
-
-    def size(self):
-        """Bytes of chat.py's tables in their schema, indexes and TOAST included (not others sharing the database)."""
-        return int(self.execute("SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
-                                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                                "WHERE n.nspname = current_schema() AND c.relkind = 'r'").fetchone()[0])
-
-    def close(self, timeout=5.0):
-        """Close every connection once no statement uses it: closing one under a statement that another greenlet
-        is waiting on frees what libpq still needs, and the process crashes. One still busy after the timeout is
-        left to the garbage collector."""
-        self.closed = True
-        deadline = time.monotonic() + timeout
-        for _ in self.connections:
-            try:
-                self.pool.get(timeout=max(0.0, deadline - time.monotonic())).close()
-            except gevent.queue.Empty:
-                log.warning("a PostgreSQL statement was still running at close; its connection is left open")
-                return
-
-
 def redact_url(text):
     """Text with the password of any postgresql:// or redis:// URL blanked out (it must never reach a log)."""
     return re.sub(r"((?:postgres(?:ql)?|rediss?)://[^:/@\s]*:)[^@\s]*@", r"\1[redacted]@", text)
@@ -3834,6 +2852,7 @@ def open_database(path, url):
     """The database chosen once at start-up: PostgreSQL for CHAT_DATABASE_URL, else the SQLite file."""
     global DATABASE_ERRORS
     if url and url.startswith(("postgresql://", "postgres://")):
+        from chat_scale import PostgresDatabase  # only when configured: it needs psycopg (requirements-scale.txt)
         database = PostgresDatabase(url)
         DATABASE_ERRORS = (sqlite3.Error, database.psycopg.Error)
         return database

@@ -47,6 +47,7 @@ import webtest  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 import chat  # noqa: E402
+import chat_scale  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STREAMS_DIR = HERE / "testdata" / "streams"
@@ -129,7 +130,7 @@ def test_closing_postgresql_waits_for_the_statement_running_on_it(postgres_url):
     """Closing the database while another greenlet's statement runs (the janitor's save at shutdown) waits for it:
     closing the connection under it freed what libpq still used, and the process crashed. Later statements fail
     with a database error instead of waiting forever."""
-    db = chat.PostgresDatabase(postgres_url, size=2)
+    db = chat_scale.PostgresDatabase(postgres_url, size=2)
     running = gevent.spawn(db.execute, "SELECT pg_sleep(0.3) AS slept")
     wait_until(lambda: db.pool.qsize() == 1, what="the statement to take a connection")
     db.close()
@@ -1758,6 +1759,20 @@ def test_readme_run_command_serves_the_page_and_the_demo(chat_process):
     transcript = Transcript(events.content)
     assert "demo model" in transcript.message
     assert alerts(transcript.done) == []
+
+
+def test_chat_scale_gets_the_running_script_as_chat():
+    """Run as a script, chat.py is __main__: chat_scale.py's `import chat` must get that module (aliased in
+    sys.modules), not load chat.py a second time, which would import chat_scale again half-way and fail."""
+    result = subprocess.run([sys.executable, "chat.py", "--version"], cwd=HERE, capture_output=True, text=True,
+                            timeout=30, env=clean_env(CHAT_REDIS_URL="redis://127.0.0.1:9/0"))
+    assert result.returncode == 0 and result.stdout.startswith("chat.py "), result.stderr
+    assert "chat_scale" in subprocess.run(
+        [sys.executable, "-c", "import sys, chat; print(' '.join(sorted(sys.modules)))"], cwd=HERE,
+        capture_output=True, text=True, timeout=30, env=clean_env(CHAT_REDIS_URL="redis://127.0.0.1:9/0")).stdout
+    plain = subprocess.run([sys.executable, "-c", "import sys, chat; print('chat_scale' in sys.modules)"], cwd=HERE,
+                           capture_output=True, text=True, timeout=30, env=clean_env())
+    assert plain.stdout.strip() == "False", "the defaults must not load chat_scale.py"
 
 
 def test_help_documents_every_setting():
@@ -4332,7 +4347,7 @@ def test_help_and_demo_suggest_a_free_port_for_llama_cpp():
 # ---------------------------------------------------------------------------
 
 # Everything the artifacts are made of; a change to any of them means a new build.
-BUILD_INPUTS = ("chat.py", "templates", "static", "requirements.txt", "ship")
+BUILD_INPUTS = ("chat.py", "chat_scale.py", "templates", "static", "requirements.txt", "ship")
 
 
 def head_commit():

@@ -8,6 +8,7 @@ import pytest
 import webtest
 
 import chat
+import chat_scale
 from test_chat import database, isolated, postgres_url  # noqa: F401 — the autouse fixtures, and PostgreSQL
 
 FOREIGN_ROWS = 20_000
@@ -71,7 +72,7 @@ def old_postgres_database(url):
     import psycopg
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        connection.execute(chat.PG_MIGRATIONS[0])
+        connection.execute(chat_scale.PG_MIGRATIONS[0])
         connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL); "
                            "INSERT INTO schema_version VALUES (1)")
         for owner, conversation, text in (("owner1", "c1", "a zebra crossing"), ("owner2", "c2", "zebra stripes")):

@@ -56,9 +56,12 @@ def commit():
 
 
 def stage_app(dest):
-    """Copy chat.py with templates/, static/ and COMMIT beside it: chat.py finds them next to itself."""
+    """Copy chat.py and chat_scale.py with templates/, static/ and COMMIT beside them: chat.py finds them next to
+    itself (chat_scale.py is imported only with CHAT_REDIS_URL or CHAT_DATABASE_URL, whose drivers the artifacts
+    leave out)."""
     dest.mkdir(parents=True)
     shutil.copy2(ROOT / "chat.py", dest)
+    shutil.copy2(ROOT / "chat_scale.py", dest)
     ignore = shutil.ignore_patterns(*LEFT_OUT)
     shutil.copytree(ROOT / "templates", dest / "templates", ignore=ignore)
     shutil.copytree(ROOT / "static", dest / "static", ignore=ignore)
