@@ -2013,8 +2013,9 @@ async def fault_chunked(soak, seconds):
                 r["closed"] = time.monotonic() - t0
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             if r["status"] is None:
-                # chat.py closed with the body unread, so its kernel sent a RST, which can overtake the 411.
-                r["status"] = "reset" if isinstance(exc, ConnectionResetError) else "closed before an answer"
+                # chat.py closed with the body unread, so its kernel sent a RST, which can overtake the 411:
+                # a reset on the read, or a broken pipe on the write (asyncio then ends the read with it).
+                r["status"] = "reset" if isinstance(exc, ConnectionError) else "closed before an answer"
                 r["t_status"] = time.monotonic() - t0
             r["closed"] = time.monotonic() - t0
         except NETERR as exc:
@@ -2148,9 +2149,12 @@ async def fault_owners(soak, seconds):
     loop = asyncio.get_running_loop()
 
     def conversations():
+        """The attacker's conversations stored, and the bytes of their messages (the users' own chats apart)."""
         db = sqlite3.connect(f"file:{soak.db}?mode=ro", uri=True, timeout=30)
         try:
-            return db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+            return db.execute("SELECT COUNT(DISTINCT conversation_id), COALESCE(SUM(LENGTH(content)), 0) "
+                              "FROM messages WHERE conversation_id IN (SELECT conversation_id FROM messages "
+                              "WHERE role = 'user' AND content LIKE 'owners mode=%')").fetchone()
         finally:
             db.close()
 
@@ -2187,12 +2191,15 @@ async def fault_owners(soak, seconds):
     accepted = results.get(200, 0)
     out = {"sends": sum(results.values()), "addresses": len(addresses), "statuses": {str(k): v for k, v in results.items()},
            "accepted": accepted, "allowed": round(allowed, 1), "accepted_max_per_address": max(accepted_by.values(), default=0),
-           "new_conversations": conv_after - conv_before, "db_growth_kb": round((db_bytes(soak.db) - bytes_before) / 1024)}
+           "new_conversations": conv_after[0] - conv_before[0],
+           "their_text_kb": round((conv_after[1] - conv_before[1]) / 1024, 1),
+           "db_growth_kb": round((db_bytes(soak.db) - bytes_before) / 1024)}
     out["ok"] = accepted <= allowed and results.get(429, 0) > 0 and out["new_conversations"] <= allowed + 2
     out["summary"] = (f"{out['sends']} cookie-less sends from {len(addresses)} rotating addresses: {out['statuses']}; "
                       f"{accepted} new owners taken in {span:.0f} s (the total budget allows <= {allowed:.0f}: a burst "
                       f"of 20, then {total:g}/min), at most {out['accepted_max_per_address']} per address; "
-                      f"{out['new_conversations']} conversations stored, the database grew {out['db_growth_kb']} KB")
+                      f"{out['new_conversations']} conversations of theirs stored ({out['their_text_kb']} KB of text); "
+                      f"the database grew {out['db_growth_kb']} KB meanwhile, the users' own chats included")
     return out
 
 
@@ -2426,6 +2433,7 @@ LOG_PATTERNS = {
     "new visitors over the total": re.compile(r"CHAT_NEW_OWNERS_PER_MINUTE_TOTAL reached"),
     "logins refused (logged)": re.compile(r"refused a login from"),
     "bad request heads": re.compile(r"refused a request head"),
+    "411 answers (access log)": re.compile(r'" 411 \d'),
 }
 
 
@@ -2697,6 +2705,9 @@ def judge_faults(soak, rows, chats, base_done_delay):
                 e["summary"] += "; DONE BUBBLES DELAYED"
         elif base_name in ("chunked", "hog", "owners", "guessrotate", "search"):
             e["log"] = logs
+            if base_name == "chunked":
+                e["summary"] += (f"; chat.py's access log has {logs.get('411 answers (access log)', 0)} answers 411 "
+                                 f"in the phase's window for {e.get('requests')} requests sent")
             e["summary"] += (f"; the well-behaved chats meanwhile: {row['chats_done']} done, {row['chats_failed']} "
                              f"failed, tokens p99* {fmt(row['p99_clean_ms'], 2)} ms ({fmt(row['p99_ratio'], 2)} x)")
 
