@@ -1,3 +1,16 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "bottle==0.13.4",
+#     "gevent==26.9.0",
+#     "requests==2.34.2",
+#     "markdown-it-py==4.3.0",
+#     "pygments==2.21.0",
+#     "mdit-py-plugins==0.7.0",
+#     "latex2mathml==3.81.1",
+#     "linkify-it-py==2.2.0",
+# ]
+# ///
 """chat.py — a self-hosted chat page that streams LLM answers token by token.
 
 One file: Bottle for the routes, gevent for the server, requests for the upstream,
