@@ -156,46 +156,46 @@ SETTINGS = (
             'upstream base URL ending in /v1: http://localhost:11434/v1 (Ollama), http://localhost:8081/v1 '
             '(llama.cpp), http://localhost:8000/v1 (vLLM), http://localhost:1234/v1 (LM Studio), '
             'https://openrouter.ai/api/v1, https://api.openai.com/v1', "--base-url", True),
-    setting("api_key", "OPENAI_API_KEY", str, None, "none", "sent as `Authorization: Bearer`; never logged or shown",
+    setting("api_key", "OPENAI_API_KEY", str, None, "none", "API key, sent as `Authorization: Bearer`; never logged or shown",
             common=True),
-    setting("model", "CHAT_MODEL", str, None, "the upstream's first model", "model name", "--model", True),
+    setting("model", "CHAT_MODEL", str, None, "the upstream's first model", "model name (the upstream's first in `/v1/models` order, or `demo`)", "--model", True),
     setting("host", "HOST", str, "127.0.0.1", "127.0.0.1", "listen address (0.0.0.0: every address)", "--host", True),
     setting("port", "PORT", int, 8080, "8080", "listen port", "--port", True),
-    setting("db", "CHAT_DB", str, "chat.db", "chat.db", "SQLite database file", "--db", True),
-    setting("password", "CHAT_PASSWORD", str, None, "none", "puts the whole app behind a login page", common=True),
-    setting("workers", "CHAT_WORKERS", int, 1, "1", "worker processes sharing the port (more need CHAT_REDIS_URL)",
+    setting("db", "CHAT_DB", str, "chat.db", "chat.db", "SQLite database file (in the working directory)", "--db", True),
+    setting("password", "CHAT_PASSWORD", str, None, "none", "puts the whole app behind a login page (unset: open to whoever reaches the port)", common=True),
+    setting("workers", "CHAT_WORKERS", int, 1, "1", "worker processes sharing the port (more need `CHAT_REDIS_URL`; see docs/scale-out.md)",
             "--workers", True),
     setting("redis_url", "CHAT_REDIS_URL", str, None, "none: answers live in the process",
             "redis://… to share answers between processes and hosts", common=True),
     setting("database_url", "CHAT_DATABASE_URL", str, None, "none: the SQLite file",
             "postgresql://… to keep conversations in PostgreSQL", common=True),
-    setting("allowed_hosts", "CHAT_ALLOWED_HOSTS", listed, set(), "none", 'extra host names to answer for, '
-            'comma-separated ("*": any)'),
+    setting("allowed_hosts", "CHAT_ALLOWED_HOSTS", listed, set(), "none", 'host names to answer for beyond IP addresses, `localhost` and '
+            'this machine\'s names, comma-separated (`*`: any)'),
     setting("trusted_proxies", "CHAT_TRUSTED_PROXIES", networks, networks("127.0.0.0/8,::1"), "127.0.0.0/8,::1",
-            "proxies whose X-Forwarded-For names the client, comma-separated addresses or CIDR ranges"),
-    setting("temperature", "CHAT_TEMPERATURE", float, None, "the server's", "sampling default for new chats"),
-    setting("top_p", "CHAT_TOP_P", float, None, "the server's", "sampling default for new chats"),
-    setting("max_tokens", "CHAT_MAX_TOKENS", int, None, "the server's", "sampling default for new chats"),
+            "proxies whose `X-Forwarded-For` names the client, comma-separated addresses or CIDR ranges"),
+    setting("temperature", "CHAT_TEMPERATURE", float, None, "the server's", "sampling default; a conversation's own value wins"),
+    setting("top_p", "CHAT_TOP_P", float, None, "the server's", "sampling default; a conversation's own value wins"),
+    setting("max_tokens", "CHAT_MAX_TOKENS", int, None, "the server's", "sampling default; a conversation's own value wins"),
     setting("image_hosts", "CHAT_IMAGE_HOSTS", listed, set(), "none",
-            "hosts whose https images answers may show (others: links)"),
+            "hosts whose https images answers may show, comma-separated; any other image is a link"),
     # -- the upstream
     setting("connect_timeout", "CHAT_CONNECT_TIMEOUT", float, 10.0, "10", "seconds to connect to the model server"),
     # Before its first byte a server may be queueing the request for a free slot or reading a long prompt on a
     # CPU (llama.cpp sends not even headers meanwhile): that is waiting, not silence, and has its own limit.
     setting("first_byte_timeout", "CHAT_FIRST_BYTE_TIMEOUT", float, 600.0, "600",
-            "seconds to wait for the server to start answering"),
+            "seconds to wait for the server's first byte: its queue and prompt processing"),
     # Longer than any keep-alive interval (llama.cpp pings every 30 s, DeepSeek may queue for minutes but sends
     # comments meanwhile): silence this long is dead.
-    setting("read_timeout", "CHAT_READ_TIMEOUT", float, 120.0, "120", "seconds of upstream silence mid-answer"),
+    setting("read_timeout", "CHAT_READ_TIMEOUT", float, 120.0, "120", "seconds of upstream silence once it has started (keep-alive comments count as life)"),
     setting("context_tokens", "CHAT_CONTEXT_TOKENS", auto_int, None, "ask the server",
             "the model's context in tokens, for servers that do not say it (Ollama)"),
     setting("max_context", "CHAT_MAX_CONTEXT", int, 100_000, "100000",
-            "characters of conversation sent upstream; older turns are left out beyond it"),
+            "characters of conversation sent upstream; older turns are left out beyond it, and the answer says so"),
     setting("ping_interval", "CHAT_PING_INTERVAL", float, 10.0, "10", "seconds between `: ping` comments to readers"),
     setting("grace", "CHAT_STREAM_GRACE", float, 10.0, "10", "seconds a finished answer stays replayable"),
     setting("demo_delay", "CHAT_DEMO_DELAY", float, 0.03, "0.03", "seconds between the demo model's tokens"),
     setting("lease_seconds", "CHAT_LEASE_SECONDS", float, 15.0, "15",
-            "an answer whose writer stops renewing it this long is interrupted"),
+            "with Redis or PostgreSQL: an answer whose writer stops renewing it this long is interrupted"),
     # -- limits: every resource an outsider can make the server spend has one (docs/security.md)
     setting("max_prompt", "CHAT_MAX_PROMPT", int, 32_000, "32000", "characters in one message"),
     # A prompt at the limit, every character 4 UTF-8 bytes, %-encoded (x3), plus the other fields.
@@ -3638,7 +3638,7 @@ def login_page():
 
 @app.post("/login")
 def login():
-    """Check the password in constant time, within the guessing budgets (README: Security)."""
+    """Check the password in constant time, within the guessing budgets (docs/security.md)."""
     if not settings.password:
         bottle.redirect("/")
     request = bottle.request

@@ -1776,6 +1776,17 @@ def test_chat_scale_gets_the_running_script_as_chat():
     assert plain.stdout.strip() == "False", "the defaults must not load chat_scale.py"
 
 
+def test_the_docs_show_the_settings_table_itself():
+    """docs/configuration.md holds every setting as chat.py's SETTINGS renders it, and the README its short list:
+    one source, so a setting added, renamed or re-defaulted in chat.py cannot be documented differently."""
+    configuration = (HERE / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert chat.settings_table() in configuration, "regenerate: python -c \"import chat; print(chat.settings_table())\""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    assert chat.settings_table(common=True) in readme
+    assert len(chat.settings_table(common=True).splitlines()) == 2 + 10  # the ten settings people change most
+    assert {entry.env for entry in chat.SETTINGS} == set(re.findall(r"^\| `([A-Z_]+)`", configuration, re.M))
+
+
 def test_help_documents_every_setting():
     """`python chat.py --help` exits 0 and names every environment variable."""
     result = subprocess.run([sys.executable, "chat.py", "--help"], cwd=HERE, capture_output=True, text=True,
