@@ -638,7 +638,7 @@ def read_completion(response, completion, on_read=None):
     if ctype == "text/html":
         raise UpstreamError("The model server answered with a web page instead of a stream: "
                             + body_message(response.raw.read(65536, decode_content=True)))
-    lines, sse, busy = LineSplitter(), SSEParser(), Slice()
+    lines, sse, busy = LineSplitter(), SSEParser(), TurnShare()
     # read1() returns whatever has arrived, chunked or close-delimited alike (iter_lines()
     # and iter_content() hold tokens back on a close-delimited body). Without a
     # Content-Encoding, read http.client's response under urllib3 directly: urllib3's own
@@ -689,7 +689,7 @@ class LoopTurn:
 loop_turn = LoopTurn()
 
 
-class Slice:
+class TurnShare:
     """One greenlet's run since the loop last turned, for work that never waits by itself (an upstream
     flooding, a long replay): gevent switches only when a read or write would block, so such work would
     keep every other stream waiting. It gives way once it has run a while in one turn; a greenlet that
@@ -709,14 +709,14 @@ class Slice:
             give_way()
 
 
-hot_lane = gevent.lock.Semaphore()
+give_way_queue = gevent.lock.Semaphore()
 
 
 def give_way():
     """Let everything else that is ready run first, then go on. Such greenlets take turns, one per turn of
     the loop, each when the loop is otherwise idle: sleep(0) would run them again before the loop even
     looks for other streams' data, and idle() alone would wake them all in the same turn."""
-    with hot_lane:
+    with give_way_queue:
         gevent.idle()
 
 
@@ -1111,7 +1111,7 @@ class Outlet:
     """
 
     __slots__ = ("queue", "handler", "chunked", "idle", "rest")
-    WAKE = object()  # queued when only the rest of a frame is left to send
+    SEND_REST = object()  # queued when only the rest of a frame is left to send
 
     def __init__(self):
         self.queue = Queue()
@@ -1141,7 +1141,7 @@ class Outlet:
         self.handler.response_length += sent
         if sent < len(body):
             self.rest = body[sent:]
-            self.enqueue(self.WAKE)
+            self.enqueue(self.SEND_REST)
         return True
 
     def put(self, frame, direct=True):
@@ -1168,7 +1168,7 @@ class Outlet:
         while self.queue.qsize():
             items.append(self.queue.get_nowait())
         self.send_rest()  # a frame cut short while this waited goes before everything queued after it
-        return [item for item in items if item is not self.WAKE]
+        return [item for item in items if item is not self.SEND_REST]
 
     def pause_if_behind(self):
         """In the reader's greenlet, after a write: pause_if_behind() on its connection (if it has one)."""
@@ -1339,7 +1339,7 @@ class AnswerLog:
         A reader that is slow to take them holds one batch, not a copy of the whole answer.
         Blocks are rendered again (a reconnect costs CPU, the log no memory).
         """
-        pending, size, busy = [], 0, Slice()
+        pending, size, busy = [], 0, TurnShare()
         for event_id, kind, text, tail in self.entries(after, upto):
             busy.give_way_if_due()  # a long replay gives way to live tokens
             if kind == "block":
@@ -1473,7 +1473,7 @@ class Stream:
         """Render a finished Markdown block once, log where it ends, and send it with the new tail."""
         rendered = render_block(block)
         event_id = self.log.append_block(self.blocks.offset)
-        if streams.wanted(self):
+        if streams.anyone_reading(self):
             tail = self.log.text["message"][self.blocks.offset:].decode()
             streams.publish(self, event_id, "block", block_frame(self.id, rendered, tail, event_id))
 
@@ -1534,7 +1534,7 @@ class Streams:
         """The stream with this id, or None."""
         return self.by_id.get(stream_id)
 
-    def wanted(self, stream):
+    def anyone_reading(self, stream):
         """True if a block event of this stream would reach anyone now (here: a connected reader), which is
         worth knowing before making its frame."""
         return bool(stream.readers)
@@ -1546,11 +1546,11 @@ class Streams:
             self.journal.write(stream, kind, payload)
         if stream.readers:
             frame = token_frame(kind, payload, event_id) if kind in ("message", "reasoning") else payload
-            self.shown()  # some readers are written to right here
+            self.before_showing()  # some readers are written to right here
             for reader in stream.readers:
                 reader.put(frame, kind != "done")  # done goes through the queue: it ends the reader
 
-    def shown(self):
+    def before_showing(self):
         """Called before a reader is given text: make what was published survive a kill -9 (the journal)."""
         self.journal.flush()
 
@@ -1695,9 +1695,9 @@ class Streams:
                 self.saving = gevent.spawn(save_progress, partials, idle, growing, segment)
             else:
                 self.journal.saved(segment)
-        self.maintain(now)
+        self.tend_shared_answers(now)
 
-    def maintain(self, now):
+    def tend_shared_answers(self, now):
         """The janitor's extra work when answers are shared (nothing here)."""
 
     def check(self):
@@ -2437,15 +2437,21 @@ def split_answer(stream):
     return text.lstrip("\r\n"), reasoning.strip()
 
 
+def make_answer(bubble_id, conversation_id, text="", reasoning="", status="done", error=None, notes=(), footer="",
+                finish_reason=None, usage=None, model=None, elapsed=None):
+    """The answer record, made here only: what a finished bubble shows (render_answer) and the store keeps."""
+    return {"bubble_id": bubble_id, "conversation_id": conversation_id, "text": text, "reasoning": reasoning,
+            "status": status, "error": error, "notes": list(notes), "footer": footer,
+            "finish_reason": finish_reason, "usage": usage, "model": model, "elapsed": elapsed}
+
+
 def answer_record(stream):
-    """Everything the finished bubble shows and the store keeps, from a finished stream."""
+    """The answer record of a finished stream."""
     text, reasoning = split_answer(stream)
     c = stream.completion
-    return {"bubble_id": stream.id, "conversation_id": stream.conversation_id, "text": text,
-            "reasoning": reasoning, "status": stream.status, "error": stream.error,
-            "notes": answer_notes(stream), "footer": answer_footer(stream), "finish_reason": c.finish_reason,
-            "usage": c.usage, "model": c.model or stream.model,
-            "elapsed": round((stream.finished_at or time.monotonic()) - stream.started, 3)}
+    return make_answer(stream.id, stream.conversation_id, text, reasoning, stream.status, stream.error,
+                       answer_notes(stream), answer_footer(stream), c.finish_reason, c.usage, c.model or stream.model,
+                       round((stream.finished_at or time.monotonic()) - stream.started, 3))
 
 
 def render_answer(answer, last=True, nav=""):
@@ -2512,9 +2518,8 @@ def short_error(text):
 
 def render_missing(stream_id):
     """The bubble for a stream we no longer have (finished long ago, or a restart)."""
-    return render_answer({"bubble_id": stream_id, "conversation_id": None, "text": "", "reasoning": "",
-                          "status": "error", "notes": [], "footer": "",
-                          "error": "This answer is no longer available: the server may have restarted."})
+    return render_answer(make_answer(stream_id, None, status="error",
+                                     error="This answer is no longer available: the server may have restarted."))
 
 
 # ---------------------------------------------------------------------------
@@ -3061,10 +3066,9 @@ store = Store()
 
 
 def stored_answer(row):
-    """A stored assistant message as the record render_answer() takes."""
-    return {"bubble_id": f"m{row['id']}", "conversation_id": row["conversation_id"], "text": row["content"],
-            "reasoning": row["reasoning"], "status": row["status"], "error": row["error"],
-            "notes": json.loads(row["notes"] or "[]"), "footer": row["footer"]}
+    """A stored assistant message as its answer record."""
+    return make_answer(f"m{row['id']}", row["conversation_id"], row["content"], row["reasoning"], row["status"],
+                       row["error"], json.loads(row["notes"] or "[]"), row["footer"])
 
 
 PARAMETERS = ("temperature", "top_p", "max_tokens")  # per conversation: None means the default
@@ -3701,7 +3705,7 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     """
     no_store()
     plain = bool(bottle.request.get_cookie(PLAIN_COOKIE)) and not htmx()
-    bubbles, live, leaf = render_bubbles(conversation, at=at, plain=plain)
+    bubbles, live, leaf, answering = render_bubbles(conversation, at=at, plain=plain)
     models = catalog.models()
     model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
     system = conversation["system_prompt"] if conversation else store.owner_system_prompt(owner())
@@ -3712,7 +3716,7 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
                     password=bool(settings.password), draft=draft, error=error, leaf=leaf,
                     system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
                     results=results, query=query,
-                    answering=any(b is not LIVE_ANSWER and 'class="msg assistant streaming' in b for b in bubbles))
+                    answering=answering)
     if live is None:
         return page
     before, _, after = page.partition(LIVE_ANSWER)
@@ -3720,11 +3724,12 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
 
 
 def render_bubbles(conversation, at=None, plain=False):
-    """(bubbles, live stream for a plain page or None, leaf id) of the branch shown, with ‹ n/m › where it forks."""
+    """(bubbles, live stream for a plain page or None, leaf id, whether an answer streams into a bubble that
+    connects to it) of the branch shown, with ‹ n/m › where it forks."""
     if conversation is None:
-        return [], None, None
+        return [], None, None, False
     tree, path = branch(conversation, at)
-    bubbles, live = [], None
+    bubbles, live, answering = [], None, False
     last_assistant = max((r["id"] for r in path if r["role"] == "assistant"), default=None)
     for row in path:
         siblings = tree.siblings(row)
@@ -3742,6 +3747,7 @@ def render_bubbles(conversation, at=None, plain=False):
                 bubbles.append(LIVE_ANSWER)
             else:  # reloaded mid-answer: the new bubble replays the stream's log from the start
                 bubbles.append(template("streaming", stream_id=stream.id, nav=nav))
+                answering = True
             continue
         answer = stored_answer(row)
         if row["status"] == "streaming" and (stream is None or not stream.local):
@@ -3751,12 +3757,12 @@ def render_bubbles(conversation, at=None, plain=False):
             answer.update(status="interrupted",
                           notes=answer["notes"] + [NOTES["elsewhere" if elsewhere else "unsaved"]])
         bubbles.append(render_answer(answer, last=row["id"] == last_assistant, nav=nav))
-    return bubbles, live, (path[-1]["id"] if path else None)
+    return bubbles, live, (path[-1]["id"] if path else None), answering
 
 
 def messages_fragment(conversation):
     """The branch shown, for htmx to swap into #chat-messages, and the composer's parent kept in step."""
-    bubbles, _, leaf = render_bubbles(store.conversation(conversation["id"], owner()))
+    bubbles, _, leaf, _ = render_bubbles(store.conversation(conversation["id"], owner()))
     return "".join(bubbles) + template("parent", leaf=leaf)
 
 
@@ -3788,7 +3794,7 @@ def plain_answer(stream):
                     parts.append(f'</div><div class="md-block" hx-disable>{render_block(text)}</div>'
                                  f'<div class="tokens"><span>{html.escape(tail, quote=False)}</span>')
             seen = upto
-            streams.shown()
+            streams.before_showing()
             if stream.finished:
                 yield "".join(parts) + "</div></div></div>\n" + stream.bubble
                 return
@@ -4191,7 +4197,7 @@ def stream_events(stream, last_id, environ=None):
         # A reader that already has everything still gets done again: an empty
         # response would only make the browser reconnect, again and again.
         yield SSE_HELLO
-        streams.shown()
+        streams.before_showing()
         yield from stream.log.frames(min(last_id, logged), logged)
         yield in_turn(stream.log.done)
         return
@@ -4200,11 +4206,11 @@ def stream_events(stream, last_id, environ=None):
     try:
         yield SSE_HELLO
         reader.connect(environ)
-        streams.shown()
+        streams.before_showing()
         yield from stream.log.frames(last_id, logged)
         while True:
             frames = b"".join(reader.wait())
-            streams.shown()
+            streams.before_showing()
             yield in_turn(frames)
             # The done frame was in this batch if the stream finished and nothing came after.
             if stream.finished and not reader.queue.qsize():

@@ -192,7 +192,7 @@ EVENTS_PER_CALL = 512  # at most, in one call to Redis: packing and running it s
 OUTBOX_LIMIT = 4096   # events a relay may have waiting for the writer before it waits too
 BUSY_CALLS = 1000     # calls to Redis in a second (~10 % of a core) above which the writer batches
 KIND_CODES = {"message": "m", "reasoning": "r", "block": "b", "done": "d", "status": "s"}
-NUDGE = -1  # put in a reader's queue: read the log again from your last id
+REREAD_LOG = -1  # put in a reader's queue: read the log again from your last id
 
 
 class RemoteAnswer:
@@ -346,7 +346,7 @@ class RedisStreams(chat.Streams):
             pipe.set(f"chat:msg:{stream.conversation_id}:{stream.message_id}", stream.id, px=ttl)
         return pipe
 
-    def wanted(self, stream):
+    def anyone_reading(self, stream):
         """Every event is wanted: readers may be in any process."""
         return True
 
@@ -497,7 +497,7 @@ class RedisStreams(chat.Streams):
         pipe.pexpire(log_key, self.kept_ms())
         pipe.execute()
         stream.flushed = upto
-        self.deliver(stream.id, [(NUDGE, None, False)])  # readers here read what they missed from the log
+        self.deliver(stream.id, [(REREAD_LOG, None, False)])  # readers here read what they missed from the log
         log.info("wrote the log of a live answer to Redis again (%d events)", upto)
 
     def refused(self, stream):
@@ -586,7 +586,7 @@ class RedisStreams(chat.Streams):
                     continue
                 out = []
                 for n, frame, done in itertools.chain.from_iterable(items):
-                    if n == NUDGE:
+                    if n == REREAD_LOG:
                         reader.behind = True
                     elif n == 0:
                         out.append(frame)  # the waiting clock: not logged
@@ -732,7 +732,7 @@ class RedisStreams(chat.Streams):
         log.info("connected to Redis again")
         for feed in self.feeds.values():
             for reader in feed:
-                reader.enqueue([(NUDGE, None, False)])
+                reader.enqueue([(REREAD_LOG, None, False)])
         self.renewed = 0.0
 
     # -- stopping and finding ----------------------------------------------------------------
@@ -784,7 +784,7 @@ class RedisStreams(chat.Streams):
 
     # -- the janitor's share ----------------------------------------------------------------
 
-    def maintain(self, now):
+    def tend_shared_answers(self, now):
         """Renew the leases of the answers written here (and obey stop flags), nudge readers that fell
         behind, and finish the answers of writers that died."""
         try:
@@ -830,7 +830,7 @@ class RedisStreams(chat.Streams):
         for stream_id, top in zip(remote, self.tops_script(args=remote)):
             for reader in self.feeds.get(stream_id, ()):
                 if reader.last < top:
-                    reader.enqueue([(NUDGE, None, False)])
+                    reader.enqueue([(REREAD_LOG, None, False)])
 
     def find_dead(self):
         """Answers whose lease ran out, written by a process that died: finish them as interrupted."""
@@ -861,11 +861,10 @@ class RedisStreams(chat.Streams):
                 after = f"({entries[-1][0].decode()}"
             message_id = int(job["message"]) if job.get("message") else None
             conversation_id = job.get("conversation") or None
-            answer = {"bubble_id": stream_id, "conversation_id": conversation_id,
-                      "text": "".join(text["m"]).lstrip("\r\n"), "reasoning": "".join(text["r"]).strip(),
-                      "status": "interrupted", "error": None, "notes": [chat.NOTES["interrupted"]], "footer": "",
-                      "finish_reason": None, "usage": None, "model": job.get("model") or None,
-                      "elapsed": round(time.time() - float(job.get("started") or time.time()), 3)}
+            answer = chat.make_answer(stream_id, conversation_id, "".join(text["m"]).lstrip("\r\n"),
+                                      "".join(text["r"]).strip(), "interrupted", notes=[chat.NOTES["interrupted"]],
+                                      model=job.get("model") or None,
+                                      elapsed=round(time.time() - float(job.get("started") or time.time()), 3))
             nav = ""
             if message_id is not None:
                 with contextlib.suppress(*chat.DATABASE_ERRORS):
