@@ -1490,7 +1490,7 @@ class Stream:
             store.finish_answer(self.message_id, answer)
             streams.journal.settle(self.message_id)
             nav = sibling_nav(self.conversation_id, self.message_id)
-        except DATABASE_ERRORS as exc:
+        except store.errors as exc:
             log.error("saving the answer failed: %s; trying again every second", exc)
             streams.unsaved[self.message_id] = dict(answer)  # the janitor tries again until it is stored
             answer["notes"].append(storage_note(exc))
@@ -1990,7 +1990,7 @@ def save_progress(partials, idle, growing, segment):
         with store.transaction():
             store.save_partials(partials)
             store.renew_leases(idle, time.time() + settings.lease_seconds)
-    except DATABASE_ERRORS as exc:
+    except store.errors as exc:
         log_limited("save", "saving answers failed: %s", exc)
         for stream in growing:
             stream.saved = -1  # not saved: the next pass saves them again, grown or not
@@ -2002,7 +2002,7 @@ def save_progress(partials, idle, growing, segment):
             del streams.unsaved[message_id]
             streams.journal.settle(message_id)
             log.info("saved an answer whose first save had failed")
-    except DATABASE_ERRORS as exc:
+    except store.errors as exc:
         log_limited("save", "saving answers failed: %s", exc)
 
 
@@ -2020,7 +2020,7 @@ def housekeeping_forever(every=3600.0):
                 if deleted:
                     log.info("deleted %d conversations untouched for %g days (CHAT_RETENTION_DAYS)", deleted,
                              settings.retention_days)
-        except DATABASE_ERRORS as exc:
+        except store.errors as exc:
             log.error("housekeeping failed: %s", exc)
         gevent.sleep(min(5.0, settings.lease_seconds / 3))
 
@@ -2034,7 +2034,7 @@ def storage_note(exc):
 
 def is_disk_full(exc):
     """True if a database error means the disk (or the database's size limit) is full."""
-    return isinstance(exc, DATABASE_ERRORS) and ("full" in str(exc).lower() or "no space" in str(exc).lower())
+    return isinstance(exc, store.errors) and ("full" in str(exc).lower() or "no space" in str(exc).lower())
 
 
 def relay_upstream(stream):
@@ -2678,6 +2678,7 @@ class SQLiteDatabase:
     """
 
     name = "SQLite"
+    errors = (sqlite3.Error,)  # what a failing statement raises, for `except store.errors`
     null_safe_equal = "IS"                                  # NULL = NULL is true
     byte_length = "LENGTH(CAST({} AS BLOB))"
 
@@ -2868,16 +2869,12 @@ def redact_url(text):
 
 def open_database(path, url):
     """The database chosen once at start-up: PostgreSQL for CHAT_DATABASE_URL, else the SQLite file."""
-    global DATABASE_ERRORS
     if url and url.startswith(("postgresql://", "postgres://")):
         from chat_scale import PostgresDatabase  # only when configured: it needs psycopg (requirements-scale.txt)
-        database = PostgresDatabase(url)
-        DATABASE_ERRORS = (sqlite3.Error, database.psycopg.Error)
-        return database
+        return PostgresDatabase(url)
     return SQLiteDatabase(path)
 
 
-DATABASE_ERRORS = (sqlite3.Error,)  # what a failing database raises (psycopg's errors join with PostgreSQL)
 DB_SIZE_EVERY = 5.0  # seconds: how often the database's size is measured again, for CHAT_MAX_DB_MB
 
 
@@ -2899,6 +2896,11 @@ class Store:
                 if self._db is None:
                     self._db = open_database(self.path or settings.db, self.url or settings.database_url)
         return self._db
+
+    @property
+    def errors(self):
+        """What a failing database raises, for `except`: the open database's (SQLite's until one is open)."""
+        return self._db.errors if self._db is not None else SQLiteDatabase.errors
 
     def close(self):
         """Close the connection (a later use reopens it)."""
@@ -3880,7 +3882,7 @@ def sending(conversation_id=None):
             raise Refused(507, f"Your conversations use the {settings.owner_quota / 2**20:,.0f} MB this server "
                                "keeps for each person. Delete some to go on.")
         yield stream
-    except DATABASE_ERRORS as exc:
+    except store.errors as exc:
         log.error("storing a message failed: %s", exc)
         raise Refused(507, "The server's disk is full: your message was not saved. Try again later."
                       if is_disk_full(exc) else "The server could not save your message. Try again.") from None
@@ -4088,7 +4090,7 @@ def search():
         return "<li class=\"no-results\">Too many searches at once; wait a moment.</li>"
     try:
         results = [search_result(row) for row in store.search(owner(), words)]
-    except DATABASE_ERRORS as exc:  # over its time limit, most likely: say so, and the database is free again
+    except store.errors as exc:  # over its time limit, most likely: say so, and the database is free again
         log_limited("search", "a search failed: %s", exc)
         results = []
     if htmx():

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import secrets
+import sqlite3
 import time
 
 import bottle
@@ -867,7 +868,7 @@ class RedisStreams(chat.Streams):
                                       elapsed=round(time.time() - float(job.get("started") or time.time()), 3))
             nav = ""
             if message_id is not None:
-                with contextlib.suppress(*chat.DATABASE_ERRORS):
+                with contextlib.suppress(*chat.store.errors):
                     nav = chat.sibling_nav(conversation_id, message_id)
             frame = chat.sse_frame("done", chat.render_answer(answer, True, nav), top + 1)
             keys = self.keys(stream_id, job.get("owner", ""), conversation_id)
@@ -877,7 +878,7 @@ class RedisStreams(chat.Streams):
                 if message_id is not None:
                     try:
                         chat.store.finish_answer(message_id, answer)
-                    except chat.DATABASE_ERRORS as exc:
+                    except chat.store.errors as exc:
                         log.error("saving an interrupted answer failed: %s", exc)
         except self.errors as exc:
             chat.log_limited("redis", "Redis is unreachable: %s", chat.redact_url(str(exc)))
@@ -990,6 +991,7 @@ class PostgresDatabase:
         if psycopg.waiting.wait is getattr(psycopg.waiting, "wait_c", None):
             raise RuntimeError("psycopg would block every greenlet: it was imported before gevent patched select")
         self.psycopg = psycopg
+        self.errors = (sqlite3.Error, psycopg.Error)  # what a failing statement raises, for `except store.errors`
         self.url = url
         self.pool = Queue()
         self.closed = False
