@@ -1386,8 +1386,7 @@ class Stream:
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
                  "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "outbox", "flushed",
-                 "budget", "budget_at")
+                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "budget", "budget_at")
 
     local = True  # written by this process (RemoteAnswer: by another one)
 
@@ -1420,8 +1419,6 @@ class Stream:
         self.params = {}              # temperature, top_p, max_tokens: only those set are sent
         self.told_at = 0.0            # when readers were last told how long the wait has been
         self.renewed_at = 0.0         # when the lease was last renewed without new text
-        self.outbox = []              # with Redis: (id, kind, payload) events not yet written there
-        self.flushed = 0              # with Redis: the last event id written there; -1: write the log again
         self.budget = settings.max_tokens_per_second * PACE_BURST  # tokens it may relay at once (refilled at the rate)
         self.budget_at = self.started
 
@@ -1512,11 +1509,25 @@ class Stream:
 
 
 class Streams:
-    """The registry of live streams by secret id, with a janitor for pings, timeouts and cleanup.
+    """The registry of live answers by secret id, with a janitor for pings, timeouts and cleanup.
 
-    This one keeps every answer in this process; RedisStreams (below) shares them between processes.
-    Both offer the same few methods to the routes: reserve, begin, publish, events, stop_for, for_message.
+    The seam between one process and many. This class keeps every answer in this process (and journals
+    what readers were shown); chat_scale.RedisStreams shares them between processes through Redis
+    (CHAT_REDIS_URL) and overrides what differs. Callers use this interface and nothing else:
+
+      open()                         at start-up: make ready (the journal here; reach Redis there)
+      reserve(owner, conversation)   hold a stream within the per-owner and global limits, or raise Refused
+      begin(stream, history, ...)    start its relay greenlet; forget(stream) drops a reserved one unused
+      publish(stream, id, kind, x)   hand an event to its readers; anyone_reading(stream) says if any would get one
+      before_showing()               called before a reader is given text (here: flush the journal)
+      events(stream_id, owner, id)   the body of GET /events: frames after id, then live ones until done
+      stop_for(stream_id, owner)     Stop; stop_conversation(id) stops whatever writes that conversation
+      for_message(message, conv)     the stream writing a stored answer, here or elsewhere
+      readers_of(owner), open_for(owner), len(streams), get(stream_id)
+      sweep_forever(), drain(), close()   the janitor, and shutting down
     """
+
+    stream_class = Stream  # what reserve() makes (RedisStreams: one that also keeps what Redis has not got yet)
 
     def __init__(self):
         self.by_id = {}
@@ -1612,7 +1623,7 @@ class Streams:
         """Add a new stream to the registry, within the limit of open answers in all."""
         if len(self.by_id) >= settings.max_streams:
             raise Refused(503, "The server is at its limit of open answers; try again shortly.")
-        stream = Stream(secrets.token_urlsafe(18), [], owner=owner, conversation_id=conversation_id)
+        stream = self.stream_class(secrets.token_urlsafe(18), [], owner=owner, conversation_id=conversation_id)
         self.by_id[stream.id] = stream
         self.by_owner.setdefault(owner, set()).add(stream.id)
         return stream
@@ -1700,7 +1711,7 @@ class Streams:
     def tend_shared_answers(self, now):
         """The janitor's extra work when answers are shared (nothing here)."""
 
-    def check(self):
+    def open(self):
         """At start: open the journal of shown but unsaved text (next to the database) and put back what a
         process that died left in it."""
         if settings.db != ":memory:":
@@ -4587,12 +4598,13 @@ def main(argv=None):
         log.error("cannot open the database: %s", redact_url(str(exc)))
         sys.exit(2)
     try:
-        streams.check()
+        streams.open()
     except UnsafeJournal as exc:
         log.error("refusing to start: %s", exc)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001
-        log.error("cannot reach Redis (CHAT_REDIS_URL): %s", redact_url(str(exc)))
+        log.error("cannot reach Redis (CHAT_REDIS_URL): %s" if settings.redis_url else
+                  "cannot open the journal of unsaved text: %s", redact_url(str(exc)))
         sys.exit(2)
     settings.port = server.server_port  # --port 0 picks a free port; the demo needs the real one
     log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port,

@@ -225,8 +225,21 @@ def event_frame(n, kind, payload):
     return payload
 
 
+class SharedStream(chat.Stream):
+    """A Stream whose events also go to Redis, with what the writer greenlet has not written there yet."""
+
+    __slots__ = ("outbox", "flushed")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outbox = []  # (id, kind, payload) events not yet written to Redis
+        self.flushed = 0  # the last event id written there; -1: write the log again
+
+
 class RedisStreams(chat.Streams):
     """Streams shared by every chat.py process on one Redis: same methods, answers readable and stoppable anywhere."""
+
+    stream_class = SharedStream
 
     def __init__(self, url):
         super().__init__()
@@ -768,7 +781,7 @@ class RedisStreams(chat.Streams):
             if stream_id and stream_id not in self.by_id:
                 self.stop_remote(stream_id, self.redis.hgetall(f"chat:{stream_id}:job"))
 
-    def check(self):
+    def open(self):
         """Fail at start, not at the first message, when Redis cannot be reached."""
         self.redis.ping()
 
