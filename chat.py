@@ -1,3 +1,16 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "bottle==0.13.4",
+#     "gevent==26.9.0",
+#     "requests==2.34.2",
+#     "markdown-it-py==4.3.0",
+#     "pygments==2.21.0",
+#     "mdit-py-plugins==0.7.0",
+#     "latex2mathml==3.81.1",
+#     "linkify-it-py==2.2.0",
+# ]
+# ///
 """chat.py — a self-hosted chat page that streams LLM answers token by token.
 
 One file: Bottle for the routes, gevent for the server, requests for the upstream,
@@ -19,9 +32,16 @@ queue, its /events generator draining everything queued into one write), and ren
 Markdown block that it completes (MarkdownBlocks) -> htmx-ext-sse appends the <span> (and
 the rendered block) to the bubble.
 
-Sections, in the order data flows: configuration, upstream client, models and their
-context, <think> reasoning, SSE framing, streams, rendering, storage (SQLite or
-PostgreSQL), the demo model, routes (request checks, who is asking, the chat), main.
+Sections, in dependency order (each uses what is above it; a few calls reach later ones at run time):
+helpers used everywhere (rate-limited logs, token buckets, taking turns on the loop);
+configuration (SETTINGS); the upstream client; models and their context; <think> reasoning;
+SSE framing; rendering; storage (SQLite); streams and the relay, with the journal; the
+demo model; routes (request checks, errors, who is asking, the chat); main.
+
+Two seams, each one small interface written down where it begins, with its default here
+and its scale-out implementation in chat_scale.py (loaded only when configured):
+Streams / RedisStreams (CHAT_REDIS_URL) and SQLiteDatabase / PostgresDatabase
+(CHAT_DATABASE_URL).
 """
 
 # gevent must patch the standard library before anything imports socket, ssl or
@@ -94,6 +114,122 @@ bottle.TEMPLATE_PATH.insert(0, os.path.join(HERE, "templates"))
 
 
 # ---------------------------------------------------------------------------
+# Helpers used everywhere: rate-limited logs, token buckets, taking turns on the loop
+# ---------------------------------------------------------------------------
+
+_LOG_LIMITED = {}
+
+
+def log_limited(kind, message, *args, every=10.0):
+    """Log a warning at most once every `every` seconds per kind, with how many were left out."""
+    now = time.monotonic()
+    last, skipped = _LOG_LIMITED.get(kind, (-every, 0))
+    if now - last < every:
+        _LOG_LIMITED[kind] = (last, skipped + 1)
+        return
+    _LOG_LIMITED[kind] = (now, 0)
+    log.warning(message + (f" (and {skipped} more like it)" if skipped else ""), *args)
+
+
+class TokenBuckets:
+    """Token buckets by key (a client address, or one global key): rate tokens a second, up to burst."""
+
+    def __init__(self, rate, burst, max_keys=100_000):
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self.buckets = {}  # key -> (tokens, when counted)
+
+    def tokens(self, key, now=None):
+        """The tokens this key has now."""
+        now = time.monotonic() if now is None else now
+        tokens, at = self.buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def wait(self, key):
+        """Seconds until this key has a token again (0 if it has one)."""
+        return max(0.0, (1 - self.tokens(key)) / self.rate) if self.rate else 0.0
+
+    def take(self, key):
+        """Take a token; False (and nothing taken) if the bucket is empty."""
+        now = time.monotonic()
+        tokens = self.tokens(key, now)
+        if tokens < 1:
+            return False
+        if len(self.buckets) >= self.max_keys:  # forget the full ones: they are as good as new
+            self.buckets = {k: v for k, v in self.buckets.items() if self.tokens(k, now) < self.burst}
+        self.buckets[key] = (tokens - 1, now)
+        return True
+
+
+class LoopTurn:
+    """When the event loop last polled for I/O: a prepare watcher stamps every turn."""
+
+    def __init__(self):
+        self.at = time.monotonic()
+        self.watcher = None
+
+    def now(self):
+        """The time, with the watcher running (started on first use, in the hub of the caller)."""
+        if self.watcher is None:
+            self.watcher = gevent.get_hub().loop.prepare(ref=False)
+            self.watcher.start(self.stamp)
+        return time.monotonic()
+
+    def stamp(self):
+        """Called by the loop before every poll."""
+        self.at = time.monotonic()
+
+
+loop_turn = LoopTurn()
+
+
+class TurnShare:
+    """One greenlet's run since the loop last turned, for work that never waits by itself (an upstream
+    flooding, a long replay): gevent switches only when a read or write would block, so such work would
+    keep every other stream waiting. It gives way once it has run a while in one turn; a greenlet that
+    only handles what just arrived never does."""
+
+    __slots__ = ("turn", "since")
+
+    def __init__(self):
+        self.turn, self.since = None, 0.0
+
+    def give_way_if_due(self, limit=0.0003):
+        """Give way if this greenlet has run more than limit seconds and the loop has not polled for 0.5 ms."""
+        now = loop_turn.now()
+        if self.turn != loop_turn.at:  # the loop turned since we last looked: our run starts now
+            self.turn, self.since = loop_turn.at, now
+        elif now - self.since > limit and now - loop_turn.at > 0.0005:
+            give_way()
+
+
+give_way_queue = gevent.lock.Semaphore()
+
+
+def give_way():
+    """Let everything else that is ready run first, then go on. Such greenlets take turns, one per turn of
+    the loop, each when the loop is otherwise idle: sleep(0) would run them again before the loop even
+    looks for other streams' data, and idle() alone would wake them all in the same turn."""
+    with give_way_queue:
+        gevent.idle()
+
+
+LARGE_WRITE = 16384  # bytes: a write to a reader this big (a long answer's bubble) waits for its turn
+
+
+def in_turn(data):
+    """Before writing data to a reader: if it is large, let what is ready run first, one such write per turn of
+    the loop, so that a long answer's bubble going to many readers at once does not hold every other stream."""
+    if len(data) > LARGE_WRITE:
+        give_way()
+    return data
+
+
+def in_background(fn, *args):
+    """fn(*args) in a worker thread, the calling greenlet waiting cooperatively (the store, long renders)."""
+    return gevent.get_hub().threadpool.apply(fn, args)
+
+
+# ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
 
@@ -143,46 +279,46 @@ SETTINGS = (
             'upstream base URL ending in /v1: http://localhost:11434/v1 (Ollama), http://localhost:8081/v1 '
             '(llama.cpp), http://localhost:8000/v1 (vLLM), http://localhost:1234/v1 (LM Studio), '
             'https://openrouter.ai/api/v1, https://api.openai.com/v1', "--base-url", True),
-    setting("api_key", "OPENAI_API_KEY", str, None, "none", "sent as `Authorization: Bearer`; never logged or shown",
+    setting("api_key", "OPENAI_API_KEY", str, None, "none", "API key, sent as `Authorization: Bearer`; never logged or shown",
             common=True),
-    setting("model", "CHAT_MODEL", str, None, "the upstream's first model", "model name", "--model", True),
+    setting("model", "CHAT_MODEL", str, None, "the upstream's first model", "model name (the upstream's first in `/v1/models` order, or `demo`)", "--model", True),
     setting("host", "HOST", str, "127.0.0.1", "127.0.0.1", "listen address (0.0.0.0: every address)", "--host", True),
     setting("port", "PORT", int, 8080, "8080", "listen port", "--port", True),
-    setting("db", "CHAT_DB", str, "chat.db", "chat.db", "SQLite database file", "--db", True),
-    setting("password", "CHAT_PASSWORD", str, None, "none", "puts the whole app behind a login page", common=True),
-    setting("workers", "CHAT_WORKERS", int, 1, "1", "worker processes sharing the port (more need CHAT_REDIS_URL)",
+    setting("db", "CHAT_DB", str, "chat.db", "chat.db", "SQLite database file (in the working directory)", "--db", True),
+    setting("password", "CHAT_PASSWORD", str, None, "none", "puts the whole app behind a login page (unset: open to whoever reaches the port)", common=True),
+    setting("workers", "CHAT_WORKERS", int, 1, "1", "worker processes sharing the port (more need `CHAT_REDIS_URL`; see docs/scale-out.md)",
             "--workers", True),
     setting("redis_url", "CHAT_REDIS_URL", str, None, "none: answers live in the process",
             "redis://… to share answers between processes and hosts", common=True),
     setting("database_url", "CHAT_DATABASE_URL", str, None, "none: the SQLite file",
             "postgresql://… to keep conversations in PostgreSQL", common=True),
-    setting("allowed_hosts", "CHAT_ALLOWED_HOSTS", listed, set(), "none", 'extra host names to answer for, '
-            'comma-separated ("*": any)'),
+    setting("allowed_hosts", "CHAT_ALLOWED_HOSTS", listed, set(), "none", 'host names to answer for beyond IP addresses, `localhost` and '
+            'this machine\'s names, comma-separated (`*`: any)'),
     setting("trusted_proxies", "CHAT_TRUSTED_PROXIES", networks, networks("127.0.0.0/8,::1"), "127.0.0.0/8,::1",
-            "proxies whose X-Forwarded-For names the client, comma-separated addresses or CIDR ranges"),
-    setting("temperature", "CHAT_TEMPERATURE", float, None, "the server's", "sampling default for new chats"),
-    setting("top_p", "CHAT_TOP_P", float, None, "the server's", "sampling default for new chats"),
-    setting("max_tokens", "CHAT_MAX_TOKENS", int, None, "the server's", "sampling default for new chats"),
+            "proxies whose `X-Forwarded-For` names the client, comma-separated addresses or CIDR ranges"),
+    setting("temperature", "CHAT_TEMPERATURE", float, None, "the server's", "sampling default; a conversation's own value wins"),
+    setting("top_p", "CHAT_TOP_P", float, None, "the server's", "sampling default; a conversation's own value wins"),
+    setting("max_tokens", "CHAT_MAX_TOKENS", int, None, "the server's", "sampling default; a conversation's own value wins"),
     setting("image_hosts", "CHAT_IMAGE_HOSTS", listed, set(), "none",
-            "hosts whose https images answers may show (others: links)"),
+            "hosts whose https images answers may show, comma-separated; any other image is a link"),
     # -- the upstream
     setting("connect_timeout", "CHAT_CONNECT_TIMEOUT", float, 10.0, "10", "seconds to connect to the model server"),
     # Before its first byte a server may be queueing the request for a free slot or reading a long prompt on a
     # CPU (llama.cpp sends not even headers meanwhile): that is waiting, not silence, and has its own limit.
     setting("first_byte_timeout", "CHAT_FIRST_BYTE_TIMEOUT", float, 600.0, "600",
-            "seconds to wait for the server to start answering"),
+            "seconds to wait for the server's first byte: its queue and prompt processing"),
     # Longer than any keep-alive interval (llama.cpp pings every 30 s, DeepSeek may queue for minutes but sends
     # comments meanwhile): silence this long is dead.
-    setting("read_timeout", "CHAT_READ_TIMEOUT", float, 120.0, "120", "seconds of upstream silence mid-answer"),
+    setting("read_timeout", "CHAT_READ_TIMEOUT", float, 120.0, "120", "seconds of upstream silence once it has started (keep-alive comments count as life)"),
     setting("context_tokens", "CHAT_CONTEXT_TOKENS", auto_int, None, "ask the server",
             "the model's context in tokens, for servers that do not say it (Ollama)"),
     setting("max_context", "CHAT_MAX_CONTEXT", int, 100_000, "100000",
-            "characters of conversation sent upstream; older turns are left out beyond it"),
+            "characters of conversation sent upstream; older turns are left out beyond it, and the answer says so"),
     setting("ping_interval", "CHAT_PING_INTERVAL", float, 10.0, "10", "seconds between `: ping` comments to readers"),
     setting("grace", "CHAT_STREAM_GRACE", float, 10.0, "10", "seconds a finished answer stays replayable"),
     setting("demo_delay", "CHAT_DEMO_DELAY", float, 0.03, "0.03", "seconds between the demo model's tokens"),
     setting("lease_seconds", "CHAT_LEASE_SECONDS", float, 15.0, "15",
-            "an answer whose writer stops renewing it this long is interrupted"),
+            "with Redis or PostgreSQL: an answer whose writer stops renewing it this long is interrupted"),
     # -- limits: every resource an outsider can make the server spend has one (docs/security.md)
     setting("max_prompt", "CHAT_MAX_PROMPT", int, 32_000, "32000", "characters in one message"),
     # A prompt at the limit, every character 4 UTF-8 bytes, %-encoded (x3), plus the other fields.
@@ -567,7 +703,6 @@ class Completion:
         slot["arguments"] += args
 
 
-
 def open_completion(session, messages, model, params=None):
     """POST the conversation to the upstream; return the streaming response or raise UpstreamError."""
     url = settings.upstream() + "/chat/completions"
@@ -625,7 +760,7 @@ def read_completion(response, completion, on_read=None):
     if ctype == "text/html":
         raise UpstreamError("The model server answered with a web page instead of a stream: "
                             + body_message(response.raw.read(65536, decode_content=True)))
-    lines, sse, busy = LineSplitter(), SSEParser(), Slice()
+    lines, sse, busy = LineSplitter(), SSEParser(), TurnShare()
     # read1() returns whatever has arrived, chunked or close-delimited alike (iter_lines()
     # and iter_content() hold tokens back on a close-delimited body). Without a
     # Content-Encoding, read http.client's response under urllib3 directly: urllib3's own
@@ -652,97 +787,6 @@ def read_completion(response, completion, on_read=None):
                     return
         if not data:
             return
-
-
-class LoopTurn:
-    """When the event loop last polled for I/O: a prepare watcher stamps every turn."""
-
-    def __init__(self):
-        self.at = time.monotonic()
-        self.watcher = None
-
-    def now(self):
-        """The time, with the watcher running (started on first use, in the hub of the caller)."""
-        if self.watcher is None:
-            self.watcher = gevent.get_hub().loop.prepare(ref=False)
-            self.watcher.start(self.stamp)
-        return time.monotonic()
-
-    def stamp(self):
-        """Called by the loop before every poll."""
-        self.at = time.monotonic()
-
-
-loop_turn = LoopTurn()
-
-
-class Slice:
-    """One greenlet's run since the loop last turned, for work that never waits by itself (an upstream
-    flooding, a long replay): gevent switches only when a read or write would block, so such work would
-    keep every other stream waiting. It gives way once it has run a while in one turn; a greenlet that
-    only handles what just arrived never does."""
-
-    __slots__ = ("turn", "since")
-
-    def __init__(self):
-        self.turn, self.since = None, 0.0
-
-    def give_way_if_due(self, limit=0.0003):
-        """Give way if this greenlet has run more than limit seconds and the loop has not polled for 0.5 ms."""
-        now = loop_turn.now()
-        if self.turn != loop_turn.at:  # the loop turned since we last looked: our run starts now
-            self.turn, self.since = loop_turn.at, now
-        elif now - self.since > limit and now - loop_turn.at > 0.0005:
-            give_way()
-
-
-hot_lane = gevent.lock.Semaphore()
-
-
-def give_way():
-    """Let everything else that is ready run first, then go on. Such greenlets take turns, one per turn of
-    the loop, each when the loop is otherwise idle: sleep(0) would run them again before the loop even
-    looks for other streams' data, and idle() alone would wake them all in the same turn."""
-    with hot_lane:
-        gevent.idle()
-
-
-LARGE_WRITE = 16384  # bytes: a write to a reader this big (a long answer's bubble) waits for its turn
-
-
-def in_turn(data):
-    """Before writing data to a reader: if it is large, let what is ready run first, one such write per turn of
-    the loop, so that a long answer's bubble going to many readers at once does not hold every other stream."""
-    if len(data) > LARGE_WRITE:
-        give_way()
-    return data
-
-
-def in_background(fn, *args):
-    """fn(*args) in a worker thread, the calling greenlet waiting cooperatively (the store, long renders)."""
-    return gevent.get_hub().threadpool.apply(fn, args)
-
-
-# Long renders take turns in one worker thread. Python runs one thread at a time: a dozen long answers
-# finishing together, rendered in a dozen threads, would leave the hub (every other stream) one turn
-# in thirteen; rendered one after another, it gets every other turn at worst.
-RENDER_LANE = gevent.lock.BoundedSemaphore(1)
-
-
-# A render that outruns its slice there is stopped and done again in a lane of its own, with the whole budget:
-# a huge or hostile answer then holds up neither the hub nor the renders of everyone else's answers.
-LONG_LANE = gevent.lock.BoundedSemaphore(1)
-
-
-def render_in_background(text):
-    """safe_markdown(text) in a worker thread, one such render at a time; one that outruns RENDER_SLICE is done
-    again in the long lane, with RENDER_BUDGET (TOO_SLOW past it)."""
-    with RENDER_LANE:
-        rendered = in_background(safe_markdown, text)
-    if rendered is TOO_SLOW:
-        with LONG_LANE:
-            rendered = in_background(safe_markdown, text, RENDER_BUDGET)
-    return rendered
 
 
 def auth_headers():
@@ -1098,7 +1142,7 @@ class Outlet:
     """
 
     __slots__ = ("queue", "handler", "chunked", "idle", "rest")
-    WAKE = object()  # queued when only the rest of a frame is left to send
+    SEND_REST = object()  # queued when only the rest of a frame is left to send
 
     def __init__(self):
         self.queue = Queue()
@@ -1128,7 +1172,7 @@ class Outlet:
         self.handler.response_length += sent
         if sent < len(body):
             self.rest = body[sent:]
-            self.enqueue(self.WAKE)
+            self.enqueue(self.SEND_REST)
         return True
 
     def put(self, frame, direct=True):
@@ -1155,7 +1199,7 @@ class Outlet:
         while self.queue.qsize():
             items.append(self.queue.get_nowait())
         self.send_rest()  # a frame cut short while this waited goes before everything queued after it
-        return [item for item in items if item is not self.WAKE]
+        return [item for item in items if item is not self.SEND_REST]
 
     def pause_if_behind(self):
         """In the reader's greenlet, after a write: pause_if_behind() on its connection (if it has one)."""
@@ -1168,954 +1212,6 @@ class Outlet:
             rest, self.rest = self.rest, b""
             self.handler.socket.sendall(rest)
             self.handler.response_length += len(rest)
-
-
-# ---------------------------------------------------------------------------
-# Streams
-# ---------------------------------------------------------------------------
-
-_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
-_LIST_ITEM = re.compile(r" {0,3}([-+*]|\d{1,9}[.)])([ \t]|$)")
-_HEADING = re.compile(r" {0,3}#{1,6}([ \t]|$)")
-_LIST_START = re.compile(r"\d{1,9}[.)]?|[-+*]")  # what could still become a list item
-
-
-class MarkdownBlocks:
-    """Find where the streamed answer's top-level Markdown blocks end, so each is rendered once, when complete.
-
-    Whole lines only. A block ends at a blank line outside a code fence, unless the next line
-    continues it (indented, or the next item of the same list); a fenced code block and an
-    ATX heading end with their own line. Each block is the exact source text it covers, so
-    the blocks and what is left (the tail) always add up to the answer.
-    """
-
-    def __init__(self):
-        self.partial = []    # pieces of the line being received
-        self.lines = []      # the complete lines of the block being built
-        self.kind = None     # "list", "fence" or "text" once the block has its first line
-        self.fence = None    # the opening marker, inside a fenced block
-        self.ended = False   # a blank line came: the next non-blank line decides
-        self.text = False    # the block being built has a non-blank line
-        self.head = ""       # the first few characters of the partial line (what decides a blank's fate)
-        self.offset = 0      # UTF-8 bytes of the answer covered by the blocks so far
-
-    def feed(self, text):
-        """Take a piece of answer text; return the texts of the blocks it completed (often none)."""
-        done = []
-        *complete, rest = text.split("\n")
-        for piece in complete:
-            self.partial.append(piece)
-            line, self.partial, self.head = "".join(self.partial) + "\n", [], ""
-            done.extend(self.line(line))
-        if rest:
-            self.partial.append(rest)
-            if len(self.head) < 4:
-                self.head = (self.head + rest)[:4]
-            # A block that ended at a blank line need not wait for the next line to finish:
-            # its first characters tell whether it continues the block (indented, or a list item).
-            head = self.head
-            if self.ended and self.kind != "fence" and head.strip() and head[:1] not in " \t" and not (
-                    self.kind == "list" and (_LIST_ITEM.match(head) or _LIST_START.fullmatch(head))):
-                done.append(self.flush())
-        return done
-
-    def line(self, line):
-        """Take one complete line; return the blocks it completed."""
-        done = []
-        if self.kind == "fence":
-            self.lines.append(line)
-            marker = _FENCE.match(line)
-            if marker and marker.group(1)[0] == self.fence[0] and len(marker.group(1)) >= len(self.fence) \
-                    and not line.strip()[len(marker.group(1)):]:
-                done.append(self.flush())
-            return done
-        blank = not line.strip()
-        if self.ended and not blank:
-            if not (line[:1] in " \t" or (self.kind == "list" and _LIST_ITEM.match(line))):
-                done.append(self.flush())
-            self.ended = False
-        fence = None if blank or self.kind == "list" else _FENCE.match(line)
-        heading = not blank and self.kind != "list" and _HEADING.match(line)
-        if (fence or heading) and self.text:
-            done.append(self.flush())  # both may interrupt a paragraph: the paragraph is complete
-        self.lines.append(line)
-        if blank:
-            self.ended = self.text
-        else:
-            self.text = True
-        if not blank and self.kind is None:
-            self.kind = "fence" if fence else "list" if _LIST_ITEM.match(line) else "text"
-            if fence:
-                self.fence = fence.group(1)
-            elif heading:
-                done.append(self.flush())
-        return done
-
-    def flush(self):
-        """End the block being built (the line that ended it is not part of it); return its text."""
-        text = "".join(self.lines)
-        self.lines, self.kind, self.fence, self.ended, self.text = [], None, None, False, False
-        self.offset += len(text.encode())
-        return text
-
-
-class AnswerLog:
-    """Every event of an answer, kept as its text once: frames are made again for a reader that reconnects.
-
-    A four-character token framed as an SSE event is ~50 bytes, and ~150 as Python objects: a
-    log of frames grows with the framing. This one holds each kind's text as UTF-8 in one
-    bytearray, plus one byte (kind) and four bytes (where it ends) per event. A block event
-    (a finished Markdown block, rendered) keeps only where the block ends in the answer text.
-    """
-
-    KINDS = ("message", "reasoning", "block")
-
-    def __init__(self, stream_id):
-        self.stream_id = stream_id
-        self.text = {"message": bytearray(), "reasoning": bytearray()}
-        self.kinds = bytearray()    # event N's kind is KINDS[kinds[N-1]]
-        self.ends = array.array("I")  # event N ends at ends[N-1] in its text (a block: in the message text)
-        self.done = None            # the final frame, once the answer is finished
-
-    def __len__(self):
-        return len(self.kinds) + (self.done is not None)
-
-    def append(self, kind, text):
-        """Log one token; returns its event id."""
-        buffer = self.text[kind]
-        buffer += text.encode()
-        self.kinds.append(self.KINDS.index(kind))
-        self.ends.append(len(buffer))
-        return len(self.kinds)
-
-    def append_block(self, end):
-        """Log a finished Markdown block ending at byte end of the message text; returns its event id."""
-        self.kinds.append(2)
-        self.ends.append(end)
-        return len(self.kinds)
-
-    def joined(self, kind):
-        """All the text of one kind so far."""
-        return self.text[kind].decode()
-
-    def entries(self, after, upto, starts=None):
-        """Yield (event id, kind, text, tail) for events after..upto; a block's text is its Markdown source
-        and its tail the answer text that followed it when it was sent.
-
-        starts: where each kind's text stood after event `after`, kept up to date, for a reader
-        that resumes (None: count from the first event).
-        """
-        if starts is None:
-            starts, first = {"message": 0, "reasoning": 0, "block": 0}, 0
-        else:
-            first = after
-        for index in range(first, upto):
-            kind, end = self.KINDS[self.kinds[index]], self.ends[index]
-            start, starts[kind] = starts[kind], end
-            if index < after:
-                continue
-            if kind == "block":
-                message = self.text["message"]
-                yield index + 1, kind, message[start:end].decode(), message[end:starts["message"]].decode()
-            else:
-                yield index + 1, kind, self.text[kind][start:end].decode(), None
-
-    def frames(self, after, upto, batch=1 << 16):
-        """Yield the frames of events after..upto (ids), joined into writes of about batch bytes.
-
-        A reader that is slow to take them holds one batch, not a copy of the whole answer.
-        Blocks are rendered again (a reconnect costs CPU, the log no memory).
-        """
-        pending, size, busy = [], 0, Slice()
-        for event_id, kind, text, tail in self.entries(after, upto):
-            busy.give_way_if_due()  # a long replay gives way to live tokens
-            if kind == "block":
-                frame = block_frame(self.stream_id, render_block(text), tail, event_id)
-            else:
-                frame = token_frame(kind, text, event_id)
-            pending.append(frame)
-            size += len(frame)
-            if size >= batch:
-                yield b"".join(pending)
-                pending, size = [], 0
-        if pending:
-            yield b"".join(pending)
-
-
-def token_frame(kind, text, event_id):
-    """The frame of one token: its text escaped in a <span>."""
-    return sse_frame(kind, "<span>" + html.escape(text, quote=False) + "</span>", event_id)
-
-
-def block_frame(stream_id, block_html, tail, event_id):
-    """The frame of a finished block: appended rendered, while the plain-text tail is replaced (out of band)."""
-    return sse_frame("block", f'<div class="md-block" hx-disable>{block_html}</div>'
-                              f'<div hx-swap-oob="innerHTML:#tail-{stream_id}"><span>'
-                              f'{html.escape(tail, quote=False)}</span></div>', event_id)
-
-
-BLOCK_IN_THREAD = 8192  # characters: a longer text is rendered off the hub
-
-
-def render_block(text):
-    """A finished Markdown block as HTML (see render_text); one that fails or takes too long, as escaped text."""
-    rendered = render_text(text)
-    return rendered if rendered not in (None, TOO_SLOW) else f"<pre>{html.escape(text)}</pre>"
-
-
-PACE_EVERY = 32  # tokens between two checks of an answer's pace
-PACE_BURST = 0.25  # seconds' worth of tokens an answer may relay at once (servers send in bursts too)
-
-
-class Stream:
-    """One answer being generated: its event log, its readers and its relay greenlet."""
-
-    __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
-                 "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
-                 "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "outbox", "flushed",
-                 "budget", "budget_at")
-
-    local = True  # written by this process (RemoteAnswer: by another one)
-
-    def __init__(self, stream_id, history, model=None, owner=None, conversation_id=None, message_id=None):
-        self.id = stream_id
-        self.history = history        # the whole conversation, roles alternating, ending with the question
-        self.messages = history       # what is sent upstream: the history, fitted to the model's context
-        self.model = model
-        self.owner = owner
-        self.conversation_id = conversation_id
-        self.message_id = message_id  # the answer's row in the store, flushed while it streams
-        self.dropped = 0              # older turns left out to fit the context
-        self.resent = None            # the context size, when the server refused and we sent again
-        self.saved = 0                # how many events the store has seen
-        self.log = AnswerLog(stream_id)
-        self.blocks = MarkdownBlocks()
-        self.readers = set()          # one Outlet per connected /events response (or page)
-        self.completion = Completion(keep_text=False)  # the log keeps the text
-        self.started = self.last_activity = self.left_at = time.monotonic()
-        self.first_byte_at = None     # the upstream's first body byte: waiting ends, silence counts
-        self.first_token_at = None
-        self.finished_at = None       # set when finishing starts; the done frame follows
-        self.greenlet = None
-        self.status = "streaming"     # -> done | stopped | error | truncated | interrupted | limit
-        self.error = None
-        self.tokens = 0
-        self.chars = 0
-        self.notes = []               # extra sentences for the finished bubble (limits, storage)
-        self.bubble = None            # the finished bubble's HTML
-        self.params = {}              # temperature, top_p, max_tokens: only those set are sent
-        self.told_at = 0.0            # when readers were last told how long the wait has been
-        self.renewed_at = 0.0         # when the lease was last renewed without new text
-        self.outbox = []              # with Redis: (id, kind, payload) events not yet written there
-        self.flushed = 0              # with Redis: the last event id written there; -1: write the log again
-        self.budget = settings.max_tokens_per_second * PACE_BURST  # tokens it may relay at once (refilled at the rate)
-        self.budget_at = self.started
-
-    @property
-    def finished(self):
-        """True once the done event is in the log."""
-        return self.log.done is not None
-
-    def text(self, kind="message"):
-        """The text shown so far of one kind (message or reasoning)."""
-        return self.log.joined(kind)
-
-    def touch(self):
-        """Note that the upstream is alive (the watchdog reads this)."""
-        self.last_activity = time.monotonic()
-        if self.first_byte_at is None:
-            self.first_byte_at = self.last_activity
-
-    def token(self, kind, text):
-        """Log one piece of answer or reasoning text and hand its frame to every connected reader."""
-        text = text.translate(CONTROL)  # invisible, and they would collide with the search's own markers
-        if not text:
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-        self.tokens += 1
-        self.chars += len(text)
-        event_id = self.log.append(kind, text)
-        streams.publish(self, event_id, kind, text)  # frames it only if someone reads
-        if kind == "message":
-            for block in self.blocks.feed(text):
-                self.publish_block(block)
-        if self.chars > settings.max_answer_chars:
-            raise AnswerLimit(f"The answer reached chat.py's limit of {settings.max_answer_chars:,} "
-                              "characters and was cut off there.")
-        if self.tokens % PACE_EVERY == 0 and settings.max_tokens_per_second:
-            self.pace(settings.max_tokens_per_second)
-
-    def pace(self, rate):
-        """Wait if the last PACE_EVERY tokens came faster than the rate allows (a bucket of PACE_BURST seconds):
-        an upstream that floods then waits on TCP, and its answer takes a bounded share of the CPU."""
-        now = time.monotonic()
-        self.budget = min(rate * PACE_BURST, self.budget + (now - self.budget_at) * rate) - PACE_EVERY
-        self.budget_at = now
-        if self.budget < 0:
-            gevent.sleep(-self.budget / rate)
-
-    def publish_block(self, block):
-        """Render a finished Markdown block once, log where it ends, and send it with the new tail."""
-        rendered = render_block(block)
-        event_id = self.log.append_block(self.blocks.offset)
-        if streams.wanted(self):
-            tail = self.log.text["message"][self.blocks.offset:].decode()
-            streams.publish(self, event_id, "block", block_frame(self.id, rendered, tail, event_id))
-
-    def finish(self, status, error=None):
-        """Publish the finished bubble as the last event; nothing is published after it."""
-        if self.finished_at is not None:
-            return
-        self.status, self.error = status, redact(error)
-        self.finished_at = time.monotonic()
-        answer = answer_record(self)
-        nav = ""
-        streams.journal.hold(self.message_id)
-        try:
-            store.finish_answer(self.message_id, answer)
-            streams.journal.settle(self.message_id)
-            nav = sibling_nav(self.conversation_id, self.message_id)
-        except DATABASE_ERRORS as exc:
-            log.error("saving the answer failed: %s; trying again every second", exc)
-            streams.unsaved[self.message_id] = dict(answer)  # the janitor tries again until it is stored
-            answer["notes"].append(storage_note(exc))
-        # Markdown and highlighting of a long answer take a while: render_answer() does them in
-        # a worker thread, sharing the CPU with the hub instead of stopping every other stream.
-        bubble = render_answer(answer, True, nav)
-        self.bubble = bubble
-        self.log.done = sse_frame("done", bubble, len(self.log.kinds) + 1)
-        streams.publish(self, len(self.log.kinds) + 1, "done", self.log.done)
-
-    def partial(self, lease_until):
-        """(text, reasoning, lease, message id, conversation id) if the answer grew since the janitor last saved
-        it, else None."""
-        size = len(self.log.kinds)
-        if self.message_id is None or size == self.saved or self.finished_at is not None:
-            return None
-        self.saved = size
-        return self.text(), self.text("reasoning"), lease_until, self.message_id, self.conversation_id
-
-
-class Streams:
-    """The registry of live streams by secret id, with a janitor for pings, timeouts and cleanup.
-
-    This one keeps every answer in this process; RedisStreams (below) shares them between processes.
-    Both offer the same few methods to the routes: reserve, begin, publish, events, stop_for, for_message.
-    """
-
-    def __init__(self):
-        self.by_id = {}
-        self.by_owner = {}  # owner -> ids of that owner's registered streams
-        self.janitor = None
-        self.saving = None  # the greenlet saving partial answers, if one is under way
-        self.unsaved = {}   # message id -> a finished answer whose final save failed (a full disk, a lock)
-        self.journal = Journal()  # opened by check() at start: the text shown since the last save
-        self.last_ping = 0.0
-
-    def __len__(self):
-        return len(self.by_id)
-
-    def get(self, stream_id):
-        """The stream with this id, or None."""
-        return self.by_id.get(stream_id)
-
-    def wanted(self, stream):
-        """True if a block event of this stream would reach anyone now (here: a connected reader), which is
-        worth knowing before making its frame."""
-        return bool(stream.readers)
-
-    def publish(self, stream, event_id, kind, payload):
-        """Hand an event to the stream's readers: a token's text (framed here), or a whole frame (block, done,
-        and the unlogged status and ping, which have no id)."""
-        if kind in Journal.KINDS:
-            self.journal.write(stream, kind, payload)
-        if stream.readers:
-            frame = token_frame(kind, payload, event_id) if kind in ("message", "reasoning") else payload
-            self.shown()  # some readers are written to right here
-            for reader in stream.readers:
-                reader.put(frame, kind != "done")  # done goes through the queue: it ends the reader
-
-    def shown(self):
-        """Called before a reader is given text: make what was published survive a kill -9 (the journal)."""
-        self.journal.flush()
-
-    def events(self, stream_id, owner, last_id):
-        """The response body of GET /events: the frames after last_id, then live ones until done."""
-        stream = self.by_id.get(stream_id)
-        if stream is not None and stream.owner != owner:
-            bottle.abort(404, "No such answer.")  # someone else's: not even a done bubble
-        if stream is None:
-            return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
-        if not stream.finished and (len(stream.readers) >= settings.readers_per_stream
-                                    or self.readers_of(stream.owner) >= settings.readers_per_owner):
-            bottle.abort(429, TOO_MANY_READERS)
-        return stream_events(stream, last_id, bottle.request.environ)
-
-    def stop_for(self, stream_id, owner):
-        """Stop this owner's answer (404 if there is none); returns its conversation's id."""
-        stream = self.by_id.get(stream_id)
-        if stream is None or stream.owner != owner:
-            bottle.abort(404, "No such answer.")
-        self.stop(stream.id)
-        return stream.conversation_id
-
-    def stop_conversation(self, conversation_id):
-        """Stop every answer being written in a conversation (it is being deleted)."""
-        for stream in list(self.by_id.values()):
-            if stream.conversation_id == conversation_id:
-                self.stop(stream.id)
-
-    def readers_of(self, owner):
-        """How many /events readers this owner has connected to live answers."""
-        return sum(len(self.by_id[i].readers) for i in self.by_owner.get(owner, ()))
-
-    def open_for(self, owner):
-        """How many unfinished streams this owner has."""
-        return sum(1 for i in self.by_owner.get(owner, ()) if not self.by_id[i].finished)
-
-    def for_message(self, message_id, conversation_id):
-        """The stream writing this stored answer, if any (the unfinished one first: SQLite reuses the ids of
-        deleted rows, so a finished stream kept for its grace period may carry the same one)."""
-        candidates = [s for s in self.by_id.values()
-                      if s.message_id == message_id and s.conversation_id == conversation_id]
-        return next((s for s in candidates if not s.finished), candidates[0] if candidates else None)
-
-    def reserve(self, owner, conversation_id=None):
-        """Register a stream for this owner (and conversation) if the limits allow, or raise Refused.
-
-        The check and the registration happen with no switch in between, so concurrent sends
-        cannot all pass a check that only one of them should.
-        """
-        if conversation_id and any(s.conversation_id == conversation_id and s.owner == owner and not s.finished
-                                   for s in self.by_id.values()):
-            raise Refused(409, BUSY_CONVERSATION)
-        if self.open_for(owner) >= settings.streams_per_owner:
-            raise Refused(429, too_many_streams())
-        return self.register(owner, conversation_id)
-
-    def register(self, owner, conversation_id):
-        """Add a new stream to the registry, within the limit of open answers in all."""
-        if len(self.by_id) >= settings.max_streams:
-            raise Refused(503, "The server is at its limit of open answers; try again shortly.")
-        stream = Stream(secrets.token_urlsafe(18), [], owner=owner, conversation_id=conversation_id)
-        self.by_id[stream.id] = stream
-        self.by_owner.setdefault(owner, set()).add(stream.id)
-        return stream
-
-    def begin(self, stream, history, **fields):
-        """Start a reserved stream's relay greenlet."""
-        stream.history = stream.messages = history
-        for name, value in fields.items():
-            setattr(stream, name, value)
-        stream.started = stream.last_activity = stream.left_at = time.monotonic()
-        stream.greenlet = gevent.spawn(relay_upstream, stream)
-        # If the greenlet dies without finishing (killed before it ever ran), still end the stream
-        # (in a greenlet of its own: link callbacks run in the hub, which must never wait).
-        stream.greenlet.link(lambda _: stream.finished_at is None and gevent.spawn(stream.finish, "stopped"))
-        if self.janitor is None or self.janitor.dead:
-            self.janitor = gevent.spawn(self.sweep_forever)
-        return stream
-
-    def stop(self, stream_id):
-        """Stop generation: the relay greenlet unwinds and closes the upstream connection."""
-        stream = self.by_id.get(stream_id)
-        if stream is None:
-            return False
-        if not stream.finished and stream.greenlet:
-            # A greenlet that has not run yet just goes (its link finishes the stream as stopped).
-            stream.greenlet.kill(StopRequested if stream.greenlet.gr_frame is not None else gevent.GreenletExit,
-                                 block=False)
-        return True
-
-    def sweep(self, now):
-        """Kill silent upstreams, ping readers, drop finished streams after the grace period."""
-        ping = now - self.last_ping >= settings.ping_interval
-        if ping:
-            self.last_ping = now
-        # The store may be slow (a lock held by another process, a full disk): it saves in a
-        # greenlet of its own, and this pass only collects for it when the last save is done.
-        can_save = self.saving is None or self.saving.ready()
-        partials, growing, idle, now_wall = [], [], [], time.time()
-        for stream in list(self.by_id.values()):
-            if stream.finished:
-                # Kept for reconnects until nobody has watched for the grace period; the
-                # answer itself is in the store by then.
-                if not stream.readers and now - stream.left_at >= settings.grace:
-                    self.forget(stream)
-                continue
-            if stream.finished_at is not None:
-                continue  # finishing: saving and rendering its bubble
-            if stream.greenlet and now - stream.started > settings.max_answer_seconds:
-                stream.greenlet.kill(AnswerLimit(f"The answer reached chat.py's limit of "
-                                                 f"{settings.max_answer_seconds:g} seconds and was cut off "
-                                                 "there."), block=False)
-            elif stream.greenlet and (
-                    now - stream.started > settings.first_byte_timeout if stream.first_byte_at is None
-                    else now - stream.last_activity > settings.read_timeout):
-                stream.greenlet.kill(UpstreamTimeout, block=False)
-            partial = stream.partial(now_wall + settings.lease_seconds) if can_save else None
-            if partial:
-                partials.append(partial)  # saving the text renews the lease too
-                growing.append(stream)
-                stream.renewed_at = now
-            elif can_save and stream.message_id and now - stream.renewed_at >= settings.lease_seconds / 3:
-                idle.append(stream.message_id)  # a third of the lease: two renewals may fail before it runs out
-                stream.renewed_at = now
-            waited = now - stream.started
-            # The waiting clock ticks every second for the first ten, then every five: thousands of
-            # answers queued at a busy server must not cost thousands of writes a second.
-            if stream.first_token_at is None and waited >= WAITING_SHOWN_AFTER and \
-                    now - stream.told_at >= (1 if waited < 10 else 5) * min(1.0, settings.ping_interval):
-                stream.told_at = now
-                self.publish(stream, None, "status", waiting_frame(waited))
-            elif ping:
-                self.publish(stream, None, "ping", SSE_PING)
-        if can_save:
-            # Every second, in one transaction: the text that grew, and the leases of every answer
-            # this process writes (another process, or this one after a restart, takes an
-            # answer whose lease ran out for interrupted).
-            # The journal's segment so far holds text these partials cover: it goes once they commit.
-            segment = self.journal.cut()
-            if partials or idle or self.unsaved:
-                self.saving = gevent.spawn(save_progress, partials, idle, growing, segment)
-            else:
-                self.journal.saved(segment)
-        self.maintain(now)
-
-    def maintain(self, now):
-        """The janitor's extra work when answers are shared (nothing here)."""
-
-    def check(self):
-        """At start: open the journal of shown but unsaved text (next to the database) and put back what a
-        process that died left in it."""
-        if settings.db != ":memory:":
-            self.journal.open(settings.db + ".unsaved")
-            self.take_over()
-
-    def take_over(self):
-        """Put back into the store the text a dead process (this one before a kill -9, or another sharing
-        the database) had shown but not saved; the answers are then marked interrupted."""
-        self.journal.take_over(self.put_back)
-
-    @staticmethod
-    def put_back(message_id, conversation_id, parts):
-        """Save a dead process's answer with its journal's text, if it is still marked streaming."""
-        row = store.answer_text(message_id, conversation_id)
-        if row is not None and row[2] == "streaming":
-            text = apply_records(row[0], parts.get("message", ()))
-            reasoning = apply_records(row[1], parts.get("reasoning", ()))
-            if (text, reasoning) != (row[0], row[1]):
-                store.save_partials([(text, reasoning, 0, message_id, conversation_id)])  # lease 0: ends now
-
-    def close(self):
-        """At a clean exit: the journal keeps only the text of answers that are still unsaved."""
-        self.journal.close({s.message_id for s in self.by_id.values() if s.finished_at is None} | set(self.unsaved))
-
-    def drain(self, timeout=3.0):
-        """Wait until every event is where readers get it: here it already is."""
-
-    def forget(self, stream):
-        """Drop a finished (or never started) stream from the registry."""
-        if self.by_id.pop(stream.id, None) is None:
-            return
-        ids = self.by_owner[stream.owner]
-        ids.discard(stream.id)
-        if not ids:
-            del self.by_owner[stream.owner]
-
-    def sweep_forever(self):
-        """The janitor greenlet: one timer for every stream, instead of one per read."""
-        while self.by_id or self.unsaved:
-            gevent.sleep(min(1.0, settings.grace, settings.ping_interval))
-            self.sweep(time.monotonic())
-
-
-class UnsafeJournal(Exception):
-    """The journal's folder is writable by others: refused at start."""
-
-
-class Journal:
-    """The text readers were shown but the store may not have yet, in a file, so that kill -9 loses none of it.
-
-    Answers are saved once a second; a process killed in between would lose what its readers
-    saw since. So every token is appended here before any reader is given it: a write() to the
-    kernel's page cache, which a killed process cannot take back (no fsync: this guards against
-    a crash of the process, not of the machine). The file is cut into segments, one per save,
-    and a segment goes once the saves covering it have committed, so the journal holds about a
-    second of text. Each process holds a lock on its journal; one that finds another's lock free
-    (the process died) puts that text back into the store.
-    """
-
-    RECORD = struct.Struct("<QBIIB")  # message id, kind, where the bytes go in that text, their length, len(conv id)
-    KINDS = ("message", "reasoning")
-    FLUSH_AT = 1 << 16  # bytes buffered before writing even with no reader waiting
-
-    def __init__(self):
-        self.folder = None
-        self.name = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.lock = None          # our lock file, held for our whole life; None: not open (or failed)
-        self.fd = None            # the segment being written
-        self.number = 0           # its number
-        self.ids = set()          # message ids with records in it
-        self.closed = []          # [(number, path, message ids)] of earlier segments, oldest first
-        self.buffer, self.size = [], 0
-        self.unsettled = set()    # finishing answers whose final save has not committed yet
-        self.committed = 0        # the last segment a committed save covers
-
-    def open(self, folder):
-        """Create the folder (readable by this user only) and take our lock; on failure, run without a journal.
-        A folder others may write to is refused (UnsafeJournal): what they put there would be put back into
-        stored answers at the next start."""
-        self.folder = folder
-        try:
-            os.makedirs(self.folder, mode=0o700, exist_ok=True)
-            info = os.stat(self.folder)
-            if info.st_uid != os.geteuid():
-                raise UnsafeJournal(f"the journal folder {self.folder} belongs to another user (uid {info.st_uid}), "
-                                    "who could put text into stored answers. Fix it with: "
-                                    f"chown {os.geteuid()} {self.folder} && chmod 700 {self.folder}")
-            if info.st_mode & 0o022:
-                raise UnsafeJournal(f"the journal folder {self.folder} can be written by other users (mode "
-                                    f"{info.st_mode & 0o777:o}), who could put text into stored answers. "
-                                    f"Fix it with: chmod 700 {self.folder}")
-            self.lock = os.open(os.path.join(self.folder, self.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.begin_segment()
-        except OSError as exc:
-            log.warning("cannot keep the journal of unsaved text in %s (%s): a kill -9 may lose the last second "
-                        "of answers", self.folder, exc)
-            self.lock = self.fd = None
-
-    def begin_segment(self):
-        """Open the next segment file."""
-        self.number += 1
-        self.fd = os.open(self.segment_path(self.name, self.number), os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
-
-    def segment_path(self, name, number):
-        """The file of one segment of a journal."""
-        return os.path.join(self.folder, f"{name}.{number}")
-
-    def write(self, stream, kind, text):
-        """Log one token of a stored answer (buffered: flush() writes it before anyone is shown it)."""
-        if self.fd is None or stream.message_id is None:
-            return
-        data, conv = text.encode(), stream.conversation_id.encode()
-        end = len(stream.log.text[kind])
-        self.buffer.append(self.RECORD.pack(stream.message_id, kind != "message", end - len(data), len(data),
-                                            len(conv)) + conv + data)  # kind: KINDS[0] or KINDS[1]
-        self.ids.add(stream.message_id)
-        self.size += len(data) + 40
-        if self.size >= self.FLUSH_AT:
-            self.flush()
-
-    def flush(self):
-        """Write what is buffered (called before a reader is given anything)."""
-        if self.buffer:
-            data, self.buffer, self.size = b"".join(self.buffer), [], 0
-            try:
-                if os.write(self.fd, data) < len(data):
-                    raise OSError("the disk filled during the write")
-            except OSError as exc:  # a full disk: the answers go on, only this safety net has a hole
-                log_limited("journal", "writing the journal of unsaved text failed: %s", exc)
-                self.next_segment()  # a record may be cut short: the ones after it go to a new file
-
-    def next_segment(self):
-        """Close the segment being written and open the next (if even that fails, run without a journal)."""
-        os.close(self.fd)
-        self.closed.append((self.number, self.segment_path(self.name, self.number), self.ids))
-        self.ids = set()
-        try:
-            self.begin_segment()
-        except OSError as exc:
-            log.warning("the journal of unsaved text stops (%s): a kill -9 may lose the last second of answers",
-                        exc)
-            self.fd = None
-
-    def cut(self):
-        """Start a new segment as the janitor takes the text to save; returns the number of the last one."""
-        if self.fd is None:
-            return 0
-        self.flush()
-        if self.ids and self.fd is not None:
-            self.next_segment()
-        return self.number - 1
-
-    def hold(self, message_id):
-        """An answer is finishing: keep its text until its final save commits."""
-        if self.fd is not None:
-            self.unsettled.add(message_id)
-
-    def settle(self, message_id):
-        """An answer's final save committed: its text here is no longer needed."""
-        if message_id in self.unsettled:
-            self.unsettled.discard(message_id)
-            self.saved(self.committed)
-
-    def saved(self, upto):
-        """The save of everything up to segment `upto` committed: delete the segments it covers, oldest first,
-        except those with text of an answer whose final save has not committed."""
-        self.committed = max(self.committed, upto)
-        while self.closed and self.closed[0][0] <= upto and not self.closed[0][2] & self.unsettled:
-            with contextlib.suppress(OSError):
-                os.unlink(self.closed.pop(0)[1])
-
-    def take_over(self, save):
-        """Find journals whose process died (their lock is free) and hand their text to save(id, conversation id,
-        {kind: [(offset, bytes)]}); then delete them."""
-        if self.lock is None:
-            return
-        try:
-            names = os.listdir(self.folder)
-        except OSError:
-            return
-        for entry in names:
-            name, _, ext = entry.rpartition(".")
-            if ext != "lock" or name == self.name:
-                continue
-            path = os.path.join(self.folder, entry)
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_ino != os.stat(path).st_ino:
-                    continue  # another process took it over and deleted it meanwhile
-                segments = sorted((int(n.rpartition(".")[2]), n) for n in names
-                                  if n.startswith(name + ".") and n.rpartition(".")[2].isdigit())
-                answers = {}
-                for _, segment in segments:
-                    with open(os.path.join(self.folder, segment), "rb") as file:
-                        self.parse(file.read(), answers)
-                for (message_id, conversation_id), parts in answers.items():
-                    save(message_id, conversation_id, parts)
-                for _, segment in segments:
-                    os.unlink(os.path.join(self.folder, segment))
-                os.unlink(path)
-                log.info("put back the unsaved text of %d answers from a process that died (journal %s)",
-                         len(answers), name)
-            except BlockingIOError:
-                continue  # alive
-            except (OSError, ValueError) as exc:
-                log_limited("journal", "taking over the journal %s failed: %s", name, exc)
-            finally:
-                os.close(fd)
-
-    def parse(self, data, answers):
-        """Add the records of one segment to answers: {(message id, conversation id): {kind: [(offset, bytes)]}};
-        a record cut short (the disk filled as it was written) ends the segment."""
-        at, head = 0, self.RECORD.size
-        while at + head <= len(data):
-            message_id, kind, offset, length, conv_length = self.RECORD.unpack_from(data, at)
-            at += head
-            if at + conv_length + length > len(data) or kind >= len(self.KINDS):
-                return
-            conversation_id = data[at:at + conv_length].decode()
-            at += conv_length
-            parts = answers.setdefault((message_id, conversation_id), {})
-            parts.setdefault(self.KINDS[kind], []).append((offset, data[at:at + length]))
-            at += length
-
-    def close(self, live=()):
-        """At a clean exit: delete what saves have made useless, keep the rest (live: answers still unsaved)
-        for the next start."""
-        if self.fd is not None:
-            self.unsettled.update(live)
-            self.cut()
-            self.saved(self.number)
-            if self.fd is not None:  # the segment just begun: empty
-                os.close(self.fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(self.segment_path(self.name, self.number))
-            if not self.closed:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.folder, self.name + ".lock"))
-            self.fd = None
-
-
-def apply_records(text, parts):
-    """A stored text with journal records applied: each record's bytes replace everything from its offset."""
-    data = bytearray(text.encode())
-    for offset, chunk in parts:
-        if offset > len(data):
-            break  # a gap: what follows cannot be placed (never expected: segments go oldest first)
-        del data[offset:]
-        data += chunk
-    return data.decode(errors="replace")
-
-
-BUSY_CONVERSATION = "An answer is still being written in this conversation; wait for it, or stop it."
-TOO_MANY_READERS = "Too many open readers for this answer; close a tab and reload."
-
-
-def too_many_streams():
-    """The sentence for a send past CHAT_STREAMS_PER_OWNER."""
-    return (f"You already have {settings.streams_per_owner} answers streaming; "
-            "wait for one to finish or stop one.")
-
-
-def open_streams(url):
-    """The registry of answers: in this process, or shared through Redis when CHAT_REDIS_URL is set."""
-    if not url:
-        return Streams()
-    from chat_scale import RedisStreams  # only when configured: it needs redis-py (requirements-scale.txt)
-    return RedisStreams(url)
-
-
-streams = open_streams(settings.redis_url)
-
-
-def save_progress(partials, idle, growing, segment):
-    """Save the answers still streaming (which renews their leases) and renew the leases of those that did not
-    grow, all in one transaction: one commit a second. Then try again the finished answers whose final save failed.
-
-    growing: the streams of the partials; segment: the last journal segment whose text they cover.
-    """
-    try:
-        with store.transaction():
-            store.save_partials(partials)
-            store.renew_leases(idle, time.time() + settings.lease_seconds)
-    except DATABASE_ERRORS as exc:
-        log_limited("save", "saving answers failed: %s", exc)
-        for stream in growing:
-            stream.saved = -1  # not saved: the next pass saves them again, grown or not
-        return
-    streams.journal.saved(segment)
-    try:
-        for message_id, answer in list(streams.unsaved.items()):
-            store.finish_answer(message_id, answer)
-            del streams.unsaved[message_id]
-            streams.journal.settle(message_id)
-            log.info("saved an answer whose first save had failed")
-    except DATABASE_ERRORS as exc:
-        log_limited("save", "saving answers failed: %s", exc)
-
-
-def housekeeping_forever(every=3600.0):
-    """Mark answers whose writer died interrupted (every few seconds); once an hour, forget expired logins
-    and, with CHAT_RETENTION_DAYS, conversations older than that."""
-    last_hourly = -every
-    while True:
-        try:
-            streams.take_over()  # a process sharing the database died: its shown text first, then its leases
-            store.expire_leases(time.time())
-            if time.monotonic() - last_hourly >= every:
-                last_hourly = time.monotonic()
-                deleted = store.expire(time.time(), settings.retention_days and settings.retention_days * 86400)
-                if deleted:
-                    log.info("deleted %d conversations untouched for %g days (CHAT_RETENTION_DAYS)", deleted,
-                             settings.retention_days)
-        except DATABASE_ERRORS as exc:
-            log.error("housekeeping failed: %s", exc)
-        gevent.sleep(min(5.0, settings.lease_seconds / 3))
-
-
-def storage_note(exc):
-    """The sentence under an answer the store could not save."""
-    if is_disk_full(exc):
-        return "The server's disk is full: this answer could not be saved, and will not be there after a reload."
-    return "This answer could not be saved."
-
-
-def is_disk_full(exc):
-    """True if a database error means the disk (or the database's size limit) is full."""
-    return isinstance(exc, DATABASE_ERRORS) and ("full" in str(exc).lower() or "no space" in str(exc).lower())
-
-
-def relay_upstream(stream):
-    """Greenlet body: read the upstream answer and publish it token by token, then finish."""
-    completion, think = stream.completion, ThinkSplitter()
-    try:
-        stream.model = stream.model or catalog.default()
-        stream.messages, stream.dropped = fit_history(stream.history, stream.model, room=stream.params.get("max_tokens"))
-        response = open_fitted(stream)
-        with response:
-            for kind, text in read_completion(response, completion, stream.touch):
-                for piece in (think.feed(text) if kind == "content" else [("reasoning", text)]):
-                    stream.token(*piece)
-        for piece in think.close():
-            stream.token(*piece)
-        usage = completion.usage or {}
-        catalog.calibrate(stream.model, stream.messages, positive_int(usage.get("prompt_tokens")))
-        if completion.error:
-            stream.finish("error", completion.error)
-        elif completion.finished or completion.finish_reason:
-            stream.finish("done")
-        else:
-            stream.finish("truncated")
-    except StopRequested:
-        stream.finish("stopped")
-    except ServerStopping:
-        stream.finish("interrupted")
-    except AnswerLimit as exc:
-        stream.notes.append(str(exc))
-        stream.finish("limit")
-    except UpstreamTimeout:
-        if stream.first_byte_at is None:
-            stream.finish("error", f"The model server did not start answering within "
-                                   f"{settings.first_byte_timeout:g} seconds (it may be busy with other "
-                                   "requests or still reading a long prompt); gave up waiting.")
-        else:
-            stream.finish("error", f"The model server sent nothing for {settings.read_timeout:g} seconds; "
-                                   "gave up waiting.")
-    except UpstreamError as exc:
-        stream.finish("error", str(exc))
-    except (requests.RequestException, urllib3.exceptions.HTTPError, HTTPException, OSError,
-            ValueError) as exc:
-        # urllib3 raises ProtocolError (an HTTPError, not a RequestException) when the body breaks off.
-        log.warning("upstream broke off: %r", exc)
-        stream.finish("error", "The connection to the model server broke off mid-answer.")
-    except Exception:  # noqa: BLE001 — the bubble must end whatever went wrong
-        log.exception("relay failed")
-        stream.finish("error", "chat.py hit an internal error while relaying this answer.")
-
-
-def open_fitted(stream):
-    """Open the completion; if the server says the prompt overflows its context, trim and send once more."""
-    try:
-        return open_completion(http, stream.messages, stream.model, stream.params)
-    except UpstreamError as exc:
-        overflow = context_overflow(exc.status, exc.body)
-        if overflow is None:
-            raise
-        sent = stream.messages
-        catalog.learn_context(stream.model, overflow.size)
-        if not catalog.context_size(stream.model):
-            with gevent.Timeout(MODELS_DEADLINE, False):
-                catalog.learn_from_props(stream.model)
-        if overflow.prompt_tokens:
-            catalog.calibrate(stream.model, sent, overflow.prompt_tokens)
-        messages, dropped = fit_history(stream.history, stream.model, below=sent, room=stream.params.get("max_tokens"))
-        if len(messages) >= len(sent):
-            raise UpstreamError(str(exc) + " Your message alone does not fit the model's context; "
-                                "shorten it.", exc.status, exc.body) from None
-        log.info("context overflow (%s tokens); sending again without %d older messages",
-                 overflow.size or "?", dropped)
-        stream.messages, stream.dropped = messages, dropped
-        stream.resent = overflow.size or 0
-        return open_completion(http, stream.messages, stream.model, stream.params)
-
-
-def fit_history(history, model, below=None, room=None):
-    """The history without its oldest turns until it fits the model's context; also how many were left out.
-
-    The system prompt and the question always stay; turns leave in pairs so that roles keep
-    alternating. below: a list the server refused; the result must be shorter than it (when
-    nothing says how large the context is, only the question goes: the one retry must work).
-    """
-    system = history[:1] if history and history[0]["role"] == "system" else []
-    turns = history[len(system):]
-    chars = settings.max_context - sum(len(m["content"]) for m in system)
-    budget = catalog.prompt_budget(model, room)
-    if below is not None and budget is None:
-        turns = turns[-1:]
-    while len(turns) > 1 and (sum(len(t["content"]) for t in turns) > chars or (
-            budget is not None and catalog.estimate(model, system + turns) > budget)
-            or (below is not None and len(system) + len(turns) >= len(below))):
-        turns = turns[2:]
-    return system + turns, (len(history) - len(system) - len(turns))
 
 
 # ---------------------------------------------------------------------------
@@ -2424,15 +1520,21 @@ def split_answer(stream):
     return text.lstrip("\r\n"), reasoning.strip()
 
 
+def make_answer(bubble_id, conversation_id, text="", reasoning="", status="done", error=None, notes=(), footer="",
+                finish_reason=None, usage=None, model=None, elapsed=None):
+    """The answer record, made here only: what a finished bubble shows (render_answer) and the store keeps."""
+    return {"bubble_id": bubble_id, "conversation_id": conversation_id, "text": text, "reasoning": reasoning,
+            "status": status, "error": error, "notes": list(notes), "footer": footer,
+            "finish_reason": finish_reason, "usage": usage, "model": model, "elapsed": elapsed}
+
+
 def answer_record(stream):
-    """Everything the finished bubble shows and the store keeps, from a finished stream."""
+    """The answer record of a finished stream."""
     text, reasoning = split_answer(stream)
     c = stream.completion
-    return {"bubble_id": stream.id, "conversation_id": stream.conversation_id, "text": text,
-            "reasoning": reasoning, "status": stream.status, "error": stream.error,
-            "notes": answer_notes(stream), "footer": answer_footer(stream), "finish_reason": c.finish_reason,
-            "usage": c.usage, "model": c.model or stream.model,
-            "elapsed": round((stream.finished_at or time.monotonic()) - stream.started, 3)}
+    return make_answer(stream.id, stream.conversation_id, text, reasoning, stream.status, stream.error,
+                       answer_notes(stream), answer_footer(stream), c.finish_reason, c.usage, c.model or stream.model,
+                       round((stream.finished_at or time.monotonic()) - stream.started, 3))
 
 
 def render_answer(answer, last=True, nav=""):
@@ -2499,13 +1601,43 @@ def short_error(text):
 
 def render_missing(stream_id):
     """The bubble for a stream we no longer have (finished long ago, or a restart)."""
-    return render_answer({"bubble_id": stream_id, "conversation_id": None, "text": "", "reasoning": "",
-                          "status": "error", "notes": [], "footer": "",
-                          "error": "This answer is no longer available: the server may have restarted."})
+    return render_answer(make_answer(stream_id, None, status="error",
+                                     error="This answer is no longer available: the server may have restarted."))
+
+
+BLOCK_IN_THREAD = 8192  # characters: a longer text is rendered off the hub
+
+
+def render_block(text):
+    """A finished Markdown block as HTML (see render_text); one that fails or takes too long, as escaped text."""
+    rendered = render_text(text)
+    return rendered if rendered not in (None, TOO_SLOW) else f"<pre>{html.escape(text)}</pre>"
+
+
+# Long renders take turns in one worker thread. Python runs one thread at a time: a dozen long answers
+# finishing together, rendered in a dozen threads, would leave the hub (every other stream) one turn
+# in thirteen; rendered one after another, it gets every other turn at worst.
+RENDER_LANE = gevent.lock.BoundedSemaphore(1)
+
+
+# A render that outruns its slice there is stopped and done again in a lane of its own, with the whole budget:
+# a huge or hostile answer then holds up neither the hub nor the renders of everyone else's answers.
+LONG_LANE = gevent.lock.BoundedSemaphore(1)
+
+
+def render_in_background(text):
+    """safe_markdown(text) in a worker thread, one such render at a time; one that outruns RENDER_SLICE is done
+    again in the long lane, with RENDER_BUDGET (TOO_SLOW past it)."""
+    with RENDER_LANE:
+        rendered = in_background(safe_markdown, text)
+    if rendered is TOO_SLOW:
+        with LONG_LANE:
+            rendered = in_background(safe_markdown, text, RENDER_BUDGET)
+    return rendered
 
 
 # ---------------------------------------------------------------------------
-# Storage: conversations in SQLite or PostgreSQL
+# Storage: conversations in SQLite (the same Database interface over PostgreSQL is in chat_scale.py)
 # ---------------------------------------------------------------------------
 
 # Each entry migrates the schema from version N to N+1 (PRAGMA user_version); append, never edit.
@@ -2652,14 +1784,23 @@ class Result:
 
 
 class SQLiteDatabase:
-    """One SQLite connection whose every call runs in gevent's thread pool, one caller at a time.
+    """The Database seam's default: one SQLite connection whose every call runs in gevent's thread pool, one
+    caller at a time. SQLite blocks while another process holds the write lock (busy_timeout) or the disk is
+    slow; on the hub that would freeze every stream, in a worker thread it delays only the greenlets that wait
+    for this lock. chat_scale.PostgresDatabase implements the same interface, which is all the Store uses:
 
-    SQLite blocks while another process holds the write lock (busy_timeout) or the disk is
-    slow. On the hub that would freeze every stream; in a worker thread it delays only the
-    greenlets that wait for this lock, and the others go on.
+      execute(sql, args) -> Result   one statement (`?` placeholders), its rows fetched whole, and rowcount
+      executemany(sql, rows)         one statement for each row
+      transaction()                  a context: the statements inside commit together, or not at all
+      search(owner, words, limit)    this owner's titles and messages matching every word, reading only its rows
+      size()                         bytes in use, for CHAT_MAX_DB_MB
+      close()
+      errors                         what a failing statement raises (for `except store.errors`)
+      name, null_safe_equal, byte_length   the few places where the two dialects differ
     """
 
     name = "SQLite"
+    errors = (sqlite3.Error,)  # what a failing statement raises, for `except store.errors`
     null_safe_equal = "IS"                                  # NULL = NULL is true
     byte_length = "LENGTH(CAST({} AS BLOB))"
 
@@ -2850,16 +1991,12 @@ def redact_url(text):
 
 def open_database(path, url):
     """The database chosen once at start-up: PostgreSQL for CHAT_DATABASE_URL, else the SQLite file."""
-    global DATABASE_ERRORS
     if url and url.startswith(("postgresql://", "postgres://")):
         from chat_scale import PostgresDatabase  # only when configured: it needs psycopg (requirements-scale.txt)
-        database = PostgresDatabase(url)
-        DATABASE_ERRORS = (sqlite3.Error, database.psycopg.Error)
-        return database
+        return PostgresDatabase(url)
     return SQLiteDatabase(path)
 
 
-DATABASE_ERRORS = (sqlite3.Error,)  # what a failing database raises (psycopg's errors join with PostgreSQL)
 DB_SIZE_EVERY = 5.0  # seconds: how often the database's size is measured again, for CHAT_MAX_DB_MB
 
 
@@ -2881,6 +2018,11 @@ class Store:
                 if self._db is None:
                     self._db = open_database(self.path or settings.db, self.url or settings.database_url)
         return self._db
+
+    @property
+    def errors(self):
+        """What a failing database raises, for `except`: the open database's (SQLite's until one is open)."""
+        return self._db.errors if self._db is not None else SQLiteDatabase.errors
 
     def close(self):
         """Close the connection (a later use reopens it)."""
@@ -3048,10 +2190,9 @@ store = Store()
 
 
 def stored_answer(row):
-    """A stored assistant message as the record render_answer() takes."""
-    return {"bubble_id": f"m{row['id']}", "conversation_id": row["conversation_id"], "text": row["content"],
-            "reasoning": row["reasoning"], "status": row["status"], "error": row["error"],
-            "notes": json.loads(row["notes"] or "[]"), "footer": row["footer"]}
+    """A stored assistant message as its answer record."""
+    return make_answer(f"m{row['id']}", row["conversation_id"], row["content"], row["reasoning"], row["status"],
+                       row["error"], json.loads(row["notes"] or "[]"), row["footer"])
 
 
 PARAMETERS = ("temperature", "top_p", "max_tokens")  # per conversation: None means the default
@@ -3162,6 +2303,1005 @@ def export_json(conversation, rows):
 
 
 # ---------------------------------------------------------------------------
+# Streams and the relay: the registry of answers, the journal, and the greenlet that reads the upstream
+# ---------------------------------------------------------------------------
+
+BUSY_CONVERSATION = "An answer is still being written in this conversation; wait for it, or stop it."
+
+TOO_MANY_READERS = "Too many open readers for this answer; close a tab and reload."
+
+
+def too_many_streams():
+    """The sentence for a send past CHAT_STREAMS_PER_OWNER."""
+    return (f"You already have {settings.streams_per_owner} answers streaming; "
+            "wait for one to finish or stop one.")
+
+
+class Refused(Exception):
+    """A send the limits refuse: an HTTP status and a sentence for the person."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])  # C0 controls but tab, LF and CR
+
+
+_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+
+_LIST_ITEM = re.compile(r" {0,3}([-+*]|\d{1,9}[.)])([ \t]|$)")
+
+_HEADING = re.compile(r" {0,3}#{1,6}([ \t]|$)")
+
+_LIST_START = re.compile(r"\d{1,9}[.)]?|[-+*]")  # what could still become a list item
+
+
+class MarkdownBlocks:
+    """Find where the streamed answer's top-level Markdown blocks end, so each is rendered once, when complete.
+
+    Whole lines only. A block ends at a blank line outside a code fence, unless the next line
+    continues it (indented, or the next item of the same list); a fenced code block and an
+    ATX heading end with their own line. Each block is the exact source text it covers, so
+    the blocks and what is left (the tail) always add up to the answer.
+    """
+
+    def __init__(self):
+        self.partial = []    # pieces of the line being received
+        self.lines = []      # the complete lines of the block being built
+        self.kind = None     # "list", "fence" or "text" once the block has its first line
+        self.fence = None    # the opening marker, inside a fenced block
+        self.ended = False   # a blank line came: the next non-blank line decides
+        self.text = False    # the block being built has a non-blank line
+        self.head = ""       # the first few characters of the partial line (what decides a blank's fate)
+        self.offset = 0      # UTF-8 bytes of the answer covered by the blocks so far
+
+    def feed(self, text):
+        """Take a piece of answer text; return the texts of the blocks it completed (often none)."""
+        done = []
+        *complete, rest = text.split("\n")
+        for piece in complete:
+            self.partial.append(piece)
+            line, self.partial, self.head = "".join(self.partial) + "\n", [], ""
+            done.extend(self.line(line))
+        if rest:
+            self.partial.append(rest)
+            if len(self.head) < 4:
+                self.head = (self.head + rest)[:4]
+            # A block that ended at a blank line need not wait for the next line to finish:
+            # its first characters tell whether it continues the block (indented, or a list item).
+            head = self.head
+            if self.ended and self.kind != "fence" and head.strip() and head[:1] not in " \t" and not (
+                    self.kind == "list" and (_LIST_ITEM.match(head) or _LIST_START.fullmatch(head))):
+                done.append(self.flush())
+        return done
+
+    def line(self, line):
+        """Take one complete line; return the blocks it completed."""
+        done = []
+        if self.kind == "fence":
+            self.lines.append(line)
+            marker = _FENCE.match(line)
+            if marker and marker.group(1)[0] == self.fence[0] and len(marker.group(1)) >= len(self.fence) \
+                    and not line.strip()[len(marker.group(1)):]:
+                done.append(self.flush())
+            return done
+        blank = not line.strip()
+        if self.ended and not blank:
+            if not (line[:1] in " \t" or (self.kind == "list" and _LIST_ITEM.match(line))):
+                done.append(self.flush())
+            self.ended = False
+        fence = None if blank or self.kind == "list" else _FENCE.match(line)
+        heading = not blank and self.kind != "list" and _HEADING.match(line)
+        if (fence or heading) and self.text:
+            done.append(self.flush())  # both may interrupt a paragraph: the paragraph is complete
+        self.lines.append(line)
+        if blank:
+            self.ended = self.text
+        else:
+            self.text = True
+        if not blank and self.kind is None:
+            self.kind = "fence" if fence else "list" if _LIST_ITEM.match(line) else "text"
+            if fence:
+                self.fence = fence.group(1)
+            elif heading:
+                done.append(self.flush())
+        return done
+
+    def flush(self):
+        """End the block being built (the line that ended it is not part of it); return its text."""
+        text = "".join(self.lines)
+        self.lines, self.kind, self.fence, self.ended, self.text = [], None, None, False, False
+        self.offset += len(text.encode())
+        return text
+
+
+class AnswerLog:
+    """Every event of an answer, kept as its text once: frames are made again for a reader that reconnects.
+
+    A four-character token framed as an SSE event is ~50 bytes, and ~150 as Python objects: a
+    log of frames grows with the framing. This one holds each kind's text as UTF-8 in one
+    bytearray, plus one byte (kind) and four bytes (where it ends) per event. A block event
+    (a finished Markdown block, rendered) keeps only where the block ends in the answer text.
+    """
+
+    KINDS = ("message", "reasoning", "block")
+
+    def __init__(self, stream_id):
+        self.stream_id = stream_id
+        self.text = {"message": bytearray(), "reasoning": bytearray()}
+        self.kinds = bytearray()    # event N's kind is KINDS[kinds[N-1]]
+        self.ends = array.array("I")  # event N ends at ends[N-1] in its text (a block: in the message text)
+        self.done = None            # the final frame, once the answer is finished
+
+    def __len__(self):
+        return len(self.kinds) + (self.done is not None)
+
+    def append(self, kind, text):
+        """Log one token; returns its event id."""
+        buffer = self.text[kind]
+        buffer += text.encode()
+        self.kinds.append(self.KINDS.index(kind))
+        self.ends.append(len(buffer))
+        return len(self.kinds)
+
+    def append_block(self, end):
+        """Log a finished Markdown block ending at byte end of the message text; returns its event id."""
+        self.kinds.append(2)
+        self.ends.append(end)
+        return len(self.kinds)
+
+    def joined(self, kind):
+        """All the text of one kind so far."""
+        return self.text[kind].decode()
+
+    def entries(self, after, upto, starts=None):
+        """Yield (event id, kind, text, tail) for events after..upto; a block's text is its Markdown source
+        and its tail the answer text that followed it when it was sent.
+
+        starts: where each kind's text stood after event `after`, kept up to date, for a reader
+        that resumes (None: count from the first event).
+        """
+        if starts is None:
+            starts, first = {"message": 0, "reasoning": 0, "block": 0}, 0
+        else:
+            first = after
+        for index in range(first, upto):
+            kind, end = self.KINDS[self.kinds[index]], self.ends[index]
+            start, starts[kind] = starts[kind], end
+            if index < after:
+                continue
+            if kind == "block":
+                message = self.text["message"]
+                yield index + 1, kind, message[start:end].decode(), message[end:starts["message"]].decode()
+            else:
+                yield index + 1, kind, self.text[kind][start:end].decode(), None
+
+    def frames(self, after, upto, batch=1 << 16):
+        """Yield the frames of events after..upto (ids), joined into writes of about batch bytes.
+
+        A reader that is slow to take them holds one batch, not a copy of the whole answer.
+        Blocks are rendered again (a reconnect costs CPU, the log no memory).
+        """
+        pending, size, busy = [], 0, TurnShare()
+        for event_id, kind, text, tail in self.entries(after, upto):
+            busy.give_way_if_due()  # a long replay gives way to live tokens
+            if kind == "block":
+                frame = block_frame(self.stream_id, render_block(text), tail, event_id)
+            else:
+                frame = token_frame(kind, text, event_id)
+            pending.append(frame)
+            size += len(frame)
+            if size >= batch:
+                yield b"".join(pending)
+                pending, size = [], 0
+        if pending:
+            yield b"".join(pending)
+
+
+def token_frame(kind, text, event_id):
+    """The frame of one token: its text escaped in a <span>."""
+    return sse_frame(kind, "<span>" + html.escape(text, quote=False) + "</span>", event_id)
+
+
+def block_frame(stream_id, block_html, tail, event_id):
+    """The frame of a finished block: appended rendered, while the plain-text tail is replaced (out of band)."""
+    return sse_frame("block", f'<div class="md-block" hx-disable>{block_html}</div>'
+                              f'<div hx-swap-oob="innerHTML:#tail-{stream_id}"><span>'
+                              f'{html.escape(tail, quote=False)}</span></div>', event_id)
+
+
+def storage_note(exc):
+    """The sentence under an answer the store could not save."""
+    if is_disk_full(exc):
+        return "The server's disk is full: this answer could not be saved, and will not be there after a reload."
+    return "This answer could not be saved."
+
+
+def is_disk_full(exc):
+    """True if a database error means the disk (or the database's size limit) is full."""
+    return isinstance(exc, store.errors) and ("full" in str(exc).lower() or "no space" in str(exc).lower())
+
+
+class UnsafeJournal(Exception):
+    """The journal's folder is writable by others: refused at start."""
+
+
+class Journal:
+    """The text readers were shown but the store may not have yet, in a file, so that kill -9 loses none of it.
+
+    Answers are saved once a second; a process killed in between would lose what its readers
+    saw since. So every token is appended here before any reader is given it: a write() to the
+    kernel's page cache, which a killed process cannot take back (no fsync: this guards against
+    a crash of the process, not of the machine). The file is cut into segments, one per save,
+    and a segment goes once the saves covering it have committed, so the journal holds about a
+    second of text. Each process holds a lock on its journal; one that finds another's lock free
+    (the process died) puts that text back into the store.
+    """
+
+    RECORD = struct.Struct("<QBIIB")  # message id, kind, where the bytes go in that text, their length, len(conv id)
+    KINDS = ("message", "reasoning")
+    FLUSH_AT = 1 << 16  # bytes buffered before writing even with no reader waiting
+
+    def __init__(self):
+        self.folder = None
+        self.name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.lock = None          # our lock file, held for our whole life; None: not open (or failed)
+        self.fd = None            # the segment being written
+        self.number = 0           # its number
+        self.ids = set()          # message ids with records in it
+        self.closed = []          # [(number, path, message ids)] of earlier segments, oldest first
+        self.buffer, self.size = [], 0
+        self.unsettled = set()    # finishing answers whose final save has not committed yet
+        self.committed = 0        # the last segment a committed save covers
+
+    def open(self, folder):
+        """Create the folder (readable by this user only) and take our lock; on failure, run without a journal.
+        A folder others may write to is refused (UnsafeJournal): what they put there would be put back into
+        stored answers at the next start."""
+        self.folder = folder
+        try:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            info = os.stat(self.folder)
+            if info.st_uid != os.geteuid():
+                raise UnsafeJournal(f"the journal folder {self.folder} belongs to another user (uid {info.st_uid}), "
+                                    "who could put text into stored answers. Fix it with: "
+                                    f"chown {os.geteuid()} {self.folder} && chmod 700 {self.folder}")
+            if info.st_mode & 0o022:
+                raise UnsafeJournal(f"the journal folder {self.folder} can be written by other users (mode "
+                                    f"{info.st_mode & 0o777:o}), who could put text into stored answers. "
+                                    f"Fix it with: chmod 700 {self.folder}")
+            self.lock = os.open(os.path.join(self.folder, self.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.begin_segment()
+        except OSError as exc:
+            log.warning("cannot keep the journal of unsaved text in %s (%s): a kill -9 may lose the last second "
+                        "of answers", self.folder, exc)
+            self.lock = self.fd = None
+
+    def begin_segment(self):
+        """Open the next segment file."""
+        self.number += 1
+        self.fd = os.open(self.segment_path(self.name, self.number), os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+
+    def segment_path(self, name, number):
+        """The file of one segment of a journal."""
+        return os.path.join(self.folder, f"{name}.{number}")
+
+    def write(self, stream, kind, text):
+        """Log one token of a stored answer (buffered: flush() writes it before anyone is shown it)."""
+        if self.fd is None or stream.message_id is None:
+            return
+        data, conv = text.encode(), stream.conversation_id.encode()
+        end = len(stream.log.text[kind])
+        self.buffer.append(self.RECORD.pack(stream.message_id, kind != "message", end - len(data), len(data),
+                                            len(conv)) + conv + data)  # kind: KINDS[0] or KINDS[1]
+        self.ids.add(stream.message_id)
+        self.size += len(data) + 40
+        if self.size >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self):
+        """Write what is buffered (called before a reader is given anything)."""
+        if self.buffer:
+            data, self.buffer, self.size = b"".join(self.buffer), [], 0
+            try:
+                if os.write(self.fd, data) < len(data):
+                    raise OSError("the disk filled during the write")
+            except OSError as exc:  # a full disk: the answers go on, only this safety net has a hole
+                log_limited("journal", "writing the journal of unsaved text failed: %s", exc)
+                self.next_segment()  # a record may be cut short: the ones after it go to a new file
+
+    def next_segment(self):
+        """Close the segment being written and open the next (if even that fails, run without a journal)."""
+        os.close(self.fd)
+        self.closed.append((self.number, self.segment_path(self.name, self.number), self.ids))
+        self.ids = set()
+        try:
+            self.begin_segment()
+        except OSError as exc:
+            log.warning("the journal of unsaved text stops (%s): a kill -9 may lose the last second of answers",
+                        exc)
+            self.fd = None
+
+    def cut(self):
+        """Start a new segment as the janitor takes the text to save; returns the number of the last one."""
+        if self.fd is None:
+            return 0
+        self.flush()
+        if self.ids and self.fd is not None:
+            self.next_segment()
+        return self.number - 1
+
+    def hold(self, message_id):
+        """An answer is finishing: keep its text until its final save commits."""
+        if self.fd is not None:
+            self.unsettled.add(message_id)
+
+    def settle(self, message_id):
+        """An answer's final save committed: its text here is no longer needed."""
+        if message_id in self.unsettled:
+            self.unsettled.discard(message_id)
+            self.saved(self.committed)
+
+    def saved(self, upto):
+        """The save of everything up to segment `upto` committed: delete the segments it covers, oldest first,
+        except those with text of an answer whose final save has not committed."""
+        self.committed = max(self.committed, upto)
+        while self.closed and self.closed[0][0] <= upto and not self.closed[0][2] & self.unsettled:
+            with contextlib.suppress(OSError):
+                os.unlink(self.closed.pop(0)[1])
+
+    def take_over(self, save):
+        """Find journals whose process died (their lock is free) and hand their text to save(id, conversation id,
+        {kind: [(offset, bytes)]}); then delete them."""
+        if self.lock is None:
+            return
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return
+        for entry in names:
+            name, _, ext = entry.rpartition(".")
+            if ext != "lock" or name == self.name:
+                continue
+            path = os.path.join(self.folder, entry)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    continue  # another process took it over and deleted it meanwhile
+                segments = sorted((int(n.rpartition(".")[2]), n) for n in names
+                                  if n.startswith(name + ".") and n.rpartition(".")[2].isdigit())
+                answers = {}
+                for _, segment in segments:
+                    with open(os.path.join(self.folder, segment), "rb") as file:
+                        self.parse(file.read(), answers)
+                for (message_id, conversation_id), parts in answers.items():
+                    save(message_id, conversation_id, parts)
+                for _, segment in segments:
+                    os.unlink(os.path.join(self.folder, segment))
+                os.unlink(path)
+                log.info("put back the unsaved text of %d answers from a process that died (journal %s)",
+                         len(answers), name)
+            except BlockingIOError:
+                continue  # alive
+            except (OSError, ValueError) as exc:
+                log_limited("journal", "taking over the journal %s failed: %s", name, exc)
+            finally:
+                os.close(fd)
+
+    def parse(self, data, answers):
+        """Add the records of one segment to answers: {(message id, conversation id): {kind: [(offset, bytes)]}};
+        a record cut short (the disk filled as it was written) ends the segment."""
+        at, head = 0, self.RECORD.size
+        while at + head <= len(data):
+            message_id, kind, offset, length, conv_length = self.RECORD.unpack_from(data, at)
+            at += head
+            if at + conv_length + length > len(data) or kind >= len(self.KINDS):
+                return
+            conversation_id = data[at:at + conv_length].decode()
+            at += conv_length
+            parts = answers.setdefault((message_id, conversation_id), {})
+            parts.setdefault(self.KINDS[kind], []).append((offset, data[at:at + length]))
+            at += length
+
+    def close(self, live=()):
+        """At a clean exit: delete what saves have made useless, keep the rest (live: answers still unsaved)
+        for the next start."""
+        if self.fd is not None:
+            self.unsettled.update(live)
+            self.cut()
+            self.saved(self.number)
+            if self.fd is not None:  # the segment just begun: empty
+                os.close(self.fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.segment_path(self.name, self.number))
+            if not self.closed:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.folder, self.name + ".lock"))
+            self.fd = None
+
+
+def apply_records(text, parts):
+    """A stored text with journal records applied: each record's bytes replace everything from its offset."""
+    data = bytearray(text.encode())
+    for offset, chunk in parts:
+        if offset > len(data):
+            break  # a gap: what follows cannot be placed (never expected: segments go oldest first)
+        del data[offset:]
+        data += chunk
+    return data.decode(errors="replace")
+
+
+PACE_EVERY = 32  # tokens between two checks of an answer's pace
+
+PACE_BURST = 0.25  # seconds' worth of tokens an answer may relay at once (servers send in bursts too)
+
+
+class Stream:
+    """One answer being generated: its event log, its readers and its relay greenlet."""
+
+    __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
+                 "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
+                 "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
+                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "budget", "budget_at")
+
+    local = True  # written by this process (RemoteAnswer: by another one)
+
+    def __init__(self, stream_id, history, model=None, owner=None, conversation_id=None, message_id=None):
+        self.id = stream_id
+        self.history = history        # the whole conversation, roles alternating, ending with the question
+        self.messages = history       # what is sent upstream: the history, fitted to the model's context
+        self.model = model
+        self.owner = owner
+        self.conversation_id = conversation_id
+        self.message_id = message_id  # the answer's row in the store, flushed while it streams
+        self.dropped = 0              # older turns left out to fit the context
+        self.resent = None            # the context size, when the server refused and we sent again
+        self.saved = 0                # how many events the store has seen
+        self.log = AnswerLog(stream_id)
+        self.blocks = MarkdownBlocks()
+        self.readers = set()          # one Outlet per connected /events response (or page)
+        self.completion = Completion(keep_text=False)  # the log keeps the text
+        self.started = self.last_activity = self.left_at = time.monotonic()
+        self.first_byte_at = None     # the upstream's first body byte: waiting ends, silence counts
+        self.first_token_at = None
+        self.finished_at = None       # set when finishing starts; the done frame follows
+        self.greenlet = None
+        self.status = "streaming"     # -> done | stopped | error | truncated | interrupted | limit
+        self.error = None
+        self.tokens = 0
+        self.chars = 0
+        self.notes = []               # extra sentences for the finished bubble (limits, storage)
+        self.bubble = None            # the finished bubble's HTML
+        self.params = {}              # temperature, top_p, max_tokens: only those set are sent
+        self.told_at = 0.0            # when readers were last told how long the wait has been
+        self.renewed_at = 0.0         # when the lease was last renewed without new text
+        self.budget = settings.max_tokens_per_second * PACE_BURST  # tokens it may relay at once (refilled at the rate)
+        self.budget_at = self.started
+
+    @property
+    def finished(self):
+        """True once the done event is in the log."""
+        return self.log.done is not None
+
+    def text(self, kind="message"):
+        """The text shown so far of one kind (message or reasoning)."""
+        return self.log.joined(kind)
+
+    def touch(self):
+        """Note that the upstream is alive (the watchdog reads this)."""
+        self.last_activity = time.monotonic()
+        if self.first_byte_at is None:
+            self.first_byte_at = self.last_activity
+
+    def token(self, kind, text):
+        """Log one piece of answer or reasoning text and hand its frame to every connected reader."""
+        text = text.translate(CONTROL)  # invisible, and they would collide with the search's own markers
+        if not text:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.tokens += 1
+        self.chars += len(text)
+        event_id = self.log.append(kind, text)
+        streams.publish(self, event_id, kind, text)  # frames it only if someone reads
+        if kind == "message":
+            for block in self.blocks.feed(text):
+                self.publish_block(block)
+        if self.chars > settings.max_answer_chars:
+            raise AnswerLimit(f"The answer reached chat.py's limit of {settings.max_answer_chars:,} "
+                              "characters and was cut off there.")
+        if self.tokens % PACE_EVERY == 0 and settings.max_tokens_per_second:
+            self.pace(settings.max_tokens_per_second)
+
+    def pace(self, rate):
+        """Wait if the last PACE_EVERY tokens came faster than the rate allows (a bucket of PACE_BURST seconds):
+        an upstream that floods then waits on TCP, and its answer takes a bounded share of the CPU."""
+        now = time.monotonic()
+        self.budget = min(rate * PACE_BURST, self.budget + (now - self.budget_at) * rate) - PACE_EVERY
+        self.budget_at = now
+        if self.budget < 0:
+            gevent.sleep(-self.budget / rate)
+
+    def publish_block(self, block):
+        """Render a finished Markdown block once, log where it ends, and send it with the new tail."""
+        rendered = render_block(block)
+        event_id = self.log.append_block(self.blocks.offset)
+        if streams.anyone_reading(self):
+            tail = self.log.text["message"][self.blocks.offset:].decode()
+            streams.publish(self, event_id, "block", block_frame(self.id, rendered, tail, event_id))
+
+    def finish(self, status, error=None):
+        """Publish the finished bubble as the last event; nothing is published after it."""
+        if self.finished_at is not None:
+            return
+        self.status, self.error = status, redact(error)
+        self.finished_at = time.monotonic()
+        answer = answer_record(self)
+        nav = ""
+        streams.journal.hold(self.message_id)
+        try:
+            store.finish_answer(self.message_id, answer)
+            streams.journal.settle(self.message_id)
+            nav = sibling_nav(self.conversation_id, self.message_id)
+        except store.errors as exc:
+            log.error("saving the answer failed: %s; trying again every second", exc)
+            streams.unsaved[self.message_id] = dict(answer)  # the janitor tries again until it is stored
+            answer["notes"].append(storage_note(exc))
+        # Markdown and highlighting of a long answer take a while: render_answer() does them in
+        # a worker thread, sharing the CPU with the hub instead of stopping every other stream.
+        bubble = render_answer(answer, True, nav)
+        self.bubble = bubble
+        self.log.done = sse_frame("done", bubble, len(self.log.kinds) + 1)
+        streams.publish(self, len(self.log.kinds) + 1, "done", self.log.done)
+
+    def partial(self, lease_until):
+        """(text, reasoning, lease, message id, conversation id) if the answer grew since the janitor last saved
+        it, else None."""
+        size = len(self.log.kinds)
+        if self.message_id is None or size == self.saved or self.finished_at is not None:
+            return None
+        self.saved = size
+        return self.text(), self.text("reasoning"), lease_until, self.message_id, self.conversation_id
+
+
+class Streams:
+    """The registry of live answers by secret id, with a janitor for pings, timeouts and cleanup.
+
+    The seam between one process and many. This class keeps every answer in this process (and journals
+    what readers were shown); chat_scale.RedisStreams shares them between processes through Redis
+    (CHAT_REDIS_URL) and overrides what differs. Callers use this interface and nothing else:
+
+      open()                         at start-up: make ready (the journal here; reach Redis there)
+      reserve(owner, conversation)   hold a stream within the per-owner and global limits, or raise Refused
+      begin(stream, history, ...)    start its relay greenlet; forget(stream) drops a reserved one unused
+      publish(stream, id, kind, x)   hand an event to its readers; anyone_reading(stream) says if any would get one
+      before_showing()               called before a reader is given text (here: flush the journal)
+      events(stream_id, owner, id)   the body of GET /events: frames after id, then live ones until done
+      stop_for(stream_id, owner)     Stop; stop_conversation(id) stops whatever writes that conversation
+      for_message(message, conv)     the stream writing a stored answer, here or elsewhere
+      readers_of(owner), open_for(owner), len(streams), get(stream_id)
+      sweep_forever(), drain(), close()   the janitor, and shutting down
+    """
+
+    stream_class = Stream  # what reserve() makes (RedisStreams: one that also keeps what Redis has not got yet)
+
+    def __init__(self):
+        self.by_id = {}
+        self.by_owner = {}  # owner -> ids of that owner's registered streams
+        self.janitor = None
+        self.saving = None  # the greenlet saving partial answers, if one is under way
+        self.unsaved = {}   # message id -> a finished answer whose final save failed (a full disk, a lock)
+        self.journal = Journal()  # opened by check() at start: the text shown since the last save
+        self.last_ping = 0.0
+
+    def __len__(self):
+        return len(self.by_id)
+
+    def get(self, stream_id):
+        """The stream with this id, or None."""
+        return self.by_id.get(stream_id)
+
+    def anyone_reading(self, stream):
+        """True if a block event of this stream would reach anyone now (here: a connected reader), which is
+        worth knowing before making its frame."""
+        return bool(stream.readers)
+
+    def publish(self, stream, event_id, kind, payload):
+        """Hand an event to the stream's readers: a token's text (framed here), or a whole frame (block, done,
+        and the unlogged status and ping, which have no id)."""
+        if kind in Journal.KINDS:
+            self.journal.write(stream, kind, payload)
+        if stream.readers:
+            frame = token_frame(kind, payload, event_id) if kind in ("message", "reasoning") else payload
+            self.before_showing()  # some readers are written to right here
+            for reader in stream.readers:
+                reader.put(frame, kind != "done")  # done goes through the queue: it ends the reader
+
+    def before_showing(self):
+        """Called before a reader is given text: make what was published survive a kill -9 (the journal)."""
+        self.journal.flush()
+
+    def events(self, stream_id, owner, last_id):
+        """The response body of GET /events: the frames after last_id, then live ones until done."""
+        stream = self.by_id.get(stream_id)
+        if stream is not None and stream.owner != owner:
+            bottle.abort(404, "No such answer.")  # someone else's: not even a done bubble
+        if stream is None:
+            return [SSE_HELLO + sse_frame("done", render_missing(stream_id), 1)]
+        if not stream.finished and (len(stream.readers) >= settings.readers_per_stream
+                                    or self.readers_of(stream.owner) >= settings.readers_per_owner):
+            bottle.abort(429, TOO_MANY_READERS)
+        return stream_events(stream, last_id, bottle.request.environ)
+
+    def stop_for(self, stream_id, owner):
+        """Stop this owner's answer (404 if there is none); returns its conversation's id."""
+        stream = self.by_id.get(stream_id)
+        if stream is None or stream.owner != owner:
+            bottle.abort(404, "No such answer.")
+        self.stop(stream.id)
+        return stream.conversation_id
+
+    def stop_conversation(self, conversation_id):
+        """Stop every answer being written in a conversation (it is being deleted)."""
+        for stream in list(self.by_id.values()):
+            if stream.conversation_id == conversation_id:
+                self.stop(stream.id)
+
+    def readers_of(self, owner):
+        """How many /events readers this owner has connected to live answers."""
+        return sum(len(self.by_id[i].readers) for i in self.by_owner.get(owner, ()))
+
+    def open_for(self, owner):
+        """How many unfinished streams this owner has."""
+        return sum(1 for i in self.by_owner.get(owner, ()) if not self.by_id[i].finished)
+
+    def for_message(self, message_id, conversation_id):
+        """The stream writing this stored answer, if any (the unfinished one first: SQLite reuses the ids of
+        deleted rows, so a finished stream kept for its grace period may carry the same one)."""
+        candidates = [s for s in self.by_id.values()
+                      if s.message_id == message_id and s.conversation_id == conversation_id]
+        return next((s for s in candidates if not s.finished), candidates[0] if candidates else None)
+
+    def reserve(self, owner, conversation_id=None):
+        """Register a stream for this owner (and conversation) if the limits allow, or raise Refused.
+
+        The check and the registration happen with no switch in between, so concurrent sends
+        cannot all pass a check that only one of them should.
+        """
+        if conversation_id and any(s.conversation_id == conversation_id and s.owner == owner and not s.finished
+                                   for s in self.by_id.values()):
+            raise Refused(409, BUSY_CONVERSATION)
+        if self.open_for(owner) >= settings.streams_per_owner:
+            raise Refused(429, too_many_streams())
+        return self.register(owner, conversation_id)
+
+    def register(self, owner, conversation_id):
+        """Add a new stream to the registry, within the limit of open answers in all."""
+        if len(self.by_id) >= settings.max_streams:
+            raise Refused(503, "The server is at its limit of open answers; try again shortly.")
+        stream = self.stream_class(secrets.token_urlsafe(18), [], owner=owner, conversation_id=conversation_id)
+        self.by_id[stream.id] = stream
+        self.by_owner.setdefault(owner, set()).add(stream.id)
+        return stream
+
+    def begin(self, stream, history, **fields):
+        """Start a reserved stream's relay greenlet."""
+        stream.history = stream.messages = history
+        for name, value in fields.items():
+            setattr(stream, name, value)
+        stream.started = stream.last_activity = stream.left_at = time.monotonic()
+        stream.greenlet = gevent.spawn(relay_upstream, stream)
+        # If the greenlet dies without finishing (killed before it ever ran), still end the stream
+        # (in a greenlet of its own: link callbacks run in the hub, which must never wait).
+        stream.greenlet.link(lambda _: stream.finished_at is None and gevent.spawn(stream.finish, "stopped"))
+        if self.janitor is None or self.janitor.dead:
+            self.janitor = gevent.spawn(self.sweep_forever)
+        return stream
+
+    def stop(self, stream_id):
+        """Stop generation: the relay greenlet unwinds and closes the upstream connection."""
+        stream = self.by_id.get(stream_id)
+        if stream is None:
+            return False
+        if not stream.finished and stream.greenlet:
+            # A greenlet that has not run yet just goes (its link finishes the stream as stopped).
+            stream.greenlet.kill(StopRequested if stream.greenlet.gr_frame is not None else gevent.GreenletExit,
+                                 block=False)
+        return True
+
+    def sweep(self, now):
+        """Kill silent upstreams, ping readers, drop finished streams after the grace period."""
+        ping = now - self.last_ping >= settings.ping_interval
+        if ping:
+            self.last_ping = now
+        # The store may be slow (a lock held by another process, a full disk): it saves in a
+        # greenlet of its own, and this pass only collects for it when the last save is done.
+        can_save = self.saving is None or self.saving.ready()
+        partials, growing, idle, now_wall = [], [], [], time.time()
+        for stream in list(self.by_id.values()):
+            if stream.finished:
+                # Kept for reconnects until nobody has watched for the grace period; the
+                # answer itself is in the store by then.
+                if not stream.readers and now - stream.left_at >= settings.grace:
+                    self.forget(stream)
+                continue
+            if stream.finished_at is not None:
+                continue  # finishing: saving and rendering its bubble
+            if stream.greenlet and now - stream.started > settings.max_answer_seconds:
+                stream.greenlet.kill(AnswerLimit(f"The answer reached chat.py's limit of "
+                                                 f"{settings.max_answer_seconds:g} seconds and was cut off "
+                                                 "there."), block=False)
+            elif stream.greenlet and (
+                    now - stream.started > settings.first_byte_timeout if stream.first_byte_at is None
+                    else now - stream.last_activity > settings.read_timeout):
+                stream.greenlet.kill(UpstreamTimeout, block=False)
+            partial = stream.partial(now_wall + settings.lease_seconds) if can_save else None
+            if partial:
+                partials.append(partial)  # saving the text renews the lease too
+                growing.append(stream)
+                stream.renewed_at = now
+            elif can_save and stream.message_id and now - stream.renewed_at >= settings.lease_seconds / 3:
+                idle.append(stream.message_id)  # a third of the lease: two renewals may fail before it runs out
+                stream.renewed_at = now
+            waited = now - stream.started
+            # The waiting clock ticks every second for the first ten, then every five: thousands of
+            # answers queued at a busy server must not cost thousands of writes a second.
+            if stream.first_token_at is None and waited >= WAITING_SHOWN_AFTER and \
+                    now - stream.told_at >= (1 if waited < 10 else 5) * min(1.0, settings.ping_interval):
+                stream.told_at = now
+                self.publish(stream, None, "status", waiting_frame(waited))
+            elif ping:
+                self.publish(stream, None, "ping", SSE_PING)
+        if can_save:
+            # Every second, in one transaction: the text that grew, and the leases of every answer
+            # this process writes (another process, or this one after a restart, takes an
+            # answer whose lease ran out for interrupted).
+            # The journal's segment so far holds text these partials cover: it goes once they commit.
+            segment = self.journal.cut()
+            if partials or idle or self.unsaved:
+                self.saving = gevent.spawn(save_progress, partials, idle, growing, segment)
+            else:
+                self.journal.saved(segment)
+        self.tend_shared_answers(now)
+
+    def tend_shared_answers(self, now):
+        """The janitor's extra work when answers are shared (nothing here)."""
+
+    def open(self):
+        """At start: open the journal of shown but unsaved text (next to the database) and put back what a
+        process that died left in it."""
+        if settings.db != ":memory:":
+            self.journal.open(settings.db + ".unsaved")
+            self.take_over()
+
+    def take_over(self):
+        """Put back into the store the text a dead process (this one before a kill -9, or another sharing
+        the database) had shown but not saved; the answers are then marked interrupted."""
+        self.journal.take_over(self.put_back)
+
+    @staticmethod
+    def put_back(message_id, conversation_id, parts):
+        """Save a dead process's answer with its journal's text, if it is still marked streaming."""
+        row = store.answer_text(message_id, conversation_id)
+        if row is not None and row[2] == "streaming":
+            text = apply_records(row[0], parts.get("message", ()))
+            reasoning = apply_records(row[1], parts.get("reasoning", ()))
+            if (text, reasoning) != (row[0], row[1]):
+                store.save_partials([(text, reasoning, 0, message_id, conversation_id)])  # lease 0: ends now
+
+    def close(self):
+        """At a clean exit: the journal keeps only the text of answers that are still unsaved."""
+        self.journal.close({s.message_id for s in self.by_id.values() if s.finished_at is None} | set(self.unsaved))
+
+    def drain(self, timeout=3.0):
+        """Wait until every event is where readers get it: here it already is."""
+
+    def forget(self, stream):
+        """Drop a finished (or never started) stream from the registry."""
+        if self.by_id.pop(stream.id, None) is None:
+            return
+        ids = self.by_owner[stream.owner]
+        ids.discard(stream.id)
+        if not ids:
+            del self.by_owner[stream.owner]
+
+    def sweep_forever(self):
+        """The janitor greenlet: one timer for every stream, instead of one per read."""
+        while self.by_id or self.unsaved:
+            gevent.sleep(min(1.0, settings.grace, settings.ping_interval))
+            self.sweep(time.monotonic())
+
+
+def stream_events(stream, last_id, environ=None):
+    """Yield the frames after last_id, then live ones, draining the reader's queue into one write each time
+    (environ: the request's, for its connection)."""
+    environ = environ or {}
+    logged = len(stream.log.kinds)  # token events; a reader's queue takes everything after these
+    if stream.finished:
+        # A reader that already has everything still gets done again: an empty
+        # response would only make the browser reconnect, again and again.
+        yield SSE_HELLO
+        streams.before_showing()
+        yield from stream.log.frames(min(last_id, logged), logged)
+        yield in_turn(stream.log.done)
+        return
+    reader = Outlet()
+    stream.readers.add(reader)
+    try:
+        yield SSE_HELLO
+        reader.connect(environ)
+        streams.before_showing()
+        yield from stream.log.frames(last_id, logged)
+        while True:
+            frames = b"".join(reader.wait())
+            streams.before_showing()
+            yield in_turn(frames)
+            # The done frame was in this batch if the stream finished and nothing came after.
+            if stream.finished and not reader.queue.qsize():
+                return
+            reader.pause_if_behind()
+    finally:
+        stream.readers.discard(reader)
+        stream.left_at = time.monotonic()
+
+
+def relay_upstream(stream):
+    """Greenlet body: read the upstream answer and publish it token by token, then finish."""
+    completion, think = stream.completion, ThinkSplitter()
+    try:
+        stream.model = stream.model or catalog.default()
+        stream.messages, stream.dropped = fit_history(stream.history, stream.model, room=stream.params.get("max_tokens"))
+        response = open_fitted(stream)
+        with response:
+            for kind, text in read_completion(response, completion, stream.touch):
+                for piece in (think.feed(text) if kind == "content" else [("reasoning", text)]):
+                    stream.token(*piece)
+        for piece in think.close():
+            stream.token(*piece)
+        usage = completion.usage or {}
+        catalog.calibrate(stream.model, stream.messages, positive_int(usage.get("prompt_tokens")))
+        if completion.error:
+            stream.finish("error", completion.error)
+        elif completion.finished or completion.finish_reason:
+            stream.finish("done")
+        else:
+            stream.finish("truncated")
+    except StopRequested:
+        stream.finish("stopped")
+    except ServerStopping:
+        stream.finish("interrupted")
+    except AnswerLimit as exc:
+        stream.notes.append(str(exc))
+        stream.finish("limit")
+    except UpstreamTimeout:
+        if stream.first_byte_at is None:
+            stream.finish("error", f"The model server did not start answering within "
+                                   f"{settings.first_byte_timeout:g} seconds (it may be busy with other "
+                                   "requests or still reading a long prompt); gave up waiting.")
+        else:
+            stream.finish("error", f"The model server sent nothing for {settings.read_timeout:g} seconds; "
+                                   "gave up waiting.")
+    except UpstreamError as exc:
+        stream.finish("error", str(exc))
+    except (requests.RequestException, urllib3.exceptions.HTTPError, HTTPException, OSError,
+            ValueError) as exc:
+        # urllib3 raises ProtocolError (an HTTPError, not a RequestException) when the body breaks off.
+        log.warning("upstream broke off: %r", exc)
+        stream.finish("error", "The connection to the model server broke off mid-answer.")
+    except Exception:  # noqa: BLE001 — the bubble must end whatever went wrong
+        log.exception("relay failed")
+        stream.finish("error", "chat.py hit an internal error while relaying this answer.")
+
+
+def open_fitted(stream):
+    """Open the completion; if the server says the prompt overflows its context, trim and send once more."""
+    try:
+        return open_completion(http, stream.messages, stream.model, stream.params)
+    except UpstreamError as exc:
+        overflow = context_overflow(exc.status, exc.body)
+        if overflow is None:
+            raise
+        sent = stream.messages
+        catalog.learn_context(stream.model, overflow.size)
+        if not catalog.context_size(stream.model):
+            with gevent.Timeout(MODELS_DEADLINE, False):
+                catalog.learn_from_props(stream.model)
+        if overflow.prompt_tokens:
+            catalog.calibrate(stream.model, sent, overflow.prompt_tokens)
+        messages, dropped = fit_history(stream.history, stream.model, below=sent, room=stream.params.get("max_tokens"))
+        if len(messages) >= len(sent):
+            raise UpstreamError(str(exc) + " Your message alone does not fit the model's context; "
+                                "shorten it.", exc.status, exc.body) from None
+        log.info("context overflow (%s tokens); sending again without %d older messages",
+                 overflow.size or "?", dropped)
+        stream.messages, stream.dropped = messages, dropped
+        stream.resent = overflow.size or 0
+        return open_completion(http, stream.messages, stream.model, stream.params)
+
+
+def fit_history(history, model, below=None, room=None):
+    """The history without its oldest turns until it fits the model's context; also how many were left out.
+
+    The system prompt and the question always stay; turns leave in pairs so that roles keep
+    alternating. below: a list the server refused; the result must be shorter than it (when
+    nothing says how large the context is, only the question goes: the one retry must work).
+    """
+    system = history[:1] if history and history[0]["role"] == "system" else []
+    turns = history[len(system):]
+    chars = settings.max_context - sum(len(m["content"]) for m in system)
+    budget = catalog.prompt_budget(model, room)
+    if below is not None and budget is None:
+        turns = turns[-1:]
+    while len(turns) > 1 and (sum(len(t["content"]) for t in turns) > chars or (
+            budget is not None and catalog.estimate(model, system + turns) > budget)
+            or (below is not None and len(system) + len(turns) >= len(below))):
+        turns = turns[2:]
+    return system + turns, (len(history) - len(system) - len(turns))
+
+
+def save_progress(partials, idle, growing, segment):
+    """Save the answers still streaming (which renews their leases) and renew the leases of those that did not
+    grow, all in one transaction: one commit a second. Then try again the finished answers whose final save failed.
+
+    growing: the streams of the partials; segment: the last journal segment whose text they cover.
+    """
+    try:
+        with store.transaction():
+            store.save_partials(partials)
+            store.renew_leases(idle, time.time() + settings.lease_seconds)
+    except store.errors as exc:
+        log_limited("save", "saving answers failed: %s", exc)
+        for stream in growing:
+            stream.saved = -1  # not saved: the next pass saves them again, grown or not
+        return
+    streams.journal.saved(segment)
+    try:
+        for message_id, answer in list(streams.unsaved.items()):
+            store.finish_answer(message_id, answer)
+            del streams.unsaved[message_id]
+            streams.journal.settle(message_id)
+            log.info("saved an answer whose first save had failed")
+    except store.errors as exc:
+        log_limited("save", "saving answers failed: %s", exc)
+
+
+def housekeeping_forever(every=3600.0):
+    """Mark answers whose writer died interrupted (every few seconds); once an hour, forget expired logins
+    and, with CHAT_RETENTION_DAYS, conversations older than that."""
+    last_hourly = -every
+    while True:
+        try:
+            streams.take_over()  # a process sharing the database died: its shown text first, then its leases
+            store.expire_leases(time.time())
+            if time.monotonic() - last_hourly >= every:
+                last_hourly = time.monotonic()
+                deleted = store.expire(time.time(), settings.retention_days and settings.retention_days * 86400)
+                if deleted:
+                    log.info("deleted %d conversations untouched for %g days (CHAT_RETENTION_DAYS)", deleted,
+                             settings.retention_days)
+        except store.errors as exc:
+            log.error("housekeeping failed: %s", exc)
+        gevent.sleep(min(5.0, settings.lease_seconds / 3))
+
+
+def open_streams(url):
+    """The registry of answers: in this process, or shared through Redis when CHAT_REDIS_URL is set."""
+    if not url:
+        return Streams()
+    from chat_scale import RedisStreams  # only when configured: it needs redis-py (requirements-scale.txt)
+    return RedisStreams(url)
+
+
+streams = open_streams(settings.redis_url)
+
+
+# ---------------------------------------------------------------------------
 # Built-in demo model (an OpenAI-compatible endpoint served by this same app)
 # ---------------------------------------------------------------------------
 
@@ -3255,6 +3395,46 @@ class App(bottle.Bottle):
     def default_error_handler(self, res):
         """Every error Bottle makes itself (400, 404, 405, 411, 413, 416, 431...) gets the site's error answer."""
         return error_page(res)
+
+
+def htmx():
+    """True for a request htmx sent (the page with JavaScript); False for a plain form or link."""
+    return bottle.request.get_header("HX-Request") == "true"
+
+
+def wants_page(environ):
+    """True for a browser's own navigation or form (not htmx, not a script): it gets a page, others one plain line."""
+    return environ.get("HTTP_HX_REQUEST") != "true" and "text/html" in (environ.get("HTTP_ACCEPT") or "")
+
+
+def error_body(environ, status, message, conversation=False):
+    """(Content-Type, bytes) of an error answer: the site's page for a browser, else the sentence on one line."""
+    if wants_page(environ):
+        if status.startswith("404") and conversation:
+            return "text/html; charset=utf-8", template("not_found").encode()
+        return "text/html; charset=utf-8", template("error", status=status, message=message).encode()
+    return "text/plain; charset=utf-8", f"{message}\n".encode()
+
+
+def error_page(error):
+    """Short, honest error answers; tracebacks stay in the log. A page someone navigated to gets a page."""
+    if error.status_code == 413 and htmx():
+        return form_error(413, f"Your message is too large; the limit is {settings.max_prompt:,} characters.")
+    content_type, body = error_body(bottle.request.environ, error.status_line, error_message(error),
+                                    conversation=bottle.request.path.startswith("/c/"))
+    bottle.response.content_type = content_type
+    return body
+
+
+def error_message(error):
+    """The sentence an error answer shows: ours as it is, Bottle's without class names or echoed paths."""
+    if error.status_code == 500:  # an exception's text is for the log, not the client
+        return "Something went wrong on the server; it has been logged."
+    body = str(error.body or "").splitlines()[0] if error.body else ""
+    if error.status_code == 404 and (not body or body.startswith("Not found: ")):
+        return "Page not found."
+    body = re.sub(r"^[A-Z]\w*(Error|Exception): ", "", body)
+    return body[:300] or error.status_line[4:] + "."
 
 
 # Request methods whose requests carry no body here: one that comes with one is refused unread.
@@ -3359,49 +3539,6 @@ def demo_caller(environ):
     """True if the request carries this process's own demo key."""
     expected = f"Bearer {settings.demo_key}".encode()
     return settings.demo and hmac.compare_digest((environ.get("HTTP_AUTHORIZATION") or "").encode(), expected)
-
-
-_LOG_LIMITED = {}
-
-
-def log_limited(kind, message, *args, every=10.0):
-    """Log a warning at most once every `every` seconds per kind, with how many were left out."""
-    now = time.monotonic()
-    last, skipped = _LOG_LIMITED.get(kind, (-every, 0))
-    if now - last < every:
-        _LOG_LIMITED[kind] = (last, skipped + 1)
-        return
-    _LOG_LIMITED[kind] = (now, 0)
-    log.warning(message + (f" (and {skipped} more like it)" if skipped else ""), *args)
-
-
-class TokenBuckets:
-    """Token buckets by key (a client address, or one global key): rate tokens a second, up to burst."""
-
-    def __init__(self, rate, burst, max_keys=100_000):
-        self.rate, self.burst, self.max_keys = rate, burst, max_keys
-        self.buckets = {}  # key -> (tokens, when counted)
-
-    def tokens(self, key, now=None):
-        """The tokens this key has now."""
-        now = time.monotonic() if now is None else now
-        tokens, at = self.buckets.get(key, (self.burst, now))
-        return min(self.burst, tokens + (now - at) * self.rate)
-
-    def wait(self, key):
-        """Seconds until this key has a token again (0 if it has one)."""
-        return max(0.0, (1 - self.tokens(key)) / self.rate) if self.rate else 0.0
-
-    def take(self, key):
-        """Take a token; False (and nothing taken) if the bucket is empty."""
-        now = time.monotonic()
-        tokens = self.tokens(key, now)
-        if tokens < 1:
-            return False
-        if len(self.buckets) >= self.max_keys:  # forget the full ones: they are as good as new
-            self.buckets = {k: v for k, v in self.buckets.items() if self.tokens(k, now) < self.burst}
-        self.buckets[key] = (tokens - 1, now)
-        return True
 
 
 app = App()
@@ -3625,7 +3762,7 @@ def login_page():
 
 @app.post("/login")
 def login():
-    """Check the password in constant time, within the guessing budgets (README: Security)."""
+    """Check the password in constant time, within the guessing budgets (docs/security.md)."""
     if not settings.password:
         bottle.redirect("/")
     request = bottle.request
@@ -3688,7 +3825,7 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     """
     no_store()
     plain = bool(bottle.request.get_cookie(PLAIN_COOKIE)) and not htmx()
-    bubbles, live, leaf = render_bubbles(conversation, at=at, plain=plain)
+    bubbles, live, leaf, answering = render_bubbles(conversation, at=at, plain=plain)
     models = catalog.models()
     model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
     system = conversation["system_prompt"] if conversation else store.owner_system_prompt(owner())
@@ -3699,7 +3836,7 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
                     password=bool(settings.password), draft=draft, error=error, leaf=leaf,
                     system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
                     results=results, query=query,
-                    answering=any(b is not LIVE_ANSWER and 'class="msg assistant streaming' in b for b in bubbles))
+                    answering=answering)
     if live is None:
         return page
     before, _, after = page.partition(LIVE_ANSWER)
@@ -3707,11 +3844,12 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
 
 
 def render_bubbles(conversation, at=None, plain=False):
-    """(bubbles, live stream for a plain page or None, leaf id) of the branch shown, with ‹ n/m › where it forks."""
+    """(bubbles, live stream for a plain page or None, leaf id, whether an answer streams into a bubble that
+    connects to it) of the branch shown, with ‹ n/m › where it forks."""
     if conversation is None:
-        return [], None, None
+        return [], None, None, False
     tree, path = branch(conversation, at)
-    bubbles, live = [], None
+    bubbles, live, answering = [], None, False
     last_assistant = max((r["id"] for r in path if r["role"] == "assistant"), default=None)
     for row in path:
         siblings = tree.siblings(row)
@@ -3729,6 +3867,7 @@ def render_bubbles(conversation, at=None, plain=False):
                 bubbles.append(LIVE_ANSWER)
             else:  # reloaded mid-answer: the new bubble replays the stream's log from the start
                 bubbles.append(template("streaming", stream_id=stream.id, nav=nav))
+                answering = True
             continue
         answer = stored_answer(row)
         if row["status"] == "streaming" and (stream is None or not stream.local):
@@ -3738,12 +3877,12 @@ def render_bubbles(conversation, at=None, plain=False):
             answer.update(status="interrupted",
                           notes=answer["notes"] + [NOTES["elsewhere" if elsewhere else "unsaved"]])
         bubbles.append(render_answer(answer, last=row["id"] == last_assistant, nav=nav))
-    return bubbles, live, (path[-1]["id"] if path else None)
+    return bubbles, live, (path[-1]["id"] if path else None), answering
 
 
 def messages_fragment(conversation):
     """The branch shown, for htmx to swap into #chat-messages, and the composer's parent kept in step."""
-    bubbles, _, leaf = render_bubbles(store.conversation(conversation["id"], owner()))
+    bubbles, _, leaf, _ = render_bubbles(store.conversation(conversation["id"], owner()))
     return "".join(bubbles) + template("parent", leaf=leaf)
 
 
@@ -3775,7 +3914,7 @@ def plain_answer(stream):
                     parts.append(f'</div><div class="md-block" hx-disable>{render_block(text)}</div>'
                                  f'<div class="tokens"><span>{html.escape(tail, quote=False)}</span>')
             seen = upto
-            streams.shown()
+            streams.before_showing()
             if stream.finished:
                 yield "".join(parts) + "</div></div></div>\n" + stream.bubble
                 return
@@ -3808,14 +3947,6 @@ def conversation_page(conversation_id):
     except ValueError:
         at = None
     return render_page(owned_conversation(conversation_id), at=at)
-
-
-class Refused(Exception):
-    """A send the limits refuse: an HTTP status and a sentence for the person."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
 
 
 def reserve_stream(conversation_id=None):
@@ -3861,18 +3992,13 @@ def sending(conversation_id=None):
             raise Refused(507, f"Your conversations use the {settings.owner_quota / 2**20:,.0f} MB this server "
                                "keeps for each person. Delete some to go on.")
         yield stream
-    except DATABASE_ERRORS as exc:
+    except store.errors as exc:
         log.error("storing a message failed: %s", exc)
         raise Refused(507, "The server's disk is full: your message was not saved. Try again later."
                       if is_disk_full(exc) else "The server could not save your message. Try again.") from None
     finally:
         if stream.greenlet is None:
             streams.forget(stream)
-
-
-def htmx():
-    """True for a request htmx sent (the page with JavaScript); False for a plain form or link."""
-    return bottle.request.get_header("HX-Request") == "true"
 
 
 PLAIN_COOKIE = "chat_plain"  # this browser sends plain forms: it has no JavaScript
@@ -3917,9 +4043,6 @@ def form_params(forms):
             raise Refused(400, f"{label} must be from {low} to {high}, or blank for the default.")
         params[name] = value
     return params
-
-
-CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])  # C0 controls but tab, LF and CR
 
 
 def check_prompt(prompt):
@@ -4069,7 +4192,7 @@ def search():
         return "<li class=\"no-results\">Too many searches at once; wait a moment.</li>"
     try:
         results = [search_result(row) for row in store.search(owner(), words)]
-    except DATABASE_ERRORS as exc:  # over its time limit, most likely: say so, and the database is free again
+    except store.errors as exc:  # over its time limit, most likely: say so, and the database is free again
         log_limited("search", "a search failed: %s", exc)
         results = []
     if htmx():
@@ -4169,39 +4292,6 @@ def events():
     return streams.events(stream_id, owner(), last_id)
 
 
-def stream_events(stream, last_id, environ=None):
-    """Yield the frames after last_id, then live ones, draining the reader's queue into one write each time
-    (environ: the request's, for its connection)."""
-    environ = environ or {}
-    logged = len(stream.log.kinds)  # token events; a reader's queue takes everything after these
-    if stream.finished:
-        # A reader that already has everything still gets done again: an empty
-        # response would only make the browser reconnect, again and again.
-        yield SSE_HELLO
-        streams.shown()
-        yield from stream.log.frames(min(last_id, logged), logged)
-        yield in_turn(stream.log.done)
-        return
-    reader = Outlet()
-    stream.readers.add(reader)
-    try:
-        yield SSE_HELLO
-        reader.connect(environ)
-        streams.shown()
-        yield from stream.log.frames(last_id, logged)
-        while True:
-            frames = b"".join(reader.wait())
-            streams.shown()
-            yield in_turn(frames)
-            # The done frame was in this batch if the stream finished and nothing came after.
-            if stream.finished and not reader.queue.qsize():
-                return
-            reader.pause_if_behind()
-    finally:
-        stream.readers.discard(reader)
-        stream.left_at = time.monotonic()
-
-
 @app.post("/stop")
 def stop():
     """Stop an answer; the done bubble follows on the event stream."""
@@ -4253,41 +4343,6 @@ def demo_only():
     """The demo endpoint exists only without an upstream, and answers only this process."""
     if not demo_caller(bottle.request.environ):
         bottle.abort(404)
-
-
-def error_page(error):
-    """Short, honest error answers; tracebacks stay in the log. A page someone navigated to gets a page."""
-    if error.status_code == 413 and htmx():
-        return form_error(413, f"Your message is too large; the limit is {settings.max_prompt:,} characters.")
-    content_type, body = error_body(bottle.request.environ, error.status_line, error_message(error),
-                                    conversation=bottle.request.path.startswith("/c/"))
-    bottle.response.content_type = content_type
-    return body
-
-
-def error_message(error):
-    """The sentence an error answer shows: ours as it is, Bottle's without class names or echoed paths."""
-    if error.status_code == 500:  # an exception's text is for the log, not the client
-        return "Something went wrong on the server; it has been logged."
-    body = str(error.body or "").splitlines()[0] if error.body else ""
-    if error.status_code == 404 and (not body or body.startswith("Not found: ")):
-        return "Page not found."
-    body = re.sub(r"^[A-Z]\w*(Error|Exception): ", "", body)
-    return body[:300] or error.status_line[4:] + "."
-
-
-def wants_page(environ):
-    """True for a browser's own navigation or form (not htmx, not a script): it gets a page, others one plain line."""
-    return environ.get("HTTP_HX_REQUEST") != "true" and "text/html" in (environ.get("HTTP_ACCEPT") or "")
-
-
-def error_body(environ, status, message, conversation=False):
-    """(Content-Type, bytes) of an error answer: the site's page for a browser, else the sentence on one line."""
-    if wants_page(environ):
-        if status.startswith("404") and conversation:
-            return "text/html; charset=utf-8", template("not_found").encode()
-        return "text/html; charset=utf-8", template("error", status=status, message=message).encode()
-    return "text/plain; charset=utf-8", f"{message}\n".encode()
 
 
 # ---------------------------------------------------------------------------
@@ -4566,12 +4621,13 @@ def main(argv=None):
         log.error("cannot open the database: %s", redact_url(str(exc)))
         sys.exit(2)
     try:
-        streams.check()
+        streams.open()
     except UnsafeJournal as exc:
         log.error("refusing to start: %s", exc)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001
-        log.error("cannot reach Redis (CHAT_REDIS_URL): %s", redact_url(str(exc)))
+        log.error("cannot reach Redis (CHAT_REDIS_URL): %s" if settings.redis_url else
+                  "cannot open the journal of unsaved text: %s", redact_url(str(exc)))
         sys.exit(2)
     settings.port = server.server_port  # --port 0 picks a free port; the demo needs the real one
     log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port,

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import secrets
+import sqlite3
 import time
 
 import bottle
@@ -192,7 +193,7 @@ EVENTS_PER_CALL = 512  # at most, in one call to Redis: packing and running it s
 OUTBOX_LIMIT = 4096   # events a relay may have waiting for the writer before it waits too
 BUSY_CALLS = 1000     # calls to Redis in a second (~10 % of a core) above which the writer batches
 KIND_CODES = {"message": "m", "reasoning": "r", "block": "b", "done": "d", "status": "s"}
-NUDGE = -1  # put in a reader's queue: read the log again from your last id
+REREAD_LOG = -1  # put in a reader's queue: read the log again from your last id
 
 
 class RemoteAnswer:
@@ -224,8 +225,21 @@ def event_frame(n, kind, payload):
     return payload
 
 
+class SharedStream(chat.Stream):
+    """A Stream whose events also go to Redis, with what the writer greenlet has not written there yet."""
+
+    __slots__ = ("outbox", "flushed")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outbox = []  # (id, kind, payload) events not yet written to Redis
+        self.flushed = 0  # the last event id written there; -1: write the log again
+
+
 class RedisStreams(chat.Streams):
     """Streams shared by every chat.py process on one Redis: same methods, answers readable and stoppable anywhere."""
+
+    stream_class = SharedStream
 
     def __init__(self, url):
         super().__init__()
@@ -346,7 +360,7 @@ class RedisStreams(chat.Streams):
             pipe.set(f"chat:msg:{stream.conversation_id}:{stream.message_id}", stream.id, px=ttl)
         return pipe
 
-    def wanted(self, stream):
+    def anyone_reading(self, stream):
         """Every event is wanted: readers may be in any process."""
         return True
 
@@ -497,7 +511,7 @@ class RedisStreams(chat.Streams):
         pipe.pexpire(log_key, self.kept_ms())
         pipe.execute()
         stream.flushed = upto
-        self.deliver(stream.id, [(NUDGE, None, False)])  # readers here read what they missed from the log
+        self.deliver(stream.id, [(REREAD_LOG, None, False)])  # readers here read what they missed from the log
         log.info("wrote the log of a live answer to Redis again (%d events)", upto)
 
     def refused(self, stream):
@@ -586,7 +600,7 @@ class RedisStreams(chat.Streams):
                     continue
                 out = []
                 for n, frame, done in itertools.chain.from_iterable(items):
-                    if n == NUDGE:
+                    if n == REREAD_LOG:
                         reader.behind = True
                     elif n == 0:
                         out.append(frame)  # the waiting clock: not logged
@@ -732,7 +746,7 @@ class RedisStreams(chat.Streams):
         log.info("connected to Redis again")
         for feed in self.feeds.values():
             for reader in feed:
-                reader.enqueue([(NUDGE, None, False)])
+                reader.enqueue([(REREAD_LOG, None, False)])
         self.renewed = 0.0
 
     # -- stopping and finding ----------------------------------------------------------------
@@ -767,7 +781,7 @@ class RedisStreams(chat.Streams):
             if stream_id and stream_id not in self.by_id:
                 self.stop_remote(stream_id, self.redis.hgetall(f"chat:{stream_id}:job"))
 
-    def check(self):
+    def open(self):
         """Fail at start, not at the first message, when Redis cannot be reached."""
         self.redis.ping()
 
@@ -784,7 +798,7 @@ class RedisStreams(chat.Streams):
 
     # -- the janitor's share ----------------------------------------------------------------
 
-    def maintain(self, now):
+    def tend_shared_answers(self, now):
         """Renew the leases of the answers written here (and obey stop flags), nudge readers that fell
         behind, and finish the answers of writers that died."""
         try:
@@ -830,7 +844,7 @@ class RedisStreams(chat.Streams):
         for stream_id, top in zip(remote, self.tops_script(args=remote)):
             for reader in self.feeds.get(stream_id, ()):
                 if reader.last < top:
-                    reader.enqueue([(NUDGE, None, False)])
+                    reader.enqueue([(REREAD_LOG, None, False)])
 
     def find_dead(self):
         """Answers whose lease ran out, written by a process that died: finish them as interrupted."""
@@ -861,14 +875,13 @@ class RedisStreams(chat.Streams):
                 after = f"({entries[-1][0].decode()}"
             message_id = int(job["message"]) if job.get("message") else None
             conversation_id = job.get("conversation") or None
-            answer = {"bubble_id": stream_id, "conversation_id": conversation_id,
-                      "text": "".join(text["m"]).lstrip("\r\n"), "reasoning": "".join(text["r"]).strip(),
-                      "status": "interrupted", "error": None, "notes": [chat.NOTES["interrupted"]], "footer": "",
-                      "finish_reason": None, "usage": None, "model": job.get("model") or None,
-                      "elapsed": round(time.time() - float(job.get("started") or time.time()), 3)}
+            answer = chat.make_answer(stream_id, conversation_id, "".join(text["m"]).lstrip("\r\n"),
+                                      "".join(text["r"]).strip(), "interrupted", notes=[chat.NOTES["interrupted"]],
+                                      model=job.get("model") or None,
+                                      elapsed=round(time.time() - float(job.get("started") or time.time()), 3))
             nav = ""
             if message_id is not None:
-                with contextlib.suppress(*chat.DATABASE_ERRORS):
+                with contextlib.suppress(*chat.store.errors):
                     nav = chat.sibling_nav(conversation_id, message_id)
             frame = chat.sse_frame("done", chat.render_answer(answer, True, nav), top + 1)
             keys = self.keys(stream_id, job.get("owner", ""), conversation_id)
@@ -878,7 +891,7 @@ class RedisStreams(chat.Streams):
                 if message_id is not None:
                     try:
                         chat.store.finish_answer(message_id, answer)
-                    except chat.DATABASE_ERRORS as exc:
+                    except chat.store.errors as exc:
                         log.error("saving an interrupted answer failed: %s", exc)
         except self.errors as exc:
             chat.log_limited("redis", "Redis is unreachable: %s", chat.redact_url(str(exc)))
@@ -991,6 +1004,7 @@ class PostgresDatabase:
         if psycopg.waiting.wait is getattr(psycopg.waiting, "wait_c", None):
             raise RuntimeError("psycopg would block every greenlet: it was imported before gevent patched select")
         self.psycopg = psycopg
+        self.errors = (sqlite3.Error, psycopg.Error)  # what a failing statement raises, for `except store.errors`
         self.url = url
         self.pool = Queue()
         self.closed = False

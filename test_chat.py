@@ -31,6 +31,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import tomllib  # noqa: E402
 import urllib.parse  # noqa: E402
 import zlib  # noqa: E402
 from collections import namedtuple  # noqa: E402
@@ -1775,6 +1776,17 @@ def test_chat_scale_gets_the_running_script_as_chat():
     assert plain.stdout.strip() == "False", "the defaults must not load chat_scale.py"
 
 
+def test_the_docs_show_the_settings_table_itself():
+    """docs/configuration.md holds every setting as chat.py's SETTINGS renders it, and the README its short list:
+    one source, so a setting added, renamed or re-defaulted in chat.py cannot be documented differently."""
+    configuration = (HERE / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert chat.settings_table() in configuration, "regenerate: python -c \"import chat; print(chat.settings_table())\""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    assert chat.settings_table(common=True) in readme
+    assert len(chat.settings_table(common=True).splitlines()) == 2 + 10  # the ten settings people change most
+    assert {entry.env for entry in chat.SETTINGS} == set(re.findall(r"^\| `([A-Z_]+)`", configuration, re.M))
+
+
 def test_help_documents_every_setting():
     """`python chat.py --help` exits 0 and names every environment variable."""
     result = subprocess.run([sys.executable, "chat.py", "--help"], cwd=HERE, capture_output=True, text=True,
@@ -1782,6 +1794,76 @@ def test_help_documents_every_setting():
     assert result.returncode == 0, result.stderr
     for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "CHAT_MODEL", "HOST", "PORT", "CHAT_DB"):
         assert name in result.stdout, name
+
+
+# ---------------------------------------------------------------------------
+# The README is a first screen whose commands work as pasted; the docs' links lead somewhere
+# ---------------------------------------------------------------------------
+
+# On stock Debian 12 and Ubuntu 24.04 there is python3 but no python, and pip refuses to install into the
+# system's Python (PEP 668): each command makes a venv and runs the venv's Python.
+README_COMMANDS = {
+    "## Run it": "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python chat.py",
+    "## Test it": "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt -r requirements-scale.txt"
+                  " -r ship/requirements.txt pytest==9.2.0 webtest==3.0.7 playwright==1.65.2"
+                  " && .venv/bin/python -m pytest -q",
+    "## Deploy": "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt -r ship/requirements.txt"
+                 " && .venv/bin/python ship/build.py",
+}
+
+
+def doc_section(path, heading):
+    """The text under a ## heading of a Markdown file of the repository, up to the next ## heading."""
+    text = (HERE / path).read_text(encoding="utf-8")
+    section = re.search(rf"^{re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert section, f"{path} has no {heading} section"
+    return section.group(1)
+
+
+def test_readme_is_a_first_screen_whose_commands_work_as_pasted():
+    """README.md fits 250 lines; the first block under Run it, Test it and Deploy is its command, exactly; and
+    .ci/run runs the Test it command, exactly."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 250, f"README.md has {len(readme.splitlines())} lines"
+    for heading, command in README_COMMANDS.items():
+        block = re.search(r"^```[^\n]*\n(.*?)^```$", doc_section("README.md", heading), re.M | re.S)
+        assert block and block.group(1).strip() == command, f"the first block under {heading}"
+    ci_lines = (HERE / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert README_COMMANDS["## Test it"] in ci_lines
+
+
+def test_docs_links_lead_to_files_that_exist():
+    """Every relative link and image in README.md, docs/*.md and bench/README.md names a file or folder that
+    exists, without an #anchor (a heading can be renamed unnoticed; a file cannot)."""
+    pages = [HERE / "README.md", HERE / "bench" / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        text = re.sub(r"^```.*?^```$", "", text, flags=re.M | re.S)  # code blocks and spans hold no links
+        text = re.sub(r"`[^`\n]*`", "", text)
+        targets = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"<img [^>]*src=\"([^\"]+)\"", text)
+        for target in targets:
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+                continue
+            name = page.relative_to(HERE)
+            assert "#" not in target, f"{name}: {target} has an anchor"
+            assert (page.parent / target).exists(), f"{name}: {target} does not exist"
+            checked += 1
+    assert checked >= 20, checked
+
+
+def test_chat_py_carries_its_requirements_inline():
+    """chat.py opens with PEP 723 metadata, so `uv run chat.py` and `pipx run chat.py` work: requirements.txt's
+    pins, exactly, and the Python the suite runs on."""
+    source = (HERE / "chat.py").read_text(encoding="utf-8")
+    assert source.startswith("# /// script\n")
+    # PEP 723's reference regular expression.
+    blocks = list(re.finditer(r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$", source))
+    assert [block.group("type") for block in blocks] == ["script"]
+    content = "".join(line[2:] if line.startswith("# ") else line[1:]
+                      for line in blocks[0].group("content").splitlines(keepends=True))
+    pins = [line.split("#")[0].strip() for line in (HERE / "requirements.txt").read_text(encoding="utf-8").splitlines()]
+    assert tomllib.loads(content) == {"requires-python": ">=3.11", "dependencies": [pin for pin in pins if pin]}
 
 
 # ---------------------------------------------------------------------------
@@ -1903,7 +1985,7 @@ def page_upstream():
 @pytest.fixture(scope="module")
 def live_chat(request, page_upstream, tmp_path_factory):
     """python chat.py talking to the fake upstream; or (parametrized) two of them sharing Redis and their SQLite
-    file, behind nginx with the README's "Scale out" upstream block, which takes them in turn request by request."""
+    file, behind nginx with docs/scale-out.md's upstream block, which takes them in turn request by request."""
     folder = tmp_path_factory.mktemp("live")
     settings = dict(OPENAI_BASE_URL=page_upstream.url, CHAT_MODEL="test-model", NO_PROXY="127.0.0.1",
                     CHAT_STREAM_GRACE="30")
@@ -3184,36 +3266,31 @@ def test_other_errors_are_not_context_overflows():
 
 
 # ---------------------------------------------------------------------------
-# Behind nginx: the README's configuration, exactly, in front of a real chat.Server
+# Behind nginx: docs/deploy.md's configuration, exactly, in front of a real chat.Server
 # ---------------------------------------------------------------------------
 
-def readme_nginx_block():
-    """The one ```nginx block of the README's ## Deploy section."""
-    readme = (HERE / "README.md").read_text(encoding="utf-8")
-    deploy = re.search(r"^## Deploy\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
-    assert deploy, "README.md has no ## Deploy section"
-    blocks = re.findall(r"^```nginx\n(.*?)^```$", deploy.group(1), re.M | re.S)
-    assert len(blocks) == 1, f"expected one ```nginx block under ## Deploy, found {len(blocks)}"
+def deploy_nginx_block():
+    """The one ```nginx block of docs/deploy.md's ## Behind nginx section."""
+    blocks = re.findall(r"^```nginx\n(.*?)^```$", doc_section("docs/deploy.md", "## Behind nginx"), re.M | re.S)
+    assert len(blocks) == 1, f"expected one ```nginx block under ## Behind nginx, found {len(blocks)}"
     return blocks[0]
 
 
 def scaled_nginx_block(second_port):
-    """The Deploy block with the "Scale out" section's upstream block: its first server becomes the port Nginx
-    fills in, its second one second_port."""
-    readme = (HERE / "README.md").read_text(encoding="utf-8")
-    section = re.search(r"^## Scale out\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
-    assert section, "README.md has no ## Scale out section"
-    (upstream,) = re.findall(r"^```nginx\n(.*?)^```$", section.group(1), re.M | re.S)
+    """The Deploy block with docs/scale-out.md's upstream block: its first server becomes the port Nginx fills
+    in, its second one second_port."""
+    scale_out = (HERE / "docs" / "scale-out.md").read_text(encoding="utf-8")
+    (upstream,) = re.findall(r"^```nginx\n(.*?)^```$", scale_out, re.M | re.S)
     upstream = substitute(upstream, "server 10.0.0.11:8080;", "server 127.0.0.1:8080;")
     upstream = substitute(upstream, "server 10.0.0.12:8080;", f"server 127.0.0.1:{second_port};")
-    deploy = readme_nginx_block()
+    deploy = deploy_nginx_block()
     (original,) = re.findall(r"^upstream chat \{.*?^\}\n", deploy, re.M | re.S)
     return deploy.replace(original, upstream)
 
 
 def substitute(text, old, new):
-    """text with old replaced by new; old must be there exactly once, so the README cannot drift from the test."""
-    assert text.count(old) == 1, f"the README's nginx block should contain {old!r} exactly once"
+    """text with old replaced by new; old must be there exactly once, so the docs cannot drift from the test."""
+    assert text.count(old) == 1, f"the documented nginx block should contain {old!r} exactly once"
     return text.replace(old, new)
 
 
@@ -3312,12 +3389,12 @@ http {{
 
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory):
-    """chat.app on a real chat.Server (TCP on loopback) behind the README's nginx block; yields the Nginx."""
+    """chat.app on a real chat.Server (TCP on loopback) behind docs/deploy.md's nginx block; yields the Nginx."""
     seen = Seen(chat.app)
     srv = chat.Server(("127.0.0.1", 0), seen, log=None)
     srv.start()
     try:
-        front = Nginx(tmp_path_factory.mktemp("nginx"), srv.server_port, readme_nginx_block())
+        front = Nginx(tmp_path_factory.mktemp("nginx"), srv.server_port, deploy_nginx_block())
     except BaseException:
         srv.stop(timeout=2)
         raise
@@ -3329,7 +3406,7 @@ def nginx(tmp_path_factory):
 
 @pytest.fixture
 def via_nginx(nginx, monkeypatch):
-    """The README's nginx in front of chat.py; the test's browser-like client trusts its certificate."""
+    """docs/deploy.md's nginx in front of chat.py; the test's browser-like client trusts its certificate."""
     monkeypatch.setattr(web, "verify", str(nginx.cert))
     nginx.seen.clear()
     return nginx
@@ -3423,8 +3500,8 @@ def test_nginx_keeps_the_pages_own_posts_same_origin(upstream, via_nginx):
 
 
 def test_nginx_host_without_port_would_refuse_the_pages_own_posts(nginx, upstream, tmp_path):
-    """With `Host $host` (port dropped) instead of the README's `$http_host`, chat.py refuses the page's POST."""
-    block = substitute(readme_nginx_block(), "proxy_set_header Host $http_host;", "proxy_set_header Host $host;")
+    """With `Host $host` (port dropped) instead of docs/deploy.md's `$http_host`, chat.py refuses the page's POST."""
+    block = substitute(deploy_nginx_block(), "proxy_set_header Host $http_host;", "proxy_set_header Host $host;")
     front = Nginx(tmp_path, nginx.chat_port, block)
     try:
         response = web.post(f"{front.url}/streaming", data={"prompt": "Hi"}, headers={"Origin": front.origin},
@@ -3482,9 +3559,9 @@ def nginx_seconds(value):
 
 
 def test_nginx_event_streams_outlast_the_longest_answer():
-    """The README's /events location buffers nothing and waits longer than a 15-minute answer between reads."""
-    events = re.search(r"location = /events \{(.*?)\}", readme_nginx_block(), re.S)
-    assert events, "the README's nginx block has no `location = /events`"
+    """docs/deploy.md's /events location buffers nothing and waits longer than a 15-minute answer between reads."""
+    events = re.search(r"location = /events \{(.*?)\}", deploy_nginx_block(), re.S)
+    assert events, "docs/deploy.md's nginx block has no `location = /events`"
     assert re.search(r"^\s*proxy_buffering off;", events.group(1), re.M)
     timeout = re.search(r"^\s*proxy_read_timeout ([^;]+);", events.group(1), re.M)
     assert timeout and nginx_seconds(timeout.group(1)) >= 15 * 60

@@ -1,8 +1,8 @@
 """Build dist/chat.pyz (shiv zipapp) and dist/chat (PyInstaller one-file) from the installed packages.
 
-    pip install -r requirements.txt -r ship/requirements.txt && python ship/build.py
+    python3 -m venv .venv && .venv/bin/pip install -r requirements.txt -r ship/requirements.txt && .venv/bin/python ship/build.py
 
-Run from the repository root in a fresh venv. Nothing is downloaded: both artifacts are
+Run from the repository root with a venv's Python (the README's Deploy command makes one). Nothing is downloaded: both artifacts are
 made from the distributions installed in this interpreter's environment, so they hold
 exactly the versions that were tested. Options: --out DIR (default ./dist), --only pyz|exe.
 """
