@@ -1071,13 +1071,16 @@ class Soak:
         return env
 
     def snapshot_code(self):
-        """Copy chat.py with its templates/ and static/: a restart runs the same code even if the
+        """Copy chat.py with its chat_*.py modules, templates/ and static/: a restart runs the same code even if the
         working tree changes meanwhile, and the JSON says which code was soaked (sha256)."""
         import hashlib
         src = os.path.dirname(os.path.abspath(self.a.chat_py))
         dst = os.path.join(self.tmp, "code")
         os.makedirs(dst)
         shutil.copy2(self.a.chat_py, os.path.join(dst, "chat.py"))
+        for name in os.listdir(src):  # its modules (chat_scale.py: Redis and PostgreSQL, imported when configured)
+            if name.startswith("chat_") and name.endswith(".py"):
+                shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
         for sub in ("templates", "static"):
             if os.path.isdir(os.path.join(src, sub)):
                 shutil.copytree(os.path.join(src, sub), os.path.join(dst, sub))
