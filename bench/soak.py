@@ -2700,12 +2700,17 @@ def judge_faults(soak, rows, chats, base_done_delay):
             base = base_delay_p99 or 0
             e["users_done_delay_ms"] = {"p99": delay_p99, "max": delay_max, "baseline_p99": base}
             prompt_ = delay_p99 is not None and delay_p99 <= base + 500
-            e["ok"] = e["ok"] and prompt_
+            # And their tokens: p99* within 2 x the reference, unless the machine disturbed the window.
+            held = not (row["p99_ratio"] and row["p99_ratio"] > 2
+                        and not noisy(row["floor_p99_ms"], row["foreign_cpu"], soak.typical_floor))
+            e["ok"] = e["ok"] and prompt_ and held
             e["summary"] += (f"; the well-behaved chats' `done` came p99 {fmt(delay_p99)} / max {fmt(delay_max)} ms "
                              f"after their last token (baseline p99 {fmt(base)} ms; promptly: <= baseline + 500 ms), "
                              f"their tokens p99* {fmt(row['p99_clean_ms'], 2)} ms ({fmt(row['p99_ratio'], 2)} x)")
             if not prompt_:
                 e["summary"] += "; DONE BUBBLES DELAYED"
+            if not held:
+                e["summary"] += "; THEIR P99 DID NOT HOLD (a clean window)"
         elif base_name in ("chunked", "hog", "owners", "guessrotate", "search"):
             e["log"] = logs
             if base_name == "chunked":
