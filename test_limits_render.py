@@ -200,7 +200,8 @@ def test_an_ordinary_answer_renders_promptly_while_a_pathological_one_renders():
         ordinary = gevent.spawn(bubble_of, ordinary_text(20_000, hostile_lane))
         wait_until(ordinary.ready, timeout=10, what="the ordinary answer's bubble")
         took = time.monotonic() - started
-        assert not hostile.ready(), "the hostile answer finished first"
+        if hostile_lane == "RENDER_LANE":  # it has its whole budget in the long lane still ahead of it
+            assert not hostile.ready(), "the hostile answer finished first"
         assert "<strong>bold</strong>" in ordinary.get()
         assert took < 4 * alone_seconds + 10 * chat.RENDER_SLICE, (took, alone_seconds)
         assert "too long or too intricate" in hostile.get(timeout=10)
