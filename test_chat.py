@@ -4716,7 +4716,7 @@ def test_the_schema_migration_keeps_old_conversations(tmp_path):
     """A database from before branches opens as one branch per conversation, showing all of it, searchable."""
     path = str(tmp_path / "old.db")
     old = sqlite3.connect(path)
-    old.executescript(chat.MIGRATIONS[0] + chat.MIGRATIONS[1] + "PRAGMA user_version = 2;")
+    old.executescript(chat.MIGRATIONS[0].sqlite + chat.MIGRATIONS[1].sqlite + "PRAGMA user_version = 2;")
     old.execute("INSERT INTO conversations VALUES ('c1', 'owner1', 'Old chat', '', NULL, 1, 2)")
     for n, (role, content) in enumerate([("user", "old question"), ("assistant", "old answer"),
                                           ("user", "again"), ("assistant", "zebra crossing")], 1):

@@ -8,7 +8,6 @@ import pytest
 import webtest
 
 import chat
-import chat_scale
 from test_chat import database, isolated, postgres_url  # noqa: F401 — the autouse fixtures, and PostgreSQL
 
 FOREIGN_ROWS = 20_000
@@ -57,7 +56,7 @@ def test_search_time_does_not_depend_on_other_owners_messages(database):
 def old_sqlite_database(path):
     """An SQLite file at the schema before search terms carried their owner, with two owners' messages."""
     old = sqlite3.connect(path)
-    old.executescript("".join(chat.MIGRATIONS[:4]) + "PRAGMA user_version = 4;")
+    old.executescript("".join(m.sqlite for m in chat.MIGRATIONS[:4]) + "PRAGMA user_version = 4;")
     for owner, conversation, text in (("owner1", "c1", "a zebra crossing"), ("owner2", "c2", "zebra stripes")):
         old.execute("INSERT INTO conversations (id, owner, title, created, updated) VALUES (?, ?, 'Zebra talk', 1, 1)",
                     (conversation, owner))
@@ -72,7 +71,7 @@ def old_postgres_database(url):
     import psycopg
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        connection.execute(chat_scale.PG_MIGRATIONS[0])
+        connection.execute(chat.MIGRATIONS[3].postgresql)
         connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL); "
                            "INSERT INTO schema_version VALUES (1)")
         for owner, conversation, text in (("owner1", "c1", "a zebra crossing"), ("owner2", "c2", "zebra stripes")):
