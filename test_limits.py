@@ -272,6 +272,8 @@ def test_the_device_cookie_survives_a_restart_and_gets_in_during_an_attack(tmp_p
     known.cookies.set(chat.DEVICE_COOKIE, device)
     again = ChatProcess(tmp_path / "again.log", **env)
     try:
+        bystander = Bystander(again.url, PASSWORD).start()  # logged in before the attack: it has its session
+
         def guess(n):
             return requests.post(f"{again.url}/login", data={"password": f"guess {n}"},
                                  headers={"X-Forwarded-For": f"198.51.100.{n}"}, timeout=10).status_code
@@ -288,6 +290,7 @@ def test_the_device_cookie_survives_a_restart_and_gets_in_during_an_attack(tmp_p
         response = known.post(f"{again.url}/login", data={"password": PASSWORD}, allow_redirects=False, timeout=5)
         assert response.status_code in (302, 303)
         assert known.get(f"{again.url}/", timeout=5).status_code == 200
+        bystander.stop()
     finally:
         again.stop()
 
@@ -329,6 +332,29 @@ def test_new_owners_from_rotating_addresses_hit_the_global_budget(tmp_path):
         assert local == [200] * 5
     finally:
         process.stop()
+
+
+# -- 6. search sees only its owner (the timing test is in test_limits_search.py) ---------------------------
+
+def test_a_cookieless_search_flood_is_held_to_its_address_budget_and_slows_nobody(open_chat):
+    """Four connections searching without a cookie (a new owner at every request, so no per-owner budget
+    applies) from one address: past the per-address budget they get 429, and other people's chats go on."""
+    bystander = Bystander(open_chat.url)
+    bystander.probe()
+    bystander.start()
+    statuses = []
+
+    def flood(connection):
+        with session() as browser:
+            for n in range(60):
+                statuses.append(browser.get(f"{open_chat.url}/search", params={"q": f"word{n} other"},
+                                            headers={"X-Forwarded-For": "198.51.100.77", **HX}, timeout=10).status_code)
+    started = time.monotonic()
+    gevent.joinall([gevent.spawn(flood, c) for c in range(4)], timeout=60, raise_error=True)
+    elapsed = time.monotonic() - started
+    bystander.stop()
+    assert len(statuses) == 240 and set(statuses) <= {200, 429}
+    assert statuses.count(200) <= 20 + 5 * elapsed + 1  # a burst of 20, then 5 a second
 
 
 # -- 7. connections are shared fairly ----------------------------------------------------------------------
