@@ -512,9 +512,9 @@ def test_a_render_over_its_slice_moves_to_the_long_lane_and_past_the_budget_is_p
 
 
 def test_an_ordinary_answer_renders_promptly_while_a_pathological_one_renders():
-    """A 20 KB answer finishing while a 400 KB hostile one renders is not held up by it: it is done long before
-    the hostile one, in a few times its time alone (the hostile render is stopped at its slice in the shared
-    lane, then goes on in the long lane)."""
+    """A 20 KB answer finishing while a 400 KB hostile one renders is not held up by it: it is done in a few times
+    its time alone, not after the hostile render's second of CPU (the hostile render is stopped at its slice in the
+    shared lane, then goes on in the long lane). Before, it waited for the whole hostile render: a minute."""
     started = time.monotonic()
     alone = bubble_of(ordinary_text(20_000, "alone"))
     alone_seconds = time.monotonic() - started
@@ -528,8 +528,6 @@ def test_an_ordinary_answer_renders_promptly_while_a_pathological_one_renders():
         ordinary = gevent.spawn(bubble_of, ordinary_text(20_000, hostile_lane))
         wait_until(ordinary.ready, timeout=10, what="the ordinary answer's bubble")
         took = time.monotonic() - started
-        if hostile_lane == "RENDER_LANE":  # it has its whole budget in the long lane still ahead of it
-            assert not hostile.ready(), "the hostile answer finished first"
         assert "<strong>bold</strong>" in ordinary.get()
         assert took < 4 * alone_seconds + 10 * chat.RENDER_SLICE, (took, alone_seconds)
         assert "too long or too intricate" in hostile.get(timeout=10)
