@@ -544,28 +544,13 @@ def test_bracket_math_still_finds_its_closer():
 # End to end: a real `python chat.py` and two browsers
 # ---------------------------------------------------------------------------
 
-def browser_session():
-    """A browser-like client of its own (its own owner cookie), as the page's htmx speaks."""
-    session = requests.Session()
-    session.trust_env = False
-    session.headers.update(HX)
-    return session
-
-
-def post(session, base, prompt):
-    """POST a prompt; return the new stream id."""
-    response = session.post(f"{base}/streaming", data={"prompt": prompt}, timeout=5)
-    assert response.status_code == 200, response.text
-    return re.search(r'sse-connect="/events\?stream=([A-Za-z0-9_-]+)"', response.text).group(1)
-
-
 def test_a_hostile_400_kb_answer_leaves_other_chats_and_healthz_fast(tmp_path):
     """A real chat.py relays a 400 KB answer of pathological Markdown while another browser's ordinary answer
     finishes: the ordinary one is done well before the hostile one's bubble (shown as plain text), and
     /healthz answers quickly all along."""
     upstream = FakeUpstream()
     app = poller = None
-    hostile_browser, ordinary_browser = browser_session(), browser_session()
+    hostile_browser, ordinary_browser = browser(), browser()
     try:
         hostile_text = CORPUS["![ repeated"](BIG - 20_000)
         hostile = answer(*(hostile_text[i:i + 4000] for i in range(0, len(hostile_text), 4000)), " the end")
@@ -585,10 +570,10 @@ def test_a_hostile_400_kb_answer_leaves_other_chats_and_healthz_fast(tmp_path):
 
         chats = lambda: [r for r in upstream.requests if r.path.endswith("/chat/completions")]  # noqa: E731
         upstream.serve(hostile)
-        hostile_id = post(hostile_browser, app.url, "Say something hostile")
+        hostile_id, _ = start_chat(hostile_browser, app.url, "Say something hostile")
         wait_until(lambda: len(chats()) == 1, timeout=5, what="the hostile answer's request")
         reply = upstream.serve(ordinary, pause_at=after_event(ordinary, b"Last words."))
-        ordinary_id = post(ordinary_browser, app.url, "Say something ordinary")
+        ordinary_id, _ = start_chat(ordinary_browser, app.url, "Say something ordinary")
         wait_until(lambda: len(chats()) == 2, timeout=5, what="the ordinary answer's request")
 
         done_at = {}
