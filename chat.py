@@ -1640,9 +1640,13 @@ def render_in_background(text):
 # Storage: conversations in SQLite (the same Database interface over PostgreSQL is in chat_scale.py)
 # ---------------------------------------------------------------------------
 
-# Each entry migrates the schema from version N to N+1 (PRAGMA user_version); append, never edit.
+# The schema's history, one named step each, in both dialects; append, never edit. SQLite applies every step
+# (PRAGMA user_version counts them). PostgreSQL started at the schema of "leases", so that step creates it all
+# there and the ones before have nothing to do (None); its schema_version counts the steps it has a script for.
+Migration = collections.namedtuple("Migration", "name sqlite postgresql")
+
 MIGRATIONS = [
-    """
+    Migration("conversations and messages", sqlite="""
     CREATE TABLE conversations (
         id TEXT PRIMARY KEY,
         owner TEXT NOT NULL,
@@ -1671,17 +1675,17 @@ MIGRATIONS = [
     );
     CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
     CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """,
-    """
+    """, postgresql=None),
+    Migration("login sessions", sqlite="""
     CREATE TABLE sessions (
         token_hash TEXT PRIMARY KEY,     -- sha256 of the cookie: a stolen database holds no live cookie
         password_tag TEXT NOT NULL,      -- which password it was issued under: a new one logs everyone out
         expires REAL NOT NULL
     );
-    """,
+    """, postgresql=None),
     # Branches: every message hangs from the one before it on its path; a conversation shows
     # the path to its leaf. Old conversations become one branch each.
-    """
+    Migration("branches, parameters and search", sqlite="""
     ALTER TABLE messages ADD COLUMN parent_id INTEGER REFERENCES messages (id) ON DELETE CASCADE;
     UPDATE messages SET parent_id = (SELECT MAX(p.id) FROM messages p
                                      WHERE p.conversation_id = messages.conversation_id AND p.id < messages.id);
@@ -1718,16 +1722,40 @@ MIGRATIONS = [
     CREATE TRIGGER title_unindexed AFTER DELETE ON conversations BEGIN
         DELETE FROM title_search WHERE rowid = old.rowid;
     END;
-    """,
+    """, postgresql=None),
     # Crash recovery by lease: a streaming answer whose writer stopped renewing it is interrupted.
-    """
+    Migration("leases", sqlite="""
     ALTER TABLE messages ADD COLUMN lease_until REAL;
     CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
-    """,
+    """, postgresql="""
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY, owner TEXT NOT NULL, title TEXT NOT NULL, system_prompt TEXT NOT NULL DEFAULT '',
+        model TEXT, created DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL, leaf_id BIGINT,
+        temperature DOUBLE PRECISION, top_p DOUBLE PRECISION, max_tokens INTEGER
+    );
+    CREATE INDEX conversations_by_owner ON conversations (owner, updated DESC);
+    CREATE INDEX conversations_search ON conversations USING GIN (to_tsvector('simple', title));
+    CREATE TABLE messages (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        parent_id BIGINT REFERENCES messages (id) ON DELETE CASCADE,
+        role TEXT NOT NULL, content TEXT NOT NULL DEFAULT '', reasoning TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'done', error TEXT, notes TEXT NOT NULL DEFAULT '[]',
+        footer TEXT NOT NULL DEFAULT '', finish_reason TEXT, usage TEXT, model TEXT,
+        elapsed DOUBLE PRECISION, created DOUBLE PRECISION NOT NULL, lease_until DOUBLE PRECISION
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    CREATE INDEX messages_by_parent ON messages (parent_id);
+    CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
+    CREATE INDEX messages_search ON messages USING GIN (to_tsvector('simple', content));
+    CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, password_tag TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL);
+    CREATE TABLE owner_settings (owner TEXT PRIMARY KEY, system_prompt TEXT NOT NULL DEFAULT '');
+    """),
     # Search reads only its owner's entries: every word is indexed with the owner's key in front
     # (search_terms(), which chat.py gives its connections), so a match never walks other owners'
     # rows, and its time tells nothing about them. The text stored is the keyed text.
-    """
+    Migration("search by owner", sqlite="""
     DROP TRIGGER message_indexed;
     DROP TRIGGER message_reindexed;
     DROP TRIGGER message_unindexed;
@@ -1763,7 +1791,33 @@ MIGRATIONS = [
     CREATE TRIGGER title_unindexed AFTER DELETE ON conversations BEGIN
         DELETE FROM title_search WHERE rowid = old.rowid;
     END;
-    """,
+    """, postgresql="""
+    ALTER TABLE messages ADD COLUMN owner TEXT;
+    UPDATE messages m SET owner = c.owner FROM conversations c WHERE c.id = m.conversation_id;
+    CREATE FUNCTION message_owner() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.owner := (SELECT owner FROM conversations WHERE id = NEW.conversation_id);
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER message_owner BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION message_owner();
+    -- COST: computing it row by row is what the index is for; the planner must never prefer that.
+    CREATE FUNCTION search_terms(owner TEXT, body TEXT) RETURNS tsvector LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    COST 100000 AS $$
+        SELECT array_to_tsvector(ARRAY(SELECT left(md5(coalesce(owner, '')), 8) || lexeme
+                                       FROM unnest(to_tsvector('pg_catalog.simple', body))))
+    $$;
+    CREATE FUNCTION search_query(owner TEXT, words TEXT) RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT string_agg('''' || replace(replace(left(md5(owner), 8) || lexeme, chr(92), chr(92) || chr(92)),
+                                          '''', '''''') || ''':*', ' & ')::tsquery
+        FROM unnest(to_tsvector('pg_catalog.simple', words))
+    $$;
+    -- fastupdate off: entries waiting in GIN's pending list are read by every search, every owner's.
+    DROP INDEX messages_search;
+    CREATE INDEX messages_search ON messages USING GIN (search_terms(owner, content)) WITH (fastupdate = off)
+        WHERE status != 'streaming';
+    DROP INDEX conversations_search;
+    CREATE INDEX conversations_search ON conversations USING GIN (search_terms(owner, title)) WITH (fastupdate = off);
+    """),
 ]
 
 class Result:
@@ -1827,8 +1881,8 @@ class SQLiteDatabase:
         db.execute("BEGIN IMMEDIATE")
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], version + 1):
-                for statement in split_sql(script):
+            for number, migration in enumerate(MIGRATIONS[version:], version + 1):
+                for statement in split_sql(migration.sqlite):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
         except BaseException:

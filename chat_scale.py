@@ -905,64 +905,6 @@ class RedisStreams(chat.Streams):
 # PostgreSQL (CHAT_DATABASE_URL): the Database interface over psycopg, and its migrations
 # ---------------------------------------------------------------------------
 
-# PostgreSQL starts at today's schema; later changes are appended here, like MIGRATIONS.
-PG_MIGRATIONS = [
-    """
-    CREATE TABLE conversations (
-        id TEXT PRIMARY KEY, owner TEXT NOT NULL, title TEXT NOT NULL, system_prompt TEXT NOT NULL DEFAULT '',
-        model TEXT, created DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL, leaf_id BIGINT,
-        temperature DOUBLE PRECISION, top_p DOUBLE PRECISION, max_tokens INTEGER
-    );
-    CREATE INDEX conversations_by_owner ON conversations (owner, updated DESC);
-    CREATE INDEX conversations_search ON conversations USING GIN (to_tsvector('simple', title));
-    CREATE TABLE messages (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        parent_id BIGINT REFERENCES messages (id) ON DELETE CASCADE,
-        role TEXT NOT NULL, content TEXT NOT NULL DEFAULT '', reasoning TEXT NOT NULL DEFAULT '',
-        status TEXT NOT NULL DEFAULT 'done', error TEXT, notes TEXT NOT NULL DEFAULT '[]',
-        footer TEXT NOT NULL DEFAULT '', finish_reason TEXT, usage TEXT, model TEXT,
-        elapsed DOUBLE PRECISION, created DOUBLE PRECISION NOT NULL, lease_until DOUBLE PRECISION
-    );
-    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
-    CREATE INDEX messages_by_parent ON messages (parent_id);
-    CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
-    CREATE INDEX messages_search ON messages USING GIN (to_tsvector('simple', content));
-    CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, password_tag TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL);
-    CREATE TABLE owner_settings (owner TEXT PRIMARY KEY, system_prompt TEXT NOT NULL DEFAULT '');
-    """,
-    # Search reads only its owner's entries, as in SQLite: the indexes hold every lexeme with the
-    # owner's key in front (search_terms), so messages carry their owner. A search finds its
-    # candidates there (search_query: every word as a keyed prefix), then checks the words as before.
-    """
-    ALTER TABLE messages ADD COLUMN owner TEXT;
-    UPDATE messages m SET owner = c.owner FROM conversations c WHERE c.id = m.conversation_id;
-    CREATE FUNCTION message_owner() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        NEW.owner := (SELECT owner FROM conversations WHERE id = NEW.conversation_id);
-        RETURN NEW;
-    END $$;
-    CREATE TRIGGER message_owner BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION message_owner();
-    -- COST: computing it row by row is what the index is for; the planner must never prefer that.
-    CREATE FUNCTION search_terms(owner TEXT, body TEXT) RETURNS tsvector LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    COST 100000 AS $$
-        SELECT array_to_tsvector(ARRAY(SELECT left(md5(coalesce(owner, '')), 8) || lexeme
-                                       FROM unnest(to_tsvector('pg_catalog.simple', body))))
-    $$;
-    CREATE FUNCTION search_query(owner TEXT, words TEXT) RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-        SELECT string_agg('''' || replace(replace(left(md5(owner), 8) || lexeme, chr(92), chr(92) || chr(92)),
-                                          '''', '''''') || ''':*', ' & ')::tsquery
-        FROM unnest(to_tsvector('pg_catalog.simple', words))
-    $$;
-    -- fastupdate off: entries waiting in GIN's pending list are read by every search, every owner's.
-    DROP INDEX messages_search;
-    CREATE INDEX messages_search ON messages USING GIN (search_terms(owner, content)) WITH (fastupdate = off)
-        WHERE status != 'streaming';
-    DROP INDEX conversations_search;
-    CREATE INDEX conversations_search ON conversations USING GIN (search_terms(owner, title)) WITH (fastupdate = off);
-    """,
-]
 
 
 
@@ -1028,12 +970,13 @@ class PostgresDatabase:
             self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = self.execute("SELECT version FROM schema_version").fetchone()
             version = row[0] if row else 0
-            for number, script in enumerate(PG_MIGRATIONS[version:], version + 1):
+            steps = [migration.postgresql for migration in chat.MIGRATIONS if migration.postgresql]
+            for script in steps[version:]:
                 self.execute(script)
             if not row:
-                self.execute("INSERT INTO schema_version VALUES (?)", (len(PG_MIGRATIONS),))
-            elif version < len(PG_MIGRATIONS):
-                self.execute("UPDATE schema_version SET version = ?", (len(PG_MIGRATIONS),))
+                self.execute("INSERT INTO schema_version VALUES (?)", (len(steps),))
+            elif version < len(steps):
+                self.execute("UPDATE schema_version SET version = ?", (len(steps),))
 
     @contextlib.contextmanager
     def connection(self):
@@ -1093,7 +1036,7 @@ class PostgresDatabase:
     def search_rows(self, query, owner, limit, marks, words):
         """The search's two statements (inside search()'s transaction, with its time limit).
 
-        The owner's keyed index finds the candidates (search_query, see PG_MIGRATIONS); the query as
+        The owner's keyed index finds the candidates (search_query, see the "search by owner" migration); the query as
         before picks the rows among them, ranks and highlights them.
         """
         titles = self.execute(

@@ -1,18 +1,17 @@
-from gevent import monkey; monkey.patch_all()  # noqa: E702 — before anything imports socket (see test_chat.py)
+from gevent import monkey; monkey.patch_all()  # noqa: E702 — before anything imports socket (see conftest.py)
 
 # Issue 20 "Hardened": every buffer on the upstream read path is capped (a hostile or broken model
-# server costs a few MB, and the answer ends with a clear note, its text so far kept), the database
-# has a size quota (CHAT_MAX_DB_MB), and a journal folder others may write to is refused at start.
+# server costs a few MB, and the answer ends with a clear note, its text so far kept), and
+# rendering is fair and bounded: no answer of the answer limit's size holds the renderer for
+# more than about a second, whatever its Markdown or TeX.
 
-import base64  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
+import gc  # noqa: E402
+import html  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
 import sqlite3  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
 
@@ -22,10 +21,9 @@ import pytest  # noqa: E402
 import requests  # noqa: E402
 
 import chat  # noqa: E402
-from test_chat import (  # noqa: E402,F401 — fixtures (isolated, database, postgres_url, client, upstream) by name
-    HERE, HX, ROLE, ChatProcess, FakeUpstream, Transcript, after_event, alerts, answer, choice, clean_env, client, data,
-    database, db_rows, free_port, isolated, notes, postgres_url, read_events, reasoning_text, send_in, source_text,
-    upstream, wait_until)
+from testkit import (  # noqa: E402
+    ChatProcess, FakeUpstream, HX, ROLE, Transcript, after_event, alerts, answer, choice, data, notes, read_events,
+    reasoning_text, send_in, source_text, wait_until)
 
 
 # ---------------------------------------------------------------------------
@@ -343,146 +341,273 @@ def test_a_hostile_upstream_costs_bounded_memory_and_ends_the_answer_with_a_note
 
 
 # ---------------------------------------------------------------------------
-# The database's size quota (CHAT_MAX_DB_MB), on SQLite and PostgreSQL
+# Rendering is fair and bounded (issue 20, item 5): no answer of the answer limit's size holds the
+# renderer for more than about a second, whatever its Markdown or TeX; one answer's render never
+# holds up another's; and a short block rendered on the hub stays short there.
 # ---------------------------------------------------------------------------
 
-BOTH = pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
-FULL = "database is full"
+def fill(unit, size, head="", tail=""):
+    """head, unit repeated to about size characters, tail."""
+    return head + unit * max(1, (size - len(head) - len(tail)) // len(unit)) + tail
 
 
-def incompressible(chars):
-    """Text that neither SQLite nor PostgreSQL's TOAST compression makes smaller (random base64)."""
-    return base64.b64encode(os.urandom(chars * 3 // 4 + 3)).decode()[:chars]
+def nested_frac(size):
+    """$\\frac{\\frac{…}{y}}{y}$ of about size characters."""
+    depth = size // 12
+    return "$" + "\\frac{" * depth + "x" + "}{y}" * depth + "$"
 
 
-def fill_to_quota(monkeypatch):
-    """Set CHAT_MAX_DB_MB just under what the database holds now (measured afresh)."""
-    monkeypatch.setattr(chat, "DB_SIZE_EVERY", 0.0)
-    monkeypatch.setattr(chat.settings, "max_db_mb", chat.store.db.size() / 2**20 * 0.9)
+# Inputs that took (or could take) worse than linear time, each made to about n characters.
+CORPUS = {
+    "\\( repeated": lambda n: fill("\\(", n),
+    "\\[ repeated": lambda n: fill("\\[", n),
+    "\\( x without a closer": lambda n: fill("\\( x ", n),
+    "\\( repeated, one closer at the end": lambda n: fill("\\( ", n, tail="\\)"),
+    "$ run": lambda n: fill("$", n),
+    "$a repeated": lambda n: fill("$a ", n),
+    "$$ lines": lambda n: fill("$$\n", n),
+    "![ repeated": lambda n: fill("![", n),
+    "![]( repeated": lambda n: fill("![](", n),
+    "*_ repeated": lambda n: fill("*_", n),
+    "*a _b repeated": lambda n: fill("*a _b ", n),
+    "[ repeated": lambda n: fill("[", n),
+    "[ repeated, one ] at the end": lambda n: fill("[", n, tail="]"),
+    "[a]( repeated": lambda n: fill("[a](", n),
+    "backtick run": lambda n: fill("`", n),
+    "backtick pairs": lambda n: fill("`` x ", n),
+    "> run": lambda n: fill(">", n),
+    "> - nested": lambda n: fill("> - ", n),
+    "- nested lists": lambda n: "".join("  " * (i % 60) + "- x\n" for i in range(n // 70)),
+    "< run": lambda n: fill("<", n),
+    "<a: repeated": lambda n: fill("<a:", n),
+    "linkify-able run": lambda n: fill("a", n, head="https://"),
+    "huge code fence": lambda n: fill("x = [1, 'a', {b: 2}]  # c\n", n, head="```python\n", tail="```\n"),
+    "many highlighted code blocks": lambda n: fill("```python\n" + "x = [1, 'a', {b: 2}]\n" * 1000 + "```\n\n", n),
+    "deeply nested \\frac": nested_frac,
+    "deeply nested braces": lambda n: "$$" + "{" * (n // 2) + "x" + "}" * (n // 2) + "$$",
+    "many long formulas": lambda n: fill("$" + "x+" * 1900 + "x$\n\n", n),
+    "many short formulas": lambda n: "".join(f"$x^{{{i}}}_i$ " for i in range(n // 12)),
+    "long table": lambda n: fill("| 1 | 2 |\n", n, head="| a | b |\n|---|---|\n"),
+    "wide table": lambda n: fill("|" + "1|" * 500 + "\n", n, head="|" + "a|" * 500 + "\n|" + "-|" * 500 + "\n"),
+    "lines of one letter": lambda n: fill("x\n", n),
+    "headings": lambda n: fill("# h\n", n),
+    "reference uses": lambda n: fill("[a] ", n, head="[a]: /u\n\n"),
+    "entities": lambda n: fill("&#", n),
+    "backslashes": lambda n: fill("\\", n),
+}
+
+BIG = 400_000  # the answer limit, CHAT_MAX_ANSWER_CHARS
 
 
-@BOTH
-def test_a_full_database_refuses_a_new_conversation_with_507_in_the_form(client, upstream, monkeypatch, database):
-    """Past CHAT_MAX_DB_MB a new conversation gets 507 with a readable message in the form's error area,
-    and nothing is stored."""
-    fill_to_quota(monkeypatch)
-    refused = client.post("/streaming", {"prompt": "Hi"}, status=507)
-    assert f"{FULL} (its limit is" in refused.text and 'role="alert"' in refused.text
-    assert db_rows("SELECT id FROM conversations") == [] and db_rows("SELECT id FROM messages") == []
-    plain = client.post("/streaming", {"prompt": "Hi"}, headers={"HX-Request": ""}, status=507)
-    assert FULL in plain.text and "Hi" in plain.text  # without JavaScript: the page, the words still in the box
+def ordinary_text(size, seed=""):
+    """Ordinary Markdown of about size characters (seed makes it a text the render cache has not seen)."""
+    return fill(f"Some **bold** text with `code`, a [link](https://example.com) and $x^2$.{seed}\n\n", size)
 
 
-@BOTH
-def test_a_full_database_refuses_follow_ups_regenerations_and_edits(client, upstream, monkeypatch, database):
-    """Every new message is refused once the database is full, not only new conversations."""
-    upstream.serve(answer("First answer."))
-    stream_id, conversation = send_in(client, "First question")
-    read_events(client, stream_id)
-    fill_to_quota(monkeypatch)
-    question = db_rows("SELECT id FROM messages WHERE role = 'user'")[0][0]
-    assert FULL in client.post("/streaming", {"prompt": "More", "conversation": conversation}, status=507).text
-    assert FULL in client.post(f"/c/{conversation}/regenerate", status=507).text
-    assert FULL in client.post(f"/c/{conversation}/edit", {"message": question, "prompt": "Other"}, status=507).text
-    assert len(db_rows("SELECT id FROM messages")) == 2
+def cpu_time_of_render(text, runs=1):
+    """CPU seconds render_markdown takes on text with no budget (what the parser itself does), the least of runs;
+    the cyclic collector waits (its passes over the whole test process would land in one run or another)."""
+    times = []
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(runs):
+            started = time.process_time()
+            chat.render_markdown(text)
+            times.append(time.process_time() - started)
+    finally:
+        gc.enable()
+    return min(times)
 
 
-@BOTH
-def test_an_answer_streaming_when_the_database_fills_finishes_and_is_saved(client, upstream, monkeypatch, database):
-    """The quota refuses new messages only: an answer already streaming goes on to its end and is stored whole."""
-    body = answer("Started", " and finished past the quota.")
-    upstream.serve(body, pause_at=after_event(body, b'"Started"'))
-    stream_id, conversation = send_in(client, "Question")
-    wait_until(lambda: chat.streams.get(stream_id) and chat.streams.get(stream_id).text() == "Started",
-               what="the first token")
-    fill_to_quota(monkeypatch)
-    assert FULL in client.post("/streaming", {"prompt": "Another"}, status=507).text
-    upstream.release()
-    transcript = read_events(client, stream_id)
-    assert transcript.message == "Started and finished past the quota." and alerts(transcript.done) == []
-    assert db_rows("SELECT content, status FROM messages WHERE role = 'assistant'") == [
-        ("Started and finished past the quota.", "done")]
-    assert len(db_rows("SELECT id FROM conversations")) == 1
+def bubble_of(text):
+    """The finished bubble for an answer of text, rendered as the relay renders it at the end (render_answer)."""
+    return chat.render_answer(dict(chat.answer_record(chat.Stream("s-render", [])), text=text))
 
 
-@BOTH
-def test_the_database_size_is_measured_again_only_every_few_seconds(client, upstream, monkeypatch, database):
-    """One measurement serves the sends of the next DB_SIZE_EVERY seconds; after that the next send measures again."""
-    upstream.serve(answer("ok"))
-    assert not chat.store.full()
-    measured_at = chat.store.measured_at
-    monkeypatch.setattr(chat.settings, "max_db_mb", chat.store.db_size / 2**20 + 1)
-    conversation = chat.store.create_conversation("someone", "big")
-    for _ in range(4):  # over the quota now, unmeasured
-        chat.store.add_message(conversation, "user", incompressible(400_000))
-    read_events(client, send_in(client, "still measured as before")[0])
-    assert chat.store.measured_at == measured_at
-    chat.store.measured_at -= chat.DB_SIZE_EVERY
-    assert FULL in client.post("/streaming", {"prompt": "measured again"}, status=507).text
+@pytest.fixture(autouse=True)
+def fresh_render_cache():
+    """Every test renders for real: no text is remembered from an earlier test."""
+    chat.safe_markdown.cache_clear()
+    chat.tex_to_mathml.cache_clear()
+    yield
+    chat.safe_markdown.cache_clear()
 
 
-@BOTH
-def test_the_database_size_counts_what_is_stored(client, upstream, database):
-    """The size grows with stored text; on SQLite, deleting it frees pages that no longer count (the free list)."""
-    before = chat.store.db.size()
-    upstream.serve(answer(incompressible(390_000)))
-    stream_id, conversation = send_in(client, "big")
-    read_events(client, stream_id)
-    grown = chat.store.db.size()
-    assert grown - before > 400_000
-    if database == "sqlite":
-        pages, free, page_size = (chat.store.db.execute(f"PRAGMA {n}").fetchone()[0]
-                                  for n in ("page_count", "freelist_count", "page_size"))
-        wal = os.path.getsize(chat.store.path + "-wal")
-        assert grown == (pages - free) * page_size + wal
-        chat.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        full = chat.store.db.size()
-        client.post(f"/c/{conversation}/delete", headers={"HX-Request": "true"})
-        chat.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        assert db_rows("SELECT id FROM conversations") == []
-        assert chat.store.db.size() < full - 200_000  # the text's pages (its search index keeps a tombstone)
+@pytest.mark.parametrize("name", CORPUS)
+def test_pathological_markdown_takes_linear_time(name):
+    """From 50 to 200 KB, the parser's time grows about linearly (quadratic would be 16 times)."""
+    small, large = CORPUS[name](50_000), CORPUS[name](200_000)
+    cpu_time_of_render(small[:1000])  # lexers and caches loaded
+    bound = 6 * cpu_time_of_render(small, runs=2) + 0.05
+    # Other processes sharing the cores slow a run now and then: a second run has to be over the bound too.
+    assert cpu_time_of_render(large) <= bound or cpu_time_of_render(large) <= bound
 
 
-def test_help_documents_the_database_quota():
-    """`python chat.py --help` names CHAT_MAX_DB_MB with its default."""
-    result = subprocess.run([sys.executable, "chat.py", "--help"], cwd=HERE, capture_output=True, text=True,
-                            timeout=30, env=clean_env(COLUMNS="100"))
-    assert result.returncode == 0 and re.search(r"CHAT_MAX_DB_MB\b[^\n]*\n?[^\n]*\(2048\)", result.stdout)
+@pytest.mark.parametrize("name", CORPUS)
+def test_an_answer_of_the_limits_size_takes_about_a_second_of_cpu_and_stays_escaped(name):
+    """Any 400 KB answer comes back after about a second of CPU (its slice in the shared lane, then its budget in
+    the long lane), as Markdown or (past the budget) as escaped plain text with a note, inside the usual bubble."""
+    text = CORPUS[name](BIG)
+    started, cpu_started = time.monotonic(), time.process_time()  # the process's CPU: worker threads count too
+    bubble = bubble_of(text)
+    assert time.process_time() - cpu_started < 2.5
+    assert time.monotonic() - started < 15.0  # however loaded the machine is
+    assert 'class="content markdown"' in bubble and "<script" not in bubble
+    if "too long or too intricate" in bubble:
+        assert f"<pre>{html.escape(text[:200])}" in bubble
+    assert "<<" not in bubble and "<a:" not in bubble  # what the answer wrote reaches the page escaped
+
+
+def test_a_render_past_its_budget_stops_soon_after_it():
+    """render_markdown with a budget raises RenderTimeout about when the budget is spent, not when the parser
+    is done (seconds later for these inputs)."""
+    for name in ("![ repeated", "lines of one letter", "wide table", "many highlighted code blocks"):
+        text = CORPUS[name](BIG)
+        started = time.thread_time()
+        with pytest.raises(chat.RenderTimeout):
+            chat.render_markdown(text, 0.2)
+        assert time.thread_time() - started < 0.2 + 0.3, name
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_a_short_pathological_block_takes_little_of_the_hub(name):
+    """A block short enough to be rendered on the hub gives way to a worker thread once it outruns HUB_SLICE:
+    the hub's own CPU time stays a few hundredths of a second, and the block still comes out."""
+    text = CORPUS[name](chat.BLOCK_IN_THREAD)[:chat.BLOCK_IN_THREAD]
+    started = time.thread_time()  # the test's thread is the hub's: worker threads do not count
+    rendered = chat.render_block(text)
+    assert time.thread_time() - started < chat.HUB_SLICE + 0.1  # a machine under load adds some
+    assert rendered and "<script" not in rendered and "<<" not in rendered
+
+
+def test_an_ordinary_short_block_renders_on_the_hub():
+    """An ordinary block within BLOCK_IN_THREAD is rendered on the hub, as Markdown, without a worker thread."""
+    threads = []
+    original = chat.in_background
+    chat.in_background = lambda fn, *args: threads.append(fn) or original(fn, *args)
+    try:
+        rendered = chat.render_block(ordinary_text(chat.BLOCK_IN_THREAD - 100))
+    finally:
+        chat.in_background = original
+    assert "<strong>bold</strong>" in rendered and not threads
+
+
+def test_a_render_over_its_slice_moves_to_the_long_lane_and_past_the_budget_is_plain_text():
+    """A text that outruns RENDER_SLICE in the shared lane is rendered again in LONG_LANE; past RENDER_BUDGET
+    the bubble shows the text escaped in a <pre>, with a note, and keeps its regenerate button."""
+    slow = CORPUS["![ repeated"](BIG)
+    lanes = []
+    original = chat.in_background
+    chat.in_background = lambda fn, *args: lanes.append(
+        [lane for lane in ("RENDER_LANE", "LONG_LANE") if getattr(chat, lane).locked()]) or original(fn, *args)
+    try:
+        record = dict(chat.answer_record(chat.Stream("s-slow", [])), text=slow, conversation_id="c1")
+        bubble = chat.render_answer(record)
+    finally:
+        chat.in_background = original
+    assert lanes == [["RENDER_LANE"], ["LONG_LANE"]]
+    assert f"<pre>{html.escape(slow[:100])}" in bubble and "too long or too intricate" in bubble
+    assert 'class="regenerate"' in bubble and 'class="error"' not in bubble
+
+
+def test_an_ordinary_answer_renders_promptly_while_a_pathological_one_renders():
+    """A 20 KB answer finishing while a 400 KB hostile one renders is not held up by it: it is done in a few times
+    its time alone, not after the hostile render's second of CPU (the hostile render is stopped at its slice in the
+    shared lane, then goes on in the long lane). Before, it waited for the whole hostile render: a minute."""
+    started = time.monotonic()
+    alone = bubble_of(ordinary_text(20_000, "alone"))
+    alone_seconds = time.monotonic() - started
+    assert "<strong>bold</strong>" in alone
+    for hostile_lane in ("RENDER_LANE", "LONG_LANE"):
+        chat.safe_markdown.cache_clear()
+        hostile = gevent.spawn(bubble_of, CORPUS["![ repeated"](BIG))
+        lane = getattr(chat, hostile_lane)
+        wait_until(lane.locked, timeout=10, what=f"the hostile render in {hostile_lane}")
+        started = time.monotonic()
+        ordinary = gevent.spawn(bubble_of, ordinary_text(20_000, hostile_lane))
+        wait_until(ordinary.ready, timeout=10, what="the ordinary answer's bubble")
+        took = time.monotonic() - started
+        assert "<strong>bold</strong>" in ordinary.get()
+        assert took < 4 * alone_seconds + 10 * chat.RENDER_SLICE, (took, alone_seconds)
+        assert "too long or too intricate" in hostile.get(timeout=10)
+
+
+def test_bracket_math_still_finds_its_closer():
+    """Remembering where the closers are changes nothing: each opener takes the next closer after it, empty and
+    unclosed ones stay text."""
+    rendered = chat.render_markdown("\\(a\\) and \\(b\\) and \\[c\\] but \\( \\) and \\(open")
+    assert rendered.count("<math") == 3 and " ( ) and (open" in rendered  # as escaped characters
 
 
 # ---------------------------------------------------------------------------
-# The journal's folder
+# End to end: a real `python chat.py` and two browsers
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
-def test_a_journal_folder_others_may_write_is_refused_at_start(tmp_path, mode):
-    """chat.db.unsaved/ writable by group or others: chat.py exits 2 naming the folder and the fix."""
-    folder = tmp_path / "chat.db.unsaved"
-    folder.mkdir()
-    folder.chmod(mode)
-    result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
-                            text=True, timeout=30, env=clean_env(CHAT_DB=str(tmp_path / "chat.db")))
-    assert result.returncode == 2
-    assert f"can be written by other users (mode {mode:o})" in result.stderr
-    assert f"chmod 700 {folder}" in result.stderr
-    assert oct(folder.stat().st_mode & 0o777) == oct(mode)  # left as it was: the person decides
+def test_a_hostile_400_kb_answer_leaves_other_chats_and_healthz_fast(tmp_path):
+    """A real chat.py relays a 400 KB answer of pathological Markdown while another browser's ordinary answer
+    finishes: the ordinary one is done well before the hostile one's bubble (shown as plain text), and
+    /healthz answers quickly all along."""
+    upstream = FakeUpstream()
+    app = poller = None
+    hostile_browser, ordinary_browser = browser(), browser()
+    try:
+        hostile_text = CORPUS["![ repeated"](BIG - 20_000)
+        hostile = answer(*(hostile_text[i:i + 4000] for i in range(0, len(hostile_text), 4000)), " the end")
+        ordinary = answer(*[ordinary_text(20_000)[i:i + 500] for i in range(0, 20_000, 500)], "Last words.")
+        app = ChatProcess(tmp_path / "chat.log", OPENAI_BASE_URL=upstream.url, CHAT_MODEL="test-model",
+                          NO_PROXY="127.0.0.1")
+        slowest = [0.0]
+        polling = [True]
 
+        def poll_healthz():
+            while polling[0]:
+                started = time.monotonic()
+                assert requests.get(f"{app.url}/healthz", timeout=5).status_code == 200
+                slowest[0] = max(slowest[0], time.monotonic() - started)
+                gevent.sleep(0.02)
+        poller = gevent.spawn(poll_healthz)
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a folder to another user")
-def test_a_journal_folder_of_another_user_is_refused_at_start(tmp_path):
-    """chat.db.unsaved/ owned by someone else (who could change it at will): chat.py exits 2 and says so."""
-    folder = tmp_path / "chat.db.unsaved"
-    folder.mkdir(mode=0o700)
-    os.chown(folder, 65534, 65534)
-    result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
-                            text=True, timeout=30, env=clean_env(CHAT_DB=str(tmp_path / "chat.db")))
-    assert result.returncode == 2
-    assert f"{folder} belongs to another user (uid 65534)" in result.stderr and "chmod 700" in result.stderr
+        chats = lambda: [r for r in upstream.requests if r.path.endswith("/chat/completions")]  # noqa: E731
+        upstream.serve(hostile)
+        hostile_id, _ = start_chat(hostile_browser, app.url, "Say something hostile")
+        wait_until(lambda: len(chats()) == 1, timeout=5, what="the hostile answer's request")
+        reply = upstream.serve(ordinary, pause_at=after_event(ordinary, b"Last words."))
+        ordinary_id, _ = start_chat(ordinary_browser, app.url, "Say something ordinary")
+        wait_until(lambda: len(chats()) == 2, timeout=5, what="the ordinary answer's request")
 
+        done_at = {}
 
-def test_a_private_journal_folder_is_used(tmp_path):
-    """The folder chat.py makes itself (0700, its own) passes the check, and the journal is open."""
-    journal = chat.Journal()
-    journal.open(str(tmp_path / "j"))
-    assert journal.fd is not None and oct((tmp_path / "j").stat().st_mode & 0o777) == oct(0o700)
-    journal.close()
+        def read(browser, stream_id, marker=None):
+            """Read a stream to its end; release the ordinary answer once the hostile text is all relayed."""
+            raw, tail = [], b""
+            with browser.get(f"{app.url}/events", params={"stream": stream_id}, stream=True, timeout=30) as response:
+                assert response.status_code == 200
+                for chunk in response.iter_content(None):
+                    raw.append(chunk)
+                    tail = (tail + chunk)[-1000:]
+                    if marker and marker in tail:
+                        marker = None
+                        done_at["released"] = time.monotonic()
+                        reply.gate.set()  # the hostile answer's render starts now; the ordinary one ends
+            done_at[stream_id] = time.monotonic()
+            return Transcript(b"".join(raw))
+        hostile_reader = gevent.spawn(read, hostile_browser, hostile_id, b"the end")
+        ordinary_reader = gevent.spawn(read, ordinary_browser, ordinary_id)
+        hostile_bubble = hostile_reader.get(timeout=60).done
+        ordinary_bubble = ordinary_reader.get(timeout=60).done
+        polling[0] = False
+        poller.get(timeout=10)
+
+        assert "<strong>bold</strong>" in ordinary_bubble and "Last words." in ordinary_bubble
+        assert "too long or too intricate" in hostile_bubble and "<pre>![![" in hostile_bubble
+        assert done_at[ordinary_id] < done_at[hostile_id], "the ordinary answer waited for the hostile one"
+        assert done_at[ordinary_id] - done_at["released"] < 5.0  # ~0.3 s: 20 s before the deadlines
+        assert done_at[hostile_id] - done_at["released"] < 20.0  # ~1.5 s of the CPU
+        assert slowest[0] < 1.0, f"/healthz took {slowest[0]:.2f} s"
+    finally:
+        if poller:
+            poller.kill()
+        if app:
+            app.stop()
+        upstream.stop()
