@@ -511,6 +511,17 @@ def test_a_render_over_its_slice_moves_to_the_long_lane_and_past_the_budget_is_p
     assert 'class="regenerate"' in bubble and 'class="error"' not in bubble
 
 
+def test_the_cyclic_collector_waits_while_a_render_runs_in_a_thread():
+    """A render in a worker thread makes some 100,000 objects; a collector pass over them would hold the
+    interpreter, and every stream, for tens of milliseconds: the collector is off while it runs, and on after."""
+    assert gc.isenabled()
+    render = gevent.spawn(chat.render_in_background, CORPUS["*_ repeated"](BIG))
+    wait_until(chat.RENDER_LANE.locked, timeout=10, what="the render in its lane")
+    assert not gc.isenabled()
+    render.get(timeout=30)
+    assert gc.isenabled() and chat.COLLECTOR_PAUSES == [0]
+
+
 def test_an_ordinary_answer_renders_promptly_while_a_pathological_one_renders():
     """A 20 KB answer finishing while a 400 KB hostile one renders is not held up by it: it is done in a few times
     its time alone, not after the hostile render's second of CPU (the hostile render is stopped at its slice in the
