@@ -4504,6 +4504,8 @@ class Handler(WSGIHandler):
                 self.counted = key
             else:
                 environ["chat.over_share"] = True
+                log_limited("address-share", "refused a request from %s: it holds its share of the connections "
+                                             "(CHAT_CONNECTIONS_PER_ADDRESS)", key)
         return environ
 
     def run_application(self):
@@ -4515,10 +4517,29 @@ class Handler(WSGIHandler):
                 self.wsgi_input.content_length = self.wsgi_input.position
                 self.wsgi_input.chunked_input = False
                 self.close_connection = True
+                self.linger()
             # Bottle's request and the environ refer to each other (and the environ to this handler):
             # emptied, each request's objects are freed at once, not left to the cyclic collector, whose
             # pauses of several milliseconds under a flood of requests would stop every stream.
             self.environ.clear()
+
+
+    def linger(self):
+        """After a refusal, say we are done sending and drop what the client still sends, for a moment: closing a
+        socket with unread data makes the kernel reset the connection, and a reset can overtake the refusal."""
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_WR)
+            deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+            while dropped < LINGER_BYTES and time.monotonic() < deadline:
+                self.socket.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.socket.recv(65536)
+                if not data:
+                    return
+                dropped += len(data)
+
+
+# After refusing a body, how long and how much of it is taken and dropped before the connection closes.
+LINGER_SECONDS, LINGER_BYTES = 1.0, 1 << 20
 
 
 class HeadTimeout(Exception):

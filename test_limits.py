@@ -1006,6 +1006,19 @@ def test_a_chunked_body_is_refused_before_the_body_arrives(guarded):
     assert answer.startswith(b"HTTP/1.1 411 ") and time.monotonic() - started < 1, answer[:100]
 
 
+def test_a_refusal_reaches_a_client_still_sending_its_body(guarded):
+    """A client that goes on sending the refused body (as curl and browsers do) is not reset while it reads the 411:
+    the server says it is done (FIN) and drops what still comes for a moment before it closes. Closing at once left
+    the body unread in the socket, and the kernel's reset could overtake the refusal."""
+    sock = connect(guarded.url)
+    answer = exchange(sock, b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 411 ")
+    sock.sendall(b"100000\r\n" + b"1" * 65536)  # what the client had started to send
+    assert sock.recv(65536) == b""  # the server's FIN, not a reset
+    sock.sendall(b"1" * 65536)  # still taken: a closed socket would have answered the first part with a reset
+    sock.close()
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS"])
 def test_a_body_on_a_method_that_takes_none_is_refused_unread(guarded, method):
     """A Content-Length on a GET (or HEAD, DELETE, OPTIONS) gets 400 and a closed connection, with the body
