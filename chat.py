@@ -1658,10 +1658,10 @@ def render_in_background(text):
 # Storage: conversations in SQLite (the same Database interface over PostgreSQL is in chat_scale.py)
 # ---------------------------------------------------------------------------
 
-# The schema's history, one named step each, in both dialects; append, never edit. SQLite applies every step
-# (PRAGMA user_version counts them). PostgreSQL started at the schema of "leases", so that step creates it all
-# there and the ones before have nothing to do (None); its schema_version counts the steps it has a script for.
-Migration = collections.namedtuple("Migration", "name sqlite postgresql")
+# The schema's history, one named step each; append, never edit. SQLite applies every step (PRAGMA user_version
+# counts them). chat_scale.POSTGRESQL_STEPS holds PostgreSQL's script for the steps it needs, by the same names:
+# it started at the schema of "leases", so that step creates it all there.
+Migration = collections.namedtuple("Migration", "name sqlite")
 
 MIGRATIONS = [
     Migration("conversations and messages", sqlite="""
@@ -1693,14 +1693,14 @@ MIGRATIONS = [
     );
     CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
     CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """, postgresql=None),
+    """),
     Migration("login sessions", sqlite="""
     CREATE TABLE sessions (
         token_hash TEXT PRIMARY KEY,     -- sha256 of the cookie: a stolen database holds no live cookie
         password_tag TEXT NOT NULL,      -- which password it was issued under: a new one logs everyone out
         expires REAL NOT NULL
     );
-    """, postgresql=None),
+    """),
     # Branches: every message hangs from the one before it on its path; a conversation shows
     # the path to its leaf. Old conversations become one branch each.
     Migration("branches, parameters and search", sqlite="""
@@ -1740,35 +1740,11 @@ MIGRATIONS = [
     CREATE TRIGGER title_unindexed AFTER DELETE ON conversations BEGIN
         DELETE FROM title_search WHERE rowid = old.rowid;
     END;
-    """, postgresql=None),
+    """),
     # Crash recovery by lease: a streaming answer whose writer stopped renewing it is interrupted.
     Migration("leases", sqlite="""
     ALTER TABLE messages ADD COLUMN lease_until REAL;
     CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
-    """, postgresql="""
-    CREATE TABLE conversations (
-        id TEXT PRIMARY KEY, owner TEXT NOT NULL, title TEXT NOT NULL, system_prompt TEXT NOT NULL DEFAULT '',
-        model TEXT, created DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL, leaf_id BIGINT,
-        temperature DOUBLE PRECISION, top_p DOUBLE PRECISION, max_tokens INTEGER
-    );
-    CREATE INDEX conversations_by_owner ON conversations (owner, updated DESC);
-    CREATE INDEX conversations_search ON conversations USING GIN (to_tsvector('simple', title));
-    CREATE TABLE messages (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        parent_id BIGINT REFERENCES messages (id) ON DELETE CASCADE,
-        role TEXT NOT NULL, content TEXT NOT NULL DEFAULT '', reasoning TEXT NOT NULL DEFAULT '',
-        status TEXT NOT NULL DEFAULT 'done', error TEXT, notes TEXT NOT NULL DEFAULT '[]',
-        footer TEXT NOT NULL DEFAULT '', finish_reason TEXT, usage TEXT, model TEXT,
-        elapsed DOUBLE PRECISION, created DOUBLE PRECISION NOT NULL, lease_until DOUBLE PRECISION
-    );
-    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
-    CREATE INDEX messages_by_parent ON messages (parent_id);
-    CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
-    CREATE INDEX messages_search ON messages USING GIN (to_tsvector('simple', content));
-    CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, password_tag TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL);
-    CREATE TABLE owner_settings (owner TEXT PRIMARY KEY, system_prompt TEXT NOT NULL DEFAULT '');
     """),
     # Search reads only its owner's entries: every word is indexed with the owner's key in front
     # (search_terms(), which chat.py gives its connections), so a match never walks other owners'
@@ -1809,32 +1785,6 @@ MIGRATIONS = [
     CREATE TRIGGER title_unindexed AFTER DELETE ON conversations BEGIN
         DELETE FROM title_search WHERE rowid = old.rowid;
     END;
-    """, postgresql="""
-    ALTER TABLE messages ADD COLUMN owner TEXT;
-    UPDATE messages m SET owner = c.owner FROM conversations c WHERE c.id = m.conversation_id;
-    CREATE FUNCTION message_owner() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        NEW.owner := (SELECT owner FROM conversations WHERE id = NEW.conversation_id);
-        RETURN NEW;
-    END $$;
-    CREATE TRIGGER message_owner BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION message_owner();
-    -- COST: computing it row by row is what the index is for; the planner must never prefer that.
-    CREATE FUNCTION search_terms(owner TEXT, body TEXT) RETURNS tsvector LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    COST 100000 AS $$
-        SELECT array_to_tsvector(ARRAY(SELECT left(md5(coalesce(owner, '')), 8) || lexeme
-                                       FROM unnest(to_tsvector('pg_catalog.simple', body))))
-    $$;
-    CREATE FUNCTION search_query(owner TEXT, words TEXT) RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-        SELECT string_agg('''' || replace(replace(left(md5(owner), 8) || lexeme, chr(92), chr(92) || chr(92)),
-                                          '''', '''''') || ''':*', ' & ')::tsquery
-        FROM unnest(to_tsvector('pg_catalog.simple', words))
-    $$;
-    -- fastupdate off: entries waiting in GIN's pending list are read by every search, every owner's.
-    DROP INDEX messages_search;
-    CREATE INDEX messages_search ON messages USING GIN (search_terms(owner, content)) WITH (fastupdate = off)
-        WHERE status != 'streaming';
-    DROP INDEX conversations_search;
-    CREATE INDEX conversations_search ON conversations USING GIN (search_terms(owner, title)) WITH (fastupdate = off);
     """),
 ]
 
@@ -4703,9 +4653,12 @@ def main(argv=None):
         if not settings.port:
             log.error("--workers needs a fixed --port (each worker binds it)")
             sys.exit(2)
+        from chat_scale import run_workers  # several processes share their answers through Redis: scale-out
         sys.exit(run_workers(settings.workers))
-    # A worker binds the port with SO_REUSEPORT: the kernel spreads new connections over the workers.
-    listener = reuse_port_listener(settings.host, settings.port) if worker else (settings.host, settings.port)
+    listener = (settings.host, settings.port)
+    if worker:  # it binds the port with SO_REUSEPORT: the kernel spreads new connections over the workers
+        from chat_scale import reuse_port_listener
+        listener = reuse_port_listener(settings.host, settings.port)
     server = Server(listener, app, log=logging.getLogger("chat.access"), error_log=logging.getLogger("chat.error"))
     server.init_socket()
     try:
@@ -4738,48 +4691,6 @@ def main(argv=None):
     gevent.spawn(housekeeping_forever)
     server.serve_forever()
     shutdown()
-
-
-def reuse_port_listener(host, port):
-    """A listening socket that other workers bind too (SO_REUSEPORT)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
-    sock.listen(1024)
-    return sock
-
-
-def run_workers(count):
-    """--workers N: run N copies of this very command on the same port, start again one that dies, and end them
-    all on SIGTERM or Ctrl-C. Each is a whole chat.py; Redis and the database are what they share."""
-    import subprocess  # only here, in the parent of the workers
-    # The same program: the script (or the .pyz) with its interpreter, or the one-file executable itself.
-    command = [sys.executable, *([] if getattr(sys, "frozen", False) else [sys.argv[0]]), *sys.argv[1:]]
-    # Every worker must accept the others' calls to the demo model: one key for all.
-    env = {**os.environ, "CHAT_WORKER": "1", "CHAT_DEMO_KEY": settings.demo_key}
-    children = [subprocess.Popen(command, env=env) for _ in range(count)]
-    log.info("chat.py with %d workers on http://%s:%d/", count, settings.host, settings.port)
-    stopping = gevent.event.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, stopping.set)
-    started = [time.monotonic()] * count
-    while not stopping.wait(0.5):
-        for index, child in enumerate(children):
-            if child.poll() is not None and time.monotonic() - started[index] > 1:  # at most once a second
-                log.warning("worker %d exited (%s); starting another", child.pid, child.returncode)
-                children[index], started[index] = subprocess.Popen(command, env=env), time.monotonic()
-    for child in children:
-        with contextlib.suppress(OSError):
-            child.terminate()
-    deadline = time.monotonic() + 10
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-    return 0
 
 
 def shutdown():

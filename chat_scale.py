@@ -7,7 +7,9 @@ What it owns, each behind an interface chat.py defines and implements in-process
   RedisStreams       the Streams interface over Redis (CHAT_REDIS_URL): its Lua scripts, the writer greenlet
                      that batches the log to Redis, readers fed over pub/sub, and the janitor that finishes
                      answers whose writer died.
-  PostgresDatabase   the Database interface over psycopg (CHAT_DATABASE_URL), and PostgreSQL's migrations.
+  PostgresDatabase   the Database interface over psycopg (CHAT_DATABASE_URL), and PostgreSQL's scripts for the
+                     named steps of chat.MIGRATIONS.
+  run_workers        --workers N: copies of chat.py on one port (SO_REUSEPORT), which need CHAT_REDIS_URL.
 
 What it must not touch: routes, rendering, the in-process registry, the journal. It reaches chat.py's shared
 objects (settings, store, the templates' helpers) through the chat module at call time, never through copies,
@@ -21,7 +23,11 @@ import itertools
 import logging
 import os
 import secrets
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
 
 import bottle
@@ -909,6 +915,64 @@ class RedisStreams(chat.Streams):
 
 
 
+# PostgreSQL's script for each named step of chat.MIGRATIONS that it needs (one list of steps, two dialects):
+# it started at the schema of "leases"; its schema_version counts the steps it has applied, in that order.
+POSTGRESQL_STEPS = {
+    "leases": """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY, owner TEXT NOT NULL, title TEXT NOT NULL, system_prompt TEXT NOT NULL DEFAULT '',
+        model TEXT, created DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL, leaf_id BIGINT,
+        temperature DOUBLE PRECISION, top_p DOUBLE PRECISION, max_tokens INTEGER
+    );
+    CREATE INDEX conversations_by_owner ON conversations (owner, updated DESC);
+    CREATE INDEX conversations_search ON conversations USING GIN (to_tsvector('simple', title));
+    CREATE TABLE messages (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        parent_id BIGINT REFERENCES messages (id) ON DELETE CASCADE,
+        role TEXT NOT NULL, content TEXT NOT NULL DEFAULT '', reasoning TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'done', error TEXT, notes TEXT NOT NULL DEFAULT '[]',
+        footer TEXT NOT NULL DEFAULT '', finish_reason TEXT, usage TEXT, model TEXT,
+        elapsed DOUBLE PRECISION, created DOUBLE PRECISION NOT NULL, lease_until DOUBLE PRECISION
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    CREATE INDEX messages_by_parent ON messages (parent_id);
+    CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
+    CREATE INDEX messages_search ON messages USING GIN (to_tsvector('simple', content));
+    CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, password_tag TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL);
+    CREATE TABLE owner_settings (owner TEXT PRIMARY KEY, system_prompt TEXT NOT NULL DEFAULT '');
+    """,
+    "search by owner": """
+    ALTER TABLE messages ADD COLUMN owner TEXT;
+    UPDATE messages m SET owner = c.owner FROM conversations c WHERE c.id = m.conversation_id;
+    CREATE FUNCTION message_owner() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.owner := (SELECT owner FROM conversations WHERE id = NEW.conversation_id);
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER message_owner BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION message_owner();
+    -- COST: computing it row by row is what the index is for; the planner must never prefer that.
+    CREATE FUNCTION search_terms(owner TEXT, body TEXT) RETURNS tsvector LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    COST 100000 AS $$
+        SELECT array_to_tsvector(ARRAY(SELECT left(md5(coalesce(owner, '')), 8) || lexeme
+                                       FROM unnest(to_tsvector('pg_catalog.simple', body))))
+    $$;
+    CREATE FUNCTION search_query(owner TEXT, words TEXT) RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT string_agg('''' || replace(replace(left(md5(owner), 8) || lexeme, chr(92), chr(92) || chr(92)),
+                                          '''', '''''') || ''':*', ' & ')::tsquery
+        FROM unnest(to_tsvector('pg_catalog.simple', words))
+    $$;
+    -- fastupdate off: entries waiting in GIN's pending list are read by every search, every owner's.
+    DROP INDEX messages_search;
+    CREATE INDEX messages_search ON messages USING GIN (search_terms(owner, content)) WITH (fastupdate = off)
+        WHERE status != 'streaming';
+    DROP INDEX conversations_search;
+    CREATE INDEX conversations_search ON conversations USING GIN (search_terms(owner, title)) WITH (fastupdate = off);
+    """,
+}
+
+
 class Row(tuple):
     """A PostgreSQL row readable by column name or position, like sqlite3.Row."""
 
@@ -970,7 +1034,7 @@ class PostgresDatabase:
             self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = self.execute("SELECT version FROM schema_version").fetchone()
             version = row[0] if row else 0
-            steps = [migration.postgresql for migration in chat.MIGRATIONS if migration.postgresql]
+            steps = [POSTGRESQL_STEPS[m.name] for m in chat.MIGRATIONS if m.name in POSTGRESQL_STEPS]
             for script in steps[version:]:
                 self.execute(script)
             if not row:
@@ -1075,3 +1139,48 @@ class PostgresDatabase:
             except gevent.queue.Empty:
                 log.warning("a PostgreSQL statement was still running at close; its connection is left open")
                 return
+
+
+# ---------------------------------------------------------------------------
+# Workers (--workers N): copies of chat.py on one port, sharing their answers through Redis
+# ---------------------------------------------------------------------------
+
+def reuse_port_listener(host, port):
+    """A listening socket that other workers bind too (SO_REUSEPORT)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.listen(1024)
+    return sock
+
+
+def run_workers(count):
+    """--workers N: run N copies of this very command on the same port, start again one that dies, and end them
+    all on SIGTERM or Ctrl-C. Each is a whole chat.py; Redis and the database are what they share."""
+    # The same program: the script (or the .pyz) with its interpreter, or the one-file executable itself.
+    command = [sys.executable, *([] if getattr(sys, "frozen", False) else [sys.argv[0]]), *sys.argv[1:]]
+    # Every worker must accept the others' calls to the demo model: one key for all.
+    env = {**os.environ, "CHAT_WORKER": "1", "CHAT_DEMO_KEY": chat.settings.demo_key}
+    children = [subprocess.Popen(command, env=env) for _ in range(count)]
+    log.info("chat.py with %d workers on http://%s:%d/", count, chat.settings.host, chat.settings.port)
+    stopping = gevent.event.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, stopping.set)
+    started = [time.monotonic()] * count
+    while not stopping.wait(0.5):
+        for index, child in enumerate(children):
+            if child.poll() is not None and time.monotonic() - started[index] > 1:  # at most once a second
+                log.warning("worker %d exited (%s); starting another", child.pid, child.returncode)
+                children[index], started[index] = subprocess.Popen(command, env=env), time.monotonic()
+    for child in children:
+        with contextlib.suppress(OSError):
+            child.terminate()
+    deadline = time.monotonic() + 10
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return 0

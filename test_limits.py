@@ -23,6 +23,7 @@ import requests  # noqa: E402
 import webtest  # noqa: E402
 
 import chat  # noqa: E402
+import chat_scale  # noqa: E402
 from testkit import (  # noqa: E402
     ChatProcess, HERE, HX, SERVERS, after_event, alerts, answer, choice, clean_env, data, db_rows, elements, free_port,
     htmx_app, notes, owner_cookie_header, plain_app, post_prompt, read_events, relay, send, send_in, wait_until, web)
@@ -1494,7 +1495,7 @@ def old_postgres_database(url):
     import psycopg
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        connection.execute(chat.MIGRATIONS[3].postgresql)
+        connection.execute(chat_scale.POSTGRESQL_STEPS["leases"])
         connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL); "
                            "INSERT INTO schema_version VALUES (1)")
         for owner, conversation, text in (("owner1", "c1", "a zebra crossing"), ("owner2", "c2", "zebra stripes")):

@@ -15,6 +15,7 @@ import gevent  # noqa: E402
 import pytest  # noqa: E402
 import requests  # noqa: E402
 
+import chat  # noqa: E402
 import chat_scale  # noqa: E402
 from testkit import (  # noqa: E402
     ChatProcess, HERE, HX, SSEReader, Transcript, after_event, answer, clean_env, elements, free_port, notes,
@@ -24,6 +25,14 @@ from testkit import (  # noqa: E402
 # ---------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------
+
+def test_postgresql_steps_are_named_steps_of_the_one_migration_list_in_order():
+    """PostgreSQL's scripts belong to steps of chat.MIGRATIONS by name, in its order: one history, two dialects."""
+    names = [migration.name for migration in chat.MIGRATIONS]
+    steps = list(chat_scale.POSTGRESQL_STEPS)
+    assert set(steps) <= set(names) and steps == sorted(steps, key=names.index)
+    assert len(set(names)) == len(names)
+
 
 def test_closing_postgresql_waits_for_the_statement_running_on_it(postgres_url):
     """Closing the database while another greenlet's statement runs (the janitor's save at shutdown) waits for it:

@@ -86,6 +86,16 @@ def clean_env(**extra):
     return {**env, **extra}
 
 
+def terminate(process, timeout=5):
+    """SIGTERM a server process and wait for it; SIGKILL it if it does not go within timeout seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class ChatProcess:
     """`python chat.py --port <free port>` (the README's run command) as a subprocess, with its log."""
 
@@ -118,12 +128,7 @@ class ChatProcess:
 
     def stop(self):
         """Terminate the server (kill it if it does not go)."""
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
 
 
 # ---------------------------------------------------------------------------
@@ -909,12 +914,7 @@ http {{
 
     def stop(self):
         """Fast shutdown (SIGTERM), waited for; SIGKILL if it lingers."""
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
 
 
 # ---------------------------------------------------------------------------

@@ -47,7 +47,6 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -273,6 +272,18 @@ class LagMonitor:
             late = time.monotonic() - t - self.every
             if late > self.threshold and len(self.stalls) < 100_000:
                 self.stalls.append((time.monotonic_ns(), round(late * 1e3, 1)))
+
+
+async def on_schedule(first, stop, step, rate, t_start, end):
+    """Yield first, first + step, ... (below stop) each at its time on a schedule of `rate` a second from t_start,
+    until end."""
+    for n in range(first, stop, step):
+        wait = t_start + n / rate - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if time.monotonic() >= end:
+            return
+        yield n
 
 
 def percentile(values, q):
@@ -1680,12 +1691,7 @@ async def fault_login(soak, seconds):
 
     async def guesser(k):
         # Worker k sends guesses k, k+16, ...: together `rate` a second, on a schedule.
-        for n in range(k, int(rate * seconds), 16):
-            wait = t_start + n / rate - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if time.monotonic() >= end:
-                break
+        async for n in on_schedule(k, int(rate * seconds), 16, rate, t_start, end):
             count["n"] += 1
             try:
                 st = await login(soak.port, Jar(), guessers[n % len(guessers)], password=f"guess-{n}", timeout=10)
@@ -2223,12 +2229,7 @@ async def fault_guessrotate(soak, seconds):
     t_start = time.monotonic()
 
     async def guesser(k):
-        for n in range(k, int(rate * seconds), 16):
-            wait = t_start + n / rate - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if time.monotonic() >= end:
-                break
+        async for n in on_schedule(k, int(rate * seconds), 16, rate, t_start, end):
             if n % 2:
                 family, xff = "ipv6", f"{net6}:{random.getrandbits(16):x}:{random.getrandbits(16):x}:" \
                                       f"{random.getrandbits(16):x}:{random.getrandbits(16):x}"
