@@ -4520,6 +4520,9 @@ class Server(WSGIServer):
     """gevent's WSGI server with TCP_NODELAY, a cap on open connections, and timeouts on every socket."""
 
     handler_class = Handler
+    # Connections the kernel holds until we take them (gevent: 128): taken one per turn of the loop, a wave of a
+    # few hundred at once (a page of tabs reconnecting, stuck readers) overflowed 128, and some were reset.
+    backlog = 1024
     # Connections taken per turn of the loop (gevent: 100): one, so that hundreds arriving at once (each
     # about a millisecond of Python to read and answer) are taken one by one, tokens flowing in between.
     max_accept = 1
