@@ -53,6 +53,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import binascii  # noqa: E402
 import bisect  # noqa: E402
 import array  # noqa: E402
 import collections  # noqa: E402
@@ -91,6 +92,7 @@ import gevent.event  # noqa: E402
 import gevent.local  # noqa: E402
 import gevent.lock  # noqa: E402
 import gevent.queue  # noqa: E402
+import gevent.threadpool  # noqa: E402
 import requests  # noqa: E402
 import urllib3.exceptions  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
@@ -243,6 +245,13 @@ def networks(text):
     return [ipaddress.ip_network(item.strip(), strict=False) for item in text.split(",") if item.strip()]
 
 
+def auth_mode(text):
+    """CHAT_AUTH: "accounts", or empty for anonymous owners."""
+    if text.strip().lower() not in ("", "accounts"):
+        raise ValueError(f"CHAT_AUTH must be `accounts` or empty, not {text!r}")
+    return text.strip().lower()
+
+
 def auto_int(text):
     """An integer where 0 means "work it out" (None)."""
     return int(text) or None
@@ -286,6 +295,11 @@ SETTINGS = (
     setting("port", "PORT", int, 8080, "8080", "listen port", "--port", True),
     setting("db", "CHAT_DB", str, "chat.db", "chat.db", "SQLite database file (in the working directory)", "--db", True),
     setting("password", "CHAT_PASSWORD", str, None, "none", "puts the whole app behind a login page (unset: open to whoever reaches the port)", common=True),
+    setting("auth", "CHAT_AUTH", auth_mode, "", "none: each browser is its own anonymous owner",
+            "`accounts`: people sign in with a user name and password, kept with `python chat.py user add NAME`"),
+    setting("auth_header", "CHAT_AUTH_HEADER", str, None, "none", "the header an authenticating proxy names the "
+            "user in (`Remote-User`, `X-Forwarded-User`, `Tailscale-User-Login`); believed only from "
+            "CHAT_TRUSTED_PROXIES"),
     setting("workers", "CHAT_WORKERS", int, 1, "1", "worker processes sharing the port (more need `CHAT_REDIS_URL`; see docs/scale-out.md)",
             "--workers", True),
     setting("redis_url", "CHAT_REDIS_URL", str, None, "none: answers live in the process",
@@ -345,6 +359,13 @@ SETTINGS = (
             "new browsers one address (IPv6: one /64) may start chatting from in a minute"),
     setting("new_owners_per_minute_total", "CHAT_NEW_OWNERS_PER_MINUTE_TOTAL", float, 60.0, "60",
             "new browsers from all addresses but this machine in a minute"),
+    setting("max_image_mb", "CHAT_MAX_IMAGE_MB", float, 10.0, "10", "MB in one attached image"),
+    setting("max_file_kb", "CHAT_MAX_FILE_KB", float, 256.0, "256", "KB in one attached text file"),
+    setting("max_attachments", "CHAT_MAX_ATTACHMENTS", int, 10, "10", "files attached to one message"),
+    setting("max_attachments_mb", "CHAT_MAX_ATTACHMENTS_MB", float, 20.0, "20",
+            "MB of attachments in one message (or one imported conversation)"),
+    setting("uploads_mb", "CHAT_UPLOADS_MB", float, 256.0, "256",
+            "MB of uploads held in memory at once, all clients together (past it: 503, try again)"),
     setting("owner_quota", "CHAT_OWNER_QUOTA", int, 100 << 20, "104857600", "bytes of stored text per browser"),
     setting("max_db_mb", "CHAT_MAX_DB_MB", float, 2048.0, "2048",
             "MB of database (pages in use, WAL included) past which new messages get 507"),
@@ -906,14 +927,14 @@ class ModelCatalog:
     def calibrate(self, model, messages, prompt_tokens):
         """Learn characters per token from the prompt_tokens the server counted for messages."""
         tokens = (prompt_tokens or 0) - MESSAGE_TOKENS * len(messages)
-        chars = sum(len(m["content"]) for m in messages)
+        chars = sum(content_length(m["content"]) for m in messages)
         if tokens > 16 and chars > 64:
             self.chars_per_token[model] = max(1.0, min(8.0, chars / tokens))
 
     def estimate(self, model, messages):
         """Tokens these messages will take, estimated from characters (no tokenizer dependency)."""
         per_token = self.chars_per_token.get(model, CHARS_PER_TOKEN)
-        return int(sum(len(m["content"]) / per_token + MESSAGE_TOKENS for m in messages)) + 16
+        return int(sum(content_length(m["content"]) / per_token + MESSAGE_TOKENS for m in messages)) + 16
 
     def prompt_budget(self, model, room=None):
         """How many prompt tokens fit with room left for an answer (max_tokens, if set), or None when unknown."""
@@ -1786,6 +1807,30 @@ MIGRATIONS = [
         DELETE FROM title_search WHERE rowid = old.rowid;
     END;
     """),
+    # Accounts (CHAT_AUTH=accounts, CHAT_AUTH_HEADER): a user's conversations carry the user's owner id, so
+    # everything keyed by owner works unchanged. Attachments are kept with their message.
+    Migration("accounts and attachments", sqlite="""
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,           -- lower-case: names are compared without case
+        owner TEXT NOT NULL UNIQUE,      -- the owner id the user's conversations carry
+        password_hash TEXT,              -- scrypt (password_hash()); NULL: signs in through the proxy only
+        created REAL NOT NULL
+    );
+    ALTER TABLE sessions ADD COLUMN user_name TEXT REFERENCES users (name) ON DELETE CASCADE;
+    ALTER TABLE sessions ADD COLUMN created REAL;
+    ALTER TABLE sessions ADD COLUMN seen REAL;
+    ALTER TABLE sessions ADD COLUMN agent TEXT;
+    CREATE INDEX sessions_by_user ON sessions (user_name);
+    CREATE TABLE attachments (
+        id TEXT PRIMARY KEY,             -- unguessable, in the URL that serves it to its owner
+        message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        type TEXT NOT NULL,              -- image/png, image/jpeg, image/webp, image/gif or text/plain
+        data BLOB NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX attachments_by_message ON attachments (message_id);
+    """),
 ]
 
 class Result:
@@ -1818,13 +1863,14 @@ class SQLiteDatabase:
       size()                         bytes in use, for CHAT_MAX_DB_MB
       close()
       errors                         what a failing statement raises (for `except store.errors`)
-      name, null_safe_equal, byte_length   the few places where the two dialects differ
+      name, null_safe_equal, byte_length, owner_moved   the few places where the two dialects differ
     """
 
     name = "SQLite"
     errors = (sqlite3.Error,)  # what a failing statement raises, for `except store.errors`
     null_safe_equal = "IS"                                  # NULL = NULL is true
     byte_length = "LENGTH(CAST({} AS BLOB))"
+    owner_moved = "UPDATE messages SET content = content WHERE conversation_id = ?"  # re-keys its search entries
 
     def __init__(self, path):
         self.path = path
@@ -2019,6 +2065,8 @@ def open_database(path, url):
     return SQLiteDatabase(path)
 
 
+Upload = collections.namedtuple("Upload", "name type data")  # one attached file, checked (check_upload)
+
 DB_SIZE_EVERY = 5.0  # seconds: how often the database's size is measured again, for CHAT_MAX_DB_MB
 
 
@@ -2060,11 +2108,15 @@ class Store:
         return self.secrets[name]
 
     def owner_usage(self, owner):
-        """Bytes of text this owner's conversations hold (for the per-owner quota)."""
+        """Bytes of text and attachments this owner's conversations hold (for the per-owner quota)."""
         size = self.db.byte_length
-        return self.db.execute(f"SELECT COALESCE(SUM({size.format('m.content')} + {size.format('m.reasoning')}), 0) "
+        text = self.db.execute(f"SELECT COALESCE(SUM({size.format('m.content')} + {size.format('m.reasoning')}), 0) "
                                "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
                                "WHERE c.owner = ?", (owner,)).fetchone()[0]
+        files = self.db.execute(f"SELECT COALESCE(SUM({size.format('a.data')}), 0) FROM attachments a "
+                                "JOIN messages m ON m.id = a.message_id JOIN conversations c ON c.id = m.conversation_id "
+                                "WHERE c.owner = ?", (owner,)).fetchone()[0]
+        return text + files
 
     def full(self):
         """True when the database has outgrown CHAT_MAX_DB_MB; its size is measured at most every DB_SIZE_EVERY
@@ -2079,9 +2131,11 @@ class Store:
         """True if this owner has any conversation."""
         return self.db.execute("SELECT 1 FROM conversations WHERE owner = ? LIMIT 1", (owner,)).fetchone() is not None
 
-    def add_session(self, token_hash, tag, expires):
-        """Remember a login."""
-        self.db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (token_hash, tag, expires))
+    def add_session(self, token_hash, tag, expires, user_name=None, agent=None):
+        """Remember a login (an account's, with user_name)."""
+        now = time.time()
+        self.db.execute("INSERT INTO sessions (token_hash, password_tag, expires, user_name, created, seen, agent) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (token_hash, tag, expires, user_name, now, now, agent))
 
     def session_valid(self, token_hash, tag):
         """True if this login exists, is unexpired, and was made under the current password."""
@@ -2091,6 +2145,141 @@ class Store:
     def delete_session(self, token_hash):
         """Forget a login (log out)."""
         self.db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+
+    # -- accounts (CHAT_AUTH=accounts, CHAT_AUTH_HEADER)
+
+    def user(self, name):
+        """The account of this (lower-case) name, or None."""
+        return self.db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+
+    def add_user(self, name, password_hash):
+        """Make an account (the caller checked that the name is free); returns it."""
+        self.db.execute("INSERT INTO users (name, owner, password_hash, created) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT DO NOTHING", (name, secrets.token_urlsafe(24), password_hash, time.time()))
+        return self.user(name)
+
+    def users(self):
+        """Every account with its number of conversations, by name."""
+        return self.db.execute("SELECT u.name, u.created, u.password_hash IS NOT NULL AS has_password, "
+                               "(SELECT COUNT(*) FROM conversations c WHERE c.owner = u.owner) AS conversations "
+                               "FROM users u ORDER BY u.name").fetchall()
+
+    def set_password(self, name, password_hash):
+        """Change an account's password and end all of its sessions."""
+        with self.transaction():
+            self.db.execute("UPDATE users SET password_hash = ? WHERE name = ?", (password_hash, name))
+            self.db.execute("DELETE FROM sessions WHERE user_name = ?", (name,))
+
+    def delete_user(self, name):
+        """Delete an account, its sessions and its conversations; returns how many conversations went."""
+        user = self.user(name)
+        if user is None:
+            return None
+        with self.transaction():
+            gone = self.db.execute("DELETE FROM conversations WHERE owner = ?", (user["owner"],)).rowcount
+            self.db.execute("DELETE FROM owner_settings WHERE owner = ?", (user["owner"],))
+            self.db.execute("DELETE FROM sessions WHERE user_name = ?", (name,))
+            self.db.execute("DELETE FROM users WHERE name = ?", (name,))
+        return gone
+
+    def account_session(self, token_hash):
+        """(user name, owner, last seen) of a live account session, or None."""
+        return self.db.execute("SELECT u.name, u.owner, s.seen FROM sessions s JOIN users u ON u.name = s.user_name "
+                               "WHERE s.token_hash = ? AND s.expires > ?", (token_hash, time.time())).fetchone()
+
+    def session_seen(self, token_hash):
+        """Note that a session was just used (shown in its user's list)."""
+        self.db.execute("UPDATE sessions SET seen = ? WHERE token_hash = ?", (time.time(), token_hash))
+
+    def user_sessions(self, name):
+        """An account's live sessions, most recently used first."""
+        return self.db.execute("SELECT token_hash, created, seen, agent FROM sessions WHERE user_name = ? "
+                               "AND expires > ? ORDER BY seen DESC", (name, time.time())).fetchall()
+
+    def end_sessions(self, name):
+        """Sign an account out everywhere."""
+        self.db.execute("DELETE FROM sessions WHERE user_name = ?", (name,))
+
+    def adopt(self, old_owner, new_owner):
+        """Give an anonymous owner's conversations to an account (its first sign-in); returns how many moved."""
+        with self.transaction():
+            ids = [row[0] for row in self.db.execute("SELECT id FROM conversations WHERE owner = ?",
+                                                     (old_owner,)).fetchall()]
+            if ids:  # `title = title` re-keys the title's search entry for the new owner (SQLite's trigger)
+                self.db.execute("UPDATE conversations SET owner = ?, title = title WHERE owner = ?",
+                                (new_owner, old_owner))
+                self.db.executemany(self.db.owner_moved, [(conversation_id,) for conversation_id in ids])
+            self.db.execute("INSERT INTO owner_settings (owner, system_prompt) SELECT ?, system_prompt "
+                            "FROM owner_settings WHERE owner = ? ON CONFLICT (owner) DO NOTHING",
+                            (new_owner, old_owner))
+            self.db.execute("DELETE FROM owner_settings WHERE owner = ?", (old_owner,))
+        return len(ids)
+
+    # -- attachments
+
+    def add_attachments(self, message_id, files):
+        """Keep a message's attachments (Upload each); returns their ids."""
+        rows = [(secrets.token_urlsafe(16), message_id, f.name, f.type, f.data, time.time()) for f in files]
+        if rows:
+            self.db.executemany("INSERT INTO attachments (id, message_id, name, type, data, created) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return [row[0] for row in rows]
+
+    def attachments(self, message_ids, data=False):
+        """The attachments of these messages, in the order attached: {message id: [rows]}; with their bytes
+        when data is True, only text files' when it is "text"."""
+        found = {}
+        ids = list(message_ids)
+        column = {True: "data", False: "NULL AS data", "text": "CASE WHEN type = 'text/plain' THEN data END AS data"}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = self.db.execute(
+                f"SELECT id, message_id, name, type, {column[data]}, "
+                f"{self.db.byte_length.format('data')} AS size FROM attachments "
+                f"WHERE message_id IN ({', '.join('?' * len(chunk))}) ORDER BY created, id", chunk).fetchall()
+            for row in rows:
+                found.setdefault(row["message_id"], []).append(
+                    {name: row[name] for name in ("id", "message_id", "name", "type", "data", "size")})
+        return found
+
+    def attachment_data(self, attachment_ids):
+        """(id, data) of these attachments."""
+        ids = list(attachment_ids)
+        return self.db.execute(f"SELECT id, data FROM attachments WHERE id IN ({', '.join('?' * len(ids))})",
+                               ids).fetchall()
+
+    def import_conversation(self, owner, c):
+        """Store a conversation checked by imported(), as a new one of this owner; returns its id."""
+        conversation_id, ids = secrets.token_urlsafe(12), {}
+        with self.transaction():
+            self.db.execute("INSERT INTO conversations (id, owner, title, system_prompt, model, created, updated, "
+                            "temperature, top_p, max_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (conversation_id, owner, c["title"], c["system_prompt"], c["model"], c["created"],
+                             time.time(), c["temperature"], c["top_p"], c["max_tokens"]))
+            for m in c["messages"]:
+                ids[m["id"]] = self.db.execute(
+                    "INSERT INTO messages (conversation_id, parent_id, role, content, reasoning, status, error, notes, "
+                    "footer, finish_reason, usage, model, elapsed, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (conversation_id, ids.get(m["parent_id"]), m["role"], m["content"], m["reasoning"], m["status"],
+                     m["error"], m["notes"], m["footer"], m["finish_reason"], m["usage"], m["model"], m["elapsed"],
+                     m["created"])).fetchone()[0]
+                self.add_attachments(ids[m["id"]], m["files"])
+            tree = Tree(self.messages(conversation_id))
+            self.db.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?",
+                            (ids.get(c["leaf"]) or tree.newest_leaf(), conversation_id))
+        return conversation_id
+
+    def copy_attachments(self, from_message, to_message):
+        """Give an edited question the attachments of the one it replaces."""
+        for row in self.attachments([from_message], data=True).get(from_message, []):
+            self.add_attachments(to_message, [Upload(row["name"], row["type"], bytes(row["data"]))])
+
+    def attachment(self, attachment_id, owner):
+        """One attachment with its bytes, if this owner's conversation holds it; else None."""
+        return self.db.execute("SELECT a.name, a.type, a.data FROM attachments a "
+                               "JOIN messages m ON m.id = a.message_id JOIN conversations c ON c.id = m.conversation_id "
+                               "WHERE a.id = ? AND c.owner = ?", (attachment_id, owner)).fetchone()
 
     def expire(self, now, keep_seconds=None):
         """Delete expired sessions and, with a retention period, conversations untouched for longer."""
@@ -2276,7 +2465,33 @@ def conversation_params(conversation):
                    else getattr(settings, name)) for name in PARAMETERS}
 
 
-def upstream_history(conversation, rows):
+IMAGE_CHARS = 4000  # what an image counts for against the context (about 1,000 tokens, as vision models bill it)
+
+
+def content_length(content):
+    """Characters a message's content counts for: its text, and IMAGE_CHARS for each image part."""
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(part.get("text", "")) if part.get("type") == "text" else IMAGE_CHARS for part in content)
+
+
+def with_files(text, files):
+    """A question's content as sent upstream: text files appended to its text, images as content parts."""
+    for f in files:
+        if f["type"] == "text/plain":
+            body = bytes(f["data"]).decode("utf-8", "replace")
+            fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", body)), default=0))
+            text += f"\n\n{f['name']}:\n{fence}\n{body}\n{fence}"
+    images = [f for f in files if f["type"] != "text/plain"]
+    if not images:
+        return text
+    return [{"type": "text", "text": text}] + [
+        {"type": "image_url", "image_url": {"url": f"data:{f['type']};base64,{base64.b64encode(bytes(f['data'])).decode()}"}}
+        if f["data"] is not None else {"type": "text", "text": f"(an earlier image, {f['name']}, not sent again)"}
+        for f in images]
+
+
+def upstream_history(conversation, rows, files=None):
     """What goes upstream: the system prompt, then user and assistant strictly alternating, ending with a question.
 
     Strict chat templates (Mistral, Gemma, Llama 2) refuse two messages of one role in a row.
@@ -2289,7 +2504,7 @@ def upstream_history(conversation, rows):
         if row["role"] == "user":
             if turns and turns[-1]["role"] == "user":
                 turns.pop()  # unanswered
-            turns.append({"role": "user", "content": row["content"]})
+            turns.append({"role": "user", "content": with_files(row["content"], files.get(row["id"], []) if files else [])})
         elif row["role"] == "assistant" and row["content"].strip() and turns and turns[-1]["role"] == "user":
             turns.append({"role": "assistant", "content": row["content"]})
     while turns and turns[-1]["role"] == "assistant":
@@ -2310,9 +2525,10 @@ def export_markdown(conversation, rows):
     return "\n".join(out)
 
 
-def export_json(conversation, rows):
-    """A conversation as plain data: its fields and every message of every branch (id and parent_id make the tree)."""
-    return {"id": conversation["id"], "title": conversation["title"],
+def export_json(conversation, rows, files):
+    """A conversation as plain data: its fields and every message of every branch (id and parent_id make the tree),
+    attachments included (base64); POST /import reads it back."""
+    return {"format": "chat.py conversation", "id": conversation["id"], "title": conversation["title"],
             "system_prompt": conversation["system_prompt"], "model": conversation["model"],
             "created": conversation["created"], "updated": conversation["updated"],
             "shown_leaf_id": conversation["leaf_id"],
@@ -2321,7 +2537,11 @@ def export_json(conversation, rows):
                           "reasoning": r["reasoning"],
                           "status": r["status"], "error": r["error"], "finish_reason": r["finish_reason"],
                           "usage": json.loads(r["usage"]) if r["usage"] else None, "model": r["model"],
-                          "created": r["created"]} for r in rows]}
+                          "created": r["created"], "notes": json.loads(r["notes"] or "[]"), "footer": r["footer"],
+                          "elapsed": r["elapsed"],
+                          "attachments": [{"name": f["name"], "type": f["type"],
+                                           "data": base64.b64encode(bytes(f["data"])).decode()}
+                                          for f in files.get(r["id"], [])]} for r in rows]}
 
 
 # ---------------------------------------------------------------------------
@@ -3256,11 +3476,11 @@ def fit_history(history, model, below=None, room=None):
     """
     system = history[:1] if history and history[0]["role"] == "system" else []
     turns = history[len(system):]
-    chars = settings.max_context - sum(len(m["content"]) for m in system)
+    chars = settings.max_context - sum(content_length(m["content"]) for m in system)
     budget = catalog.prompt_budget(model, room)
     if below is not None and budget is None:
         turns = turns[-1:]
-    while len(turns) > 1 and (sum(len(t["content"]) for t in turns) > chars or (
+    while len(turns) > 1 and (sum(content_length(t["content"]) for t in turns) > chars or (
             budget is not None and catalog.estimate(model, system + turns) > budget)
             or (below is not None and len(system) + len(turns) >= len(below))):
         turns = turns[2:]
@@ -3376,7 +3596,7 @@ def demo_chunks(prompt, delay, turns=1):
 # Routes
 # ---------------------------------------------------------------------------
 
-DEMO_MAX_BODY = 32 << 20  # our own requests to the demo model carry a whole (fitted) conversation
+DEMO_MAX_BODY = 192 << 20  # our own requests to the demo model carry a whole (fitted) conversation, images too
 # Bodies up to this are read into memory, never spooled to a temporary file (the checks
 # below refuse anything larger before a byte of it is read).
 bottle.BaseRequest.MEMFILE_MAX = DEMO_MAX_BODY + 1
@@ -3502,7 +3722,14 @@ def check_request(environ):
     if environ.get("PATH_INFO", "").startswith("/demo/") and demo_caller(environ):
         limit = DEMO_MAX_BODY
     if (environ.get("CONTENT_TYPE") or "").strip().lower().startswith("multipart/"):
-        return ("413 Payload Too Large", "Refused: this server takes no file uploads.")
+        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") not in UPLOAD_PATHS:
+            return ("413 Payload Too Large", "Refused: files can be sent only with a message, or to import.")
+        if int(length) > upload_limit(environ["PATH_INFO"]):
+            return ("413 Payload Too Large", f"Refused: the files are larger than "
+                                             f"{upload_limit(environ['PATH_INFO']) / 2**20:,.0f} MB in all. "
+                                             "Send fewer or smaller ones.")
+        environ["chat.upload"] = int(length)  # read once the request is known to be allowed (guard)
+        return None
     if int(length) > limit:
         return ("413 Payload Too Large", f"Refused: the request is larger than {limit:,} bytes. "
                                          "Shorten your message and send it again.")
@@ -3515,6 +3742,37 @@ def check_request(environ):
         return ("408 Request Timeout", "The request body did not arrive in time.")
     environ["wsgi.input"] = io.BytesIO(data)
     return None
+
+
+UPLOAD_PATHS = ("/streaming", "/import")
+UPLOAD_RATE = 50_000  # bytes a second: the slowest upload a phone may make before it is cut off
+
+
+def upload_limit(path="/streaming"):
+    """Bytes in one multipart body: the attachments' limit and the form's; for an import, whatever one person's
+    quota can export (base64 is a third larger), within CHAT_UPLOADS_MB."""
+    if path == "/import":
+        return int(min(settings.owner_quota * 4 / 3, settings.uploads_mb * 2**20)) + settings.max_body
+    return int(settings.max_attachments_mb * 2**20 * 1.01) + settings.max_body
+
+
+def read_upload(environ):
+    """Read an allowed multipart body into memory, within CHAT_UPLOADS_MB for everyone and a deadline."""
+    length = environ.pop("chat.upload")
+    if limits.uploading + length > settings.uploads_mb * 2**20:
+        environ["chat.refused"] = True
+        log_limited("uploads", "refused an upload: CHAT_UPLOADS_MB are being read just now")
+        raise bottle.HTTPError(503, "The server is busy receiving other files; send again in a moment.",
+                               headers={"Retry-After": "5"})
+    limits.uploading += length
+    environ["chat.upload_held"] = length
+    try:
+        with gevent.Timeout(settings.header_timeout + length / UPLOAD_RATE):
+            data = environ["wsgi.input"].read(length)
+    except gevent.Timeout:
+        environ["chat.refused"] = True
+        raise bottle.HTTPError(408, "The files did not arrive in time; send them again.") from None
+    environ["wsgi.input"] = io.BytesIO(data)
 
 
 def utf8_headers(environ):
@@ -3593,12 +3851,15 @@ class Limits:
         self.login_all = TokenBuckets(rate=10, burst=10)
         self.login = TokenBuckets(rate=1 / 6, burst=5)
         self.devices = TokenBuckets(rate=1 / 6, burst=5)
+        self.accounts = TokenBuckets(rate=1 / 6, burst=5)  # and per account name: no account is guessed faster
+        self.uploading = 0  # bytes of upload bodies in memory now (CHAT_UPLOADS_MB)
         self.new_owners = TokenBuckets(rate=settings.new_owners_per_minute / 60,
                                        burst=max(1, min(3, int(settings.new_owners_per_minute))))
         # And new owners from all addresses but this machine together, so rotating addresses buys nothing.
         total = settings.new_owners_per_minute_total
         self.new_owners_all = TokenBuckets(rate=total / 60, burst=max(1, min(20, int(total))))
-        self.sessions = {}  # token hash -> when this process last found it valid (saves a query a request)
+        self.sessions = {}  # token hash -> (when this process last found it valid, its account or None)
+        self.proxy_users = {}  # user name -> (when, its account): the proxy's user costs no query a request
         self.searches = TokenBuckets(rate=2, burst=10)  # per owner: search holds the shared database
         # and per address (address_key): a browser without cookies is a new owner at every request
         self.search_addresses = TokenBuckets(rate=5, burst=20)
@@ -3714,31 +3975,193 @@ def known_device(request):
 
 
 def logged_in(request):
-    """True if the request carries a session cookie that the store knows and has not revoked."""
+    """True if the request carries a session cookie that the store knows and has not revoked (CHAT_PASSWORD)."""
     token = request.get_cookie(SESSION_COOKIE) or ""
     if not _SESSION_TOKEN.fullmatch(token):
         return False
     key = session_hash(token)
-    if time.monotonic() - limits.sessions.get(key, -60) < 5:
+    if time.monotonic() - limits.sessions.get(key, (-60, None))[0] < 5:
         return True
     if not store.session_valid(key, password_tag()):
         limits.sessions.pop(key, None)
         return False
-    limits.sessions[key] = time.monotonic()
+    limits.sessions[key] = (time.monotonic(), None)
     return True
+
+
+# -- accounts: CHAT_AUTH=accounts (names and passwords, kept by `python chat.py user ...`) and CHAT_AUTH_HEADER
+# (an authenticating proxy names the user). A user's conversations carry the user's owner id, so everything
+# keyed by owner (lists, search, limits, quotas) follows the person to every device.
+
+_USER_NAME = re.compile(r"[^\s\x00-\x1f\x7f-\x9f/\\]{1,128}")  # an email or a login name, no spaces
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # 16 MiB and about 50 ms a check (OWASP's minimum is n=2**17 with p=1:
+# this n with r=8 costs the same memory per guess as their r=1, and the login budgets bound guesses)
+SESSION_SEEN_EVERY = 300  # seconds: a session's "last used" is written at most this often
+
+
+def accounts():
+    """True when people sign in as users (with a password, or through the proxy) instead of as a browser."""
+    return settings.auth == "accounts" or bool(settings.auth_header)
+
+
+def user_key(name):
+    """A user name as stored and compared: without surrounding spaces, in lower case."""
+    return (name or "").strip().lower()
+
+
+def valid_user_name(name):
+    """True for 1 to 128 characters without spaces, controls or slashes."""
+    return bool(_USER_NAME.fullmatch(name))
+
+
+def b64(data):
+    """Unpadded URL-safe base64 text."""
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def unb64(text):
+    """The bytes of b64(text)."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def password_hash(password, salt=None):
+    """What the store keeps of a password: scrypt with a random salt, and its parameters."""
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, maxmem=64 << 20, **SCRYPT)
+    return f"scrypt${SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}${b64(salt)}${b64(digest)}"
+
+
+@functools.cache
+def decoy_hash():
+    """A hash no password matches: an unknown user name costs the same time as a wrong password."""
+    return password_hash(secrets.token_urlsafe(16))
+
+
+def password_ok(stored, password):
+    """True if password matches a password_hash() value (constant work, also for a missing one)."""
+    try:
+        _, n, r, p, salt, digest = (stored or decoy_hash()).split("$")
+        given = hashlib.scrypt(password.encode(), salt=unb64(salt), n=int(n), r=int(r), p=int(p),
+                               maxmem=64 << 20, dklen=len(unb64(digest)))
+    except ValueError:
+        return False
+    return stored is not None and hmac.compare_digest(given, unb64(digest))
+
+
+@functools.cache
+def kdf_pool():
+    """Two threads of their own for scrypt: a burst of logins never holds up the database's threads."""
+    return gevent.threadpool.ThreadPool(2)
+
+
+def header_text(value):
+    """A header's value as text (WSGI hands header bytes over as Latin-1)."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
+def proxy_user(request):
+    """The account CHAT_AUTH_HEADER names, made on first sight; believed only from CHAT_TRUSTED_PROXIES."""
+    value = request.get_header(settings.auth_header) if settings.auth_header else None
+    if value is None:
+        return None
+    peer = request.environ.get("REMOTE_ADDR") or ""
+    if not trusted_proxy(peer):
+        log_limited("auth-header", "ignored %s from %s, which is not in CHAT_TRUSTED_PROXIES (said once)",
+                    settings.auth_header, peer, every=math.inf)
+        return None
+    name = user_key(header_text(value))
+    if not valid_user_name(name):
+        raise bottle.HTTPError(400, f"The proxy's {settings.auth_header} header is not a user name.")
+    cached = limits.proxy_users.get(name)
+    if cached and time.monotonic() - cached[0] < 5:
+        return cached[1]
+    user = store.user(name) or store.add_user(name, None)
+    limits.proxy_users[name] = (time.monotonic(), user)
+    return user
+
+
+def session_user(request):
+    """The account whose live session cookie this request carries (CHAT_AUTH=accounts), or None."""
+    token = request.get_cookie(SESSION_COOKIE) or ""
+    if settings.auth != "accounts" or not _SESSION_TOKEN.fullmatch(token):
+        return None
+    key = session_hash(token)
+    checked, user = limits.sessions.get(key, (-60, None))
+    if user is not None and time.monotonic() - checked < 5:  # a revoked session ends everywhere within 5 s
+        return user
+    user = store.account_session(key)
+    if user is None:
+        limits.sessions.pop(key, None)
+        return None
+    if time.time() - (user["seen"] or 0) > SESSION_SEEN_EVERY:
+        store.session_seen(key)
+    limits.sessions[key] = (time.monotonic(), user)
+    return user
+
+
+def ask_to_log_in(request):
+    """Send a page to the login form (coming back afterwards); refuse anything else with 401."""
+    if request.method == "GET" and not request.get_header("HX-Request"):
+        here = request.fullpath + ("?" + request.query_string if request.query_string else "")
+        bottle.redirect("/login?" + urllib.parse.urlencode({"next": here}))
+    raise bottle.HTTPError(401, "Log in first.", headers={"HX-Redirect": "/login"})
+
+
+def adopt_browser(request, user):
+    """At a user's first sign-in in a browser: its anonymous conversations become the account's."""
+    cookie = request.get_cookie(OWNER_COOKIE)
+    if cookie is None:
+        return
+    anonymous = cookie_owner(cookie)
+    if anonymous and anonymous != user["owner"]:
+        moved = store.adopt(anonymous, user["owner"])
+        if moved:
+            log.info("%d conversation(s) of a browser adopted by the account %s", moved, user["name"])
+    bottle.response.delete_cookie(OWNER_COOKIE, path="/")
 
 
 @app.hook("before_request")
 def guard():
-    """Refuse cross-origin writes, ask for the password when one is set, and know the owner."""
+    """Know who asks (or refuse), then read an upload that they may send."""
+    try:
+        know_the_owner()
+    except bottle.HTTPResponse:
+        if "chat.upload" in bottle.request.environ:
+            bottle.request.environ["chat.refused"] = True  # its body stays unread
+        raise
+    if "chat.upload" in bottle.request.environ:
+        read_upload(bottle.request.environ)
+
+
+@app.hook("after_request")
+def release_upload():
+    """Give an upload's bytes back to CHAT_UPLOADS_MB."""
+    limits.uploading -= bottle.request.environ.pop("chat.upload_held", 0)
+
+
+def know_the_owner():
+    """Refuse cross-origin writes, ask for the password or the account when one is needed, and know the owner."""
     request = bottle.request
     if request.method not in ("GET", "HEAD", "OPTIONS") and cross_origin(request):
         raise bottle.HTTPError(403, "Refused: this request came from another site.")
-    if settings.password and not request.path.startswith(PUBLIC_PATHS) and not logged_in(request):
-        if request.method == "GET" and not request.get_header("HX-Request"):
-            here = request.fullpath + ("?" + request.query_string if request.query_string else "")
-            bottle.redirect("/login?" + urllib.parse.urlencode({"next": here}))
-        raise bottle.HTTPError(401, "Log in first.", headers={"HX-Redirect": "/login"})
+    public = request.path.startswith(PUBLIC_PATHS)
+    if accounts():
+        user = proxy_user(request) or session_user(request)
+        if user is None and not public:
+            if settings.auth != "accounts":
+                raise bottle.HTTPError(401, f"Sign in first: this server learns who you are from the proxy in front "
+                                            f"of it ({settings.auth_header}).")
+            ask_to_log_in(request)
+        if user is not None:
+            adopt_browser(request, user)
+        request.environ["chat.user"] = user and user["name"]
+        request.environ["chat.owner"] = user and user["owner"]
+        return
+    if settings.password and not public and not logged_in(request):
+        ask_to_log_in(request)
     owner_id = cookie_owner(request.get_cookie(OWNER_COOKIE) or "")
     if owner_id is None:
         owner_id = secrets.token_urlsafe(24)
@@ -3749,12 +4172,12 @@ def guard():
 
 
 def owner():
-    """The owner id of this request's browser."""
+    """The owner id of this request: its account's, or its browser's."""
     return bottle.request.environ["chat.owner"]
 
 
 def owned_conversation(conversation_id):
-    """This browser's conversation, or a 404 (someone else's looks exactly like a missing one)."""
+    """This owner's conversation, or a 404 (someone else's looks exactly like a missing one)."""
     conversation = store.conversation(conversation_id, owner())
     if conversation is None:
         bottle.abort(404, "No such conversation.")
@@ -3774,44 +4197,66 @@ def next_page():
     return target if not parts.scheme and not parts.netloc else "/"
 
 
+def password_login():
+    """True when /login asks for something: CHAT_PASSWORD, or accounts' names and passwords."""
+    return bool(settings.password) or settings.auth == "accounts"
+
+
 @app.get("/login")
 def login_page():
-    """The password page (only when CHAT_PASSWORD is set)."""
-    if not settings.password:
+    """The login page (only when CHAT_PASSWORD or CHAT_AUTH=accounts is set)."""
+    if not password_login():
         bottle.redirect("/")
-    return template("login", error=None, next=next_page())
+    return template("login", error=None, next=next_page(), accounts=settings.auth == "accounts", username="")
 
 
 @app.post("/login")
 def login():
-    """Check the password in constant time, within the guessing budgets (docs/security.md)."""
-    if not settings.password:
+    """Check the password (and user name) in constant time, within the guessing budgets (docs/security.md)."""
+    if not password_login():
         bottle.redirect("/")
     request = bottle.request
+    account = settings.auth == "accounts"
+    name = user_key(request.forms.getunicode("username", default="") or "")[:200] if account else ""
     device = known_device(request)
     address = address_key(client_address(request.environ))
-    # A browser that has logged in here before spends its own budget; any other, its address's and everyone's.
-    wait = limits.devices.wait(device) if device else max(limits.login.wait(address), limits.login_all.wait("all"))
+    # A browser that has logged in here before spends its own budget; any other, its address's, the
+    # account's and everyone's.
+    wait = limits.devices.wait(device) if device else max(
+        limits.login.wait(address), limits.login_all.wait("all"), limits.accounts.wait(name) if account else 0)
+
+    def page(status, error):
+        bottle.response.status = status
+        return template("login", error=error, next=next_page(), accounts=account, username=name)
     if wait > 0:
         seconds = max(1, math.ceil(wait))
-        bottle.response.status = 429
         bottle.response.set_header("Retry-After", str(seconds))
         log_limited("login-busy", "refused a login from %s: too many wrong passwords", address)
-        return template("login", error=f"Too many wrong passwords have been tried just now. Wait {seconds} "
-                                       f"second{'s' if seconds > 1 else ''} and try again.", next=next_page())
-    given = (request.forms.getunicode("password", default="") or "").encode()
-    if not hmac.compare_digest(hashlib.sha256(given).digest(),
-                               hashlib.sha256(settings.password.encode()).digest()):
+        return page(429, f"Too many wrong passwords have been tried just now. Wait {seconds} "
+                         f"second{'s' if seconds > 1 else ''} and try again.")
+    given = request.forms.getunicode("password", default="") or ""
+    if account:
+        user = store.user(name) if valid_user_name(name) else None
+        ok = kdf_pool().apply(password_ok, (user and user["password_hash"], given[:1024]))
+    else:
+        user, ok = None, hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
+                                             hashlib.sha256(settings.password.encode()).digest())
+    if not ok:
         if device:
             limits.devices.take(device)
         else:
             limits.login_all.take("all")
             limits.login.take(address)
+            if account:
+                limits.accounts.take(name)
         log_limited("login", "failed login from %s", address)
-        bottle.response.status = 401
-        return template("login", error="Wrong password.", next=next_page())
+        return page(401, "Wrong user name or password." if account else "Wrong password.")
     token = secrets.token_urlsafe(32)
-    store.add_session(session_hash(token), password_tag(), time.time() + SESSION_DAYS * 86400)
+    store.add_session(session_hash(token), "account" if account else password_tag(),
+                      time.time() + SESSION_DAYS * 86400, user_name=user and user["name"],
+                      agent=(request.get_header("User-Agent") or "")[:300])
+    if user is not None:
+        adopt_browser(request, user)
     set_cookie(SESSION_COOKIE, token, SESSION_DAYS * 86400)
     device = device or secrets.token_urlsafe(16)
     set_cookie(DEVICE_COOKIE, f"{device}.{device_mac(device)}", DEVICE_DAYS * 86400)
@@ -3826,7 +4271,41 @@ def logout():
         limits.sessions.pop(session_hash(token), None)
         store.delete_session(session_hash(token))
     bottle.response.delete_cookie(SESSION_COOKIE, path="/")
-    bottle.redirect("/login")
+    bottle.redirect("/login" if password_login() else "/")
+
+
+def signed_in_user():
+    """This request's account (a row of users), or a 404 when people do not sign in as users."""
+    name = bottle.request.environ.get("chat.user")
+    if not name:
+        bottle.abort(404, "There are no accounts on this server.")
+    return store.user(name)
+
+
+@app.get("/account")
+def account():
+    """Who is signed in, and where: the account's sessions, with a button that ends them all."""
+    no_store()
+    user = signed_in_user()
+    token = bottle.request.get_cookie(SESSION_COOKIE) or ""
+    here = session_hash(token) if _SESSION_TOKEN.fullmatch(token) else None
+    return template("account", user=user, sessions=store.user_sessions(user["name"]), here=here,
+                    proxy=settings.auth != "accounts" or not user["password_hash"], when=when)
+
+
+@app.post("/account/sign-out-everywhere")
+def sign_out_everywhere():
+    """End every session of this account (every device), this one too."""
+    user = signed_in_user()
+    store.end_sessions(user["name"])
+    limits.sessions.clear()  # this process forgets them now; other workers within 5 s
+    bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+    bottle.redirect("/login" if settings.auth == "accounts" else "/", 303)
+
+
+def when(timestamp):
+    """A time for people to read, in UTC."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp)) if timestamp else "—"
 
 
 # -- the chat ------------------------------------------------------------------
@@ -3855,7 +4334,7 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     page = template("page", demo=settings.demo, upstream=settings.upstream_label(),
                     conversation=conversation, conversations=store.conversations(owner()),
                     bubbles=bubbles, models=models, model=model, label=model_label,
-                    password=bool(settings.password), draft=draft, error=error, leaf=leaf,
+                    password=password_login(), user=bottle.request.environ.get("chat.user"), draft=draft, error=error, leaf=leaf,
                     system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
                     results=results, query=query,
                     answering=answering)
@@ -3872,6 +4351,7 @@ def render_bubbles(conversation, at=None, plain=False):
         return [], None, None, False
     tree, path = branch(conversation, at)
     bubbles, live, answering = [], None, False
+    files = store.attachments([row["id"] for row in path if row["role"] == "user"], data="text")
     last_assistant = max((r["id"] for r in path if r["role"] == "assistant"), default=None)
     for row in path:
         siblings = tree.siblings(row)
@@ -3879,7 +4359,7 @@ def render_bubbles(conversation, at=None, plain=False):
                        position=siblings.index(row["id"])) if len(siblings) > 1 else ""
         if row["role"] == "user":
             bubbles.append(template("user", prompt=row["content"], message_id=row["id"],
-                                    conversation_id=conversation["id"], nav=nav))
+                                    conversation_id=conversation["id"], nav=nav, files=files.get(row["id"], [])))
             continue
         stream = streams.for_message(row["id"], conversation["id"]) if row["status"] == "streaming" else None
         # A page without JavaScript can follow an answer only in the process writing it.
@@ -3991,10 +4471,23 @@ def reserve_stream(conversation_id=None):
     return streams.reserve(owner(), conversation_id)
 
 
+def files_to_send(path):
+    """The attachments of a branch's questions, with the bytes of its text files and its newest images
+    (CHAT_MAX_ATTACHMENTS of them: older ones are named, not sent again, which bounds an answer's memory)."""
+    files = store.attachments([row["id"] for row in path if row["role"] == "user"], data="text")
+    images = [f for message_id in sorted(files, reverse=True) for f in reversed(files[message_id])
+              if f["type"] != "text/plain"][:settings.max_attachments]
+    wanted = {f["id"] for f in images}
+    data = {row["id"]: row["data"] for row in store.attachment_data(wanted)} if wanted else {}
+    return {message_id: [dict(f, data=data[f["id"]]) if f["id"] in wanted else f for f in found]
+            for message_id, found in files.items()}
+
+
 def start_answer(stream, conversation, question_id):
     """Store an empty answer to a question and stream it into a reserved stream, with the branch up to it."""
     tree = Tree(store.messages(conversation["id"]))
-    history = upstream_history(conversation, tree.path(question_id))
+    path = tree.path(question_id)
+    history = upstream_history(conversation, path, files_to_send(path))
     message_id = store.add_message(conversation["id"], "assistant", status="streaming", parent_id=question_id)
     return streams.begin(stream, history, model=conversation["model"], conversation_id=conversation["id"],
                          message_id=message_id, params=conversation_params(conversation))
@@ -4076,6 +4569,63 @@ def check_prompt(prompt):
                            f"{settings.max_prompt:,}. Shorten it and send again.")
 
 
+IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF87a": "image/gif",
+               b"GIF89a": "image/gif"}
+
+
+def image_type(data):
+    """The type an image's first bytes say it is (PNG, JPEG, GIF, WebP), or None: never what the client claims."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in IMAGE_TYPES.items() if data.startswith(magic)), None)
+
+
+def file_name(raw, default):
+    """A file's name to show and store: its last path part, without controls, at most 200 characters."""
+    name = re.split(r"[/\\]", (raw or "").translate(CONTROL))[-1].strip()[:200]
+    return name or default
+
+
+def attached_files(field="attachment"):
+    """The files a form carries, checked; or Refused."""
+    uploads = [f for f in bottle.request.files.getall(field) if f.raw_filename or f.content_length]
+    return checked_files([(f.raw_filename, f.file.read()) for f in uploads])
+
+
+def checked_files(files):
+    """(name, bytes) pairs as Uploads: images known by their bytes, text files as UTF-8, within the limits;
+    or Refused saying which file is wrong and why."""
+    if len(files) > settings.max_attachments:
+        raise Refused(413, f"You attached {len(files)} files; the limit is {settings.max_attachments} a message.")
+    checked, total = [], 0
+    for raw_name, data in files:
+        name, kind = file_name(raw_name if isinstance(raw_name, str) else "", "file"), image_type(data)
+        if kind:
+            limit, what = settings.max_image_mb * 2**20, "an image"
+        else:
+            data = data.removeprefix(b"\xef\xbb\xbf")
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                data = None
+            if data is None or b"\x00" in data:
+                raise Refused(415, f"{name} is neither an image (PNG, JPEG, WebP or GIF) nor a text file.")
+            kind, limit, what = "text/plain", settings.max_file_kb * 1024, "a text file"
+        if len(data) > limit:
+            raise Refused(413, f"{name} is {size_label(len(data))}; the limit for {what} is {size_label(limit)}.")
+        total += len(data)
+        checked.append(Upload(name, kind, data))
+    if total > settings.max_attachments_mb * 2**20:
+        raise Refused(413, f"The files are {size_label(total)} in all; the limit is "
+                           f"{settings.max_attachments_mb:,g} MB a message.")
+    return checked
+
+
+def size_label(size):
+    """A size for people to read: 12 KB, 3.4 MB."""
+    return f"{size / 2**20:,.1f} MB" if size >= 2**20 else f"{max(1, round(size / 1024)):,} KB"
+
+
 @app.post("/streaming")
 def start_streaming():
     """Start an answer: the user's bubble plus an assistant bubble that connects to /events.
@@ -4088,7 +4638,8 @@ def start_streaming():
     conversation_id = forms.getunicode("conversation") or ""
     conversation = None
     try:
-        check_prompt(prompt)
+        files = attached_files()
+        check_prompt(prompt or ("…" if files else ""))  # a picture alone is a question too
         changes = {"model": (forms.getunicode("model") or "").strip() or None}
         if forms.get("system") is not None:
             changes["system_prompt"] = (forms.getunicode("system") or "").strip()
@@ -4099,7 +4650,7 @@ def start_streaming():
         created = not conversation_id
         with sending(conversation_id or None) as stream:
             if created:
-                conversation_id = store.create_conversation(owner(), make_title(prompt))
+                conversation_id = store.create_conversation(owner(), make_title(prompt or files[0].name))
             else:
                 owned_conversation(conversation_id)
             if forms.get("save_system") and "system_prompt" in changes:
@@ -4109,6 +4660,7 @@ def start_streaming():
             conversation = store.conversation(conversation_id, owner())
             parent = form_parent(forms, conversation)
             question = store.add_message(conversation_id, "user", prompt, parent_id=parent)
+            store.add_attachments(question, files)
             start_answer(stream, conversation, question)
     except Refused as refused:
         if not htmx():  # the words stay in the box of a page that says what went wrong
@@ -4123,7 +4675,8 @@ def start_streaming():
     if created:
         bottle.response.set_header("HX-Push-Url", f"/c/{conversation_id}")
     return template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation,
-                    created=created, question_id=question, leaf=stream.message_id)
+                    created=created, question_id=question, leaf=stream.message_id,
+                    files=store.attachments([question], data="text").get(question, []) if files else [])
 
 
 def form_parent(forms, conversation):
@@ -4175,6 +4728,7 @@ def edit(conversation_id):
         check_prompt(prompt)
         with sending(conversation_id) as stream:
             question = store.add_message(conversation_id, "user", prompt, parent_id=original["parent_id"])
+            store.copy_attachments(original["id"], question)
             start_answer(stream, conversation, question)
     except Refused as refused:
         return form_error(refused.status, str(refused))
@@ -4295,9 +4849,136 @@ def export(conversation_id, fmt):
     bottle.response.set_header("Content-Disposition", f'attachment; filename="{filename}.{fmt}"')
     if fmt == "json":
         bottle.response.content_type = "application/json; charset=utf-8"
-        return json.dumps(export_json(conversation, rows), ensure_ascii=False, indent=2)
+        files = store.attachments([r["id"] for r in rows if r["role"] == "user"], data=True)
+        return json.dumps(export_json(conversation, rows, files), ensure_ascii=False, indent=2)
     bottle.response.content_type = "text/markdown; charset=utf-8"
     return export_markdown(conversation, rows)
+
+
+@app.get("/attachments/<attachment_id>")
+def attachment(attachment_id):
+    """An attached file, to its owner only (anyone else: 404), as the type its bytes were checked to be."""
+    row = store.attachment(attachment_id, owner())
+    if row is None:
+        bottle.abort(404, "No such file.")
+    response = bottle.response
+    response.content_type = row["type"] + ("; charset=utf-8" if row["type"] == "text/plain" else "")
+    response.set_header("Content-Disposition", "inline; filename*=UTF-8''" + urllib.parse.quote(row["name"]))
+    response.set_header("Content-Security-Policy", "default-src 'none'; sandbox")  # shown alone, it runs nothing
+    response.set_header("Cache-Control", "private, max-age=31536000, immutable")  # an id is never reused
+    return bytes(row["data"])
+
+
+STATUSES = ("done", "stopped", "error", "truncated", "interrupted")
+MAX_IMPORTED_MESSAGES = 10_000
+
+
+def imported(data):
+    """An exported conversation checked field by field, its messages parents first; or Refused (400) saying what
+    is wrong. Its attachments pass the same checks as attached files."""
+    def wrong(what):
+        return Refused(400, f"This is not a conversation exported by chat.py: {what}.")
+
+    def text(value, name, limit, empty=""):
+        if value is None:
+            return empty
+        if not isinstance(value, str) or len(value) > limit:
+            raise wrong(f"{name} is not text of at most {limit:,} characters")
+        return value.translate(CONTROL)
+
+    def number(value, name):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise wrong(f"{name} is not a number")
+        return value
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise wrong("it has no list of messages")
+    if not 0 < len(data["messages"]) <= MAX_IMPORTED_MESSAGES:
+        raise wrong(f"it has {len(data['messages']):,} messages (1 to {MAX_IMPORTED_MESSAGES:,} can be imported)")
+    now = time.time()
+    conversation = {"title": " ".join(text(data.get("title"), "the title", 1000).split())[:120] or "Imported",
+                    "system_prompt": text(data.get("system_prompt"), "the system prompt", settings.max_prompt),
+                    "model": text(data.get("model"), "the model", 200, None) or None,
+                    "created": number(data.get("created"), "created") or now, "messages": [], "size": 0}
+    for name, (kind, low, high, label) in PARAMETER_RANGES.items():
+        value = number(data.get(name), label)
+        if value is not None and not low <= value <= high:
+            raise wrong(f"{label} is out of range")
+        conversation[name] = None if value is None else kind(value)
+    pending, placed = list(data["messages"]), set()
+    while pending:  # parents before children; what never finds its parent is refused
+        later = []
+        for m in pending:
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or \
+                    not isinstance(m.get("id"), (int, str)) or m["id"] in placed:
+                raise wrong("a message has no role, or no id of its own")
+            if m.get("parent_id") is not None and m["parent_id"] not in placed:
+                later.append(m)
+                continue
+            placed.add(m["id"])
+            status = m.get("status") or "done"
+            status = "interrupted" if status == "streaming" else status
+            if status not in STATUSES:
+                raise wrong(f"a message's status is {str(status)[:20]!r}")
+            usage = m.get("usage")
+            notes = m.get("notes") or []
+            if not isinstance(notes, list) or not all(isinstance(n, str) and len(n) < 2000 for n in notes[:20]):
+                raise wrong("a message's notes are not a list of sentences")
+            files = []
+            for f in m.get("attachments") or []:
+                try:
+                    raw = base64.b64decode(f["data"], validate=True)
+                except (TypeError, KeyError, ValueError, binascii.Error):
+                    raise wrong("an attachment's data is not base64") from None
+                files.append((f.get("name"), raw))
+            message = {"id": m["id"], "parent_id": m.get("parent_id"), "role": m["role"],
+                       "content": text(m.get("content"), "a message", max(settings.max_prompt, settings.max_answer_chars)),
+                       "reasoning": text(m.get("reasoning"), "a message's reasoning", settings.max_answer_chars),
+                       "status": status, "error": text(m.get("error"), "an error", 2000, None),
+                       "finish_reason": text(m.get("finish_reason"), "a finish reason", 100, None),
+                       "usage": json.dumps(usage) if isinstance(usage, dict) and len(json.dumps(usage)) < 4000 else None,
+                       "model": text(m.get("model"), "a model", 200, None), "notes": json.dumps(notes[:20]),
+                       "footer": text(m.get("footer"), "a footer", 2000),
+                       "elapsed": number(m.get("elapsed"), "elapsed"),
+                       "created": number(m.get("created"), "created") or now,
+                       "files": checked_files(files)}
+            conversation["size"] += len(message["content"].encode()) + len(message["reasoning"].encode()) + sum(
+                len(f.data) for f in message["files"])
+            conversation["messages"].append(message)
+        if len(later) == len(pending):
+            raise wrong("a message's parent_id names no message of the conversation")
+        pending = later
+    shown = data.get("shown_leaf_id")
+    conversation["leaf"] = shown if shown in placed else None
+    return conversation
+
+
+@app.post("/import")
+def import_conversation():
+    """A conversation exported as JSON by chat.py, uploaded (field `file`), becomes a new conversation here."""
+    try:
+        upload = bottle.request.files.get("file")
+        if upload is None:
+            raise Refused(400, "Choose a conversation exported as JSON by chat.py to import.")
+        raw = upload.file.read()
+        try:  # megabytes of JSON and base64: parsed and checked off the event loop
+            data = in_background(json.loads, raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise Refused(400, "That file is not JSON: import a conversation exported as JSON by chat.py.") \
+                from None
+        conversation = in_background(imported, data)
+        if store.owner_usage(owner()) + conversation["size"] >= settings.owner_quota:
+            raise Refused(507, f"Your conversations use the {settings.owner_quota / 2**20:,.0f} MB this server "
+                               "keeps for each person. Delete some to import this one.")
+        conversation_id = store.import_conversation(owner(), conversation)
+    except Refused as refused:
+        if htmx():
+            return form_error(refused.status, str(refused))
+        raise bottle.HTTPError(refused.status, str(refused)) from None
+    if htmx():
+        bottle.response.set_header("HX-Redirect", f"/c/{conversation_id}")
+        return ""
+    bottle.redirect(f"/c/{conversation_id}", 303)
 
 
 @app.get("/events")
@@ -4328,7 +5009,8 @@ def stop():
 def healthz():
     """Liveness: ok, and for those logged in (or with no password set) the upstream in use."""
     bottle.response.content_type = "text/plain; charset=utf-8"
-    if settings.password and not logged_in(bottle.request):
+    if (settings.password or accounts()) and not (bottle.request.environ.get("chat.user") or (
+            settings.password and not accounts() and logged_in(bottle.request))):
         return "ok\n"  # for proxies and uptime checks, which have no login
     return f"ok\nupstream: {settings.upstream_label()}\nstreams: {len(streams)}\n"
 
@@ -4353,6 +5035,10 @@ def demo_completions():
     try:
         messages = bottle.request.json["messages"]
         prompt = next(m["content"] for m in reversed(messages) if m.get("role") == "user")
+        if isinstance(prompt, list):  # content parts: the text, and what the images were
+            images = sum(part.get("type") == "image_url" for part in prompt)
+            prompt = " ".join(part.get("text", "") for part in prompt if part.get("type") == "text") + \
+                f" (and {images} image{'s' if images != 1 else ''}, which a demo cannot see)"
         turns = sum(1 for m in messages if m.get("role") == "user")
     except (TypeError, KeyError, StopIteration, ValueError):
         bottle.response.status = 400
@@ -4632,7 +5318,65 @@ def parse_args(argv):
     p.add_argument("--debug", action="store_true", help="log tracebacks and reload templates")
     p.add_argument("--version", action=VersionAction, nargs=0,
                    help="print the version and the commit it was built from, then exit")
-    return p.parse_args(argv)
+    p.add_argument("command", nargs="*", metavar="user add|passwd|del|list [NAME]",
+                   help="manage the accounts of CHAT_AUTH=accounts in the database (--db or CHAT_DATABASE_URL); "
+                        "a password is read from standard input")
+    return p.parse_intermixed_args(argv)
+
+
+def user_command(words):
+    """`chat.py user add|passwd|del|list [NAME]`: manage accounts; returns the exit status."""
+    action, name = (words[1:] + [None])[:2] if len(words) <= 3 else (None, None)
+    if words[0] != "user" or action not in ("add", "passwd", "del", "list") or (action != "list") != bool(name):
+        print("usage: chat.py user add NAME | user passwd NAME | user del NAME | user list", file=sys.stderr)
+        return 2
+    if action == "list":
+        for row in store.users():
+            print(f"{row['name']}\t{row['conversations']} conversation(s)\t"
+                  f"{'password' if row['has_password'] else 'proxy sign-in only'}")
+        return 0
+    name = user_key(name)
+    if not valid_user_name(name):
+        print(f"{name!r} is not a user name: 1 to 128 characters, no spaces or slashes", file=sys.stderr)
+        return 2
+    user = store.user(name)
+    if action == "del":
+        if user is None:
+            print(f"there is no user {name}", file=sys.stderr)
+            return 1
+        print(f"deleted {name} and {store.delete_user(name)} conversation(s); their sessions are ended")
+        return 0
+    if (user is None) != (action == "add"):
+        print(f"there is {'already a' if user else 'no'} user {name}", file=sys.stderr)
+        return 1
+    password = read_password()
+    if not password:
+        return 1
+    if action == "add":
+        store.add_user(name, password_hash(password))
+        print(f"added {name}")
+    else:
+        store.set_password(name, password_hash(password))
+        print(f"changed the password of {name}; their sessions are ended")
+    return 0
+
+
+def read_password():
+    """A new password: asked twice at a terminal, else one line of standard input (for scripts); '' if refused."""
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != password:
+            print("the two passwords differ", file=sys.stderr)
+            return ""
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password or len(password) > 1024:
+        print("a password is 1 to 1,024 characters", file=sys.stderr)
+        return ""
+    if len(password) < 8:
+        print("warning: a password under 8 characters is easy to guess", file=sys.stderr)
+    return password
 
 
 def main(argv=None):
@@ -4648,6 +5392,11 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s" + ("[%(process)d]" if worker else "") +
                                ": %(message)s")
     bottle.debug(args.debug)
+    if args.command:
+        try:
+            sys.exit(user_command(args.command))
+        finally:
+            store.close()
     if settings.workers > 1 and not worker:
         if not settings.redis_url:
             log.error("--workers %d needs CHAT_REDIS_URL: the workers share their answers through Redis",
@@ -4678,6 +5427,8 @@ def main(argv=None):
         log.error("cannot reach Redis (CHAT_REDIS_URL): %s" if settings.redis_url else
                   "cannot open the journal of unsaved text: %s", redact_url(str(exc)))
         sys.exit(2)
+    if settings.password and accounts():
+        log.warning("CHAT_PASSWORD is ignored: people sign in as users (CHAT_AUTH or CHAT_AUTH_HEADER)")
     settings.port = server.server_port  # --port 0 picks a free port; the demo needs the real one
     log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port,
              settings.upstream_label())

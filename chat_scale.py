@@ -970,6 +970,18 @@ POSTGRESQL_STEPS = {
     DROP INDEX conversations_search;
     CREATE INDEX conversations_search ON conversations USING GIN (search_terms(owner, title)) WITH (fastupdate = off);
     """,
+    "accounts and attachments": """
+    CREATE TABLE users (name TEXT PRIMARY KEY, owner TEXT NOT NULL UNIQUE, password_hash TEXT,
+                        created DOUBLE PRECISION NOT NULL);
+    ALTER TABLE sessions ADD COLUMN user_name TEXT REFERENCES users (name) ON DELETE CASCADE,
+        ADD COLUMN created DOUBLE PRECISION, ADD COLUMN seen DOUBLE PRECISION, ADD COLUMN agent TEXT;
+    CREATE INDEX sessions_by_user ON sessions (user_name);
+    CREATE TABLE attachments (
+        id TEXT PRIMARY KEY, message_id BIGINT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        name TEXT NOT NULL, type TEXT NOT NULL, data BYTEA NOT NULL, created DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX attachments_by_message ON attachments (message_id);
+    """,
 }
 
 
@@ -999,6 +1011,8 @@ class PostgresDatabase:
     name = "PostgreSQL"
     null_safe_equal = "IS NOT DISTINCT FROM"
     byte_length = "OCTET_LENGTH({})"
+    owner_moved = ("UPDATE messages m SET owner = c.owner FROM conversations c "  # messages carry the owner here
+                   "WHERE c.id = m.conversation_id AND m.conversation_id = ?")
 
     def __init__(self, url, size=4):
         try:  # optional: only with CHAT_DATABASE_URL

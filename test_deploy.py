@@ -19,7 +19,8 @@ import requests  # noqa: E402
 import chat  # noqa: E402
 from testkit import (  # noqa: E402
     FIRST, HERE, Nginx, SLOW_ANSWER, Transcript, alerts, assert_resume_without_loss, bare_env, choice, clean_env, data,
-    deploy_nginx_block, doc_section, free_port, notes, post_prompt, source_text, substitute, wait_until, web)
+    deploy_nginx_block, doc_section, free_port, notes, post_prompt, proxy_sign_in_block, source_text, substitute,
+    wait_until, web)
 
 
 # ---------------------------------------------------------------------------
@@ -259,6 +260,49 @@ def test_nginx_lets_a_prompt_at_the_limit_through(upstream, via_nginx):
     response = post_from_page(via_nginx, "/streaming", prompt=at_limit + "😀")
     assert response.status_code == 413
     assert f"the limit is {chat.settings.max_prompt:,}" in response.text
+
+
+def test_nginx_lets_a_message_with_attachments_at_their_limit_through(upstream, via_nginx):
+    """client_max_body_size leaves room for CHAT_MAX_ATTACHMENTS_MB of files; a bigger image gets chat.py's own
+    sentence, not nginx's page."""
+    gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"
+    files = [("attachment", (f"{n}.gif", gif + b"\x00" * (4 << 20), "image/gif")) for n in range(2)]
+    headers = {"Origin": via_nginx.origin, "HX-Request": "true"}
+    assert web.post(via_nginx.url + "/streaming", data={"prompt": "two pictures"}, files=files, headers=headers,
+                    timeout=30).status_code == 200
+    big = [("attachment", ("big.gif", gif + b"\x00" * (11 << 20), "image/gif"))]
+    refused = web.post(via_nginx.url + "/streaming", data={"prompt": "one"}, files=big, headers=headers, timeout=30)
+    assert refused.status_code == 413 and "the limit for an image is 10.0 MB" in refused.text
+
+
+def test_nginx_signs_people_in_with_the_documented_user_header(upstream, tmp_path, monkeypatch):
+    """docs/deploy.md's sign-in block: whoever gives nginx a password chats as that user; no password gets nginx's
+    401; a Remote-User the client makes up is replaced by nginx's."""
+    monkeypatch.setattr(chat.settings, "auth_header", "Remote-User")
+    (tmp_path / "htpasswd").write_text("alice:{PLAIN}alice's secret\nbob:{PLAIN}bob's secret\n")
+    srv = chat.Server(("127.0.0.1", 0), chat.app, log=None)
+    srv.start()
+    front = None
+    try:
+        front = Nginx(tmp_path, srv.server_port, proxy_sign_in_block(),
+                      replace=[("/etc/nginx/chat.htpasswd", str(tmp_path / "htpasswd"))])
+        alice, bob = requests.Session(), requests.Session()
+        for session, name in ((alice, "alice"), (bob, "bob")):
+            session.auth, session.verify = (name, f"{name}'s secret"), str(front.cert)
+            session.trust_env = False  # else REQUESTS_CA_BUNDLE wins over session.verify (requests #3829)
+            session.headers.update({"Origin": front.origin, "HX-Request": "true"})
+        assert alice.post(front.url + "/streaming", data={"prompt": "from alice"}, timeout=10).status_code == 200
+        conversation = chat.store.conversations(chat.store.user("alice")["owner"])[0]["id"]
+        assert alice.get(f"{front.url}/c/{conversation}", timeout=10).status_code == 200
+        forged = bob.get(f"{front.url}/c/{conversation}", headers={"Remote-User": "alice"}, timeout=10)
+        assert forged.status_code == 404  # bob stays bob
+        assert requests.get(f"{front.url}/", verify=str(front.cert), timeout=10).status_code == 401
+        assert requests.get(f"{front.url}/healthz", verify=str(front.cert), timeout=10).text == "ok\n"
+        assert "Signed in as alice" in alice.get(front.url + "/account", timeout=10).text
+    finally:
+        if front:
+            front.stop()
+        srv.stop(timeout=2)
 
 
 def test_nginx_redirects_plain_http_to_https(via_nginx):

@@ -73,9 +73,10 @@ FROM_AFAR = {"X-Forwarded-For": "198.51.100.7"}  # through the (trusted) loopbac
 @pytest.mark.parametrize("path, content_type, length, extra, status", [
     ("/login", "multipart/form-data; boundary=xx", 200 << 20, "", 413),
     ("/streaming", "application/x-www-form-urlencoded", 200 << 20, "", 413),
-    ("/streaming", "multipart/form-data; boundary=xx", 2000, "", 413),
+    ("/c/x/rename", "multipart/form-data; boundary=xx", 2000, "", 413),
+    ("/streaming", "multipart/form-data; boundary=xx", 200 << 20, "", 413),
     ("/streaming", "application/x-www-form-urlencoded", None, "Transfer-Encoding: chunked\r\n", 411),
-], ids=["login-200MB", "streaming-200MB", "multipart", "chunked"])
+], ids=["login-200MB", "streaming-200MB", "multipart-elsewhere", "upload-200MB", "chunked"])
 def test_bodies_over_the_limit_are_refused_before_a_byte_is_read(server, monkeypatch, path, content_type, length, extra,
                                                                   status):
     """Attack 1: 413 (411 for a chunked body) at once, while the client has sent only the head; nothing is spooled
@@ -1596,3 +1597,38 @@ def test_search_terms_put_the_owner_key_in_front_of_every_word_sqlite_sees():
         words, keyed = ([term for term, in db.execute("SELECT term FROM v WHERE doc = ? ORDER BY offset", (doc,))]
                         for doc in (2 * n, 2 * n + 1))
         assert keyed == [key + word for word in words], repr(text)
+
+
+def test_uploads_share_a_memory_budget_and_a_slow_one_is_cut_off(server, monkeypatch):
+    """CHAT_UPLOADS_MB: while uploads fill it, the next one gets 503 with Retry-After and is not read; an upload
+    that trickles gets 408 after CHAT_HEADER_TIMEOUT plus its size at 50 KB/s; others are served meanwhile."""
+    monkeypatch.setattr(chat.settings, "uploads_mb", 0.05)  # 52 KB in all
+    monkeypatch.setattr(chat.settings, "header_timeout", 0.5)
+    head = ("POST /streaming HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            "Content-Length: {}\r\n\r\n")
+    started = time.monotonic()
+    slow, _ = raw_request(server, head.format(40_000).encode(), b"--x\r\n", read=False)
+    wait_until(lambda: chat.limits.uploading == 40_000, what="the first upload being read")
+    second, answer = raw_request(server, head.format(20_000).encode(), b"--x\r\n")
+    second.close()
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in answer, answer[:300]
+    quick_healthz(server)
+    assert slow.recv(65536).startswith(b"HTTP/1.1 408 ")
+    assert 0.5 + 40_000 / chat.UPLOAD_RATE <= time.monotonic() - started < 5  # 1.3 s: the head's and the size's
+    slow.close()
+    wait_until(lambda: chat.limits.uploading == 0, what="the budget given back")
+
+
+def test_only_the_newest_images_of_a_branch_are_sent_again(client, upstream, monkeypatch):
+    """Past CHAT_MAX_ATTACHMENTS images in a branch, older ones are named in a text part, not sent again."""
+    monkeypatch.setattr(chat.settings, "max_attachments", 2)
+    gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"
+    conversation = ""
+    for n in range(3):
+        answer = client.post("/streaming", {"prompt": f"picture {n}", "conversation": conversation},
+                             upload_files=[("attachment", f"p{n}.gif", gif)])
+        read_events(client, re.search(r"stream=([\w-]+)", answer.text)[1])
+        conversation = chat.store.db.execute("SELECT id FROM conversations").fetchone()[0]
+    sent = [m["content"] for m in upstream.requests[-1].json["messages"] if m["role"] == "user"]
+    assert sent[0][1] == {"type": "text", "text": "(an earlier image, p0.gif, not sent again)"}
+    assert [part["type"] for part in sent[1] + sent[2]] == ["text", "image_url", "text", "image_url"]

@@ -1068,3 +1068,131 @@ def test_header_and_sidebar_stay_while_a_long_chat_scrolls(open_page, page_upstr
     sidebar = page.locator("nav.sidebar")
     assert sidebar.bounding_box()["y"] < 100  # still in view, under the header
     assert page.evaluate("getComputedStyle(document.querySelector('nav.sidebar')).overflowY") == "auto"
+
+
+# ---------------------------------------------------------------------------
+# Attachments: picked, pasted or dropped files, previewed, sent and shown again
+# ---------------------------------------------------------------------------
+
+def tiny_png(width=2, height=2):
+    """A valid PNG of width × height red pixels, made here (no file, no library)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+# In the page: a DataTransfer holding one File made from base64 bytes (as a clipboard or a drag carries it).
+TRANSFER_JS = """([b64, name, type]) => { const dt = new DataTransfer();
+  dt.items.add(new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], name, {type}));
+  return dt; }"""
+
+
+def image_loaded(page, selector, width):
+    """Wait until the image at selector has loaded, width pixels wide."""
+    page.wait_for_function("([s, w]) => { const i = document.querySelector(s); "
+                           "return i && i.complete && i.naturalWidth === w; }", arg=[selector, width])
+
+
+def test_a_pasted_image_and_a_dropped_file_show_before_and_after_a_reload(open_page, page_upstream):
+    """A pasted screenshot and a dropped text file are previewed, sent with the question, and shown in the bubble,
+    the image loaded, also after a reload; the composer lights up while the file is dragged over it."""
+    import base64
+    page_upstream.serve(answer("Seen."))
+    watch = open_page()
+    page = watch.page
+    png = base64.b64encode(tiny_png()).decode()
+    text = "line one\nline two <b>not bold</b>\n"
+    page.focus("#prompt")
+    pasted = page.evaluate(f"""([b64]) => {{ const dt = ({TRANSFER_JS})([b64, 'pixel.png', 'image/png']);
+        const e = new ClipboardEvent('paste', {{clipboardData: dt, bubbles: true, cancelable: true}});
+        document.getElementById('prompt').dispatchEvent(e); return e.defaultPrevented; }}""", [png])
+    assert pasted is True  # files and no text: nothing else to paste
+    over = page.evaluate(f"""([b64]) => {{ window.__drag = ({TRANSFER_JS})([b64, 'notes.txt', 'text/plain']);
+        const target = document.querySelector('#composer .row');
+        const events = ['dragenter', 'dragover'].map(name =>
+          new DragEvent(name, {{dataTransfer: window.__drag, bubbles: true, cancelable: true}}));
+        events.forEach(e => target.dispatchEvent(e));
+        return {{accepted: events.every(e => e.defaultPrevented),
+                 lit: document.getElementById('composer').classList.contains('dropping')}}; }}""",
+                         [base64.b64encode(text.encode()).decode()])
+    assert over == {"accepted": True, "lit": True}
+    dropped = page.evaluate("""() => { const e = new DragEvent('drop', {dataTransfer: window.__drag, bubbles: true,
+        cancelable: true}); document.querySelector('#composer .row').dispatchEvent(e); return e.defaultPrevented; }""")
+    assert dropped is True
+    assert not page.evaluate("document.getElementById('composer').classList.contains('dropping')")
+    previews = page.locator("#attachment-previews .preview")
+    assert previews.count() == 2
+    image_loaded(page, "#attachment-previews img", 2)
+    assert previews.nth(0).locator("img").get_attribute("alt") == "pixel.png"
+    assert previews.nth(1).inner_text().startswith("notes.txt")
+    assert page.get_by_role("button", name="Remove pixel.png").is_visible()
+    assert page.get_by_role("button", name="Remove notes.txt").is_visible()
+    assert page.evaluate("[...document.getElementById('attachment').files].map(f => f.name)") == \
+        ["pixel.png", "notes.txt"]
+    stream_id = type_and_send(page, "What is in these?")
+    bubble = page.locator(".msg.user").last
+    assert bubble.locator(".bubble").inner_text() == "What is in these?"
+    assert page.evaluate("document.getElementById('attachment').files.length") == 0
+    assert previews.count() == 0
+    finished_bubble(page, stream_id)
+    for when in ("sent", "reloaded"):
+        bubble = page.locator(".msg.user").last
+        thumb = bubble.locator(".attachments a.thumb")
+        assert thumb.count() == 1, when
+        assert thumb.locator("img").get_attribute("alt") == "pixel.png"
+        image_loaded(page, ".msg.user .attachments .thumb img", 2)
+        file = bubble.locator(".attachments details.file")
+        assert file.locator(".file-name").inner_text() == "notes.txt"
+        assert file.get_attribute("open") is None  # collapsed
+        assert file.locator("pre").text_content() == text
+        assert file.locator("b").count() == 0
+        if when == "sent":
+            assert re.search(r"/c/[\w-]+$", page.url)
+            page.reload()
+            page.wait_for_function("() => window.htmx && htmx.version")
+    assert page.locator("#attachment-previews .preview").count() == 0
+    assert watch.unexpected_errors() == []
+
+
+def test_remove_in_the_attachment_previews_and_a_message_of_files_alone(open_page, page_upstream):
+    """Remove drops one file from the input and moves the focus on; text still pastes as text; a message with a file
+    and no words is sent; the hidden file input is reached by keyboard, its focus shown on its label."""
+    page_upstream.serve(answer("A file."))
+    watch = open_page()
+    page = watch.page
+    # The picker, by keyboard: Shift+Tab from the message box reaches the file input, and the label shows it.
+    page.focus("#prompt")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "attachment"
+    assert page.evaluate("getComputedStyle(document.querySelector('label.attach')).outlineStyle") == "solid"
+    page.set_input_files("#attachment", [
+        {"name": "a.txt", "mimeType": "text/plain", "buffer": b"first file\n"},
+        {"name": "b.txt", "mimeType": "text/plain", "buffer": b"second file\n"}])
+    previews = page.locator("#attachment-previews .preview")
+    previews.nth(1).wait_for()
+    page.get_by_role("button", name="Remove a.txt").click()
+    page.wait_for_function("() => document.querySelectorAll('#attachment-previews .preview').length === 1")
+    assert page.evaluate("[...document.getElementById('attachment').files].map(f => f.name)") == ["b.txt"]
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Remove b.txt"
+    assert previews.inner_text().startswith("b.txt")
+    # A real text paste still pastes its text, and attaches nothing.
+    page.evaluate("navigator.clipboard.writeText('pasted words')")
+    page.focus("#prompt")
+    page.keyboard.press("Control+V")
+    page.wait_for_function("() => document.getElementById('prompt').value === 'pasted words'")
+    assert previews.count() == 1
+    page.fill("#prompt", "")
+    page.press("#prompt", "Enter")
+    bubble = page.locator(".msg.user")
+    bubble.wait_for()
+    assert bubble.locator(".bubble").is_hidden()  # no words, only the file
+    assert bubble.locator(".attachments .file-name").inner_text() == "b.txt"
+    assert bubble.locator(".attachments pre").text_content() == "second file\n"
+    assert previews.count() == 0
+    assert page.locator(".msg.assistant.done .content").inner_text() == "A file."
+    assert watch.posts("/streaming") == 1

@@ -342,3 +342,28 @@ def test_an_unreachable_redis_stops_the_start_without_showing_its_password(tmp_p
     assert result.returncode == 2
     assert "cannot reach Redis" in result.stderr
     assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+def test_an_account_sees_its_conversations_and_files_on_every_worker(cluster, upstream, postgres_url, tmp_path):
+    """CHAT_AUTH=accounts on PostgreSQL and Redis: a user added from the command line signs in on one process
+    with a laptop and on another with a phone; the phone lists the conversation, reads its answer and its image."""
+    added = subprocess.run([sys.executable, "chat.py", "user", "add", "alice"], input="a long password\n", text=True,
+                           cwd=HERE, capture_output=True, timeout=60,
+                           env=clean_env(CHAT_DATABASE_URL=postgres_url, CHAT_DB=str(tmp_path / "unused.db")))
+    assert added.returncode == 0, added.stderr
+    a, b = cluster(2, CHAT_AUTH="accounts")
+    laptop, phone = requests.Session(), requests.Session()
+    for session, process in ((laptop, a), (phone, b)):
+        session.post(process.url + "/login", data={"username": "alice", "password": "a long password"}, timeout=10)
+    image = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"
+    posted = laptop.post(a.url + "/streaming", data={"prompt": "what is this"}, headers=HX, timeout=10,
+                         files=[("attachment", ("pixel.gif", image, "image/gif"))])
+    stream_id = stream_of(posted)
+    done = SSEReader(b.url, stream_id, session=phone).read_until(lambda t: t.finished, what="the answer on B")
+    assert done.message
+    page = phone.get(b.url + "/", timeout=10).text
+    conversation = re.search(r'href="/c/([A-Za-z0-9_-]+)"', page)[1]
+    shown = phone.get(f"{b.url}/c/{conversation}", timeout=10).text
+    src = re.search(r'<img src="(/attachments/[A-Za-z0-9_-]+)"', shown)[1]
+    assert phone.get(b.url + src, timeout=10).content == image
+    assert requests.get(b.url + src, timeout=10, allow_redirects=False).status_code in (302, 303, 401)

@@ -475,9 +475,9 @@ class Transcript:
 class SSEReader:
     """An /events client over a real socket that collects frames as they arrive."""
 
-    def __init__(self, base, stream_id, last_event_id=None):
+    def __init__(self, base, stream_id, last_event_id=None, session=None):
         headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-        self.response = web.get(f"{base}/events", params={"stream": stream_id}, headers=headers,
+        self.response = (session or web).get(f"{base}/events", params={"stream": stream_id}, headers=headers,
                                      stream=True, timeout=10)
         self.raw = b""
         self.eof = False
@@ -811,6 +811,14 @@ def deploy_nginx_block():
     return blocks[0]
 
 
+def proxy_sign_in_block():
+    """The ```nginx block of docs/deploy.md's ## Sign-in through the proxy section."""
+    blocks = re.findall(r"^```nginx\n(.*?)^```$", doc_section("docs/deploy.md", "## Sign-in through the proxy"),
+                        re.M | re.S)
+    assert len(blocks) == 1, f"expected one ```nginx block under ## Sign-in through the proxy, found {len(blocks)}"
+    return blocks[0]
+
+
 def scaled_nginx_block(second_port):
     """The Deploy block with docs/scale-out.md's upstream block: its first server becomes the port Nginx fills
     in, its second one second_port."""
@@ -857,7 +865,7 @@ class Seen:
 class Nginx:
     """/usr/sbin/nginx running an nginx block in front of chat_port, on loopback ports, with a self-signed certificate."""
 
-    def __init__(self, folder, chat_port, block):
+    def __init__(self, folder, chat_port, block, replace=()):
         executable = required_tool("nginx", "/usr/sbin/nginx")
         openssl = required_tool("openssl")
         self.folder, self.chat_port, self.port, self.http_port = folder, chat_port, free_port(), free_port()
@@ -872,6 +880,8 @@ class Nginx:
         block = substitute(block, "listen 80;", f"listen 127.0.0.1:{self.http_port};")
         block = substitute(block, "/etc/letsencrypt/live/chat.example.com/fullchain.pem", str(self.cert))
         block = substitute(block, "/etc/letsencrypt/live/chat.example.com/privkey.pem", str(key))
+        for old, new in replace:
+            block = substitute(block, old, new)
         self.error_log = folder / "error.log"
         # user root: workers must reach the temp folders in a root-only tmp dir (ignored when not root).
         (folder / "nginx.conf").write_text(f"""

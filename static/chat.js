@@ -6,6 +6,9 @@
   "use strict";
   function byId(id) { return document.getElementById(id); }
   function announce(text) { var s = byId("status"); if (s) s.textContent = text; }
+  // With script on, the label is the attach button and the native file input hides (chat.css);
+  // without it the native input shows which files are chosen.
+  document.documentElement.classList.add("js");
 
   // Enter sends, Shift+Enter is a newline, and never while an IME composition is open
   // (keyCode 229 covers browsers that end the composition before keydown). On a touch
@@ -72,6 +75,7 @@
     if (ok) {
       byId("prompt").value = "";
       clearDraft(sentFrom);
+      clearAttachments();  // they went with the message
       var options = document.querySelector("#composer details.options");
       if (options) options.open = false;  // the options fold after sending
       announce("Answering…");
@@ -99,6 +103,131 @@
       stick = true;
       scrollToEnd();
     }
+  });
+
+  // Attachments: a picked, pasted (a screenshot) or dropped file all end up in the one file input,
+  // so the form posts them like any other field. Previews are built with textContent and data: URLs
+  // (the Content-Security-Policy allows no blob: images), never with markup from a file name.
+  var PREVIEW_LIMIT = 10 * 1024 * 1024;  // bigger images are named, not read into memory
+  function each(list, fn) { Array.prototype.forEach.call(list || [], fn); }
+  function setFiles(files) {
+    var input = byId("attachment");
+    if (!input) return;
+    var dt = new DataTransfer();
+    files.forEach(function (f) { dt.items.add(f); });
+    input.files = dt.files;  // this fires no change event: redraw here
+    showAttachments();
+  }
+  function addFiles(files) {
+    var input = byId("attachment"), all = [];
+    if (!input || !files.length) return false;
+    each(input.files, function (f) { all.push(f); });
+    setFiles(all.concat(files));
+    return true;
+  }
+  function clearAttachments() {
+    var input = byId("attachment");
+    if (input) input.value = "";
+    showAttachments();
+  }
+  function showAttachments() {
+    var input = byId("attachment"), box = byId("attachment-previews");
+    if (!input || !box) return;
+    box.textContent = "";
+    each(input.files, function (file, index) {
+      var item = document.createElement("span");
+      item.className = "preview";
+      item.title = file.name;
+      if (/^image\//.test(file.type) && file.size <= PREVIEW_LIMIT) {
+        var img = document.createElement("img");
+        img.alt = file.name;
+        item.appendChild(img);
+        var reader = new FileReader();
+        reader.onload = function () { img.src = reader.result; };
+        reader.readAsDataURL(file);
+      } else {
+        var name = document.createElement("span");
+        name.className = "name";
+        name.textContent = file.name;
+        item.appendChild(name);
+      }
+      var remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "remove";
+      remove.dataset.index = index;
+      remove.textContent = "×";
+      remove.setAttribute("aria-label", "Remove " + file.name);
+      item.appendChild(remove);
+      box.appendChild(item);
+    });
+  }
+  document.addEventListener("change", function (e) { if (e.target.id === "attachment") showAttachments(); });
+  document.addEventListener("click", function (e) {
+    var button = e.target.closest("#attachment-previews button.remove");
+    if (!button) return;
+    var input = byId("attachment"), index = Number(button.dataset.index), kept = [], gone = "";
+    each(input.files, function (f, i) { if (i !== index) kept.push(f); else gone = f.name; });
+    setFiles(kept);
+    // The pressed button is gone: the focus goes to the file that took its place, else to the picker.
+    var buttons = document.querySelectorAll("#attachment-previews button.remove");
+    (buttons[Math.min(index, buttons.length - 1)] || input).focus();
+    announce("Removed " + gone);
+  });
+  // A browser that restores a form (back, forward) may bring the chosen files back.
+  window.addEventListener("pageshow", showAttachments);
+  document.addEventListener("DOMContentLoaded", showAttachments);
+
+  function filesOf(transfer) {
+    var files = [];
+    if (!transfer) return files;
+    each(transfer.files, function (f) { files.push(f); });
+    if (!files.length) {  // some browsers list a pasted screenshot only among the items
+      each(transfer.items, function (item) {
+        var f = item.kind === "file" && item.getAsFile();
+        if (f) files.push(f);
+      });
+    }
+    return files;
+  }
+  function editable(el) { return el.closest && el.closest("input, textarea, select, [contenteditable]"); }
+  // Paste: files go to the message (in the composer, or anywhere that is not another text field);
+  // text pastes as always, and a paste of text and files (a copied picture from a page) keeps its text.
+  document.addEventListener("paste", function (e) {
+    var target = e.target.nodeType === 1 ? e.target : document.body;
+    if (!byId("composer") || (editable(target) && !target.closest("#composer"))) return;
+    var files = filesOf(e.clipboardData);
+    if (addFiles(files) && !e.clipboardData.getData("text/plain")) e.preventDefault();
+  });
+
+  // Drag and drop onto the chat or the composer; the composer lights up while files are over it.
+  // Elsewhere (the sidebar's import form) the browser's own handling stays.
+  function dropZone(e) {
+    var types = e.dataTransfer && e.dataTransfer.types;
+    var hasFiles = types && Array.prototype.indexOf.call(types, "Files") >= 0;
+    return hasFiles && e.target.closest && e.target.closest("#composer, main") ? byId("composer") : null;
+  }
+  function highlight(on) {
+    var composer = byId("composer");
+    if (composer) composer.classList.toggle("dropping", on);
+  }
+  ["dragenter", "dragover"].forEach(function (name) {
+    document.addEventListener(name, function (e) {
+      var zone = dropZone(e);
+      highlight(!!zone);
+      if (!zone) return;
+      e.preventDefault();  // a drop here attaches the file instead of opening it
+      e.dataTransfer.dropEffect = "copy";
+    });
+  });
+  // relatedTarget is null when the drag leaves the window or is cancelled (Escape).
+  document.addEventListener("dragleave", function (e) { if (!e.relatedTarget) highlight(false); });
+  document.addEventListener("dragend", function () { highlight(false); });
+  document.addEventListener("drop", function (e) {
+    highlight(false);
+    if (!dropZone(e)) return;
+    e.preventDefault();
+    addFiles(filesOf(e.dataTransfer));
+    byId("prompt").focus();
   });
 
   // Ctrl+K (or Cmd+K) searches the conversations.

@@ -1,4 +1,4 @@
-% include("user", prompt=prompt, message_id=question_id, conversation_id=conversation['id'], nav="")
+% include("user", prompt=prompt, message_id=question_id, conversation_id=conversation['id'], nav="", files=files)
 % include("streaming", stream_id=stream_id)
 % include("parent", leaf=leaf)
 % if created:

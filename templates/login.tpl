@@ -12,8 +12,12 @@
 <main>
   <h1>chat.py</h1>
   <form method="post" action="/login">
+% if accounts:
+    <label for="username">User name</label>
+    <input type="text" name="username" id="username" value="{{username}}" autocomplete="username" autocapitalize="none" spellcheck="false" autofocus required>
+% end
     <label for="password">Password</label>
-    <input type="password" name="password" id="password" autocomplete="current-password" autofocus required>
+    <input type="password" name="password" id="password" autocomplete="current-password"{{'' if accounts else ' autofocus'}} required>
     <input type="hidden" name="next" value="{{next}}">
     <button type="submit">Log in</button>
 % if error:

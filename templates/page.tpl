@@ -19,6 +19,9 @@
 <header class="top">
   <h1><a href="/">chat.py</a></h1>
   <span class="upstream">{{upstream}}</span>
+% if user:
+  <a class="account" href="/account" title="Your account and where you are signed in">{{user}}</a>
+% end
 % if password:
   <form method="post" action="/logout" class="logout"><button type="submit">Log out</button></form>
 % end
@@ -39,6 +42,14 @@
 % include("conversation_item", item=item, current=bool(conversation and item['id'] == conversation['id']))
 % end
     </ul>
+    <details class="import">
+      <summary>Import a conversation</summary>
+      <form method="post" action="/import" enctype="multipart/form-data">
+        <label for="import-file">A conversation exported as JSON</label>
+        <input type="file" name="file" id="import-file" accept="application/json,.json" required>
+        <button type="submit">Import</button>
+      </form>
+    </details>
   </details>
 </nav>
 <main>
@@ -58,7 +69,7 @@
   <div id="status" class="visually-hidden" role="status" aria-live="polite"></div>
 </main>
 </div>
-<form id="composer" method="post" action="/streaming" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send"{{!' class="answering"' if answering else ''}}>
+<form id="composer" method="post" action="/streaming" enctype="multipart/form-data" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send"{{!' class="answering"' if answering else ''}}>
   <div id="form-error" aria-live="assertive">
 % if error:
     <p class="error" role="alert">{{error}}</p>
@@ -90,6 +101,11 @@
 % end
     </div>
   </details>
+  <div class="attach-row">
+    <label for="attachment" class="attach">Attach images or text files</label>
+    <input type="file" name="attachment" id="attachment" multiple>
+    <div id="attachment-previews" aria-live="polite"></div>
+  </div>
   <div class="row">
     <textarea name="prompt" id="prompt" rows="2" placeholder="Message (Enter to send, Shift+Enter for a new line)" aria-label="Message" autofocus>{{draft}}</textarea>
     <button type="submit" id="send" aria-label="Send message">Send</button>

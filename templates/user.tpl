@@ -1,4 +1,5 @@
 <div class="msg user" id="user-m{{message_id}}" role="article" aria-label="You"><div class="bubble">{{prompt}}</div>
+% include("attachments", files=files)
   <div class="actions">
     {{!nav}}
     <details class="edit">
