@@ -13,88 +13,45 @@
 # ///
 """chat.py — a self-hosted chat page that streams LLM answers token by token.
 
-One file: Bottle for the routes, gevent for the server, requests for the upstream,
-htmx + its SSE extension in the browser. Talks to any OpenAI-compatible server
-(OpenAI, Ollama, llama.cpp, vLLM, LM Studio, OpenRouter...) or, with no
+One file: Bottle for the routes, gevent for the server, requests for the upstream, htmx + its SSE extension in the
+browser. Talks to any OpenAI-compatible server (OpenAI, Ollama, llama.cpp, vLLM, LM Studio, OpenRouter...) or, with no
 configuration, to its own built-in demo model.
 
 Run:    python chat.py            then open http://127.0.0.1:8080
 Help:   python chat.py --help
 
-Environment: OPENAI_BASE_URL (upstream ".../v1"; unset = built-in demo model),
-OPENAI_API_KEY, CHAT_MODEL, HOST, PORT, CHAT_DB (SQLite file), CHAT_PASSWORD,
-CHAT_DATABASE_URL (PostgreSQL instead), and the limits and defaults `--help` lists.
+Environment: OPENAI_BASE_URL (upstream ".../v1"; unset = built-in demo model), OPENAI_API_KEY, CHAT_MODEL, HOST, PORT,
+CHAT_DB (SQLite file), CHAT_PASSWORD, CHAT_DATABASE_URL (PostgreSQL instead), and the limits `--help` lists.
 
-How a token travels: upstream bytes -> relay_upstream() greenlet (split lines, parse
-SSE, parse JSON chunk) -> Stream.token() logs its text once (AnswerLog), frames it once
-and writes it to each reader that keeps up (Outlet; a reader behind gets it through its
-queue, its /events generator draining everything queued into one write), and renders each
-Markdown block that it completes (MarkdownBlocks) -> htmx-ext-sse appends the <span> (and
-the rendered block) to the bubble.
+How a token travels: upstream bytes -> relay_upstream() greenlet (split lines, parse SSE, parse JSON chunk) ->
+Stream.token() logs its text once (AnswerLog), frames it once and writes it to each reader that keeps up (Outlet; a
+reader behind gets it from its queue, drained into one write), and renders each Markdown block it completes
+(MarkdownBlocks) -> htmx-ext-sse appends the <span> (and the rendered block) to the bubble.
 
 Sections, in dependency order (each uses what is above it; a few calls reach later ones at run time):
-helpers used everywhere (rate-limited logs, token buckets, taking turns on the loop);
-configuration (SETTINGS); the upstream client; models and their context; <think> reasoning;
-SSE framing; rendering; storage (SQLite); streams and the relay, with the journal; the
-demo model; routes (request checks, errors, who is asking, the chat); main.
+helpers used everywhere (rate-limited logs, token buckets, taking turns on the loop); configuration (SETTINGS); the
+upstream client; models and their context; <think> reasoning; SSE framing; rendering; storage (SQLite); streams and the
+relay, with the journal; the demo model; routes (request checks, errors, who is asking, the chat); main.
 
-Two seams, each one small interface written down where it begins, with its default here
-and its scale-out implementation in chat_scale.py (loaded only when configured):
-Streams / RedisStreams (CHAT_REDIS_URL) and SQLiteDatabase / PostgresDatabase
-(CHAT_DATABASE_URL).
+Two seams, each one small interface written down where it begins, its default here and its scale-out one in
+chat_scale.py (loaded only when configured): Streams / RedisStreams (CHAT_REDIS_URL) and SQLiteDatabase /
+PostgresDatabase (CHAT_DATABASE_URL).
 """
 
-# gevent must patch the standard library before anything imports socket, ssl or
-# threading (requests does): a greenlet blocked on an unpatched socket would block
-# every other stream in the process.
+# gevent must patch the standard library before anything imports socket, ssl or threading (requests does): a greenlet
+# blocked on an unpatched socket would block every other stream in the process.
 from gevent import monkey
 
 monkey.patch_all()
 
-import argparse  # noqa: E402
-import base64  # noqa: E402
-import binascii  # noqa: E402
-import bisect  # noqa: E402
-import array  # noqa: E402
-import collections  # noqa: E402
-import contextlib  # noqa: E402
-import fcntl  # noqa: E402
-import gc  # noqa: E402
-import hashlib  # noqa: E402
-import functools  # noqa: E402
-import hmac  # noqa: E402
-import io  # noqa: E402
-import html  # noqa: E402
-import ipaddress  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import resource  # noqa: E402
-import secrets  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import sqlite3  # noqa: E402
-import struct  # noqa: E402
-import sys  # noqa: E402
-import termios  # noqa: E402
-import time  # noqa: E402
-import urllib.parse  # noqa: E402
+import argparse, array, base64, binascii, bisect, collections, contextlib, fcntl, functools, gc, hashlib  # noqa: E402
+import hmac, html, io, ipaddress, json, logging, math, os, random, re, resource, secrets, signal, socket  # noqa: E402
+import sqlite3, struct, sys, termios, time, urllib.parse  # noqa: E402
 from http.client import HTTPException  # noqa: E402
 from xml.etree import ElementTree  # noqa: E402
 
-import bottle  # noqa: E402
-import latex2mathml.converter  # noqa: E402
-import gevent  # noqa: E402
-import gevent.event  # noqa: E402
-import gevent.local  # noqa: E402
-import gevent.lock  # noqa: E402
-import gevent.queue  # noqa: E402
-import gevent.threadpool  # noqa: E402
-import requests  # noqa: E402
-import urllib3.exceptions  # noqa: E402
+import bottle, latex2mathml.converter, requests, urllib3.exceptions  # noqa: E402
+import gevent, gevent.event, gevent.local, gevent.lock, gevent.queue, gevent.threadpool  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 from gevent.queue import Queue  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
@@ -106,8 +63,7 @@ from pygments.lexers import get_lexer_by_name  # noqa: E402
 from pygments.util import ClassNotFound  # noqa: E402
 
 log = logging.getLogger("chat")
-# Run as a script, this module is __main__; chat_scale.py imports it as `chat` and must get this same module.
-sys.modules.setdefault("chat", sys.modules[__name__])
+sys.modules.setdefault("chat", sys.modules[__name__])  # as a script: chat_scale's `import chat` must get this module
 
 VERSION = "1.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -166,8 +122,7 @@ class LoopTurn:
     """When the event loop last polled for I/O: a prepare watcher stamps every turn."""
 
     def __init__(self):
-        self.at = time.monotonic()
-        self.watcher = None
+        self.at, self.watcher = time.monotonic(), None
 
     def now(self):
         """The time, with the watcher running (started on first use, in the hub of the caller)."""
@@ -185,10 +140,7 @@ loop_turn = LoopTurn()
 
 
 class TurnShare:
-    """One greenlet's run since the loop last turned, for work that never waits by itself (an upstream
-    flooding, a long replay): gevent switches only when a read or write would block, so such work would
-    keep every other stream waiting. It gives way once it has run a while in one turn; a greenlet that
-    only handles what just arrived never does."""
+    """One greenlet's run in this turn of the loop: work that never blocks (a flood, a replay) gives way when due."""
 
     __slots__ = ("turn", "since")
 
@@ -208,9 +160,7 @@ give_way_queue = gevent.lock.Semaphore()
 
 
 def give_way():
-    """Let everything else that is ready run first, then go on. Such greenlets take turns, one per turn of
-    the loop, each when the loop is otherwise idle: sleep(0) would run them again before the loop even
-    looks for other streams' data, and idle() alone would wake them all in the same turn."""
+    """Let everything else that is ready run first; such greenlets take turns, one per turn of the loop when idle."""
     with give_way_queue:
         gevent.idle()
 
@@ -219,8 +169,7 @@ LARGE_WRITE = 16384  # bytes: a write to a reader this big (a long answer's bubb
 
 
 def in_turn(data):
-    """Before writing data to a reader: if it is large, let what is ready run first, one such write per turn of
-    the loop, so that a long answer's bubble going to many readers at once does not hold every other stream."""
+    """Before writing data to a reader: if it is large, give way first, so that big writes cannot hold every stream."""
     if len(data) > LARGE_WRITE:
         give_way()
     return data
@@ -263,9 +212,7 @@ def auto_float(text):
 
 
 class Setting(collections.namedtuple("Setting", "name env parse default shown help flag common")):
-    """One setting: its attribute, environment variable, parser, default (a value, or a function of the settings
-    read so far), the default as people read it, what it does, its command-line flag, and whether the README's
-    short list names it."""
+    """One setting: attribute, variable, parser, default (or a function of those read so far), shown, help, flag."""
 
     def value(self, env, settings):
         """Its value from the environment, or its default."""
@@ -281,8 +228,7 @@ def setting(name, env, parse, default, shown, text, flag=None, common=False):
     return Setting(name, env, parse, default, shown, text, flag, common)
 
 
-# Every setting, once: Settings reads them, --help lists them, and docs/configuration.md (and the README's
-# short list, the `common` ones) show this same table; a test keeps the docs in step.
+# Every setting, once: Settings reads them, --help lists them, the docs and README (`common`) show them; a test checks.
 SETTINGS = (
     setting("base_url", "OPENAI_BASE_URL", lambda v: v.rstrip("/") or None, None, "the built-in demo model",
             'upstream base URL ending in /v1: http://localhost:11434/v1 (Ollama), http://localhost:8081/v1 '
@@ -317,12 +263,10 @@ SETTINGS = (
             "hosts whose https images answers may show, comma-separated; any other image is a link"),
     # -- the upstream
     setting("connect_timeout", "CHAT_CONNECT_TIMEOUT", float, 10.0, "10", "seconds to connect to the model server"),
-    # Before its first byte a server may be queueing the request for a free slot or reading a long prompt on a
-    # CPU (llama.cpp sends not even headers meanwhile): that is waiting, not silence, and has its own limit.
+    # Before its first byte a server may queue the request or read a long prompt (no headers): waiting, not silence.
     setting("first_byte_timeout", "CHAT_FIRST_BYTE_TIMEOUT", float, 600.0, "600",
             "seconds to wait for the server's first byte: its queue and prompt processing"),
-    # Longer than any keep-alive interval (llama.cpp pings every 30 s, DeepSeek may queue for minutes but sends
-    # comments meanwhile): silence this long is dead.
+    # Longer than any keep-alive interval (llama.cpp pings every 30 s): silence this long is dead.
     setting("read_timeout", "CHAT_READ_TIMEOUT", float, 120.0, "120", "seconds of upstream silence once it has started (keep-alive comments count as life)"),
     setting("context_tokens", "CHAT_CONTEXT_TOKENS", auto_int, None, "ask the server",
             "the model's context in tokens, for servers that do not say it (Ollama)"),
@@ -347,8 +291,7 @@ SETTINGS = (
             "open connections per client address (IPv6: per /64)"),
     setting("max_answer_chars", "CHAT_MAX_ANSWER_CHARS", int, 400_000, "400000", "characters in one answer"),
     setting("max_answer_seconds", "CHAT_MAX_ANSWER_SECONDS", float, 900.0, "900", "seconds one answer may take"),
-    # The fastest models send a few thousand tokens a second; an upstream flooding faster is read at this pace,
-    # so that no one answer takes the whole CPU.
+    # The fastest models send a few thousand tokens a second: a flood is read at this pace, so no answer takes the CPU.
     setting("max_tokens_per_second", "CHAT_MAX_TOKENS_PER_SECOND", float, 2000.0, "2000",
             "how fast one answer is read from a flooding upstream (0: no limit)"),
     setting("streams_per_owner", "CHAT_STREAMS_PER_OWNER", int, 4, "4", "answers streaming at once per browser"),
@@ -462,10 +405,7 @@ class AnswerLimit(Exception):
 
 
 BOM = b"\xef\xbb\xbf"
-# What the upstream may send at once before the answer ends with an error. A real chunk is a few KB
-# of JSON (a tool call's a few more); a whole answer at CHAT_MAX_ANSWER_CHARS is 0.4-1.2 MB of raw
-# UTF-8. So a hostile server costs a few MB, not the machine: even JSON of empty objects, which
-# takes 24 times its size once parsed, stays within tens of MB.
+# What the upstream may send at once before the answer ends with an error: a hostile server costs MBs, not the machine.
 MAX_LINE = 1 << 20         # bytes in one line
 MAX_EVENT = 1 << 20        # bytes of data in one event, its lines together
 MAX_EVENT_LINES = 10_000   # data lines in one event (each costs ~60 bytes however short)
@@ -490,9 +430,7 @@ class LineSplitter:
             if data[:1] == b"\n":
                 data = data[1:]
         if self.pending and b"\n" not in data and b"\r" not in data:
-            # The line goes on: keep the read aside, not pending + data, which copies the whole line
-            # again each read (quadratic: a line sent a byte a chunk would take hours).
-            self.more.append(data)
+            self.more.append(data)  # the line goes on: pending + data would copy it at each read (quadratic)
             self._hold(len(data))
             return []
         if self.more:
@@ -505,8 +443,7 @@ class LineSplitter:
             self.started = True
             if buf.startswith(BOM):
                 buf = buf[3:]
-        # bytes.splitlines() splits on \r, \n and \r\n only, unlike str.splitlines().
-        lines = buf.splitlines(True)
+        lines = buf.splitlines(True)  # bytes split on \r, \n and \r\n only, unlike str.splitlines()
         if lines and lines[-1][-1:] not in (b"\n", b"\r"):
             self.pending = lines.pop()
             self.held = 0
@@ -556,14 +493,12 @@ class SSEParser:
         elif field == b"event":
             self.event = value.decode("utf-8", "replace")
         elif field == b"error":
-            # llama.cpp before 2025-09 sent errors as a non-standard "error:" field.
-            self.event = "error"
+            self.event = "error"  # llama.cpp before 2025-09 sent errors as a non-standard "error:" field
             self._add(value)
         return None
 
     def _add(self, value):
-        """Add a data line to the pending event: the limits count here, before dispatch, or an event
-        that never ends (no blank line) would grow without bound."""
+        """Add a data line to the pending event, within the limits (counted here: an event may never end)."""
         if self.data is None:
             self.data, self.size = [], 0
         self.size += len(value) + 1
@@ -624,15 +559,9 @@ class Completion:
 
     def __init__(self, keep_text=True):
         self.keep_text = keep_text  # the relay keeps the text in its stream's log instead
-        self.content = []
-        self.reasoning = []
-        self.finish_reason = None
-        self.usage = None
-        self.tool_calls = {}
+        self.content, self.reasoning, self.finish_reason, self.usage, self.tool_calls = [], [], None, None, {}
         self.tool_chars = 0  # of the tool calls' names and arguments: they are shown, so they count as text
-        self.error = None
-        self.done_marker = False
-        self.model = None
+        self.error, self.done_marker, self.model = None, False, None
 
     @property
     def finished(self):
@@ -667,8 +596,7 @@ class Completion:
             usage = obj["x_groq"].get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        # Content on the same chunk as the error (OpenRouter) was appended first.
-        if event == "error" or obj.get("error") or obj.get("object") == "error":
+        if event == "error" or obj.get("error") or obj.get("object") == "error":  # its content went first (OpenRouter)
             self.error = error_text(obj) or "The model server reported an error during streaming."
         return deltas
 
@@ -677,8 +605,7 @@ class Completion:
         deltas = []
         delta = choice.get("delta") or choice.get("message") or {}
         if isinstance(delta, dict):
-            # Servers may send two reasoning fields with the same text: take one.
-            for key in ("reasoning_content", "reasoning"):
+            for key in ("reasoning_content", "reasoning"):  # both may hold the same text: take one
                 text = delta.get(key)
                 if isinstance(text, str) and text:
                     if self.keep_text:
@@ -732,11 +659,8 @@ def open_completion(session, messages, model, params=None):
         body["model"] = model
     body.update({name: value for name, value in (params or {}).items() if value is not None})
     headers = {"Accept": "text/event-stream", **auth_headers()}
-    try:
-        # No read timeout here: one watchdog per stream (Streams.sweep) watches for
-        # silence, instead of a timer armed around every single socket read.
-        response = session.post(url, json=body, headers=headers, stream=True,
-                                timeout=(settings.connect_timeout, None))
+    try:  # no read timeout: one watchdog per stream (Streams.sweep) watches for silence, not a timer per read
+        response = session.post(url, json=body, headers=headers, stream=True, timeout=(settings.connect_timeout, None))
     except requests.ConnectionError as exc:
         log.warning("upstream %s unreachable: %s", settings.upstream_label(), exc)
         raise UpstreamError(f"Could not reach the model server at {settings.upstream_label()} "
@@ -759,8 +683,7 @@ def connection_problem(exc):
     for needle, words in (("BadStatusLine", "it did not answer with HTTP"),
                           ("RemoteDisconnected", "it closed the connection without answering"),
                           ("refused", "connection refused"), ("Name or service", "unknown host"),
-                          ("getaddrinfo", "unknown host"), ("timed out", "timed out"),
-                          ("reset", "connection reset")):
+                          ("getaddrinfo", "unknown host"), ("timed out", "timed out"), ("reset", "connection reset")):
         if needle in text:
             return words
     return "connection failed"
@@ -769,8 +692,7 @@ def connection_problem(exc):
 def read_completion(response, completion, on_read=None):
     """Yield (kind, text) deltas from a streaming response as soon as their bytes arrive."""
     ctype = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if ctype == "application/json":
-        # The server ignored stream:true and answered one whole completion.
+    if ctype == "application/json":  # the server ignored stream:true and answered one whole completion
         body = response.raw.read(MAX_JSON_BODY + 1, decode_content=True)
         if len(body) > MAX_JSON_BODY:
             raise UpstreamError(f"The model server sent a whole answer of more than {MAX_JSON_BODY >> 20} MiB; "
@@ -782,11 +704,7 @@ def read_completion(response, completion, on_read=None):
         raise UpstreamError("The model server answered with a web page instead of a stream: "
                             + body_message(response.raw.read(65536, decode_content=True)))
     lines, sse, busy = LineSplitter(), SSEParser(), TurnShare()
-    # read1() returns whatever has arrived, chunked or close-delimited alike (iter_lines()
-    # and iter_content() hold tokens back on a close-delimited body). Without a
-    # Content-Encoding, read http.client's response under urllib3 directly: urllib3's own
-    # read1() adds bookkeeping to every read that costs ~10 % of the relay's CPU.
-    raw = response.raw
+    raw = response.raw  # read1(): what has arrived; no Content-Encoding: http.client's (urllib3's costs ~10 % CPU)
     fp = getattr(raw, "_fp", None)
     if fp is not None and not response.headers.get("Content-Encoding"):
         read1 = fp.read1
@@ -798,8 +716,7 @@ def read_completion(response, completion, on_read=None):
         if on_read:
             on_read()  # keep-alive comments count as life too
         busy.give_way_if_due()  # lines that make no event (comments, unknown fields) flood as well
-        # At EOF a last line without its ending, and an event without its blank line, still count.
-        for line in lines.feed(data) if data else lines.close() + [b""]:
+        for line in lines.feed(data) if data else lines.close() + [b""]:  # at EOF: an unended line and event count
             event = sse.feed(line)
             if event:
                 busy.give_way_if_due()  # an upstream that always has data ready (hundreds of events a read)
@@ -846,8 +763,7 @@ class ModelCatalog:
         self.ids = []
         self.context = {}          # model id -> context size in tokens, as the server states it
         self.chars_per_token = {}  # model id -> characters per prompt token, from the server's usage
-        self.fetched_at = None
-        self.ok = False
+        self.fetched_at, self.ok = None, False
         self.fetching = None       # the greenlet asking the server now, if any
 
     def models(self):
@@ -862,8 +778,7 @@ class ModelCatalog:
 
     def wait(self, timeout=MODELS_DEADLINE):
         """The model ids, after waiting up to timeout for the first answer if none is known yet."""
-        ids = self.models()
-        if not ids and self.fetching is not None:
+        if not self.models() and self.fetching is not None:
             self.fetching.join(timeout)
         return self.ids
 
@@ -890,8 +805,7 @@ class ModelCatalog:
             self.ok = True
         except (gevent.Timeout, requests.RequestException, urllib3.exceptions.HTTPError, OSError,
                 ValueError, AttributeError, TypeError):
-            log.warning("could not list models at %s; asking again in %g s", settings.upstream_label(),
-                        MODELS_RETRY)
+            log.warning("could not list models at %s; asking again in %g s", settings.upstream_label(), MODELS_RETRY)
             self.ok = False
         finally:
             self.fetched_at = time.monotonic()
@@ -899,9 +813,8 @@ class ModelCatalog:
 
     def learn_from_props(self, *models):
         """llama.cpp states its context in /props (beside /v1, not under it); other servers answer 404."""
-        root = settings.upstream().rsplit("/v1", 1)[0]
         try:
-            props = get_json(root + "/props")
+            props = get_json(settings.upstream().rsplit("/v1", 1)[0] + "/props")
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError):
             return
         generation = props.get("default_generation_settings") or {}
@@ -947,8 +860,7 @@ class ModelCatalog:
 
 def get_json(url):
     """GET a JSON document from the upstream, refusing one over MODELS_MAX_BYTES."""
-    with http.get(url, headers=auth_headers(), stream=True,
-                  timeout=(settings.connect_timeout, MODELS_DEADLINE)) as r:
+    with http.get(url, headers=auth_headers(), stream=True, timeout=(settings.connect_timeout, MODELS_DEADLINE)) as r:
         r.raise_for_status()
         body = r.raw.read(MODELS_MAX_BYTES + 1, decode_content=True)
     if len(body) > MODELS_MAX_BYTES:
@@ -985,9 +897,7 @@ def model_label(model_id):
 catalog = ModelCatalog()
 
 
-# Context-overflow errors in every shape we know: llama.cpp's exceed_context_size_error (with
-# n_ctx / n_prompt_tokens, or in words), OpenAI's context_length_exceeded, vLLM's "maximum
-# context length is N tokens", TGI's validation errors, LM Studio's "context length".
+# Context-overflow errors in every shape we know: llama.cpp, OpenAI, vLLM, TGI and LM Studio each word it differently.
 _OVERFLOW = re.compile(r"context[ _](length|size|window)|maximum context|exceed_context|"
                        r"must be <= \d+|must have less than \d+ tokens", re.I)
 _CONTEXT_SIZE = re.compile(r"maximum context length is (\d+)|context size \((\d+) tokens\)|"
@@ -1100,8 +1010,6 @@ def partial_suffix(text, tag):
 # ---------------------------------------------------------------------------
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-
-
 _NEXT_DATA_LINE = "\ndata: "
 
 
@@ -1110,23 +1018,16 @@ def sse_frame(event, payload, event_id=None):
     head = f"id: {event_id}\nevent: {event}\n" if event_id is not None else f"event: {event}\n"
     if "\n" not in payload and "\r" not in payload:
         return f"{head}data: {payload}\n\n".encode()
-    # Split on CR, LF and CRLF only: str.splitlines() would also split on U+2028 etc.
-    return f"{head}data: {_LINE_BREAK.sub(_NEXT_DATA_LINE, payload)}\n\n".encode()
+    return f"{head}data: {_LINE_BREAK.sub(_NEXT_DATA_LINE, payload)}\n\n".encode()  # not str.splitlines(): U+2028
 
 
-# The first write of every /events response: sends the headers at once and makes
-# the browser reconnect after 1 s (not 3) if the connection drops.
-SSE_HELLO = b": connected\nretry: 1000\n\n"
+SSE_HELLO = b": connected\nretry: 1000\n\n"  # first write of /events: headers out at once; reconnect after 1 s, not 3
 SSE_PING = b": ping\n\n"
 WAITING_SHOWN_AFTER = 1.0  # seconds without text before the bubble shows the waiting clock
 
 
 def waiting_frame(seconds):
-    """The status event a bubble shows while the server has not started answering.
-
-    Like a ping it is not part of the answer: it has no id, is not logged and is not replayed.
-    The page hides it once text arrives.
-    """
+    """The status event a bubble shows until the server starts answering: no id, not logged, not replayed."""
     return sse_frame("status", f'<span class="waiting">Waiting for the model server… {seconds:.0f} s</span>')
 
 
@@ -1136,9 +1037,7 @@ _TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)  # Linux: bytes in a TCP socket n
 
 
 def pause_if_behind(sock):
-    """After a write to a reader: if it has not taken what it was sent (stalled, or a slow network), wait
-    a little, so that its tokens go out in a few large writes a second instead of one per token: a
-    hundred readers that never read then cost the loop what a few live ones do. Returns True if it waited."""
+    """After a write: wait a little if the reader has not taken what it was sent (few big writes); True if it waited."""
     if sock is None or _TIOCOUTQ is None:
         return False
     try:
@@ -1152,15 +1051,7 @@ def pause_if_behind(sock):
 
 
 class Outlet:
-    """One reader of a live answer: a queue its greenlet waits on, and, while that greenlet waits with everything
-    sent, its connection, written to straight from the greenlet that publishes.
-
-    With many readers this is what counts: a token costs each one a non-blocking send instead of a queue, a
-    wake-up and two switches of its own greenlet, so a crowd of readers (or of stuck ones, until the
-    kernel's buffers for them fill: SLOW_READER_BYTES not yet sent) does not hold the loop. What the socket
-    does not take at once is sent by the reader's greenlet, and everything after it goes through the
-    queue, in order.
-    """
+    """One reader of a live answer: a queue, and while its greenlet waits idle, its socket, written by the publisher."""
 
     __slots__ = ("queue", "handler", "chunked", "idle", "rest")
     SEND_REST = object()  # queued when only the rest of a frame is left to send
@@ -1179,8 +1070,7 @@ class Outlet:
             self.handler, self.chunked = handler, handler.response_use_chunked
 
     def send_now(self, data):
-        """From the publishing greenlet, while idle: write data (whole frames) to the socket at once. False if
-        the connection failed (queue it instead: the greenlet's own write meets the error and ends it)."""
+        """Write whole frames to the idle reader's socket at once; False if the connection failed (queue them then)."""
         if not data:
             return True  # (an empty chunk would end the response)
         body = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
@@ -1197,20 +1087,17 @@ class Outlet:
         return True
 
     def put(self, frame, direct=True):
-        """Send a frame now if the reader is idle (and direct: not the done frame, which ends the reader),
-        else queue it."""
+        """Send a frame now if the reader is idle (and direct: not the done frame, which ends it), else queue it."""
         if not (direct and self.idle and self.send_now(frame)):
             self.enqueue(frame)
 
     def enqueue(self, item):
-        """Queue an item for the reader's greenlet; what comes after it is queued too, until the greenlet
-        has sent it (it may not run at once)."""
+        """Queue an item for the reader's greenlet; what follows is queued too, until the greenlet has sent it."""
         self.idle = False
         self.queue.put_nowait(item)
 
     def wait(self, timeout=None):
-        """In the reader's greenlet: wait for what is queued and return it all (an empty list if everything was
-        sent meanwhile), having sent first what the socket did not take; gevent.queue.Empty after timeout."""
+        """In the reader's greenlet: wait for what is queued and return it all, rest sent first; Empty after timeout."""
         self.send_rest()
         self.idle = self.handler is not None and not self.queue.qsize()
         try:
@@ -1227,8 +1114,7 @@ class Outlet:
         return pause_if_behind(self.handler.socket if self.handler is not None else None)
 
     def send_rest(self):
-        """In the reader's greenlet: send the part of a frame the socket did not take, however long it takes
-        (CHAT_WRITE_TIMEOUT)."""
+        """In the reader's greenlet: send what the socket did not take of a frame, however long (CHAT_WRITE_TIMEOUT)."""
         if self.rest:
             rest, self.rest = self.rest, b""
             self.handler.socket.sendall(rest)
@@ -1240,8 +1126,7 @@ class Outlet:
 # ---------------------------------------------------------------------------
 
 class Template(bottle.SimpleTemplate):
-    """bottle's template engine without the reference cycle each rendering leaves (its namespace holds functions
-    bound to the namespace): emptied when done, it is freed at once instead of by the cyclic collector."""
+    """bottle's template engine, its namespace emptied after rendering: freed at once, not by the cyclic collector."""
 
     def execute(self, _stdout, kwargs):
         """Run the template into _stdout; returns its namespace, emptied (bottle's callers ignore it)."""
@@ -1286,8 +1171,7 @@ def bracket_math(state, silent):
 
 
 def next_closer(state, closer, start):
-    """Where closer next occurs in the inline text from start, or -1, as str.find: its places are found once per
-    text, since searching afresh for each opener made a page of openers without a closer quadratic."""
+    """Where closer next occurs from start, or -1; found once per text (searching for each opener was quadratic)."""
     places = state.__dict__.setdefault("closers", {})
     if closer not in places:
         places[closer] = [match.start() for match in re.finditer(re.escape(closer), state.src)]
@@ -1296,20 +1180,14 @@ def next_closer(state, closer, start):
     return found[n] if n < len(found) else -1
 
 
-# What latex2mathml may give the page: MathML Core's elements and presentation attributes.
-# Its output is not safe as it is (\\text{<script>} comes out raw, \\href keeps javascript:
-# links), so it is parsed and rebuilt from this allow-list.
-MATHML_TAGS = {"math", "mrow", "mi", "mn", "mo", "ms", "mtext", "mspace", "msub", "msup", "msubsup", "munder",
-               "mover", "munderover", "mfrac", "msqrt", "mroot", "mstyle", "merror", "mpadded", "mphantom",
-               "mtable", "mtr", "mtd", "mmultiscripts", "mprescripts", "none", "semantics", "annotation",
-               "menclose"}
-MATHML_ATTRS = {"display", "mathvariant", "stretchy", "fence", "separator", "lspace", "rspace", "accent",
-                "accentunder", "columnalign", "rowalign", "columnspacing", "rowspacing", "columnlines",
-                "rowlines", "frame", "displaystyle", "scriptlevel", "linethickness", "minsize", "maxsize",
-                "symmetric", "largeop", "movablelimits", "form", "width", "height", "depth", "notation",
-                "mathsize", "encoding"}
-
-
+# MathML the page may get: latex2mathml's output is unsafe (raw \\text{<script>}, javascript: \\href), so it is rebuilt.
+MATHML_TAGS = {"math", "mrow", "mi", "mn", "mo", "ms", "mtext", "mspace", "msub", "msup", "msubsup", "munder", "mover",
+               "munderover", "mfrac", "msqrt", "mroot", "mstyle", "merror", "mpadded", "mphantom", "mtable", "mtr",
+               "mtd", "mmultiscripts", "mprescripts", "none", "semantics", "annotation", "menclose"}
+MATHML_ATTRS = {"display", "mathvariant", "stretchy", "fence", "separator", "lspace", "rspace", "accent", "accentunder",
+                "columnalign", "rowalign", "columnspacing", "rowspacing", "columnlines", "rowlines", "frame",
+                "displaystyle", "scriptlevel", "linethickness", "minsize", "maxsize", "symmetric", "largeop",
+                "movablelimits", "form", "width", "height", "depth", "notation", "mathsize", "encoding"}
 MAX_TEX, MAX_TEX_DEPTH = 4000, 40  # characters and nested braces: beyond them TeX stays code (bounded CPU)
 
 
@@ -1336,8 +1214,7 @@ def rebuilt_mathml(element):
         rebuilt_mathml(child) + html.escape(child.tail or "", quote=False) for child in element)
     if tag not in MATHML_TAGS:
         return inner
-    attrs = "".join(f' {name}="{html.escape(value)}"' for name, value in element.attrib.items()
-                    if name in MATHML_ATTRS)
+    attrs = "".join(f' {name}="{html.escape(value)}"' for name, value in element.attrib.items() if name in MATHML_ATTRS)
     return f"<{tag}{attrs}>{inner}</{tag}>"
 
 
@@ -1373,9 +1250,8 @@ def render_image(renderer, tokens, idx, options, env):
     parts = urllib.parse.urlsplit(src)
     if parts.scheme == "https" and (parts.hostname or "") in settings.image_hosts:
         return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}" loading="lazy" referrerpolicy="no-referrer">'
-    label = html.escape(alt or "image")
     return (f'<a class="image-link" href="{html.escape(src)}" target="_blank" rel="noopener noreferrer nofollow">'
-            f'[image: {label}]</a>')
+            f'[image: {html.escape(alt or "image")}]</a>')
 
 
 def render_fence(renderer, tokens, idx, options, env):
@@ -1393,8 +1269,7 @@ class RenderTimeout(Exception):
 
 
 class RenderDeadline:
-    """The end of a render's budget, in CPU time of the thread it runs in: neither the hub nor other threads
-    taking the CPU meanwhile make a render run out (the same text renders the same way under load)."""
+    """The end of a render's budget in its thread's CPU time: load elsewhere does not make a render run out."""
 
     EVERY = 32  # calls between two readings of the clock (a system call)
     __slots__ = ("at", "calls")
@@ -1419,8 +1294,7 @@ def check_deadline(env, weight=1):
 
 
 def deadline_rule(state, *_):
-    """A block and inline rule that matches nothing: markdown-it tries it first at every position, so a render
-    stops soon after its deadline, whatever the Markdown makes the other rules do."""
+    """A rule that matches nothing, tried first at every position: a render stops soon after its deadline."""
     check_deadline(state.env)
     return False
 
@@ -1430,10 +1304,8 @@ def make_markdown(linkify):
     md = MarkdownIt("commonmark", {"html": False, "highlight": highlight_code, "linkify": linkify})
     md.enable(["table", "strikethrough"] + (["linkify"] if linkify else []))
     if linkify:
-        # Only URLs with a scheme become links: fuzzy matching would link "chat.py" (.py is a TLD).
-        md.linkify.set({"fuzzy_link": False, "fuzzy_email": False})
-    # Pandoc's rule: no space inside the dollars and no digit after the closing one, so "$5 and $10" is money.
-    md.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True)
+        md.linkify.set({"fuzzy_link": False, "fuzzy_email": False})  # fuzzy would link "chat.py" (.py is a TLD)
+    md.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True)  # "$5 and $10" is money
     md.inline.ruler.before("escape", "bracket_math", bracket_math)
     # As a terminator too, the deadline is checked at every line of a paragraph, list, quote or table.
     md.block.ruler.before("table", "deadline", deadline_rule, {"alt": ["paragraph", "reference", "blockquote", "list"]})
@@ -1447,31 +1319,22 @@ def make_markdown(linkify):
     return md
 
 
-# linkify-it scans a paragraph in one regex call that holds the GIL (about a millisecond a
-# text, and far more on a long one, which would stall the hub even from a worker thread):
-# texts without a URL, or very long ones, go through the renderer without it.
-markdown, markdown_without_linkify = make_markdown(True), make_markdown(False)
+markdown, markdown_without_linkify = make_markdown(True), make_markdown(False)  # linkify holds the GIL ~1 ms a text
 LINKIFY_LIMIT = 20_000  # characters
-
-
-# Seconds of CPU a render may take: on the hub (an ordinary block of BLOCK_IN_THREAD characters takes ~10 ms),
-# in the lane all renders share, and in the long lane; past the last, the text is shown as it is.
+# Seconds of CPU a render may take: on the hub (a BLOCK_IN_THREAD block takes ~10 ms), in the shared lane, the long one.
 HUB_SLICE, RENDER_SLICE, RENDER_BUDGET = 0.03, 0.1, 0.9
 TOO_SLOW = object()  # what safe_markdown gives for a text it could not render within its budget
 
 
 def render_markdown(text, budget=None):
-    """Answer text as safe HTML: raw HTML is escaped, javascript: links are refused. RenderTimeout if it takes
-    more than budget seconds of CPU."""
-    # linkify's pretest costs a millisecond a text: skip it for texts without a URL in them.
+    """Answer text as safe HTML (raw HTML escaped, javascript: links refused); RenderTimeout past budget CPU seconds."""
     linkify = "://" in text and len(text) <= LINKIFY_LIMIT
     env = {} if budget is None else {"deadline": RenderDeadline(budget)}
     return (markdown if linkify else markdown_without_linkify).render(text, env)
 
 
 def render_text(text):
-    """Markdown text as HTML, or None or TOO_SLOW (see safe_markdown): on the hub if it is short and renders
-    within HUB_SLICE, else in a worker thread (render_in_background)."""
+    """Markdown as HTML, or None or TOO_SLOW: on the hub if short and within HUB_SLICE, else in a worker thread."""
     rendered = safe_markdown(text, HUB_SLICE) if len(text) <= BLOCK_IN_THREAD else TOO_SLOW
     return render_in_background(text) if rendered is TOO_SLOW else rendered
 
@@ -1528,8 +1391,7 @@ def answer_footer(stream):
         parts.append(f"{in_tokens + (out_tokens or 0):,} of {context:,} tokens")
     end = stream.finished_at or time.monotonic()
     if stream.first_token_at and end - stream.first_token_at > 0.05:
-        count = out_tokens or stream.tokens
-        parts.append(f"{count / (end - stream.first_token_at):.1f} tokens/s")
+        parts.append(f"{(out_tokens or stream.tokens) / (end - stream.first_token_at):.1f} tokens/s")
     return " · ".join(parts)
 
 
@@ -1559,8 +1421,7 @@ def answer_record(stream):
 
 
 def render_answer(answer, last=True, nav=""):
-    """The finished assistant bubble (sent as the done event, or drawn from the store), never an exception:
-    a long answer is rendered in a worker thread, and one that cannot be rendered is shown as plain text."""
+    """The finished assistant bubble, never an exception: one that cannot be rendered is shown as plain text."""
     try:
         answer_html = render_text(answer["text"])
         if answer_html is None:
@@ -1578,8 +1439,7 @@ def render_answer(answer, last=True, nav=""):
 
 @functools.lru_cache(maxsize=32)
 def safe_markdown(text, budget=RENDER_SLICE):
-    """render_markdown(), remembered for the last few texts, and None instead of an exception (also in a thread,
-    where an exception with a deep traceback could not be sent back to the hub); TOO_SLOW past budget."""
+    """render_markdown(), cached, with None instead of an exception (also in a thread); TOO_SLOW past budget."""
     try:
         return render_markdown(text, budget)
     except RenderTimeout:
@@ -1601,11 +1461,7 @@ SHORT_ERROR = 400
 
 
 def short_error(text):
-    """The first meaningful sentence of an error, for the bubble; the whole text goes in a <details>.
-
-    Servers answer with Jinja stack traces, HTML pages and pages of JSON: a traceback is
-    read from its last exception line, anything else from its first line.
-    """
+    """The first meaningful sentence of an error, for the bubble (of a traceback: its last exception line)."""
     if not text:
         return text
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -1635,25 +1491,14 @@ def render_block(text):
     return rendered if rendered not in (None, TOO_SLOW) else f"<pre>{html.escape(text)}</pre>"
 
 
-# Long renders take turns in one worker thread. Python runs one thread at a time: a dozen long answers
-# finishing together, rendered in a dozen threads, would leave the hub (every other stream) one turn
-# in thirteen; rendered one after another, it gets every other turn at worst.
-RENDER_LANE = gevent.lock.BoundedSemaphore(1)
-
-
-# A render that outruns its slice there is stopped and done again in a lane of its own, with the whole budget:
-# a huge or hostile answer then holds up neither the hub nor the renders of everyone else's answers.
-LONG_LANE = gevent.lock.BoundedSemaphore(1)
-
-
+RENDER_LANE = gevent.lock.BoundedSemaphore(1)  # long renders take turns: 12 threads would give the hub 1 turn in 13
+LONG_LANE = gevent.lock.BoundedSemaphore(1)  # a render past its slice is redone here: a hostile one holds up no one
 COLLECTOR_PAUSES = [0]  # renders running in a thread now (see collector_paused)
 
 
 @contextlib.contextmanager
 def collector_paused():
-    """Python's cyclic collector waits while a render runs in a worker thread: a render makes some 100,000 objects,
-    and each collector pass over them holds the interpreter for up to tens of milliseconds, while no stream moves
-    (measured: the hub's p99 gap during a hostile render went from 13 ms to 2). Entered and left on the hub."""
+    """The cyclic collector waits while a render runs in a thread: its passes stalled the hub (p99 gap 13 ms, now 2)."""
     COLLECTOR_PAUSES[0] += 1
     gc.disable()
     try:
@@ -1665,8 +1510,7 @@ def collector_paused():
 
 
 def render_in_background(text):
-    """safe_markdown(text) in a worker thread, one such render at a time; one that outruns RENDER_SLICE is done
-    again in the long lane, with RENDER_BUDGET (TOO_SLOW past it)."""
+    """safe_markdown(text) in a worker thread, one at a time; past RENDER_SLICE, again in the long lane."""
     with RENDER_LANE, collector_paused():
         rendered = in_background(safe_markdown, text)
     if rendered is TOO_SLOW:
@@ -1679,9 +1523,8 @@ def render_in_background(text):
 # Storage: conversations in SQLite (the same Database interface over PostgreSQL is in chat_scale.py)
 # ---------------------------------------------------------------------------
 
-# The schema's history, one named step each; append, never edit. SQLite applies every step (PRAGMA user_version
-# counts them). chat_scale.POSTGRESQL_STEPS holds PostgreSQL's script for the steps it needs, by the same names:
-# it started at the schema of "leases", so that step creates it all there.
+# The schema's history, one named step each; append, never edit (PRAGMA user_version counts them). PostgreSQL's
+# scripts (chat_scale.POSTGRESQL_STEPS) go by the same names, from "leases", which creates it all there.
 Migration = collections.namedtuple("Migration", "name sqlite")
 
 MIGRATIONS = [
@@ -1722,8 +1565,7 @@ MIGRATIONS = [
         expires REAL NOT NULL
     );
     """),
-    # Branches: every message hangs from the one before it on its path; a conversation shows
-    # the path to its leaf. Old conversations become one branch each.
+    # Branches: every message hangs from the one before it on its path; old conversations become one branch each.
     Migration("branches, parameters and search", sqlite="""
     ALTER TABLE messages ADD COLUMN parent_id INTEGER REFERENCES messages (id) ON DELETE CASCADE;
     UPDATE messages SET parent_id = (SELECT MAX(p.id) FROM messages p
@@ -1767,9 +1609,7 @@ MIGRATIONS = [
     ALTER TABLE messages ADD COLUMN lease_until REAL;
     CREATE INDEX messages_streaming ON messages (lease_until) WHERE status = 'streaming';
     """),
-    # Search reads only its owner's entries: every word is indexed with the owner's key in front
-    # (search_terms(), which chat.py gives its connections), so a match never walks other owners'
-    # rows, and its time tells nothing about them. The text stored is the keyed text.
+    # Each word is indexed behind its owner's key (search_terms()): a search never walks, or times, others' rows.
     Migration("search by owner", sqlite="""
     DROP TRIGGER message_indexed;
     DROP TRIGGER message_reindexed;
@@ -1851,17 +1691,15 @@ class Result:
 
 
 class SQLiteDatabase:
-    """The Database seam's default: one SQLite connection whose every call runs in gevent's thread pool, one
-    caller at a time. SQLite blocks while another process holds the write lock (busy_timeout) or the disk is
-    slow; on the hub that would freeze every stream, in a worker thread it delays only the greenlets that wait
-    for this lock. chat_scale.PostgresDatabase implements the same interface, which is all the Store uses:
+    """The Database seam's default: one SQLite connection, each call in gevent's thread pool, one caller at a time
+    (SQLite blocks on another process's write lock or a slow disk: that delays only its callers, never the hub).
+    chat_scale.PostgresDatabase implements the same interface, which is all the Store uses:
 
       execute(sql, args) -> Result   one statement (`?` placeholders), its rows fetched whole, and rowcount
       executemany(sql, rows)         one statement for each row
       transaction()                  a context: the statements inside commit together, or not at all
       search(owner, words, limit)    this owner's titles and messages matching every word, reading only its rows
-      size()                         bytes in use, for CHAT_MAX_DB_MB
-      close()
+      size(), close()                bytes in use (for CHAT_MAX_DB_MB); close the connection
       errors                         what a failing statement raises (for `except store.errors`)
       name, null_safe_equal, byte_length, owner_moved   the few places where the two dialects differ
     """
@@ -1875,8 +1713,7 @@ class SQLiteDatabase:
     def __init__(self, path):
         self.path = path
         self.lock = gevent.lock.RLock()  # a greenlet's transaction spans several calls
-        # A greenlet killed while it waits leaves its task running in the thread: a real lock,
-        # taken inside the thread, keeps two tasks from ever using the connection at once.
+        # A greenlet killed while it waits leaves its task running: a real lock keeps two off the connection.
         self.thread_lock = monkey.get_original("threading", "Lock")()
         self.connection = in_background(self.connect, path)
 
@@ -1890,9 +1727,7 @@ class SQLiteDatabase:
         db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at each checkpoint, fast
         db.execute("PRAGMA foreign_keys = ON")
         db.execute("PRAGMA busy_timeout = 5000")
-        # One migration at a time even with several processes on one file: BEGIN IMMEDIATE takes
-        # the write lock, and the version is read again under it.
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")  # one migration at a time across processes: the version is read under the lock
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for number, migration in enumerate(MIGRATIONS[version:], version + 1):
@@ -2012,11 +1847,7 @@ def search_key(owner):
 
 
 class SearchTerms:
-    """Text as the SQLite search index holds it: the owner's key in front of each word that FTS5 sees.
-
-    Which characters make up a word is asked of SQLite's own tokenizer (once per character), not
-    of Python's Unicode tables: they differ, and a word without the key would never be found.
-    """
+    """Text as the SQLite search index holds it: the owner's key in front of each word, as FTS5's tokenizer sees it."""
 
     def __init__(self):
         # code point -> "a": part of a word, "v": part of one but dropped (a diacritic), " ": between words
@@ -2035,8 +1866,7 @@ class SearchTerms:
             self.learn(unknown)
         starts = [m.start() for m in re.finditer(r"[av]*a[av]*", text.translate(self.kinds))]  # a run of only
         # dropped characters is no word for FTS5, and must not become one (the key alone)
-        pieces = [text[a:b] for a, b in zip([0] + starts, starts + [len(text)])]
-        return search_key(owner).join(pieces)
+        return search_key(owner).join([text[a:b] for a, b in zip([0] + starts, starts + [len(text)])])
 
     def learn(self, chars):
         """Ask the tokenizer what these characters are: part of a word if "a?b" is one token, dropped if "?" is none."""
@@ -2119,8 +1949,7 @@ class Store:
         return text + files
 
     def full(self):
-        """True when the database has outgrown CHAT_MAX_DB_MB; its size is measured at most every DB_SIZE_EVERY
-        seconds, not on every send."""
+        """True when the database has outgrown CHAT_MAX_DB_MB (measured at most every DB_SIZE_EVERY seconds)."""
         now = time.monotonic()
         if self.measured_at is None or now - self.measured_at >= DB_SIZE_EVERY:
             self.measured_at = now  # first: the sends arriving meanwhile use the last size, not measure again
@@ -2322,10 +2151,7 @@ class Store:
                                (conversation_id,)).fetchall()
 
     def add_message(self, conversation_id, role, content="", status="done", parent_id=None):
-        """Add a message under parent_id (None: a first message) and show its branch; returns its id.
-
-        A streaming answer gets a lease that its writer renews; when it runs out, the answer is interrupted.
-        """
+        """Add a message under parent_id (None: first) and show its branch; streaming gets a lease. Returns its id."""
         now = time.time()
         lease = now + settings.lease_seconds if status == "streaming" else None
         message_id = self.db.execute(
@@ -2375,8 +2201,7 @@ class Store:
                                (message_id, conversation_id)).fetchone()
 
     def save_partials(self, partials):
-        """Save the text of answers still streaming and renew their leases: (text, reasoning, lease, message id,
-        conversation id) each. The conversation is checked too: SQLite reuses a deleted row's id."""
+        """Save the text of answers still streaming and renew their leases: (text, reasoning, lease, id, conv. id)."""
         if partials:
             self.db.executemany("UPDATE messages SET content = ?, reasoning = ?, lease_until = ? "
                                 "WHERE id = ? AND conversation_id = ? AND status = 'streaming'", partials)
@@ -2492,18 +2317,12 @@ def with_files(text, files):
 
 
 def upstream_history(conversation, rows, files=None):
-    """What goes upstream: the system prompt, then user and assistant strictly alternating, ending with a question.
-
-    Strict chat templates (Mistral, Gemma, Llama 2) refuse two messages of one role in a row.
-    A question whose answer is empty (stopped before the first token, an error, cut off while
-    thinking) is left out together with that answer: the next question usually repeats or
-    rephrases it, and merging the two would send it twice. The store keeps every message as it was.
-    """
-    turns = []
+    """What goes upstream: the system prompt, then user and assistant strictly alternating, ending with a question."""
+    turns = []  # strictly alternating: Mistral's, Gemma's and Llama 2's templates refuse one role twice in a row
     for row in rows:
         if row["role"] == "user":
             if turns and turns[-1]["role"] == "user":
-                turns.pop()  # unanswered
+                turns.pop()  # unanswered: the next question usually repeats it
             turns.append({"role": "user", "content": with_files(row["content"], files.get(row["id"], []) if files else [])})
         elif row["role"] == "assistant" and row["content"].strip() and turns and turns[-1]["role"] == "user":
             turns.append({"role": "assistant", "content": row["content"]})
@@ -2526,19 +2345,17 @@ def export_markdown(conversation, rows):
 
 
 def export_json(conversation, rows, files):
-    """A conversation as plain data: its fields and every message of every branch (id and parent_id make the tree),
-    attachments included (base64); POST /import reads it back."""
+    """A conversation as plain data: every message of every branch (id and parent_id make the tree), attachments in
+    base64; POST /import reads it back."""
     return {"format": "chat.py conversation", "id": conversation["id"], "title": conversation["title"],
             "system_prompt": conversation["system_prompt"], "model": conversation["model"],
             "created": conversation["created"], "updated": conversation["updated"],
-            "shown_leaf_id": conversation["leaf_id"],
-            **{name: conversation[name] for name in PARAMETERS},
+            "shown_leaf_id": conversation["leaf_id"], **{name: conversation[name] for name in PARAMETERS},
             "messages": [{"id": r["id"], "parent_id": r["parent_id"], "role": r["role"], "content": r["content"],
-                          "reasoning": r["reasoning"],
-                          "status": r["status"], "error": r["error"], "finish_reason": r["finish_reason"],
-                          "usage": json.loads(r["usage"]) if r["usage"] else None, "model": r["model"],
-                          "created": r["created"], "notes": json.loads(r["notes"] or "[]"), "footer": r["footer"],
-                          "elapsed": r["elapsed"],
+                          "reasoning": r["reasoning"], "status": r["status"], "error": r["error"],
+                          "finish_reason": r["finish_reason"], "usage": json.loads(r["usage"]) if r["usage"] else None,
+                          "model": r["model"], "created": r["created"], "notes": json.loads(r["notes"] or "[]"),
+                          "footer": r["footer"], "elapsed": r["elapsed"],
                           "attachments": [{"name": f["name"], "type": f["type"],
                                            "data": base64.b64encode(bytes(f["data"])).decode()}
                                           for f in files.get(r["id"], [])]} for r in rows]}
@@ -2549,7 +2366,6 @@ def export_json(conversation, rows, files):
 # ---------------------------------------------------------------------------
 
 BUSY_CONVERSATION = "An answer is still being written in this conversation; wait for it, or stop it."
-
 TOO_MANY_READERS = "Too many open readers for this answer; close a tab and reload."
 
 
@@ -2569,24 +2385,14 @@ class Refused(Exception):
 
 CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])  # C0 controls but tab, LF and CR
 
-
 _FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
-
 _LIST_ITEM = re.compile(r" {0,3}([-+*]|\d{1,9}[.)])([ \t]|$)")
-
 _HEADING = re.compile(r" {0,3}#{1,6}([ \t]|$)")
-
 _LIST_START = re.compile(r"\d{1,9}[.)]?|[-+*]")  # what could still become a list item
 
 
 class MarkdownBlocks:
-    """Find where the streamed answer's top-level Markdown blocks end, so each is rendered once, when complete.
-
-    Whole lines only. A block ends at a blank line outside a code fence, unless the next line
-    continues it (indented, or the next item of the same list); a fenced code block and an
-    ATX heading end with their own line. Each block is the exact source text it covers, so
-    the blocks and what is left (the tail) always add up to the answer.
-    """
+    """Where the streamed answer's top-level Markdown blocks end, so that each is rendered once, when complete."""
 
     def __init__(self):
         self.partial = []    # pieces of the line being received
@@ -2610,9 +2416,7 @@ class MarkdownBlocks:
             self.partial.append(rest)
             if len(self.head) < 4:
                 self.head = (self.head + rest)[:4]
-            # A block that ended at a blank line need not wait for the next line to finish:
-            # its first characters tell whether it continues the block (indented, or a list item).
-            head = self.head
+            head = self.head  # after a blank line, the first characters decide whether the block ended
             if self.ended and self.kind != "fence" and head.strip() and head[:1] not in " \t" and not (
                     self.kind == "list" and (_LIST_ITEM.match(head) or _LIST_START.fullmatch(head))):
                 done.append(self.flush())
@@ -2659,13 +2463,7 @@ class MarkdownBlocks:
 
 
 class AnswerLog:
-    """Every event of an answer, kept as its text once: frames are made again for a reader that reconnects.
-
-    A four-character token framed as an SSE event is ~50 bytes, and ~150 as Python objects: a
-    log of frames grows with the framing. This one holds each kind's text as UTF-8 in one
-    bytearray, plus one byte (kind) and four bytes (where it ends) per event. A block event
-    (a finished Markdown block, rendered) keeps only where the block ends in the answer text.
-    """
+    """Every event of an answer, its text kept once as UTF-8: frames are made again for a reader that reconnects."""
 
     KINDS = ("message", "reasoning", "block")
 
@@ -2698,12 +2496,7 @@ class AnswerLog:
         return self.text[kind].decode()
 
     def entries(self, after, upto, starts=None):
-        """Yield (event id, kind, text, tail) for events after..upto; a block's text is its Markdown source
-        and its tail the answer text that followed it when it was sent.
-
-        starts: where each kind's text stood after event `after`, kept up to date, for a reader
-        that resumes (None: count from the first event).
-        """
+        """Yield (event id, kind, text, tail) after..upto; starts: where each kind's text stood after `after`."""
         if starts is None:
             starts, first = {"message": 0, "reasoning": 0, "block": 0}, 0
         else:
@@ -2720,11 +2513,7 @@ class AnswerLog:
                 yield index + 1, kind, self.text[kind][start:end].decode(), None
 
     def frames(self, after, upto, batch=1 << 16):
-        """Yield the frames of events after..upto (ids), joined into writes of about batch bytes.
-
-        A reader that is slow to take them holds one batch, not a copy of the whole answer.
-        Blocks are rendered again (a reconnect costs CPU, the log no memory).
-        """
+        """Yield the frames of events after..upto in writes of about batch bytes (blocks are rendered again)."""
         pending, size, busy = [], 0, TurnShare()
         for event_id, kind, text, tail in self.entries(after, upto):
             busy.give_way_if_due()  # a long replay gives way to live tokens
@@ -2770,16 +2559,7 @@ class UnsafeJournal(Exception):
 
 
 class Journal:
-    """The text readers were shown but the store may not have yet, in a file, so that kill -9 loses none of it.
-
-    Answers are saved once a second; a process killed in between would lose what its readers
-    saw since. So every token is appended here before any reader is given it: a write() to the
-    kernel's page cache, which a killed process cannot take back (no fsync: this guards against
-    a crash of the process, not of the machine). The file is cut into segments, one per save,
-    and a segment goes once the saves covering it have committed, so the journal holds about a
-    second of text. Each process holds a lock on its journal; one that finds another's lock free
-    (the process died) puts that text back into the store.
-    """
+    """The text readers were shown but the store may not have yet, in a file (no fsync): kill -9 loses none of it."""
 
     RECORD = struct.Struct("<QBIIB")  # message id, kind, where the bytes go in that text, their length, len(conv id)
     KINDS = ("message", "reasoning")
@@ -2798,9 +2578,7 @@ class Journal:
         self.committed = 0        # the last segment a committed save covers
 
     def open(self, folder):
-        """Create the folder (readable by this user only) and take our lock; on failure, run without a journal.
-        A folder others may write to is refused (UnsafeJournal): what they put there would be put back into
-        stored answers at the next start."""
+        """Make the folder (ours only) and take our lock, else run without a journal; refuse one others may write to."""
         self.folder = folder
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
@@ -2862,8 +2640,7 @@ class Journal:
         try:
             self.begin_segment()
         except OSError as exc:
-            log.warning("the journal of unsaved text stops (%s): a kill -9 may lose the last second of answers",
-                        exc)
+            log.warning("the journal of unsaved text stops (%s): a kill -9 may lose the last second of answers", exc)
             self.fd = None
 
     def cut(self):
@@ -2887,16 +2664,14 @@ class Journal:
             self.saved(self.committed)
 
     def saved(self, upto):
-        """The save of everything up to segment `upto` committed: delete the segments it covers, oldest first,
-        except those with text of an answer whose final save has not committed."""
+        """Saves up to segment `upto` committed: delete those segments, oldest first, unless an answer is unsettled."""
         self.committed = max(self.committed, upto)
         while self.closed and self.closed[0][0] <= upto and not self.closed[0][2] & self.unsettled:
             with contextlib.suppress(OSError):
                 os.unlink(self.closed.pop(0)[1])
 
     def take_over(self, save):
-        """Find journals whose process died (their lock is free) and hand their text to save(id, conversation id,
-        {kind: [(offset, bytes)]}); then delete them."""
+        """Hand the text of journals whose process died (lock free) to save(id, conversation id, parts); delete them."""
         if self.lock is None:
             return
         try:
@@ -2937,8 +2712,7 @@ class Journal:
                 os.close(fd)
 
     def parse(self, data, answers):
-        """Add the records of one segment to answers: {(message id, conversation id): {kind: [(offset, bytes)]}};
-        a record cut short (the disk filled as it was written) ends the segment."""
+        """Add a segment's records to answers {(id, conversation id): {kind: [(offset, bytes)]}}; a cut one ends it."""
         at, head = 0, self.RECORD.size
         while at + head <= len(data):
             message_id, kind, offset, length, conv_length = self.RECORD.unpack_from(data, at)
@@ -2952,8 +2726,7 @@ class Journal:
             at += length
 
     def close(self, live=()):
-        """At a clean exit: delete what saves have made useless, keep the rest (live: answers still unsaved)
-        for the next start."""
+        """At a clean exit: delete what saves made useless, keep the rest (live: answers still unsaved) for later."""
         if self.fd is not None:
             self.unsettled.update(live)
             self.cut()
@@ -2980,7 +2753,6 @@ def apply_records(text, parts):
 
 
 PACE_EVERY = 32  # tokens between two checks of an answer's pace
-
 PACE_BURST = 0.25  # seconds' worth of tokens an answer may relay at once (servers send in bursts too)
 
 
@@ -2998,15 +2770,12 @@ class Stream:
         self.id = stream_id
         self.history = history        # the whole conversation, roles alternating, ending with the question
         self.messages = history       # what is sent upstream: the history, fitted to the model's context
-        self.model = model
-        self.owner = owner
-        self.conversation_id = conversation_id
+        self.model, self.owner, self.conversation_id = model, owner, conversation_id
         self.message_id = message_id  # the answer's row in the store, flushed while it streams
         self.dropped = 0              # older turns left out to fit the context
         self.resent = None            # the context size, when the server refused and we sent again
         self.saved = 0                # how many events the store has seen
-        self.log = AnswerLog(stream_id)
-        self.blocks = MarkdownBlocks()
+        self.log, self.blocks = AnswerLog(stream_id), MarkdownBlocks()
         self.readers = set()          # one Outlet per connected /events response (or page)
         self.completion = Completion(keep_text=False)  # the log keeps the text
         self.started = self.last_activity = self.left_at = time.monotonic()
@@ -3015,9 +2784,7 @@ class Stream:
         self.finished_at = None       # set when finishing starts; the done frame follows
         self.greenlet = None
         self.status = "streaming"     # -> done | stopped | error | truncated | interrupted | limit
-        self.error = None
-        self.tokens = 0
-        self.chars = 0
+        self.error, self.tokens, self.chars = None, 0, 0
         self.notes = []               # extra sentences for the finished bubble (limits, storage)
         self.bubble = None            # the finished bubble's HTML
         self.params = {}              # temperature, top_p, max_tokens: only those set are sent
@@ -3062,8 +2829,7 @@ class Stream:
             self.pace(settings.max_tokens_per_second)
 
     def pace(self, rate):
-        """Wait if the last PACE_EVERY tokens came faster than the rate allows (a bucket of PACE_BURST seconds):
-        an upstream that floods then waits on TCP, and its answer takes a bounded share of the CPU."""
+        """Wait if the last PACE_EVERY tokens came faster than rate allows (PACE_BURST bucket): a flood waits on TCP."""
         now = time.monotonic()
         self.budget = min(rate * PACE_BURST, self.budget + (now - self.budget_at) * rate) - PACE_EVERY
         self.budget_at = now
@@ -3095,16 +2861,12 @@ class Stream:
             log.error("saving the answer failed: %s; trying again every second", exc)
             streams.unsaved[self.message_id] = dict(answer)  # the janitor tries again until it is stored
             answer["notes"].append(storage_note(exc))
-        # Markdown and highlighting of a long answer take a while: render_answer() does them in
-        # a worker thread, sharing the CPU with the hub instead of stopping every other stream.
-        bubble = render_answer(answer, True, nav)
-        self.bubble = bubble
-        self.log.done = sse_frame("done", bubble, len(self.log.kinds) + 1)
+        self.bubble = render_answer(answer, True, nav)  # a long one in a worker thread: other streams go on
+        self.log.done = sse_frame("done", self.bubble, len(self.log.kinds) + 1)
         streams.publish(self, len(self.log.kinds) + 1, "done", self.log.done)
 
     def partial(self, lease_until):
-        """(text, reasoning, lease, message id, conversation id) if the answer grew since the janitor last saved
-        it, else None."""
+        """(text, reasoning, lease, message id, conversation id) if the answer grew since last saved, else None."""
         size = len(self.log.kinds)
         if self.message_id is None or size == self.saved or self.finished_at is not None:
             return None
@@ -3113,11 +2875,10 @@ class Stream:
 
 
 class Streams:
-    """The registry of live answers by secret id, with a janitor for pings, timeouts and cleanup.
-
-    The seam between one process and many. This class keeps every answer in this process (and journals
-    what readers were shown); chat_scale.RedisStreams shares them between processes through Redis
-    (CHAT_REDIS_URL) and overrides what differs. Callers use this interface and nothing else:
+    """The registry of live answers by secret id, with a janitor for pings, timeouts and cleanup: the seam between one
+    process and many. This class keeps every answer in this process (and journals what readers were shown);
+    chat_scale.RedisStreams shares them through Redis (CHAT_REDIS_URL), overriding what differs. Callers use this
+    interface and nothing else:
 
       open()                         at start-up: make ready (the journal here; reach Redis there)
       reserve(owner, conversation)   hold a stream within the per-owner and global limits, or raise Refused
@@ -3127,8 +2888,7 @@ class Streams:
       events(stream_id, owner, id)   the body of GET /events: frames after id, then live ones until done
       stop_for(stream_id, owner)     Stop; stop_conversation(id) stops whatever writes that conversation
       for_message(message, conv)     the stream writing a stored answer, here or elsewhere
-      readers_of(owner), open_for(owner), len(streams), get(stream_id)
-      sweep_forever(), drain(), close()   the janitor, and shutting down
+      readers_of(owner), open_for(owner), len(streams), get(stream_id); sweep_forever(), drain(), close()
     """
 
     stream_class = Stream  # what reserve() makes (RedisStreams: one that also keeps what Redis has not got yet)
@@ -3150,13 +2910,11 @@ class Streams:
         return self.by_id.get(stream_id)
 
     def anyone_reading(self, stream):
-        """True if a block event of this stream would reach anyone now (here: a connected reader), which is
-        worth knowing before making its frame."""
+        """True if a block event would reach anyone now (here: a connected reader): worth knowing before framing it."""
         return bool(stream.readers)
 
     def publish(self, stream, event_id, kind, payload):
-        """Hand an event to the stream's readers: a token's text (framed here), or a whole frame (block, done,
-        and the unlogged status and ping, which have no id)."""
+        """Hand an event to the readers: a token's text (framed here) or a whole frame (block, done, status, ping)."""
         if kind in Journal.KINDS:
             self.journal.write(stream, kind, payload)
         if stream.readers:
@@ -3204,18 +2962,13 @@ class Streams:
         return sum(1 for i in self.by_owner.get(owner, ()) if not self.by_id[i].finished)
 
     def for_message(self, message_id, conversation_id):
-        """The stream writing this stored answer, if any (the unfinished one first: SQLite reuses the ids of
-        deleted rows, so a finished stream kept for its grace period may carry the same one)."""
+        """The stream writing this stored answer, if any; an unfinished one first (SQLite reuses deleted rows' ids)."""
         candidates = [s for s in self.by_id.values()
                       if s.message_id == message_id and s.conversation_id == conversation_id]
         return next((s for s in candidates if not s.finished), candidates[0] if candidates else None)
 
     def reserve(self, owner, conversation_id=None):
-        """Register a stream for this owner (and conversation) if the limits allow, or raise Refused.
-
-        The check and the registration happen with no switch in between, so concurrent sends
-        cannot all pass a check that only one of them should.
-        """
+        """Register a stream within the limits, or raise Refused (no switch between the check and the registration)."""
         if conversation_id and any(s.conversation_id == conversation_id and s.owner == owner and not s.finished
                                    for s in self.by_id.values()):
             raise Refused(409, BUSY_CONVERSATION)
@@ -3239,8 +2992,7 @@ class Streams:
             setattr(stream, name, value)
         stream.started = stream.last_activity = stream.left_at = time.monotonic()
         stream.greenlet = gevent.spawn(relay_upstream, stream)
-        # If the greenlet dies without finishing (killed before it ever ran), still end the stream
-        # (in a greenlet of its own: link callbacks run in the hub, which must never wait).
+        # One killed before it ran still ends the stream (from a greenlet: link callbacks run in the hub).
         stream.greenlet.link(lambda _: stream.finished_at is None and gevent.spawn(stream.finish, "stopped"))
         if self.janitor is None or self.janitor.dead:
             self.janitor = gevent.spawn(self.sweep_forever)
@@ -3251,8 +3003,7 @@ class Streams:
         stream = self.by_id.get(stream_id)
         if stream is None:
             return False
-        if not stream.finished and stream.greenlet:
-            # A greenlet that has not run yet just goes (its link finishes the stream as stopped).
+        if not stream.finished and stream.greenlet:  # one not yet run just goes (its link finishes it as stopped)
             stream.greenlet.kill(StopRequested if stream.greenlet.gr_frame is not None else gevent.GreenletExit,
                                  block=False)
         return True
@@ -3262,14 +3013,10 @@ class Streams:
         ping = now - self.last_ping >= settings.ping_interval
         if ping:
             self.last_ping = now
-        # The store may be slow (a lock held by another process, a full disk): it saves in a
-        # greenlet of its own, and this pass only collects for it when the last save is done.
-        can_save = self.saving is None or self.saving.ready()
+        can_save = self.saving is None or self.saving.ready()  # a slow store: one save at a time, in a greenlet
         partials, growing, idle, now_wall = [], [], [], time.time()
         for stream in list(self.by_id.values()):
-            if stream.finished:
-                # Kept for reconnects until nobody has watched for the grace period; the
-                # answer itself is in the store by then.
+            if stream.finished:  # kept for reconnects until unwatched for the grace period (the answer is stored)
                 if not stream.readers and now - stream.left_at >= settings.grace:
                     self.forget(stream)
                 continue
@@ -3279,9 +3026,8 @@ class Streams:
                 stream.greenlet.kill(AnswerLimit(f"The answer reached chat.py's limit of "
                                                  f"{settings.max_answer_seconds:g} seconds and was cut off "
                                                  "there."), block=False)
-            elif stream.greenlet and (
-                    now - stream.started > settings.first_byte_timeout if stream.first_byte_at is None
-                    else now - stream.last_activity > settings.read_timeout):
+            elif stream.greenlet and (now - stream.started > settings.first_byte_timeout if stream.first_byte_at is None
+                                      else now - stream.last_activity > settings.read_timeout):
                 stream.greenlet.kill(UpstreamTimeout, block=False)
             partial = stream.partial(now_wall + settings.lease_seconds) if can_save else None
             if partial:
@@ -3292,19 +3038,14 @@ class Streams:
                 idle.append(stream.message_id)  # a third of the lease: two renewals may fail before it runs out
                 stream.renewed_at = now
             waited = now - stream.started
-            # The waiting clock ticks every second for the first ten, then every five: thousands of
-            # answers queued at a busy server must not cost thousands of writes a second.
+            # Ticks every second for ten seconds, then every five: thousands waiting must not cost thousands of writes.
             if stream.first_token_at is None and waited >= WAITING_SHOWN_AFTER and \
                     now - stream.told_at >= (1 if waited < 10 else 5) * min(1.0, settings.ping_interval):
                 stream.told_at = now
                 self.publish(stream, None, "status", waiting_frame(waited))
             elif ping:
                 self.publish(stream, None, "ping", SSE_PING)
-        if can_save:
-            # Every second, in one transaction: the text that grew, and the leases of every answer
-            # this process writes (another process, or this one after a restart, takes an
-            # answer whose lease ran out for interrupted).
-            # The journal's segment so far holds text these partials cover: it goes once they commit.
+        if can_save:  # one transaction a second: the text that grew and every lease (the journal's segment after)
             segment = self.journal.cut()
             if partials or idle or self.unsaved:
                 self.saving = gevent.spawn(save_progress, partials, idle, growing, segment)
@@ -3316,15 +3057,13 @@ class Streams:
         """The janitor's extra work when answers are shared (nothing here)."""
 
     def open(self):
-        """At start: open the journal of shown but unsaved text (next to the database) and put back what a
-        process that died left in it."""
+        """At start: open the journal of shown but unsaved text (beside the database); put back what dead ones left."""
         if settings.db != ":memory:":
             self.journal.open(settings.db + ".unsaved")
             self.take_over()
 
     def take_over(self):
-        """Put back into the store the text a dead process (this one before a kill -9, or another sharing
-        the database) had shown but not saved; the answers are then marked interrupted."""
+        """Put back the text a dead process had shown but not saved; those answers are then marked interrupted."""
         self.journal.take_over(self.put_back)
 
     @staticmethod
@@ -3361,14 +3100,11 @@ class Streams:
 
 
 def stream_events(stream, last_id, environ=None):
-    """Yield the frames after last_id, then live ones, draining the reader's queue into one write each time
-    (environ: the request's, for its connection)."""
+    """Yield the frames after last_id, then live ones, what is queued in one write each (environ: the request's)."""
     environ = environ or {}
     logged = len(stream.log.kinds)  # token events; a reader's queue takes everything after these
     if stream.finished:
-        # A reader that already has everything still gets done again: an empty
-        # response would only make the browser reconnect, again and again.
-        yield SSE_HELLO
+        yield SSE_HELLO  # even a reader that has everything gets done again: an empty response reconnects forever
         streams.before_showing()
         yield from stream.log.frames(min(last_id, logged), logged)
         yield in_turn(stream.log.done)
@@ -3384,8 +3120,7 @@ def stream_events(stream, last_id, environ=None):
             frames = b"".join(reader.wait())
             streams.before_showing()
             yield in_turn(frames)
-            # The done frame was in this batch if the stream finished and nothing came after.
-            if stream.finished and not reader.queue.qsize():
+            if stream.finished and not reader.queue.qsize():  # then the done frame was in this batch
                 return
             reader.pause_if_behind()
     finally:
@@ -3406,8 +3141,7 @@ def relay_upstream(stream):
                     stream.token(*piece)
         for piece in think.close():
             stream.token(*piece)
-        usage = completion.usage or {}
-        catalog.calibrate(stream.model, stream.messages, positive_int(usage.get("prompt_tokens")))
+        catalog.calibrate(stream.model, stream.messages, positive_int((completion.usage or {}).get("prompt_tokens")))
         if completion.error:
             stream.finish("error", completion.error)
         elif completion.finished or completion.finish_reason:
@@ -3431,10 +3165,8 @@ def relay_upstream(stream):
                                    "gave up waiting.")
     except UpstreamError as exc:
         stream.finish("error", str(exc))
-    except (requests.RequestException, urllib3.exceptions.HTTPError, HTTPException, OSError,
-            ValueError) as exc:
-        # urllib3 raises ProtocolError (an HTTPError, not a RequestException) when the body breaks off.
-        log.warning("upstream broke off: %r", exc)
+    except (requests.RequestException, urllib3.exceptions.HTTPError, HTTPException, OSError, ValueError) as exc:
+        log.warning("upstream broke off: %r", exc)  # urllib3's ProtocolError is an HTTPError, not a RequestException
         stream.finish("error", "The connection to the model server broke off mid-answer.")
     except Exception:  # noqa: BLE001 — the bubble must end whatever went wrong
         log.exception("relay failed")
@@ -3460,26 +3192,20 @@ def open_fitted(stream):
         if len(messages) >= len(sent):
             raise UpstreamError(str(exc) + " Your message alone does not fit the model's context; "
                                 "shorten it.", exc.status, exc.body) from None
-        log.info("context overflow (%s tokens); sending again without %d older messages",
-                 overflow.size or "?", dropped)
+        log.info("context overflow (%s tokens); sending again without %d older messages", overflow.size or "?", dropped)
         stream.messages, stream.dropped = messages, dropped
         stream.resent = overflow.size or 0
         return open_completion(http, stream.messages, stream.model, stream.params)
 
 
 def fit_history(history, model, below=None, room=None):
-    """The history without its oldest turns until it fits the model's context; also how many were left out.
-
-    The system prompt and the question always stay; turns leave in pairs so that roles keep
-    alternating. below: a list the server refused; the result must be shorter than it (when
-    nothing says how large the context is, only the question goes: the one retry must work).
-    """
+    """The history without its oldest turns until it fits the model's context; also how many were left out."""
     system = history[:1] if history and history[0]["role"] == "system" else []
     turns = history[len(system):]
     chars = settings.max_context - sum(content_length(m["content"]) for m in system)
     budget = catalog.prompt_budget(model, room)
     if below is not None and budget is None:
-        turns = turns[-1:]
+        turns = turns[-1:]  # below, and no size known: only the question, so that the one retry works
     while len(turns) > 1 and (sum(content_length(t["content"]) for t in turns) > chars or (
             budget is not None and catalog.estimate(model, system + turns) > budget)
             or (below is not None and len(system) + len(turns) >= len(below))):
@@ -3488,11 +3214,7 @@ def fit_history(history, model, below=None, room=None):
 
 
 def save_progress(partials, idle, growing, segment):
-    """Save the answers still streaming (which renews their leases) and renew the leases of those that did not
-    grow, all in one transaction: one commit a second. Then try again the finished answers whose final save failed.
-
-    growing: the streams of the partials; segment: the last journal segment whose text they cover.
-    """
+    """Save streaming answers and renew idle leases in one transaction (a commit a second); retry failed final saves."""
     try:
         with store.transaction():
             store.save_partials(partials)
@@ -3514,8 +3236,7 @@ def save_progress(partials, idle, growing, segment):
 
 
 def housekeeping_forever(every=3600.0):
-    """Mark answers whose writer died interrupted (every few seconds); once an hour, forget expired logins
-    and, with CHAT_RETENTION_DAYS, conversations older than that."""
+    """Interrupt answers whose writer died (every few seconds); hourly, drop expired logins and old conversations."""
     last_hourly = -every
     while True:
         try:
@@ -3597,21 +3318,16 @@ def demo_chunks(prompt, delay, turns=1):
 # ---------------------------------------------------------------------------
 
 DEMO_MAX_BODY = 192 << 20  # our own requests to the demo model carry a whole (fitted) conversation, images too
-# Bodies up to this are read into memory, never spooled to a temporary file (the checks
-# below refuse anything larger before a byte of it is read).
-bottle.BaseRequest.MEMFILE_MAX = DEMO_MAX_BODY + 1
+bottle.BaseRequest.MEMFILE_MAX = DEMO_MAX_BODY + 1  # in memory, never spooled to a file (larger: refused unread)
 
 def security_headers():
-    """What the page needs and nothing more: scripts and styles only from chat.py itself, images also
-    from CHAT_IMAGE_HOSTS (data: for the empty favicon), no plugins, no framing by other sites."""
+    """Only what the page needs: scripts and styles from chat.py, images also from CHAT_IMAGE_HOSTS, no framing."""
     images = "".join(f" https://{host}" for host in sorted(settings.image_hosts))
     return [("Content-Security-Policy", f"default-src 'self'; script-src 'self'; style-src 'self'; "
                                         f"img-src 'self' data:{images}; connect-src 'self'; font-src 'self'; "
                                         "object-src 'none'; base-uri 'none'; form-action 'self'; "
                                         "frame-ancestors 'none'"),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Referrer-Policy", "same-origin"),
-            ("X-Frame-Options", "DENY")]
+            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin"), ("X-Frame-Options", "DENY")]
 
 
 class App(bottle.Bottle):
@@ -3629,8 +3345,7 @@ class App(bottle.Bottle):
             environ["chat.refused"] = True  # the server must not read the body it refused
             status, message = refusal
             content_type, body = error_body(environ, status, message)
-            start(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                           ("Connection", "close")])
+            start(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Connection", "close")])
             return [body]
         return super().wsgi(environ, start)
 
@@ -3679,8 +3394,7 @@ def error_message(error):
     return body[:300] or error.status_line[4:] + "."
 
 
-# Request methods whose requests carry no body here: one that comes with one is refused unread.
-NO_BODY = ("GET", "HEAD", "OPTIONS", "DELETE")
+NO_BODY = ("GET", "HEAD", "OPTIONS", "DELETE")  # these carry no body here: one that does is refused unread
 
 
 def believe_forwarded(environ):
@@ -3693,8 +3407,7 @@ def believe_forwarded(environ):
 
 
 def check_request(environ):
-    """(status, message) if the request must be refused before routing: Host, headers, body size and shape,
-    slow body."""
+    """(status, message) if the request must be refused before routing: Host, headers, body size and shape, slowness."""
     hosts = [environ.get("HTTP_HOST") or ""] + \
         ([environ["HTTP_X_FORWARDED_HOST"]] if "HTTP_X_FORWARDED_HOST" in environ else [])
     for host in hosts:
@@ -3707,9 +3420,7 @@ def check_request(environ):
         return ("429 Too Many Requests", "Refused: your address has too many connections open here; close some.")
     if not utf8_headers(environ):
         return ("400 Bad Request", "Refused: a header of this request is not UTF-8 text.")
-    # Bottle would read a chunked body one byte at a time for the size of each chunk (quadratic, on the
-    # event loop), and spool a large one to a temporary file: refused as soon as the headers are in.
-    if environ.get("HTTP_TRANSFER_ENCODING"):
+    if environ.get("HTTP_TRANSFER_ENCODING"):  # Bottle reads these byte by byte (quadratic), spools big ones to files
         return ("411 Length Required", "Refused: this server takes request bodies with a Content-Length only.")
     length = environ.get("CONTENT_LENGTH") or ""
     if length and not length.isdigit():
@@ -3733,11 +3444,9 @@ def check_request(environ):
     if int(length) > limit:
         return ("413 Payload Too Large", f"Refused: the request is larger than {limit:,} bytes. "
                                          "Shorten your message and send it again.")
-    # Read the (small) body now, within a deadline: a client that trickles it is cut off.
-    body = environ["wsgi.input"]
-    try:
+    try:  # read the (small) body now, within a deadline: a client that trickles it is cut off
         with gevent.Timeout(settings.header_timeout * random.uniform(1, 1.1)):  # spread, as the heads' deadlines
-            data = body.read(int(length))
+            data = environ["wsgi.input"].read(int(length))
     except gevent.Timeout:
         return ("408 Request Timeout", "The request body did not arrive in time.")
     environ["wsgi.input"] = io.BytesIO(data)
@@ -3787,11 +3496,7 @@ def utf8_headers(environ):
 
 
 def host_allowed(host):
-    """True for a Host this server answers: IP literals, localhost, its own names and CHAT_ALLOWED_HOSTS.
-
-    A page that rebinds its own DNS name to 127.0.0.1 sends that name as Host; refusing names
-    we do not know stops it (an IP literal cannot be rebound, so those are always fine).
-    """
+    """True for a Host we answer: IP literals, localhost, our names, CHAT_ALLOWED_HOSTS (others: DNS rebinding)."""
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     name = name.strip("[]").rstrip(".")
     if not name or "*" in settings.allowed_hosts or name in settings.allowed_hosts:
@@ -3845,9 +3550,7 @@ class Limits:
     """The rate limits that outlive a request: password guesses and new owners, by client address."""
 
     def __init__(self):
-        # However many addresses guess, at most 10 wrong passwords a second are checked in all, and one
-        # address (IPv6: its /64) gets 5 at once, then one every 6 s. A browser that has logged in before
-        # has a budget of its own (its device cookie), so that nobody else's guessing locks it out.
+        # 10 wrong passwords/s in all; an address (/64) 5, then 1 per 6 s; a known browser its own: nobody locks it out.
         self.login_all = TokenBuckets(rate=10, burst=10)
         self.login = TokenBuckets(rate=1 / 6, burst=5)
         self.devices = TokenBuckets(rate=1 / 6, burst=5)
@@ -3855,14 +3558,12 @@ class Limits:
         self.uploading = 0  # bytes of upload bodies in memory now (CHAT_UPLOADS_MB)
         self.new_owners = TokenBuckets(rate=settings.new_owners_per_minute / 60,
                                        burst=max(1, min(3, int(settings.new_owners_per_minute))))
-        # And new owners from all addresses but this machine together, so rotating addresses buys nothing.
-        total = settings.new_owners_per_minute_total
+        total = settings.new_owners_per_minute_total  # all but this machine's: rotating addresses buys nothing
         self.new_owners_all = TokenBuckets(rate=total / 60, burst=max(1, min(20, int(total))))
         self.sessions = {}  # token hash -> (when this process last found it valid, its account or None)
         self.proxy_users = {}  # user name -> (when, its account): the proxy's user costs no query a request
         self.searches = TokenBuckets(rate=2, burst=10)  # per owner: search holds the shared database
-        # and per address (address_key): a browser without cookies is a new owner at every request
-        self.search_addresses = TokenBuckets(rate=5, burst=20)
+        self.search_addresses = TokenBuckets(rate=5, burst=20)  # per address: no cookies, a new owner each time
 
 
 limits = Limits()
@@ -3919,9 +3620,8 @@ def https(request):
 
 def set_cookie(name, value, max_age=None):
     """Set an HttpOnly, SameSite=Lax cookie (for the browser session without max_age), Secure over TLS."""
-    options = {"max_age": max_age} if max_age is not None else {}
     bottle.response.set_cookie(name, value, path="/", httponly=True, samesite="lax", secure=https(bottle.request),
-                               **options)
+                               **({"max_age": max_age} if max_age is not None else {}))
 
 
 def cross_origin(request):
@@ -4187,8 +3887,7 @@ def owned_conversation(conversation_id):
 def next_page():
     """Where to go after logging in: the local page that asked for it, else the start page."""
     request = bottle.request
-    # From the query on a GET and from the form on a POST: never a body that does not belong.
-    fields = request.forms if request.method == "POST" else request.query
+    fields = request.forms if request.method == "POST" else request.query  # never a body that does not belong
     target = fields.getunicode("next", default="") or ""
     # Browsers drop tabs and newlines from URLs and read "\\" as "/": "/\t/evil.com" would leave the site.
     if not target.startswith("/") or target.startswith("//") or re.search(r"[\x00-\x20\x7f\\]", target):
@@ -4319,11 +4018,7 @@ def no_store():
 
 
 def render_page(conversation=None, draft="", error=None, at=None, results=None, query=""):
-    """The chat page, empty or showing one branch of a conversation (live answers reconnect).
-
-    A browser without JavaScript gets the live answer as HTML that streams into the page
-    instead of a bubble that would need htmx to connect.
-    """
+    """The chat page, empty or with one branch of a conversation; without JavaScript a live answer streams as HTML."""
     no_store()
     plain = bool(bottle.request.get_cookie(PLAIN_COOKIE)) and not htmx()
     bubbles, live, leaf, answering = render_bubbles(conversation, at=at, plain=plain)
@@ -4331,13 +4026,12 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
     system = conversation["system_prompt"] if conversation else store.owner_system_prompt(owner())
     params = {name: conversation[name] if conversation else None for name in PARAMETERS}
-    page = template("page", demo=settings.demo, upstream=settings.upstream_label(),
-                    conversation=conversation, conversations=store.conversations(owner()),
-                    bubbles=bubbles, models=models, model=model, label=model_label,
-                    password=password_login(), user=bottle.request.environ.get("chat.user"), draft=draft, error=error, leaf=leaf,
+    page = template("page", demo=settings.demo, upstream=settings.upstream_label(), conversation=conversation,
+                    conversations=store.conversations(owner()), bubbles=bubbles, models=models, model=model,
+                    label=model_label, password=password_login(), user=bottle.request.environ.get("chat.user"),
+                    draft=draft, error=error, leaf=leaf,
                     system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
-                    results=results, query=query,
-                    answering=answering)
+                    results=results, query=query, answering=answering)
     if live is None:
         return page
     before, _, after = page.partition(LIVE_ANSWER)
@@ -4345,8 +4039,7 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
 
 
 def render_bubbles(conversation, at=None, plain=False):
-    """(bubbles, live stream for a plain page or None, leaf id, whether an answer streams into a bubble that
-    connects to it) of the branch shown, with ‹ n/m › where it forks."""
+    """(bubbles, live stream for a plain page or None, leaf id, whether a bubble streams) of the branch shown."""
     if conversation is None:
         return [], None, None, False
     tree, path = branch(conversation, at)
@@ -4362,8 +4055,7 @@ def render_bubbles(conversation, at=None, plain=False):
                                     conversation_id=conversation["id"], nav=nav, files=files.get(row["id"], [])))
             continue
         stream = streams.for_message(row["id"], conversation["id"]) if row["status"] == "streaming" else None
-        # A page without JavaScript can follow an answer only in the process writing it.
-        if stream is not None and not stream.finished and (stream.local or not plain):
+        if stream is not None and not stream.finished and (stream.local or not plain):  # plain pages: local only
             if plain and live is None and len(stream.readers) < settings.readers_per_stream:
                 live = stream  # a page reading an answer counts against the readers' cap too
                 bubbles.append(LIVE_ANSWER)
@@ -4373,8 +4065,7 @@ def render_bubbles(conversation, at=None, plain=False):
             continue
         answer = stored_answer(row)
         if row["status"] == "streaming" and (stream is None or not stream.local):
-            # Not written here: by another process while its lease lasts, else nobody any more
-            # (the store failed, or the process died). Show what was saved, and say so.
+            # Not written here: by another process while its lease lasts, else by no one. Show what was saved, say so.
             elsewhere = (row["lease_until"] or 0) > time.time() and (settings.database_url or settings.redis_url)
             answer.update(status="interrupted",
                           notes=answer["notes"] + [NOTES["elsewhere" if elsewhere else "unsaved"]])
@@ -4396,12 +4087,7 @@ def streamed_page(before, stream, after):
 
 
 def plain_answer(stream):
-    """A live answer as HTML for a browser without JavaScript: finished blocks rendered, the rest as text.
-
-    Each finished block closes the text so far and is followed by a new text part starting
-    with what came after it; CSS hides a text part that a block follows, and hides the whole
-    live answer once the finished bubble follows it.
-    """
+    """A live answer as HTML without JavaScript: finished blocks rendered, the rest as text (CSS hides the stale)."""
     reader = Outlet()  # never written to directly: its frames only wake it; the log says what is new
     stream.readers.add(reader)
     try:
@@ -4454,9 +4140,7 @@ def conversation_page(conversation_id):
 def reserve_stream(conversation_id=None):
     """Hold a stream for this browser if the limits allow, before anything is written; or raise Refused."""
     environ = bottle.request.environ
-    # A new owner is one with no conversation yet: without a cookie, or with one just minted by
-    # a GET (which costs nothing, so dropping the cookie and fetching a page must not dodge this).
-    new = environ.get("chat.new_owner") or not store.owner_exists(owner())
+    new = environ.get("chat.new_owner") or not store.owner_exists(owner())  # a GET's fresh cookie must not dodge this
     if new and not from_this_machine(environ):
         address = address_key(client_address(environ))
         if limits.new_owners.tokens(address) < 1:
@@ -4498,8 +4182,7 @@ def sending(conversation_id=None):
     """Reserve a stream for a send; if anything refuses or fails before it starts, release it and say why."""
     stream = reserve_stream(conversation_id)
     try:
-        # Any new message, in a new conversation or not: answers already streaming still finish and are saved.
-        if store.full():
+        if store.full():  # any new message; answers already streaming still finish and are saved
             raise Refused(507, f"The server's database is full (its limit is {settings.max_db_mb:,g} MB): new "
                                "messages cannot be saved. Tell whoever runs this server; answers already being "
                                "written are still saved.")
@@ -4628,11 +4311,7 @@ def size_label(size):
 
 @app.post("/streaming")
 def start_streaming():
-    """Start an answer: the user's bubble plus an assistant bubble that connects to /events.
-
-    Without JavaScript (no HX-Request) the form posts here too: the message is stored and the
-    browser is sent to the conversation's page, which streams the answer as HTML.
-    """
+    """Start an answer: the user's bubble and one that connects to /events; a plain form goes to the page."""
     forms = bottle.request.forms
     prompt = (forms.getunicode("prompt", default="") or "").translate(CONTROL)
     conversation_id = forms.getunicode("conversation") or ""
@@ -4655,11 +4334,9 @@ def start_streaming():
                 owned_conversation(conversation_id)
             if forms.get("save_system") and "system_prompt" in changes:
                 store.save_owner_system_prompt(owner(), changes["system_prompt"])
-            store.update_conversation(conversation_id, **{k: v for k, v in changes.items() if v is not None},
-                                      **params)
+            store.update_conversation(conversation_id, **{k: v for k, v in changes.items() if v is not None}, **params)
             conversation = store.conversation(conversation_id, owner())
-            parent = form_parent(forms, conversation)
-            question = store.add_message(conversation_id, "user", prompt, parent_id=parent)
+            question = store.add_message(conversation_id, "user", prompt, parent_id=form_parent(forms, conversation))
             store.add_attachments(question, files)
             start_answer(stream, conversation, question)
     except Refused as refused:
@@ -4719,8 +4396,7 @@ def regenerate(conversation_id):
 def edit(conversation_id):
     """Send an edited question: a new question beside the old one, answered; the old branch stays."""
     conversation = owned_conversation(conversation_id)
-    tree = Tree(store.messages(conversation_id))
-    original = message_field(tree)
+    original = message_field(Tree(store.messages(conversation_id)))
     prompt = (bottle.request.forms.getunicode("prompt", default="") or "").translate(CONTROL)
     try:
         if original is None or original["role"] != "user":
@@ -4761,8 +4437,7 @@ def search():
     query = (bottle.request.query.getunicode("q", default="") or "")[:200]
     words = re.findall(r"\w+", query)[:6]  # words only: no query syntax reaches the database
     environ = bottle.request.environ
-    # The machine itself (the operator, through no proxy) has only the per-owner budget.
-    if words and not (limits.searches.take(owner()) and (
+    if words and not (limits.searches.take(owner()) and (  # this machine (no proxy): the per-owner budget only
             from_this_machine(environ) or limits.search_addresses.take(address_key(client_address(environ))))):
         bottle.response.status = 429
         return "<li class=\"no-results\">Too many searches at once; wait a moment.</li>"
@@ -5086,7 +4761,6 @@ class Handler(WSGIHandler):
         finally:
             self.head_deadline.close()
 
-
     def handle_one_request(self):
         """gevent's, with a line that says why for a request head it cannot read."""
         result = super().handle_one_request()
@@ -5114,9 +4788,7 @@ class Handler(WSGIHandler):
     def handle(self):
         """Serve the connection if its address is within its share of the connections, counted while it lasts."""
         peer = self.client_address[0] if isinstance(self.client_address, tuple) else ""
-        # A trusted proxy's connection counts for the client of each request it carries (get_environ), so
-        # only a connection from anyone else is counted, and refused past its share, before its first request.
-        self.counted = None if trusted_proxy(peer) else address_key(peer)
+        self.counted = None if trusted_proxy(peer) else address_key(peer)  # a proxy's counts per request (get_environ)
         if self.counted is not None and not self.server.admit(self.counted):
             log_limited("address-share", "refused a connection from %s: it holds its share of the connections "
                                          "(CHAT_CONNECTIONS_PER_ADDRESS)", self.counted)
@@ -5129,8 +4801,7 @@ class Handler(WSGIHandler):
             self.server.release(self.counted)
 
     def get_environ(self):
-        """The WSGI environment, with this handler (for /events to write to its connection); a trusted proxy's
-        connection now counts for the client of this request, unless that client holds its share already."""
+        """The WSGI environment with this handler; a trusted proxy's connection now counts for this request's client."""
         environ = super().get_environ()
         environ["chat.handler"] = self
         key = address_key(client_address(environ))
@@ -5154,15 +4825,10 @@ class Handler(WSGIHandler):
                 self.wsgi_input.chunked_input = False
                 self.close_connection = True
                 self.linger()
-            # Bottle's request and the environ refer to each other (and the environ to this handler):
-            # emptied, each request's objects are freed at once, not left to the cyclic collector, whose
-            # pauses of several milliseconds under a flood of requests would stop every stream.
-            self.environ.clear()
-
+            self.environ.clear()  # it and Bottle's request form a cycle: freed at once, not by the collector
 
     def linger(self):
-        """After a refusal, say we are done sending and drop what the client still sends, for a moment: closing a
-        socket with unread data makes the kernel reset the connection, and a reset can overtake the refusal."""
+        """After a refusal, shut our side and drop what the client sends a moment: a reset could overtake the answer."""
         with contextlib.suppress(OSError):
             self.socket.shutdown(socket.SHUT_WR)
             deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
@@ -5174,8 +4840,7 @@ class Handler(WSGIHandler):
                 dropped += len(data)
 
 
-# After refusing a body, how long and how much of it is taken and dropped before the connection closes.
-LINGER_SECONDS, LINGER_BYTES = 1.0, 1 << 20
+LINGER_SECONDS, LINGER_BYTES = 1.0, 1 << 20  # after refusing a body: how long, how much of it is dropped before closing
 
 
 class HeadTimeout(Exception):
@@ -5206,12 +4871,8 @@ class Server(WSGIServer):
     """gevent's WSGI server with TCP_NODELAY, a cap on open connections, and timeouts on every socket."""
 
     handler_class = Handler
-    # Connections the kernel holds until we take them (gevent: 128): taken one per turn of the loop, a wave of a
-    # few hundred at once (a page of tabs reconnecting, stuck readers) overflowed 128, and some were reset.
-    backlog = 1024
-    # Connections taken per turn of the loop (gevent: 100): one, so that hundreds arriving at once (each
-    # about a millisecond of Python to read and answer) are taken one by one, tokens flowing in between.
-    max_accept = 1
+    backlog = 1024  # connections waiting (gevent: 128, which a wave of a few hundred overflowed: some were reset)
+    max_accept = 1  # taken per turn of the loop (gevent: 100): a crowd one by one, tokens flowing in between
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -5245,15 +4906,11 @@ class Server(WSGIServer):
         try:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small token frames go out at once
-            # Every blocking send or receive gives up after this: a reader that stops reading
-            # is dropped, and so is a connection idle between requests. Without a cap the kernel
-            # would first buffer up to 4 MB for such a reader.
+            # Every blocking send or receive gives up after this: a reader that stops reading, or an idle connection.
             sock.settimeout(settings.write_timeout * random.uniform(1, 1.1))  # spread, as the heads' deadlines
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-            # And the kernel takes more only while it holds less than this not yet sent: a reader that
-            # stops reading soon refuses the relay's writes, so its greenlet takes over, waiting until the
-            # socket drains (or CHAT_WRITE_TIMEOUT), and its tokens cost a queue entry each, not a write.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)  # else up to 4 MB for a stuck reader
+            # The kernel takes more only below this unsent: a stalled reader's tokens soon go through its queue.
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, SLOW_READER_BYTES)
             return super().handle(sock, address)
@@ -5308,9 +4965,8 @@ class VersionAction(argparse.Action):
 
 def parse_args(argv):
     """Command-line flags; each overrides its environment variable."""
-    p = argparse.ArgumentParser(
-        prog="chat.py", description="A chat page that streams LLM answers token by token.",
-        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="chat.py", description="A chat page that streams LLM answers token by token.",
+                                epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     for entry in SETTINGS:
         if entry.flag:
             p.add_argument(entry.flag, dest=entry.name, type=entry.parse if entry.parse is int else None,
@@ -5430,17 +5086,11 @@ def main(argv=None):
     if settings.password and accounts():
         log.warning("CHAT_PASSWORD is ignored: people sign in as users (CHAT_AUTH or CHAT_AUTH_HEADER)")
     settings.port = server.server_port  # --port 0 picks a free port; the demo needs the real one
-    log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port,
-             settings.upstream_label())
-    # Markdown of a long answer renders in a worker thread; Python hands the GIL back to the hub
-    # only every switch interval (5 ms by default), which every token would wait for.
-    sys.setswitchinterval(0.0002)
-    # Everything loaded so far lives for the whole process: keep it out of the collector's way.
+    log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port, settings.upstream_label())
+    sys.setswitchinterval(0.0002)  # a render thread hands the GIL back this often, not every 5 ms: tokens wait for it
     gc.collect()
-    gc.freeze()
-    # Ctrl-C and SIGTERM (systemd, docker, the PyInstaller bootloader forwarding it) end the
-    # server the same quiet way: no traceback, partial answers saved, the database closed.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    gc.freeze()  # everything loaded so far lives as long as the process: out of the collector's way
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, SIGTERM (systemd, docker): quietly, answers saved
         gevent.signal_handler(signum, server.stop, 1)
     gevent.spawn(housekeeping_forever)
     server.serve_forever()
