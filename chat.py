@@ -117,6 +117,12 @@ class TokenBuckets:
         self.buckets[key] = (tokens - 1, now)
         return True
 
+    def give(self, key):
+        """Give back a token taken for something that turned out to cost nothing."""
+        if key in self.buckets:
+            now = time.monotonic()
+            self.buckets[key] = (min(self.burst, self.tokens(key, now) + 1), now)
+
 
 class LoopTurn:
     """When the event loop last polled for I/O: a prepare watcher stamps every turn."""
@@ -1961,10 +1967,14 @@ class Store:
         return self.db.execute("SELECT 1 FROM conversations WHERE owner = ? LIMIT 1", (owner,)).fetchone() is not None
 
     def add_session(self, token_hash, tag, expires, user_name=None, agent=None):
-        """Remember a login (an account's, with user_name)."""
+        """Remember a login (an account's, with user_name: it keeps its newest MAX_USER_SESSIONS)."""
         now = time.time()
         self.db.execute("INSERT INTO sessions (token_hash, password_tag, expires, user_name, created, seen, agent) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (token_hash, tag, expires, user_name, now, now, agent))
+        if user_name is not None:
+            self.db.execute("DELETE FROM sessions WHERE user_name = ? AND token_hash NOT IN (SELECT token_hash FROM "
+                            "sessions WHERE user_name = ? ORDER BY created DESC LIMIT ?)",
+                            (user_name, user_name, MAX_USER_SESSIONS))
 
     def session_valid(self, token_hash, tag):
         """True if this login exists, is unexpired, and was made under the current password."""
@@ -1980,6 +1990,10 @@ class Store:
     def user(self, name):
         """The account of this (lower-case) name, or None."""
         return self.db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+
+    def is_account_owner(self, owner):
+        """True if this owner id is an account's (an anonymous browser's is not)."""
+        return self.db.execute("SELECT 1 FROM users WHERE owner = ?", (owner,)).fetchone() is not None
 
     def add_user(self, name, password_hash):
         """Make an account (the caller checked that the name is free); returns it."""
@@ -3375,8 +3389,9 @@ def error_body(environ, status, message, conversation=False):
 
 def error_page(error):
     """Short, honest error answers; tracebacks stay in the log. A page someone navigated to gets a page."""
-    if error.status_code == 413 and htmx():
-        return form_error(413, f"Your message is too large; the limit is {settings.max_prompt:,} characters.")
+    if error.status_code == 413 and htmx():  # into the form, where the words stay
+        return form_error(413, error_message(error) if str(error.body).startswith("Refused") else
+                          f"Your message is too large; the limit is {settings.max_prompt:,} characters.")
     content_type, body = error_body(bottle.request.environ, error.status_line, error_message(error),
                                     conversation=bottle.request.path.startswith("/c/"))
     bottle.response.content_type = content_type
@@ -3466,21 +3481,35 @@ def upload_limit(path="/streaming"):
 
 
 def read_upload(environ):
-    """Read an allowed multipart body into memory, within CHAT_UPLOADS_MB for everyone and a deadline."""
-    length = environ.pop("chat.upload")
-    if limits.uploading + length > settings.uploads_mb * 2**20:
+    """Read an allowed multipart body into memory as it arrives, within CHAT_UPLOADS_MB for everyone (counted as
+    bytes arrive: a client that only announces a size holds nothing) and a deadline; or refuse it."""
+    length, chunks, environ["chat.upload_held"] = environ.pop("chat.upload"), [], 0
+
+    def refuse(status, message, **headers):
         environ["chat.refused"] = True
-        log_limited("uploads", "refused an upload: CHAT_UPLOADS_MB are being read just now")
-        raise bottle.HTTPError(503, "The server is busy receiving other files; send again in a moment.",
-                               headers={"Retry-After": "5"})
-    limits.uploading += length
-    environ["chat.upload_held"] = length
+        raise bottle.HTTPError(status, message, headers=headers)
     try:
         with gevent.Timeout(settings.header_timeout + length / UPLOAD_RATE):
-            data = environ["wsgi.input"].read(length)
+            while environ["chat.upload_held"] < length:
+                size = min(1 << 14, length - environ["chat.upload_held"])  # counted 16 KB at a time
+                if limits.uploading + size > settings.uploads_mb * 2**20:
+                    log_limited("uploads", "refused an upload: CHAT_UPLOADS_MB are being read just now")
+                    refuse(503, "The server is busy receiving other files; send again in a moment.", Retry_After="5")
+                chunk = environ["wsgi.input"].read(size)
+                if not chunk:
+                    refuse(400, "The files stopped arriving; send them again.")
+                chunks.append(chunk)
+                limits.uploading += len(chunk)
+                environ["chat.upload_held"] += len(chunk)
     except gevent.Timeout:
-        environ["chat.refused"] = True
-        raise bottle.HTTPError(408, "The files did not arrive in time; send them again.") from None
+        refuse(408, "The files did not arrive in time; send them again.")
+    except OSError:  # the client hung up
+        refuse(400, "The files stopped arriving; send them again.")
+    data = b"".join(chunks)
+    boundary = re.search(r"boundary=\"?([^\";]{1,70})", environ.get("CONTENT_TYPE") or "")
+    # Bottle parses the form on the event loop, a part at a time: a body of a million tiny parts would stop it.
+    if boundary is None or data.count(b"--" + boundary[1].encode()) > settings.max_attachments + 32:
+        refuse(413, f"Refused: a form with files carries at most {settings.max_attachments} files.")
     environ["wsgi.input"] = io.BytesIO(data)
 
 
@@ -3660,16 +3689,17 @@ def session_hash(token):
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def device_mac(device_id):
-    """The device cookie's signature of its id."""
-    mac = hmac.new(store.secret("device").encode(), f"device:{device_id}".encode(), hashlib.sha256).digest()
+def device_mac(device_id, name=""):
+    """The device cookie's signature of its id (and of the account it signed in to: it vouches for that one only)."""
+    signed_for = f"device:{device_id}" + (f":{name}" if name else "")
+    mac = hmac.new(store.secret("device").encode(), signed_for.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac[:16]).decode().rstrip("=")
 
 
-def known_device(request):
-    """The id of the device cookie this browser got at an earlier login, or None (none, or tampered with)."""
+def known_device(request, name=""):
+    """The id of the device cookie this browser got at an earlier login (as this account), or None."""
     match = _DEVICE.fullmatch(request.get_cookie(DEVICE_COOKIE) or "")
-    if match and hmac.compare_digest(device_mac(match[1]), match[2]):
+    if match and hmac.compare_digest(device_mac(match[1], name), match[2]):
         return match[1]
     return None
 
@@ -3685,7 +3715,7 @@ def logged_in(request):
     if not store.session_valid(key, password_tag()):
         limits.sessions.pop(key, None)
         return False
-    limits.sessions[key] = (time.monotonic(), None)
+    remember_session(key, None)
     return True
 
 
@@ -3693,9 +3723,11 @@ def logged_in(request):
 # (an authenticating proxy names the user). A user's conversations carry the user's owner id, so everything
 # keyed by owner (lists, search, limits, quotas) follows the person to every device.
 
-_USER_NAME = re.compile(r"[^\s\x00-\x1f\x7f-\x9f/\\]{1,128}")  # an email or a login name, no spaces
+_USER_NAME = re.compile(r"[^\s\x00-\x1f\x7f-\x9f/\\,]{1,128}")  # an email or a login name: no spaces, and no
+# commas (a proxy that appends its header to the client's would join two names with one)
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # 16 MiB and about 50 ms a check (OWASP's minimum is n=2**17 with p=1:
 # this n with r=8 costs the same memory per guess as their r=1, and the login budgets bound guesses)
+MAX_USER_SESSIONS = 50  # devices one account stays signed in on: the oldest sign-in ends past it
 SESSION_SEEN_EVERY = 300  # seconds: a session's "last used" is written at most this often
 
 
@@ -3783,6 +3815,14 @@ def proxy_user(request):
     return user
 
 
+def remember_session(key, user):
+    """Note a valid session for 5 s; the notes of sessions gone quiet are dropped once there are many."""
+    now = time.monotonic()
+    if len(limits.sessions) >= 10_000:
+        limits.sessions = {k: v for k, v in limits.sessions.items() if now - v[0] < 5}
+    limits.sessions[key] = (now, user)
+
+
 def session_user(request):
     """The account whose live session cookie this request carries (CHAT_AUTH=accounts), or None."""
     token = request.get_cookie(SESSION_COOKIE) or ""
@@ -3798,7 +3838,7 @@ def session_user(request):
         return None
     if time.time() - (user["seen"] or 0) > SESSION_SEEN_EVERY:
         store.session_seen(key)
-    limits.sessions[key] = (time.monotonic(), user)
+    remember_session(key, user)
     return user
 
 
@@ -3815,8 +3855,8 @@ def adopt_browser(request, user):
     cookie = request.get_cookie(OWNER_COOKIE)
     if cookie is None:
         return
-    anonymous = cookie_owner(cookie)
-    if anonymous and anonymous != user["owner"]:
+    anonymous = cookie_owner(cookie) if "." in cookie else None  # signed by this server: never a made-up id
+    if anonymous and anonymous != user["owner"] and not store.is_account_owner(anonymous):
         moved = store.adopt(anonymous, user["owner"])
         if moved:
             log.info("%d conversation(s) of a browser adopted by the account %s", moved, user["name"])
@@ -3917,12 +3957,13 @@ def login():
     request = bottle.request
     account = settings.auth == "accounts"
     name = user_key(request.forms.getunicode("username", default="") or "")[:200] if account else ""
-    device = known_device(request)
+    device = known_device(request, name)
     address = address_key(client_address(request.environ))
-    # A browser that has logged in here before spends its own budget; any other, its address's, the
-    # account's and everyone's.
-    wait = limits.devices.wait(device) if device else max(
-        limits.login.wait(address), limits.login_all.wait("all"), limits.accounts.wait(name) if account else 0)
+    # A browser that has logged in here before (as this account) spends its own budget; any other, its
+    # address's, the account's and everyone's.
+    buckets = [(limits.devices, device)] if device else \
+        [(limits.login, address), (limits.login_all, "all")] + ([(limits.accounts, name)] if account else [])
+    wait = max(bucket.wait(key) for bucket, key in buckets)
 
     def page(status, error):
         bottle.response.status = status
@@ -3933,6 +3974,8 @@ def login():
         log_limited("login-busy", "refused a login from %s: too many wrong passwords", address)
         return page(429, f"Too many wrong passwords have been tried just now. Wait {seconds} "
                          f"second{'s' if seconds > 1 else ''} and try again.")
+    for bucket, key in buckets:  # now, before the check yields: guesses arriving together each spend one
+        bucket.take(key)
     given = request.forms.getunicode("password", default="") or ""
     if account:
         user = store.user(name) if valid_user_name(name) else None
@@ -3941,15 +3984,10 @@ def login():
         user, ok = None, hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
                                              hashlib.sha256(settings.password.encode()).digest())
     if not ok:
-        if device:
-            limits.devices.take(device)
-        else:
-            limits.login_all.take("all")
-            limits.login.take(address)
-            if account:
-                limits.accounts.take(name)
         log_limited("login", "failed login from %s", address)
         return page(401, "Wrong user name or password." if account else "Wrong password.")
+    for bucket, key in buckets:  # the right password costs nothing
+        bucket.give(key)
     token = secrets.token_urlsafe(32)
     store.add_session(session_hash(token), "account" if account else password_tag(),
                       time.time() + SESSION_DAYS * 86400, user_name=user and user["name"],
@@ -3958,7 +3996,7 @@ def login():
         adopt_browser(request, user)
     set_cookie(SESSION_COOKIE, token, SESSION_DAYS * 86400)
     device = device or secrets.token_urlsafe(16)
-    set_cookie(DEVICE_COOKIE, f"{device}.{device_mac(device)}", DEVICE_DAYS * 86400)
+    set_cookie(DEVICE_COOKIE, f"{device}.{device_mac(device, name)}", DEVICE_DAYS * 86400)
     bottle.redirect(next_page())
 
 
@@ -4139,6 +4177,12 @@ def conversation_page(conversation_id):
 
 def reserve_stream(conversation_id=None):
     """Hold a stream for this browser if the limits allow, before anything is written; or raise Refused."""
+    admit_new_owner()
+    return streams.reserve(owner(), conversation_id)
+
+
+def admit_new_owner():
+    """Charge a browser that stores its first conversation to the new-visitor budgets; or raise Refused."""
     environ = bottle.request.environ
     new = environ.get("chat.new_owner") or not store.owner_exists(owner())  # a GET's fresh cookie must not dodge this
     if new and not from_this_machine(environ):
@@ -4152,16 +4196,17 @@ def reserve_stream(conversation_id=None):
             raise Refused(429, "This server is taking in too many new visitors just now. Wait a minute and "
                                "send again.")
         limits.new_owners.take(address)
-    return streams.reserve(owner(), conversation_id)
 
 
 def files_to_send(path):
-    """The attachments of a branch's questions, with the bytes of its text files and its newest images
-    (CHAT_MAX_ATTACHMENTS of them: older ones are named, not sent again, which bounds an answer's memory)."""
+    """The attachments of a branch's questions, with the bytes of its text files and of its newest images, as many
+    as one message may carry (CHAT_MAX_ATTACHMENTS, _MB): older ones are named, not sent again (an answer's memory)."""
     files = store.attachments([row["id"] for row in path if row["role"] == "user"], data="text")
-    images = [f for message_id in sorted(files, reverse=True) for f in reversed(files[message_id])
-              if f["type"] != "text/plain"][:settings.max_attachments]
-    wanted = {f["id"] for f in images}
+    wanted, room = set(), settings.max_attachments_mb * 2**20
+    for f in (f for message_id in sorted(files, reverse=True) for f in reversed(files[message_id])):
+        if f["type"] != "text/plain" and len(wanted) < settings.max_attachments and f["size"] <= room:
+            wanted.add(f["id"])
+            room -= f["size"]
     data = {row["id"]: row["data"] for row in store.attachment_data(wanted)} if wanted else {}
     return {message_id: [dict(f, data=data[f["id"]]) if f["id"] in wanted else f for f in found]
             for message_id, found in files.items()}
@@ -4525,7 +4570,7 @@ def export(conversation_id, fmt):
     if fmt == "json":
         bottle.response.content_type = "application/json; charset=utf-8"
         files = store.attachments([r["id"] for r in rows if r["role"] == "user"], data=True)
-        return json.dumps(export_json(conversation, rows, files), ensure_ascii=False, indent=2)
+        return in_background(lambda: json.dumps(export_json(conversation, rows, files), ensure_ascii=False, indent=2))
     bottle.response.content_type = "text/markdown; charset=utf-8"
     return export_markdown(conversation, rows)
 
@@ -4546,6 +4591,8 @@ def attachment(attachment_id):
 
 STATUSES = ("done", "stopped", "error", "truncated", "interrupted")
 MAX_IMPORTED_MESSAGES = 10_000
+MAX_IMPORT_NODES = 20 * MAX_IMPORTED_MESSAGES + 10 * 1000  # objects and lists: a message has a few, a file one
+IMPORT_LANE = gevent.lock.BoundedSemaphore(1)  # one import is parsed at a time: each holds the GIL a while
 
 
 def imported(data):
@@ -4580,49 +4627,50 @@ def imported(data):
         if value is not None and not low <= value <= high:
             raise wrong(f"{label} is out of range")
         conversation[name] = None if value is None else kind(value)
-    pending, placed = list(data["messages"]), set()
-    while pending:  # parents before children; what never finds its parent is refused
-        later = []
-        for m in pending:
-            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or \
-                    not isinstance(m.get("id"), (int, str)) or m["id"] in placed:
-                raise wrong("a message has no role, or no id of its own")
-            if m.get("parent_id") is not None and m["parent_id"] not in placed:
-                later.append(m)
-                continue
-            placed.add(m["id"])
-            status = m.get("status") or "done"
-            status = "interrupted" if status == "streaming" else status
-            if status not in STATUSES:
-                raise wrong(f"a message's status is {str(status)[:20]!r}")
-            usage = m.get("usage")
-            notes = m.get("notes") or []
-            if not isinstance(notes, list) or not all(isinstance(n, str) and len(n) < 2000 for n in notes[:20]):
-                raise wrong("a message's notes are not a list of sentences")
-            files = []
-            for f in m.get("attachments") or []:
-                try:
-                    raw = base64.b64decode(f["data"], validate=True)
-                except (TypeError, KeyError, ValueError, binascii.Error):
-                    raise wrong("an attachment's data is not base64") from None
-                files.append((f.get("name"), raw))
-            message = {"id": m["id"], "parent_id": m.get("parent_id"), "role": m["role"],
-                       "content": text(m.get("content"), "a message", max(settings.max_prompt, settings.max_answer_chars)),
-                       "reasoning": text(m.get("reasoning"), "a message's reasoning", settings.max_answer_chars),
-                       "status": status, "error": text(m.get("error"), "an error", 2000, None),
-                       "finish_reason": text(m.get("finish_reason"), "a finish reason", 100, None),
-                       "usage": json.dumps(usage) if isinstance(usage, dict) and len(json.dumps(usage)) < 4000 else None,
-                       "model": text(m.get("model"), "a model", 200, None), "notes": json.dumps(notes[:20]),
-                       "footer": text(m.get("footer"), "a footer", 2000),
-                       "elapsed": number(m.get("elapsed"), "elapsed"),
-                       "created": number(m.get("created"), "created") or now,
-                       "files": checked_files(files)}
-            conversation["size"] += len(message["content"].encode()) + len(message["reasoning"].encode()) + sum(
-                len(f.data) for f in message["files"])
-            conversation["messages"].append(message)
-        if len(later) == len(pending):
-            raise wrong("a message's parent_id names no message of the conversation")
-        pending = later
+    children = {}  # parent id -> its messages: the tree is walked from its roots, parents first
+    for m in data["messages"]:
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or \
+                not isinstance(m.get("id"), (int, str)) or not isinstance(m.get("parent_id"), (int, str, type(None))):
+            raise wrong("a message has no role, or no id of its own")
+        children.setdefault(m.get("parent_id"), []).append(m)
+    pending, placed = list(reversed(children.get(None, []))), set()
+    while pending:
+        m = pending.pop()
+        if m["id"] in placed:
+            raise wrong("two messages have the same id")
+        placed.add(m["id"])
+        pending.extend(reversed(children.get(m["id"], [])))
+        status = m.get("status") or "done"
+        status = "interrupted" if status == "streaming" else status
+        if status not in STATUSES:
+            raise wrong(f"a message's status is {str(status)[:20]!r}")
+        usage = m.get("usage")
+        notes = m.get("notes") or []
+        if not isinstance(notes, list) or not all(isinstance(n, str) and len(n) < 2000 for n in notes[:20]):
+            raise wrong("a message's notes are not a list of sentences")
+        files = []
+        for f in m.get("attachments") or []:
+            try:
+                raw = base64.b64decode(f["data"], validate=True)
+            except (TypeError, KeyError, ValueError, binascii.Error):
+                raise wrong("an attachment's data is not base64") from None
+            files.append((f.get("name"), raw))
+        message = {"id": m["id"], "parent_id": m.get("parent_id"), "role": m["role"],
+                   "content": text(m.get("content"), "a message", max(settings.max_prompt, settings.max_answer_chars)),
+                   "reasoning": text(m.get("reasoning"), "a message's reasoning", settings.max_answer_chars),
+                   "status": status, "error": text(m.get("error"), "an error", 2000, None),
+                   "finish_reason": text(m.get("finish_reason"), "a finish reason", 100, None),
+                   "usage": json.dumps(usage) if isinstance(usage, dict) and len(json.dumps(usage)) < 4000 else None,
+                   "model": text(m.get("model"), "a model", 200, None), "notes": json.dumps(notes[:20]),
+                   "footer": text(m.get("footer"), "a footer", 2000),
+                   "elapsed": number(m.get("elapsed"), "elapsed"),
+                   "created": number(m.get("created"), "created") or now,
+                   "files": checked_files(files)}
+        conversation["size"] += len(message["content"].encode()) + len(message["reasoning"].encode()) + sum(
+            len(f.data) for f in message["files"])
+        conversation["messages"].append(message)
+    if len(placed) < len(data["messages"]):
+        raise wrong("a message's parent_id names no message of the conversation")
     shown = data.get("shown_leaf_id")
     conversation["leaf"] = shown if shown in placed else None
     return conversation
@@ -4636,12 +4684,21 @@ def import_conversation():
         if upload is None:
             raise Refused(400, "Choose a conversation exported as JSON by chat.py to import.")
         raw = upload.file.read()
-        try:  # megabytes of JSON and base64: parsed and checked off the event loop
-            data = in_background(json.loads, raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise Refused(400, "That file is not JSON: import a conversation exported as JSON by chat.py.") \
-                from None
-        conversation = in_background(imported, data)
+        # json.loads holds the GIL even in a thread, and tiny containers cost ~100 bytes each: count them first.
+        if raw.count(b"{") + raw.count(b"[") > MAX_IMPORT_NODES:
+            raise Refused(413, "That file holds more than a conversation of chat.py can.")
+        admit_new_owner()
+        if store.full():
+            raise Refused(507, f"The server's database is full (its limit is {settings.max_db_mb:,g} MB): nothing "
+                               "can be imported. Tell whoever runs this server.")
+        with IMPORT_LANE:  # megabytes of JSON and base64, parsed and checked off the event loop, one at a time
+            try:
+                data = in_background(json.loads, raw)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise Refused(400, "That file is not JSON: import a conversation exported as JSON by chat.py.") \
+                    from None
+            del raw
+            conversation = in_background(imported, data)
         if store.owner_usage(owner()) + conversation["size"] >= settings.owner_quota:
             raise Refused(507, f"Your conversations use the {settings.owner_quota / 2**20:,.0f} MB this server "
                                "keeps for each person. Delete some to import this one.")
@@ -5085,6 +5142,9 @@ def main(argv=None):
         sys.exit(2)
     if settings.password and accounts():
         log.warning("CHAT_PASSWORD is ignored: people sign in as users (CHAT_AUTH or CHAT_AUTH_HEADER)")
+    if settings.auth_header:
+        log.info("%s names the user when it comes from %s: anything there can sign in as anyone",
+                 settings.auth_header, ", ".join(map(str, settings.trusted_proxies)))
     settings.port = server.server_port  # --port 0 picks a free port; the demo needs the real one
     log.info("chat.py on http://%s:%d/ — upstream: %s", settings.host, settings.port, settings.upstream_label())
     sys.setswitchinterval(0.0002)  # a render thread hands the GIL back this often, not every 5 ms: tokens wait for it

@@ -425,3 +425,95 @@ def test_without_javascript_the_forms_file_input_attaches(upstream):
     thumbs = elements(page, "img")
     assert [t.attrs["alt"] for t in thumbs] == ["dot.png"]
     assert plain.get(thumbs[0].attrs["src"]).body == png()
+
+
+# ---------------------------------------------------------------------------
+# Found in review: bounds under attack
+# ---------------------------------------------------------------------------
+
+def test_guesses_arriving_together_each_spend_a_token(accounts, server):
+    """100 wrong passwords for one account at once: only its budget's worth are checked, the rest get 429."""
+    import gevent.pool
+    import requests
+
+    def guess(n):
+        return requests.post(server + "/login", data={"username": "alice", "password": f"wrong {n}"},
+                             headers={"X-Forwarded-For": "198.51.100.9"}, allow_redirects=False, timeout=30).status_code
+    statuses = gevent.pool.Pool(100).map(guess, range(100))
+    assert statuses.count(401) <= 6 and statuses.count(429) >= 94, statuses
+
+
+def test_a_device_cookie_vouches_only_for_the_account_it_signed_in_to(accounts):
+    """Mallory's own device cookies buy no guesses at alice: those count against alice's budget."""
+    mallory = browser(htmx=False)
+    sign_in(mallory, "bob")  # mallory is bob here: a device cookie of his own
+    for _ in range(5):
+        sign_in(mallory, "alice", "wrong", status=401)
+    assert sign_in(mallory, "alice", "wrong", status=429).headers["Retry-After"]
+    sign_in(browser("203.0.113.50", htmx=False), "alice", status=429)  # alice's budget is spent for new browsers
+    sign_in(mallory, "bob")  # and his own account still lets him in
+
+
+def test_an_account_keeps_its_newest_sessions(accounts, monkeypatch):
+    """Past MAX_USER_SESSIONS sign-ins the oldest session ends."""
+    monkeypatch.setattr(chat, "MAX_USER_SESSIONS", 3)
+    clients = [browser(htmx=False) for _ in range(4)]
+    for client in clients:
+        sign_in(client, "alice")
+    assert len(chat.store.user_sessions("alice")) == 3
+    chat.limits.sessions.clear()
+    clients[0].get("/", status=302)
+    clients[3].get("/", status=200)
+
+
+def test_adoption_takes_only_a_signed_cookie_of_an_anonymous_browser(accounts, upstream):
+    """A made-up owner cookie, or one naming an account, adopts nothing."""
+    alice = browser()
+    sign_in(alice, "alice")
+    kept = converse(alice, "alice's own")
+    alice_owner = chat.store.user("alice")["owner"]
+    for forged in (alice_owner, chat.signed(alice_owner)):
+        mallory = browser()
+        mallory.set_cookie("chat_owner", forged)
+        sign_in(mallory, "bob")
+        assert f"/c/{kept}" not in mallory.get("/").text
+    assert f"/c/{kept}" in alice.get("/").text
+
+
+def test_a_name_with_a_comma_is_refused_from_the_proxy(upstream, monkeypatch):
+    """Two Remote-User headers joined by a comma are no user."""
+    monkeypatch.setattr(chat.settings, "auth_header", "Remote-User")
+    browser("127.0.0.1", remote_user="alice,bob").get("/", status=400)
+    assert chat.store.user("alice,bob") is None
+
+
+def test_imports_are_new_visitors_and_stop_at_a_full_database(client, monkeypatch):
+    """An import is a new visitor's first conversation (the per-address budget), and a full database refuses it."""
+    exported = json.dumps({"messages": [{"id": 1, "role": "user", "content": "x"}]}).encode()
+    for n in range(3):
+        browser("198.51.100.20", htmx=False).post("/import", upload_files=[("file", "c.json", exported)], status=303)
+    refused = browser("198.51.100.20").post("/import", upload_files=[("file", "c.json", exported)], status=429)
+    assert "new visitors" in refused.text
+    monkeypatch.setattr(chat.settings, "max_db_mb", 0.001)
+    assert "database is full" in client.post("/import", upload_files=[("file", "c.json", exported)], status=507).text
+
+
+def test_an_import_of_a_long_chain_in_any_order_and_of_too_many_objects(client):
+    """10,000 messages in one chain given children first import (placed in one pass); a file of more objects and
+    lists than a conversation can hold gets 413 before it is parsed."""
+    chain = [{"id": n, "parent_id": n - 1 if n else None, "role": "user" if n % 2 == 0 else "assistant",
+              "content": f"m{n}"} for n in range(10_000)]
+    answer = client.post("/import", upload_files=[("file", "c.json", json.dumps(
+        {"messages": chain[::-1], "shown_leaf_id": 9_999}).encode())], status=200)
+    exported = client.get(answer.headers["HX-Redirect"] + "/export.json").json
+    assert [m["content"] for m in exported["messages"]] == [f"m{n}" for n in range(10_000)]
+    flood = b'{"messages": [' + b",".join([b"[]"] * (chat.MAX_IMPORT_NODES + 1)) + b"]}"
+    assert "more than a conversation" in client.post("/import", upload_files=[("file", "x.json", flood)],
+                                                     status=413).text
+
+
+def test_a_form_of_many_tiny_parts_is_refused_before_it_is_parsed(client):
+    """Bottle parses a form's parts on the event loop: past the attachments' count (and a margin) it is 413."""
+    fields = [(f"f{n}", "x") for n in range(chat.settings.max_attachments + 40)]
+    answer = client.post("/streaming", fields, upload_files=[("attachment", "a.txt", b"hi")], status=413)
+    assert "at most" in answer.text

@@ -8,6 +8,7 @@ import base64  # noqa: E402
 import contextlib  # noqa: E402
 import itertools  # noqa: E402
 import os  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
 import sqlite3  # noqa: E402
@@ -1600,22 +1601,28 @@ def test_search_terms_put_the_owner_key_in_front_of_every_word_sqlite_sees():
 
 
 def test_uploads_share_a_memory_budget_and_a_slow_one_is_cut_off(server, monkeypatch):
-    """CHAT_UPLOADS_MB: while uploads fill it, the next one gets 503 with Retry-After and is not read; an upload
-    that trickles gets 408 after CHAT_HEADER_TIMEOUT plus its size at 50 KB/s; others are served meanwhile."""
-    monkeypatch.setattr(chat.settings, "uploads_mb", 0.05)  # 52 KB in all
+    """CHAT_UPLOADS_MB counts upload bytes as they arrive: a client that only announces a size holds nothing, while
+    bytes fill it the next upload gets 503 with Retry-After; an upload that trickles gets 408 after
+    CHAT_HEADER_TIMEOUT plus its size at 50 KB/s; others are served meanwhile."""
+    monkeypatch.setattr(chat.settings, "uploads_mb", 0.05)  # 52 KB in all, counted 16 KB at a time
     monkeypatch.setattr(chat.settings, "header_timeout", 0.5)
-    head = ("POST /streaming HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+    head = ("POST /import HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
             "Content-Length: {}\r\n\r\n")
+    announcer, _ = raw_request(server, head.format(60_000).encode(), read=False)
+    exported = json.dumps({"messages": [{"id": 1, "role": "user", "content": "still room"}]})
+    imported = requests.post(server + "/import", files={"file": ("c.json", exported)}, allow_redirects=False, timeout=5)
+    assert imported.status_code == 303  # the announced 60 KB hold nothing
     started = time.monotonic()
-    slow, _ = raw_request(server, head.format(40_000).encode(), b"--x\r\n", read=False)
-    wait_until(lambda: chat.limits.uploading == 40_000, what="the first upload being read")
-    second, answer = raw_request(server, head.format(20_000).encode(), b"--x\r\n")
+    slow, _ = raw_request(server, head.format(50_000).encode(), b"x" * 45_000, read=False)
+    wait_until(lambda: chat.limits.uploading == 32_768, what="the slow upload's bytes counted")
+    second, answer = raw_request(server, head.format(20_000).encode(), b"x" * 20_000)
     second.close()
     assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in answer, answer[:300]
     quick_healthz(server)
     assert slow.recv(65536).startswith(b"HTTP/1.1 408 ")
-    assert 0.5 + 40_000 / chat.UPLOAD_RATE <= time.monotonic() - started < 5  # 1.3 s: the head's and the size's
-    slow.close()
+    assert 0.5 + 50_000 / chat.UPLOAD_RATE <= time.monotonic() - started < 5  # 1.5 s: the head's and the size's
+    for sock in (slow, announcer):
+        sock.close()
     wait_until(lambda: chat.limits.uploading == 0, what="the budget given back")
 
 
