@@ -46,7 +46,7 @@ monkey.patch_all()
 
 import argparse, array, base64, binascii, bisect, collections, contextlib, fcntl, functools, gc, hashlib  # noqa: E402
 import hmac, html, io, ipaddress, json, logging, math, os, random, re, resource, secrets, signal, socket  # noqa: E402
-import sqlite3, struct, sys, termios, time, urllib.parse  # noqa: E402
+import sqlite3, struct, sys, termios, time, urllib.parse, zlib  # noqa: E402
 from http.client import HTTPException  # noqa: E402
 from xml.etree import ElementTree  # noqa: E402
 
@@ -770,6 +770,7 @@ class ModelCatalog:
         self.context = {}          # model id -> context size in tokens, as the server states it
         self.chars_per_token = {}  # model id -> characters per prompt token, from the server's usage
         self.fetched_at, self.ok = None, False
+        self.down = None           # why the server cannot be reached (refused, timed out, 5xx), or None
         self.fetching = None       # the greenlet asking the server now, if any
 
     def models(self):
@@ -801,18 +802,22 @@ class ModelCatalog:
             with gevent.Timeout(MODELS_DEADLINE):
                 listing = get_json(settings.upstream() + "/models")
                 entries = [m for m in (listing.get("data") or []) if isinstance(m, dict) and m.get("id")]
-                self.ids = sorted(str(m["id"]) for m in entries)
+                self.ids = list(dict.fromkeys(str(m["id"]) for m in entries))  # its order: the first is the default
                 for entry in entries:
                     size = stated_context(entry)
                     if size:
                         self.context[str(entry["id"])] = size
                 if self.ids and not any(m in self.context for m in self.ids):
                     self.learn_from_props()
-            self.ok = True
+            self.ok, self.down = True, None
         except (gevent.Timeout, requests.RequestException, urllib3.exceptions.HTTPError, OSError,
-                ValueError, AttributeError, TypeError):
+                ValueError, AttributeError, TypeError) as exc:
             log.warning("could not list models at %s; asking again in %g s", settings.upstream_label(), MODELS_RETRY)
-            self.ok = False
+            status = getattr(getattr(exc, "response", None), "status_code", None) or 0
+            self.ok, self.down = False, (  # a 401 or a server without /models is there: it is not down
+                "timed out" if isinstance(exc, (gevent.Timeout, requests.Timeout))
+                else connection_problem(exc) if isinstance(exc, requests.ConnectionError)
+                else f"it answered {status}" if status >= 500 else None)
         finally:
             self.fetched_at = time.monotonic()
             self.fetching = None
@@ -1350,6 +1355,8 @@ NOTES = {
     "model_length": "The answer was cut off: the model reached its context limit.",
     "content_filter": "The model's content filter stopped the answer.",
     "truncated": "The stream ended before the model said it was finished; the answer may be incomplete.",
+    "empty": "The model server ended the answer without any text (llama-cpp-python does so to a request it interrupts "
+             "or one too long for its context).",
     "stopped": "Stopped.",
     "interrupted": "The server stopped while this answer was being written; it may be incomplete.",
     "unsaved": "This answer was not saved completely (the server stopped, or could not write it); "
@@ -1370,7 +1377,9 @@ def answer_notes(stream):
                      f"{left_out[0].lower()}{left_out[1:]} of what the model saw.")
     elif stream.dropped:
         notes.append(f"{left_out} of what the model saw, to fit the model's context.")
-    if stream.status in ("stopped", "truncated", "interrupted"):
+    if stream.status in ("done", "truncated") and not (stream.chars or c.finish_reason or c.tool_calls):
+        notes.append(NOTES["empty"])  # not silence: an empty bubble looks like a page that stopped working
+    elif stream.status in ("stopped", "truncated", "interrupted"):
         notes.append(NOTES[stream.status])
     elif c.finish_reason in NOTES:
         notes.append(NOTES[c.finish_reason])
@@ -3344,24 +3353,68 @@ def security_headers():
             ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin"), ("X-Frame-Options", "DENY")]
 
 
+GZIP_MIN, GZIP_MAX = 1024, 4 << 20  # bytes: smaller gains nothing; larger goes as it is (level 6: ~40 ms a MB)
+GZIP_ON_HUB = 65536  # bytes: a larger body is compressed in a worker thread (zlib lets go of the GIL)
+_GZIP_TYPES = re.compile(r"text/(?!event-stream)|application/(json|javascript|xml)|image/svg")  # not PNG: packed
+_GZIPPED = {}  # a static file's ETag (path, mtime, size) -> its gzipped bytes
+
+
+def accepts_gzip(environ):
+    """True if Accept-Encoding takes gzip, by name or as * when gzip is not named, with a q above 0."""
+    q = {}
+    for part in (environ.get("HTTP_ACCEPT_ENCODING") or "").lower().split(","):
+        name, _, params = part.partition(";")
+        value = re.search(r"q=([01](\.\d*)?)", params.replace(" ", ""))
+        q[name.strip()] = float(value[1]) if value else 1.0
+    return q.get("gzip", q.get("x-gzip", q.get("*", 0))) > 0
+
+
+def gzipped(environ, status, headers, body):
+    """(headers, body) gzipped for a client that takes it: whole answers of 1 KB or more, never a stream."""
+    head = {name.lower(): value for name, value in headers}
+    key = None if isinstance(body, list) else head.get("etag")  # a list: one whole answer; an ETag: a static file
+    if (not isinstance(body, list) and key is None) or not status.startswith("200") or "content-encoding" in head \
+            or environ["REQUEST_METHOD"] == "HEAD" or not _GZIP_TYPES.match(head.get("content-type", "")) \
+            or not GZIP_MIN <= int(head.get("content-length") or 0) <= GZIP_MAX:
+        return headers, body  # streamed (no length: the live page, /events), small, huge, images, 206, 304
+    headers = headers + [("Vary", "Accept-Encoding")]
+    if not accepts_gzip(environ):
+        return headers, body
+    packed = _GZIPPED.get(key)
+    if packed is None:
+        data = b"".join(body)
+        packed = zlib.compress(data, 6, 31) if len(data) <= GZIP_ON_HUB else in_background(zlib.compress, data, 6, 31)
+        if key is not None:
+            if len(_GZIPPED) >= 64:  # files change (a deploy): forget the old ones rather than grow
+                _GZIPPED.clear()
+            _GZIPPED[key] = packed
+    if hasattr(body, "close"):
+        body.close()
+    return [(n, str(len(packed)) if n.lower() == "content-length" else v) for n, v in headers] + [
+        ("Content-Encoding", "gzip")], [packed]
+
+
 class App(bottle.Bottle):
-    """Bottle, with the checks every request passes before any route reads it, and the security headers."""
+    """Bottle, with the checks every request passes before any route reads it, the security headers and gzip."""
 
     def wsgi(self, environ, start_response):
-        """Refuse a foreign Host or a body that does not belong at once; add the security headers to every answer."""
-        def start(status, headers, exc_info=None):
-            names = {name.lower() for name, _ in headers}
-            return start_response(status, headers + [h for h in security_headers() if h[0].lower() not in names],
-                                  exc_info)
+        """Refuse a foreign Host or a body that does not belong at once; gzip what is worth it; add the headers."""
         believe_forwarded(environ)
         refusal = check_request(environ)
         if refusal:
             environ["chat.refused"] = True  # the server must not read the body it refused
             status, message = refusal
             content_type, body = error_body(environ, status, message)
-            start(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Connection", "close")])
-            return [body]
-        return super().wsgi(environ, start)
+            headers, body, exc_info = [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                                       ("Connection", "close")], [body], None
+        else:
+            answer = []  # Bottle starts the response before it returns the body: start it here once both are known
+            body = super().wsgi(environ, lambda *args: answer.extend(args))
+            status, headers, exc_info = (answer + [None])[:3]
+            headers, body = gzipped(environ, status, headers, body)
+        names = {name.lower() for name, _ in headers}
+        start_response(status, headers + [h for h in security_headers() if h[0].lower() not in names], exc_info)
+        return body
 
     def default_error_handler(self, res):
         """Every error Bottle makes itself (400, 404, 405, 411, 413, 416, 431...) gets the site's error answer."""
@@ -3393,7 +3446,7 @@ def error_page(error):
         return form_error(413, error_message(error) if str(error.body).startswith("Refused") else
                           f"Your message is too large; the limit is {settings.max_prompt:,} characters.")
     content_type, body = error_body(bottle.request.environ, error.status_line, error_message(error),
-                                    conversation=bottle.request.path.startswith("/c/"))
+                                    conversation=error.body == "No such conversation.")  # not for /c/ID/typo
     bottle.response.content_type = content_type
     return body
 
@@ -3403,7 +3456,7 @@ def error_message(error):
     if error.status_code == 500:  # an exception's text is for the log, not the client
         return "Something went wrong on the server; it has been logged."
     body = str(error.body or "").splitlines()[0] if error.body else ""
-    if error.status_code == 404 and (not body or body.startswith("Not found: ")):
+    if error.status_code == 404 and (not body or body.startswith("Not found: ") or body == "File does not exist."):
         return "Page not found."
     body = re.sub(r"^[A-Z]\w*(Error|Exception): ", "", body)
     return body[:300] or error.status_line[4:] + "."
@@ -4067,7 +4120,7 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     page = template("page", demo=settings.demo, upstream=settings.upstream_label(), conversation=conversation,
                     conversations=store.conversations(owner()), bubbles=bubbles, models=models, model=model,
                     label=model_label, password=password_login(), user=bottle.request.environ.get("chat.user"),
-                    draft=draft, error=error, leaf=leaf,
+                    draft=draft, error=error, leaf=leaf, notice=model_notice(),
                     system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
                     results=results, query=query, answering=answering)
     if live is None:
@@ -4161,8 +4214,24 @@ def index():
 def model_options():
     """The model picker's options, once the background fetch of /models has answered (or given up)."""
     models = catalog.wait()
+    notice = model_notice()  # the first fetch has answered now: if the server is down, the page says so at once
     return template("model_options", models=models, model=settings.model or (models[0] if models else None),
-                    label=model_label)
+                    label=model_label) + (notice and f'<div id="model-server" hx-swap-oob="innerHTML">{notice}</div>')
+
+
+def model_notice():
+    """The notice that the model server cannot be reached, as last heard (never waits), or ""."""
+    down = None if settings.demo else catalog.down
+    return template("model_server", upstream=settings.upstream_label(), down=down) if down else ""
+
+
+@app.get("/model-server")
+def model_server():
+    """The notice, polled while it shows: asks the server again if due and waits for it, then shows what it says."""
+    catalog.models()
+    if catalog.fetching is not None:
+        catalog.fetching.join(MODELS_DEADLINE)  # what the server says now, not what it said 15 s ago
+    return model_notice()
 
 
 @app.get("/c/<conversation_id>")

@@ -1844,6 +1844,19 @@ def test_unknown_conversation_is_an_html_page_with_a_way_home(client):
     assert 'href="/static/chat.css"' in page.text
 
 
+def test_unknown_urls_say_page_not_found_and_only_conversations_say_no_such_conversation(client):
+    """Two 404 texts: "Page not found." for any URL, "no such conversation" under /c/; plain text is not escaped."""
+    plain = plain_app()
+    for path in ("/nope", "/it's%20<here>", "/static/nope.js", "/c/x/y/z"):
+        page = plain.get(path, headers={"Accept": "*/*"}, status=404)  # curl
+        assert (page.content_type, page.text) == ("text/plain", "Page not found.\n"), path
+        page = plain.get(path, headers={"Accept": "text/html,application/xhtml+xml"}, status=404).text  # a browser
+        assert "<p>Page not found.</p>" in page and "no such conversation" not in page, path
+    assert plain.get("/c/nope", headers={"Accept": "*/*"}, status=404).text == "No such conversation.\n"
+    page = plain.get("/c/nope", headers={"Accept": "text/html"}, status=404).text
+    assert "There is no such conversation here" in page and "Page not found" not in page
+
+
 def test_titles_are_cut_at_a_word_without_markdown(client, upstream):
     """The title is the first message without Markdown syntax, cut at a word with an ellipsis; the tab title follows."""
     prompt = "**Plan** a _trip_ to `Lisbon` with [friends](https://x.example) and then go on to Porto by train"

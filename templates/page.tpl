@@ -58,6 +58,7 @@
   To connect a real model, restart with its address, for example
   <code>OPENAI_BASE_URL=http://localhost:11434/v1 python chat.py</code> (Ollama) — see <code>python chat.py --help</code>.</p>
 % end
+  <div id="model-server" role="status">{{!notice}}</div>
   <div id="conversation-head">
 % include("conversation_head", conversation=conversation)
   </div>

@@ -1,0 +1,1 @@
+<p class="banner down" hx-get="/model-server" hx-trigger="every 15s" hx-swap="outerHTML">Cannot reach the model server at {{upstream}} ({{down}}), so nothing can be answered now. chat.py keeps trying; this notice goes away when the server is back.</p>
