@@ -1363,6 +1363,7 @@ NOTES = {
                "this is the text saved last.",
     "elsewhere": "Another chat.py process is still writing this answer; reload to see more of it.",
     "unformatted": "This answer is too long or too intricate to format in time, so it is shown as plain text.",
+    "writing": "This answer is still being written; reload to see more of it.",
 }
 
 
@@ -1685,6 +1686,16 @@ MIGRATIONS = [
         created REAL NOT NULL
     );
     CREATE INDEX attachments_by_message ON attachments (message_id);
+    """),
+    # Read-only links. The token is kept, not its hash, so that the owner can copy a link again: it only reads a
+    # conversation that the same database holds anyway (a login's token, which acts as its user, is hashed).
+    Migration("shared links", sqlite="""
+    CREATE TABLE shares (
+        token TEXT PRIMARY KEY,          -- secrets.token_urlsafe(16): 128 random bits, the link /s/TOKEN
+        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        created REAL NOT NULL
+    );
+    CREATE INDEX shares_by_conversation ON shares (conversation_id);
     """),
 ]
 
@@ -2127,11 +2138,35 @@ class Store:
         for row in self.attachments([from_message], data=True).get(from_message, []):
             self.add_attachments(to_message, [Upload(row["name"], row["type"], bytes(row["data"]))])
 
-    def attachment(self, attachment_id, owner):
-        """One attachment with its bytes, if this owner's conversation holds it; else None."""
+    def attachment(self, attachment_id, owner=None, conversation_id=None):
+        """One attachment with its bytes, if this owner's conversation (or this shared one) holds it; else None."""
         return self.db.execute("SELECT a.name, a.type, a.data FROM attachments a "
                                "JOIN messages m ON m.id = a.message_id JOIN conversations c ON c.id = m.conversation_id "
-                               "WHERE a.id = ? AND c.owner = ?", (attachment_id, owner)).fetchone()
+                               "WHERE a.id = ? AND (c.owner = ? OR c.id = ?)",  # = NULL: never true
+                               (attachment_id, owner, conversation_id)).fetchone()
+
+    # -- shared links
+
+    def add_share(self, conversation_id):
+        """A new read-only link to a conversation; returns its token."""
+        token = secrets.token_urlsafe(16)
+        self.db.execute("INSERT INTO shares (token, conversation_id, created) VALUES (?, ?, ?)",
+                        (token, conversation_id, time.time()))
+        return token
+
+    def shares(self, conversation_id):
+        """The tokens of a conversation's links, oldest first."""
+        return [row[0] for row in self.db.execute("SELECT token FROM shares WHERE conversation_id = ? "
+                                                  "ORDER BY created, token", (conversation_id,)).fetchall()]
+
+    def revoke_share(self, token, conversation_id):
+        """Delete one of a conversation's links."""
+        self.db.execute("DELETE FROM shares WHERE token = ? AND conversation_id = ?", (token, conversation_id))
+
+    def shared_conversation(self, token):
+        """The conversation a link shows, or None."""
+        return self.db.execute("SELECT c.* FROM shares s JOIN conversations c ON c.id = s.conversation_id "
+                               "WHERE s.token = ?", (token,)).fetchone()
 
     def expire(self, now, keep_seconds=None):
         """Delete expired sessions and, with a retention period, conversations untouched for longer."""
@@ -3624,6 +3659,7 @@ _OWNER_ID = re.compile(r"[A-Za-z0-9_-]{24,64}")
 _DEVICE = re.compile(r"([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{22})")
 _SESSION_TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
 PUBLIC_PATHS = ("/login", "/static/", "/demo/", "/healthz")  # reachable without logging in
+SHARED = "/s/"  # read-only links (/s/TOKEN): anyone who has one reads, without logging in or getting a cookie
 SESSION_DAYS = 30
 DEVICE_DAYS = 400  # a browser that logged in once is known for about a year (browsers cap cookies at 400 days)
 
@@ -3940,6 +3976,8 @@ def know_the_owner():
     request = bottle.request
     if request.method not in ("GET", "HEAD", "OPTIONS") and cross_origin(request):
         raise bottle.HTTPError(403, "Refused: this request came from another site.")
+    if request.path.startswith(SHARED):
+        return  # no owner: its routes read only the conversation the link names
     public = request.path.startswith(PUBLIC_PATHS)
     if accounts():
         user = proxy_user(request) or session_user(request)
@@ -4122,7 +4160,8 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
                     label=model_label, password=password_login(), user=bottle.request.environ.get("chat.user"),
                     draft=draft, error=error, leaf=leaf, notice=model_notice(),
                     system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
-                    results=results, query=query, answering=answering)
+                    results=results, query=query, answering=answering,
+                    shares=share_links(conversation["id"]) if conversation else [])
     if live is None:
         return page
     before, _, after = page.partition(LIVE_ANSWER)
@@ -4646,16 +4685,93 @@ def export(conversation_id, fmt):
 
 @app.get("/attachments/<attachment_id>")
 def attachment(attachment_id):
-    """An attached file, to its owner only (anyone else: 404), as the type its bytes were checked to be."""
-    row = store.attachment(attachment_id, owner())
+    """An attached file, to its owner only (anyone else: 404)."""
+    bottle.response.set_header("Cache-Control", "private, max-age=31536000, immutable")  # an id is never reused
+    return attached_file(store.attachment(attachment_id, owner()))
+
+
+def attached_file(row):
+    """An attached file (None: 404), as the type its bytes were checked to be."""
     if row is None:
         bottle.abort(404, "No such file.")
     response = bottle.response
     response.content_type = row["type"] + ("; charset=utf-8" if row["type"] == "text/plain" else "")
     response.set_header("Content-Disposition", "inline; filename*=UTF-8''" + urllib.parse.quote(row["name"]))
     response.set_header("Content-Security-Policy", "default-src 'none'; sandbox")  # shown alone, it runs nothing
-    response.set_header("Cache-Control", "private, max-age=31536000, immutable")  # an id is never reused
     return bytes(row["data"])
+
+
+# -- shared links: the branch shown of a conversation, read-only, to anyone who has its link
+
+MAX_SHARES = 10  # links a conversation has at once: its head lists them all
+
+
+def share_links(conversation_id):
+    """(link, token) for each of a conversation's links, the link absolute: it is meant to be sent on."""
+    origin = "{0.scheme}://{0.netloc}".format(bottle.request.urlparts)
+    return [(f"{origin}{SHARED}{token}", token) for token in store.shares(conversation_id)]
+
+
+def shares_changed(conversation_id):
+    """After Share or Revoke: the conversation's head with its links (a plain form: the conversation again)."""
+    if not htmx():
+        plain_redirect(f"/c/{conversation_id}")
+    return template("conversation_head", conversation=store.conversation(conversation_id, owner()),
+                    shares=share_links(conversation_id))
+
+
+@app.post("/c/<conversation_id>/share")
+def share(conversation_id):
+    """Make a new read-only link to a conversation."""
+    owned_conversation(conversation_id)
+    if len(store.shares(conversation_id)) >= MAX_SHARES:
+        return form_error(409, f"A conversation has at most {MAX_SHARES} links: revoke one first.")
+    store.add_share(conversation_id)
+    return shares_changed(conversation_id)
+
+
+@app.post("/c/<conversation_id>/unshare")
+def unshare(conversation_id):
+    """Revoke one of a conversation's links (`token`): it answers 404 from now on."""
+    owned_conversation(conversation_id)
+    store.revoke_share(bottle.request.forms.getunicode("token") or "", conversation_id)
+    return shares_changed(conversation_id)
+
+
+def shared_conversation(token):
+    """The conversation a link shows, else 404; the answer is for no search engine, cache or Referer."""
+    conversation = store.shared_conversation(token)
+    if conversation is None:
+        bottle.abort(404, "No such shared conversation: its link was revoked, or never existed.")
+    no_store()  # a revoked link stops showing at once
+    bottle.response.set_header("X-Robots-Tag", "noindex")
+    bottle.response.set_header("Referrer-Policy", "no-referrer")  # the token is in the URL
+    return conversation
+
+
+@app.get("/s/<token>")
+def shared_page(token):
+    """A shared conversation's branch shown, as it is now: the bubbles without controls or the owner's ids."""
+    conversation = shared_conversation(token)
+    path = branch(conversation)[1]
+    files = store.attachments([row["id"] for row in path if row["role"] == "user"], data="text")
+    bubbles = []
+    for n, row in enumerate(path, 1):
+        if row["role"] == "user":  # no conversation_id: no id, no Edit
+            bubbles.append(template("user", prompt=row["content"], message_id=None, conversation_id=None, nav="",
+                                    files=files.get(row["id"], []), files_at=f"{SHARED}{token}"))
+            continue
+        answer = dict(stored_answer(row), bubble_id=f"s{n}", conversation_id=None)  # neutral id, no Regenerate
+        if row["status"] == "streaming":
+            answer.update(status="interrupted", notes=answer["notes"] + [NOTES["writing"]])
+        bubbles.append(render_answer(answer, last=False))
+    return template("shared", conversation=conversation, bubbles=bubbles)
+
+
+@app.get("/s/<token>/attachments/<attachment_id>")
+def shared_attachment(token, attachment_id):
+    """A file attached in a shared conversation, to anyone who has its link."""
+    return attached_file(store.attachment(attachment_id, conversation_id=shared_conversation(token)["id"]))
 
 
 STATUSES = ("done", "stopped", "error", "truncated", "interrupted")

@@ -982,6 +982,11 @@ POSTGRESQL_STEPS = {
     );
     CREATE INDEX attachments_by_message ON attachments (message_id);
     """,
+    "shared links": """
+    CREATE TABLE shares (token TEXT PRIMARY KEY, conversation_id TEXT NOT NULL REFERENCES conversations (id)
+                         ON DELETE CASCADE, created DOUBLE PRECISION NOT NULL);
+    CREATE INDEX shares_by_conversation ON shares (conversation_id);
+    """,
 }
 
 

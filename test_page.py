@@ -4,6 +4,7 @@ from gevent import monkey; monkey.patch_all()  # noqa: E702 — before anything 
 # subprocess and the fake upstream (the `live_chat` and `browser` fixtures start once for this module),
 # and the page people expect: Markdown and math while streaming, no JavaScript needed, history.
 
+import base64  # noqa: E402
 import html  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -1196,3 +1197,47 @@ def test_remove_in_the_attachment_previews_and_a_message_of_files_alone(open_pag
     assert previews.count() == 0
     assert page.locator(".msg.assistant.done .content").inner_text() == "A file."
     assert watch.posts("/streaming") == 1
+
+
+# ---------------------------------------------------------------------------
+# Shared links (issue 23)
+# ---------------------------------------------------------------------------
+
+DOT_PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def test_a_shared_link_opens_without_cookies_and_revoke_makes_it_404(browser, open_page, page_upstream, live_chat,
+                                                                     watches):
+    """Share from one browser; another, with no cookie, opens the link: the answer rendered, the picture shown, no
+    composer and no conversation list. Copy link copies it; after Revoke the other browser gets 404."""
+    page_upstream.serve(answer("A **shared** answer"))
+    page = open_page().page
+    page.set_input_files("#attachment", [{"name": "dot.png", "mimeType": "image/png", "buffer": DOT_PNG}])
+    finished_bubble(page, type_and_send(page, "Share this"))
+    page.get_by_role("button", name="Share").click()
+    link = page.locator(".shares a")
+    link.wait_for()
+    url = link.get_attribute("href")
+    assert url.startswith(live_chat.url + "/s/")
+    page.get_by_role("button", name="Copy link").click()
+    page.wait_for_function("() => document.activeElement.textContent === 'Copied'")
+    assert page.evaluate("navigator.clipboard.readText()") == url
+    visitor = browser.new_context(viewport={"width": 1000, "height": 700})
+    try:
+        watch = PageWatch(visitor.new_page())
+        watches.append(watch)
+        watch.allowed_errors.append("status of 404")  # Chromium logs the 404 it was asked to show
+        shared = watch.page
+        response = shared.goto(url)
+        assert response.status == 200 and response.headers["x-robots-tag"] == "noindex"
+        assert shared.locator(".msg.assistant strong").inner_text() == "shared"
+        assert shared.locator(".msg.user .bubble").inner_text() == "Share this"
+        shared.wait_for_function("() => document.querySelector('.msg.user img').naturalWidth > 0")
+        assert shared.locator("#prompt, #composer, nav, form, .conversation-actions").count() == 0
+        assert visitor.cookies() == []
+        page.get_by_role("button", name="Revoke").click()
+        page.locator(".shares").wait_for(state="detached")
+        assert shared.reload().status == 404
+        assert "revoked" in shared.locator("main").inner_text()
+    finally:
+        visitor.close()

@@ -283,13 +283,15 @@
     }, 0);
   });
 
-  // Copy buttons: the whole answer's Markdown source, or one code block's text.
+  // Copy buttons: the whole answer's Markdown source, one code block's text, or a shared link.
   document.addEventListener("click", function (e) {
     var button = e.target.closest("button.copy");
     if (!button) return;
     var text;
     if (button.dataset.copy === "code") {
       text = button.closest(".code-block").querySelector("pre").innerText;
+    } else if (button.dataset.copy === "link") {
+      text = button.closest("li").querySelector("a").href;
     } else {
       var source = button.closest(".msg").querySelector("template.source");
       text = source ? source.content.textContent : "";

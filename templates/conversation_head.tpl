@@ -11,5 +11,15 @@
   <a class="button" href="/c/{{conversation['id']}}/export.md" download>Markdown</a>
   <a class="button" href="/c/{{conversation['id']}}/export.json" download>JSON</a>
   <a class="button" href="/c/{{conversation['id']}}/delete" hx-delete="/c/{{conversation['id']}}" hx-confirm="Delete this conversation? This cannot be undone." hx-swap="none" aria-label="Delete conversation">Delete</a>
+  <form method="post" action="/c/{{conversation['id']}}/share" hx-post="/c/{{conversation['id']}}/share" hx-target="#conversation-head" hx-swap="innerHTML"><button type="submit" aria-label="Share a read-only link">Share</button></form>
 </div>
+%   if get('shares'):
+<ul class="shares" aria-label="Read-only links: anyone who has one sees this conversation as it is now">
+%     for link, token in shares:
+  <li><a href="{{link}}" target="_blank" rel="noopener">{{link}}</a>
+    <button type="button" class="copy" data-copy="link">Copy link</button>
+    <form method="post" action="/c/{{conversation['id']}}/unshare" hx-post="/c/{{conversation['id']}}/unshare" hx-target="#conversation-head" hx-swap="innerHTML"><input type="hidden" name="token" value="{{token}}"><button type="submit">Revoke</button></form></li>
+%     end
+</ul>
+%   end
 % end

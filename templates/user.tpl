@@ -1,5 +1,6 @@
-<div class="msg user" id="user-m{{message_id}}" role="article" aria-label="You"><div class="bubble">{{prompt}}</div>
+<div class="msg user"{{!' id="user-m%s"' % message_id if conversation_id else ''}} role="article" aria-label="You"><div class="bubble">{{prompt}}</div>
 % include("attachments", files=files)
+% if conversation_id:
   <div class="actions">
     {{!nav}}
     <details class="edit">
@@ -11,4 +12,5 @@
       </form>
     </details>
   </div>
+% end
 </div>
