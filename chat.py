@@ -4567,7 +4567,7 @@ def edit(conversation_id):
 @app.post("/c/<conversation_id>/branch")
 def switch_branch(conversation_id):
     """Show another version of a message (‹ ›): its branch, down its newest messages, becomes the one shown."""
-    conversation = owned_conversation(conversation_id)
+    owned_conversation(conversation_id)
     tree = Tree(store.messages(conversation_id))
     target = message_field(tree, "to")
     if target is None:
