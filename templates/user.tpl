@@ -1,6 +1,7 @@
 <div class="msg user" id="user-m{{message_id}}" role="article" aria-label="You"><div class="bubble">{{prompt}}</div>
 % include("attachments", files=files)
   <div class="actions">
+    {{!moment(created)}}
     {{!nav}}
     <details class="edit">
       <summary class="button" aria-label="Edit this message and send it again">Edit</summary>
