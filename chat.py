@@ -1136,8 +1136,15 @@ class Outlet:
 # Rendering
 # ---------------------------------------------------------------------------
 
+def moment(timestamp):
+    """A message's <time>: ISO 8601 in UTC, which chat.js shows in the reader's zone; until then the UTC text."""
+    return f'<time datetime="{time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))}">{when(timestamp)}</time>'
+
+
 class Template(bottle.SimpleTemplate):
     """bottle's template engine, its namespace emptied after rendering: freed at once, not by the cyclic collector."""
+
+    defaults = {"moment": moment}  # every template may show a time
 
     def execute(self, _stdout, kwargs):
         """Run the template into _stdout; returns its namespace, emptied (bottle's callers ignore it)."""
@@ -1420,11 +1427,11 @@ def split_answer(stream):
 
 
 def make_answer(bubble_id, conversation_id, text="", reasoning="", status="done", error=None, notes=(), footer="",
-                finish_reason=None, usage=None, model=None, elapsed=None):
+                finish_reason=None, usage=None, model=None, elapsed=None, created=None):
     """The answer record, made here only: what a finished bubble shows (render_answer) and the store keeps."""
     return {"bubble_id": bubble_id, "conversation_id": conversation_id, "text": text, "reasoning": reasoning,
             "status": status, "error": error, "notes": list(notes), "footer": footer,
-            "finish_reason": finish_reason, "usage": usage, "model": model, "elapsed": elapsed}
+            "finish_reason": finish_reason, "usage": usage, "model": model, "elapsed": elapsed, "created": created}
 
 
 def answer_record(stream):
@@ -1433,7 +1440,8 @@ def answer_record(stream):
     c = stream.completion
     return make_answer(stream.id, stream.conversation_id, text, reasoning, stream.status, stream.error,
                        answer_notes(stream), answer_footer(stream), c.finish_reason, c.usage, c.model or stream.model,
-                       round((stream.finished_at or time.monotonic()) - stream.started, 3))
+                       round((stream.finished_at or time.monotonic()) - stream.started, 3),
+                       time.time() - (time.monotonic() - stream.started))
 
 
 def render_answer(answer, last=True, nav=""):
@@ -1697,6 +1705,14 @@ MIGRATIONS = [
     );
     CREATE INDEX shares_by_conversation ON shares (conversation_id);
     """),
+    # Since when a conversation is pinned, archived (out of the list, still searched) or in the trash (deleted: gone
+    # from everything at once, restorable until Store.purge_trash drops it TRASH_SECONDS later). NULL: it is not.
+    Migration("pins, archive and trash", sqlite="""
+    ALTER TABLE conversations ADD COLUMN pinned REAL;
+    ALTER TABLE conversations ADD COLUMN archived REAL;
+    ALTER TABLE conversations ADD COLUMN deleted REAL;
+    CREATE INDEX conversations_trash ON conversations (deleted) WHERE deleted IS NOT NULL;
+    """),
 ]
 
 class Result:
@@ -1724,7 +1740,8 @@ class SQLiteDatabase:
       execute(sql, args) -> Result   one statement (`?` placeholders), its rows fetched whole, and rowcount
       executemany(sql, rows)         one statement for each row
       transaction()                  a context: the statements inside commit together, or not at all
-      search(owner, words, limit)    this owner's titles and messages matching every word, reading only its rows
+      search(owner, words, limit)    this owner's titles, and each conversation's best message, matching every word
+                                     (reading only its rows)
       size(), close()                bytes in use (for CHAT_MAX_DB_MB); close the connection
       errors                         what a failing statement raises (for `except store.errors`)
       name, null_safe_equal, byte_length, owner_moved   the few places where the two dialects differ
@@ -1804,7 +1821,8 @@ class SQLiteDatabase:
             self.execute("COMMIT")
 
     def search(self, owner, words, limit):
-        """This owner's titles and messages matching every word (as a prefix), best first: FTS5."""
+        """This owner's titles and each conversation's best message matching every word (as a prefix), best first:
+        FTS5."""
         # A short word as a prefix matches half the owner's words: only words of three letters or more are.
         query = " ".join('"' + search_terms(owner, word).replace('"', '""') + ('"*' if len(word) >= 3 else '"')
                          for word in words)
@@ -1816,21 +1834,27 @@ class SQLiteDatabase:
             self.connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
             try:
                 titles = self.connection.execute(
-                    "SELECT c.id AS conversation_id, c.title, NULL AS message_id, NULL AS role, "
+                    "SELECT c.id AS conversation_id, c.title, c.archived, NULL AS message_id, NULL AS role, "
                     "replace(highlight(title_search, 0, char(1), char(2)), ?, '') AS snippet "
                     "FROM title_search CROSS JOIN conversations c ON c.rowid = title_search.rowid "
-                    "WHERE title_search MATCH ? AND c.owner = ? ORDER BY title_search.rank LIMIT ?",
+                    "WHERE title_search MATCH ? AND c.owner = ? AND c.deleted IS NULL ORDER BY title_search.rank "
+                    "LIMIT ?",
                     (key, query, owner, limit)).fetchall()
+                # A conversation's best message only (MIN's row gives the other columns); snippets for those alone.
                 messages = self.connection.execute(
-                    "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
-                    "replace(snippet(message_search, 0, char(1), char(2), '…', 16), ?, '') AS snippet "
+                    "SELECT c.id AS conversation_id, c.title, c.archived, m.id AS message_id, m.role, "
+                    "MIN(message_search.rank) AS score "
                     "FROM message_search CROSS JOIN messages m ON m.id = message_search.rowid "
                     "CROSS JOIN conversations c ON c.id = m.conversation_id "
-                    "WHERE message_search MATCH ? AND c.owner = ? ORDER BY message_search.rank LIMIT ?",
-                    (key, query, owner, limit)).fetchall()
+                    "WHERE message_search MATCH ? AND c.owner = ? AND c.deleted IS NULL "
+                    "GROUP BY c.id ORDER BY score LIMIT ?", (query, owner, limit)).fetchall()
+                snippets = dict(self.connection.execute(
+                    "SELECT rowid, replace(snippet(message_search, 0, char(1), char(2), '…', 16), ?, '') "
+                    f"FROM message_search WHERE message_search MATCH ? AND rowid IN ({', '.join('?' * len(messages))})",
+                    (key, query, *[row["message_id"] for row in messages])).fetchall())
             finally:
                 self.connection.set_progress_handler(None, 0)
-            return (titles + messages)[:limit]
+            return (titles + [dict(row, snippet=snippets.get(row["message_id"])) for row in messages])[:limit]
         return self.call(run)
 
     def size(self):
@@ -1924,6 +1948,8 @@ def open_database(path, url):
 Upload = collections.namedtuple("Upload", "name type data")  # one attached file, checked (check_upload)
 
 DB_SIZE_EVERY = 5.0  # seconds: how often the database's size is measured again, for CHAT_MAX_DB_MB
+TRASH_SECONDS = 3600  # a deleted conversation can be restored (Undo) this long; then the next delete or the
+# hourly housekeeping purges it
 
 
 class Store:
@@ -1964,14 +1990,15 @@ class Store:
         return self.secrets[name]
 
     def owner_usage(self, owner):
-        """Bytes of text and attachments this owner's conversations hold (for the per-owner quota)."""
+        """Bytes of text and attachments this owner's conversations hold (for the per-owner quota; the trash's are
+        not counted: deleting makes room at once)."""
         size = self.db.byte_length
         text = self.db.execute(f"SELECT COALESCE(SUM({size.format('m.content')} + {size.format('m.reasoning')}), 0) "
                                "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-                               "WHERE c.owner = ?", (owner,)).fetchone()[0]
+                               "WHERE c.owner = ? AND c.deleted IS NULL", (owner,)).fetchone()[0]
         files = self.db.execute(f"SELECT COALESCE(SUM({size.format('a.data')}), 0) FROM attachments a "
                                 "JOIN messages m ON m.id = a.message_id JOIN conversations c ON c.id = m.conversation_id "
-                                "WHERE c.owner = ?", (owner,)).fetchone()[0]
+                                "WHERE c.owner = ? AND c.deleted IS NULL", (owner,)).fetchone()[0]
         return text + files
 
     def full(self):
@@ -2142,7 +2169,7 @@ class Store:
         """One attachment with its bytes, if this owner's conversation (or this shared one) holds it; else None."""
         return self.db.execute("SELECT a.name, a.type, a.data FROM attachments a "
                                "JOIN messages m ON m.id = a.message_id JOIN conversations c ON c.id = m.conversation_id "
-                               "WHERE a.id = ? AND (c.owner = ? OR c.id = ?)",  # = NULL: never true
+                               "WHERE a.id = ? AND (c.owner = ? OR c.id = ?) AND c.deleted IS NULL",  # = NULL: never
                                (attachment_id, owner, conversation_id)).fetchone()
 
     # -- shared links
@@ -2164,13 +2191,15 @@ class Store:
         self.db.execute("DELETE FROM shares WHERE token = ? AND conversation_id = ?", (token, conversation_id))
 
     def shared_conversation(self, token):
-        """The conversation a link shows, or None."""
+        """The conversation a link shows (not one in the trash), or None."""
         return self.db.execute("SELECT c.* FROM shares s JOIN conversations c ON c.id = s.conversation_id "
-                               "WHERE s.token = ?", (token,)).fetchone()
+                               "WHERE s.token = ? AND c.deleted IS NULL", (token,)).fetchone()
 
     def expire(self, now, keep_seconds=None):
-        """Delete expired sessions and, with a retention period, conversations untouched for longer."""
+        """Delete expired sessions, the trash's old conversations and, with a retention period, those untouched
+        for longer."""
         self.db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+        self.purge_trash(now)
         if keep_seconds:
             return self.db.execute("DELETE FROM conversations WHERE updated < ?", (now - keep_seconds,)).rowcount
         return 0
@@ -2182,15 +2211,15 @@ class Store:
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (conversation_id, owner, title, system_prompt, model, now, now))
         return conversation_id
 
-    def conversation(self, conversation_id, owner):
-        """The conversation if this owner has it, else None."""
-        return self.db.execute("SELECT * FROM conversations WHERE id = ? AND owner = ?",
-                               (conversation_id, owner)).fetchone()
+    def conversation(self, conversation_id, owner, trashed=False):
+        """The conversation if this owner has it (in the trash with trashed=True), else None."""
+        return self.db.execute(f"SELECT * FROM conversations WHERE id = ? AND owner = ? "
+                               f"AND deleted IS {'NOT ' if trashed else ''}NULL", (conversation_id, owner)).fetchone()
 
     def conversations(self, owner):
-        """This owner's conversations, newest first."""
-        return self.db.execute("SELECT id, title, updated FROM conversations WHERE owner = ? "
-                               "ORDER BY updated DESC", (owner,)).fetchall()
+        """This owner's conversations but those in the trash, newest first."""
+        return self.db.execute("SELECT id, title, updated, pinned, archived FROM conversations WHERE owner = ? "
+                               "AND deleted IS NULL ORDER BY updated DESC", (owner,)).fetchall()
 
     def update_conversation(self, conversation_id, **fields):
         """Change the title, system prompt, model, parameters or leaf shown, and mark the conversation as just used."""
@@ -2199,9 +2228,20 @@ class Store:
         self.db.execute(f"UPDATE conversations SET {columns}updated = ? WHERE id = ?",
                         (*fields.values(), time.time(), conversation_id))
 
+    def mark(self, conversation_id, column, on):
+        """Pin, archive or trash a conversation (since now), or undo that; it keeps its place in time (`updated`)."""
+        assert column in ("pinned", "archived", "deleted")
+        self.db.execute(f"UPDATE conversations SET {column} = ? WHERE id = ?",
+                        (time.time() if on else None, conversation_id))
+
     def delete_conversation(self, conversation_id):
-        """Delete a conversation and its messages."""
-        self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        """Put a conversation in the trash, and empty the trash of what has been there long enough."""
+        self.mark(conversation_id, "deleted", True)
+        self.purge_trash(time.time())
+
+    def purge_trash(self, now):
+        """Delete for good the conversations (their messages too) put in the trash TRASH_SECONDS ago or more."""
+        return self.db.execute("DELETE FROM conversations WHERE deleted <= ?", (now - TRASH_SECONDS,)).rowcount
 
     def messages(self, conversation_id):
         """Every message of a conversation, every branch, in order of writing."""
@@ -2250,7 +2290,8 @@ class Store:
                         (owner, system_prompt))
 
     def search(self, owner, words, limit=20):
-        """This owner's conversations and messages containing every word (as a prefix), best first."""
+        """This owner's titles, then each conversation's best message, containing every word (as a prefix), best
+        first."""
         return self.db.search(owner, words, limit) if words else []
 
     def answer_text(self, message_id, conversation_id):
@@ -2286,7 +2327,7 @@ store = Store()
 def stored_answer(row):
     """A stored assistant message as its answer record."""
     return make_answer(f"m{row['id']}", row["conversation_id"], row["content"], row["reasoning"], row["status"],
-                       row["error"], json.loads(row["notes"] or "[]"), row["footer"])
+                       row["error"], json.loads(row["notes"] or "[]"), row["footer"], created=row["created"])
 
 
 PARAMETERS = ("temperature", "top_p", "max_tokens")  # per conversation: None means the default
@@ -4146,7 +4187,7 @@ def no_store():
     bottle.response.set_header("Cache-Control", "no-store")
 
 
-def render_page(conversation=None, draft="", error=None, at=None, results=None, query=""):
+def render_page(conversation=None, draft="", error=None, at=None, results=None, query="", deleted=None):
     """The chat page, empty or with one branch of a conversation; without JavaScript a live answer streams as HTML."""
     no_store()
     plain = bool(bottle.request.get_cookie(PLAIN_COOKIE)) and not htmx()
@@ -4156,9 +4197,10 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     system = conversation["system_prompt"] if conversation else store.owner_system_prompt(owner())
     params = {name: conversation[name] if conversation else None for name in PARAMETERS}
     page = template("page", demo=settings.demo, upstream=settings.upstream_label(), conversation=conversation,
-                    conversations=store.conversations(owner()), bubbles=bubbles, models=models, model=model,
-                    label=model_label, password=password_login(), user=bottle.request.environ.get("chat.user"),
-                    draft=draft, error=error, leaf=leaf, notice=model_notice(),
+                    lists=conversation_lists(conversation and conversation["id"]), deleted=deleted, bubbles=bubbles,
+                    models=models, model=model, label=model_label, password=password_login(),
+                    user=bottle.request.environ.get("chat.user"), draft=draft, error=error, leaf=leaf,
+                    notice=model_notice(),
                     system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
                     results=results, query=query, answering=answering,
                     shares=share_links(conversation["id"]) if conversation else [])
@@ -4166,6 +4208,28 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
         return page
     before, _, after = page.partition(LIVE_ANSWER)
     return streamed_page(before, live, after)
+
+
+def reader_offset():
+    """The reader's time zone in minutes east of UTC, from the tz cookie chat.js sets; UTC without one."""
+    raw = bottle.request.get_cookie("tz") or ""
+    return int(raw) if re.fullmatch(r"-?\d{1,3}", raw) and abs(int(raw)) <= 14 * 60 else 0
+
+
+def conversation_lists(current=None):
+    """The sidebar's conversations under headings in the reader's time zone (Pinned, Today, Yesterday, Previous 7
+    days, Older, then one a month past a year), and the archived ones apart."""
+    offset, groups, archived = reader_offset() * 60, {}, []
+    today = (time.time() + offset) // 86400
+    for row in store.conversations(owner()):  # newest first: so are the groups
+        local = row["updated"] + offset
+        days = today - local // 86400
+        heading = ("Pinned" if row["pinned"] else "Today" if days < 1 else "Yesterday" if days < 2 else
+                   "Previous 7 days" if days <= 7 else "Older" if days <= 365 else
+                   time.strftime("%B %Y", time.gmtime(local)))
+        (archived if row["archived"] else groups.setdefault(heading, [])).append(row)
+    return template("conversation_list", groups=sorted(groups.items(), key=lambda group: group[0] != "Pinned"),
+                    archived=archived, current=current)
 
 
 def render_bubbles(conversation, at=None, plain=False):
@@ -4181,7 +4245,7 @@ def render_bubbles(conversation, at=None, plain=False):
         nav = template("siblings", conversation_id=conversation["id"], ids=siblings,
                        position=siblings.index(row["id"])) if len(siblings) > 1 else ""
         if row["role"] == "user":
-            bubbles.append(template("user", prompt=row["content"], message_id=row["id"],
+            bubbles.append(template("user", prompt=row["content"], message_id=row["id"], created=row["created"],
                                     conversation_id=conversation["id"], nav=nav, files=files.get(row["id"], [])))
             continue
         stream = streams.for_message(row["id"], conversation["id"]) if row["status"] == "streaming" else None
@@ -4190,7 +4254,7 @@ def render_bubbles(conversation, at=None, plain=False):
                 live = stream  # a page reading an answer counts against the readers' cap too
                 bubbles.append(LIVE_ANSWER)
             else:  # reloaded mid-answer: the new bubble replays the stream's log from the start
-                bubbles.append(template("streaming", stream_id=stream.id, nav=nav))
+                bubbles.append(template("streaming", stream_id=stream.id, nav=nav, created=row["created"]))
                 answering = True
             continue
         answer = stored_answer(row)
@@ -4245,8 +4309,9 @@ def plain_answer(stream):
 
 @app.get("/")
 def index():
-    """The chat page with a new, empty conversation."""
-    return render_page()
+    """The chat page with a new, empty conversation; after a delete (?deleted=ID) it offers Undo."""
+    deleted = bottle.request.query.getunicode("deleted") or ""
+    return render_page(deleted=deleted and store.conversation(deleted, owner(), trashed=True))
 
 
 @app.get("/model-options")
@@ -4358,6 +4423,14 @@ PLAIN_COOKIE = "chat_plain"  # this browser sends plain forms: it has no JavaScr
 def plain_redirect(location):
     """Answer a plain form with 303 See Other; remember that this browser runs no JavaScript."""
     set_cookie(PLAIN_COOKIE, "1")
+    bottle.redirect(location, 303)
+
+
+def go_to(location):
+    """Leave the page for another: htmx by HX-Redirect, a plain form by 303 See Other."""
+    if htmx():
+        bottle.response.set_header("HX-Redirect", location)
+        return ""
     bottle.redirect(location, 303)
 
 
@@ -4504,8 +4577,9 @@ def start_streaming():
         bottle.response.delete_cookie(PLAIN_COOKIE, path="/")  # JavaScript is on again
     if created:
         bottle.response.set_header("HX-Push-Url", f"/c/{conversation_id}")
-    return template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation,
+    return template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation, asked=time.time(),
                     created=created, question_id=question, leaf=stream.message_id,
+                    lists=conversation_lists(conversation_id) if created else "",
                     files=store.attachments([question], data="text").get(question, []) if files else [])
 
 
@@ -4593,9 +4667,12 @@ def search():
     if words and not (limits.searches.take(owner()) and (  # this machine (no proxy): the per-owner budget only
             from_this_machine(environ) or limits.search_addresses.take(address_key(client_address(environ))))):
         bottle.response.status = 429
-        return "<li class=\"no-results\">Too many searches at once; wait a moment.</li>"
+        return "<p class=\"no-results\">Too many searches at once; wait a moment.</p>"
     try:
-        results = [search_result(row) for row in store.search(owner(), words)]
+        best = {}
+        for row in store.search(owner(), words):  # titles first: a title's hit is a conversation's best
+            best.setdefault(row["conversation_id"], row)
+        results = [search_result(row) for row in best.values()]
     except store.errors as exc:  # over its time limit, most likely: say so, and the database is free again
         log_limited("search", "a search failed: %s", exc)
         results = []
@@ -4605,12 +4682,13 @@ def search():
 
 
 def search_result(row):
-    """One search hit: where it links to (the conversation, at the matching message) and its highlighted text."""
+    """A conversation's best hit: its link (at a matching message, ?at= shows the branch holding it, hidden or not),
+    its title and, for a message, the text found (HTML, the words marked)."""
     anchor = "" if row["message_id"] is None else \
         f"?at={row['message_id']}#{'user' if row['role'] == 'user' else 'answer'}-m{row['message_id']}"
     marked = html.escape(row["snippet"] or "", quote=False).replace("\x01", "<mark>").replace("\x02", "</mark>")
-    return {"href": f"/c/{row['conversation_id']}{anchor}", "title": row["title"], "snippet": marked,
-            "in_title": row["message_id"] is None}
+    return {"href": f"/c/{row['conversation_id']}{anchor}", "title": row["title"], "snippet": marked if anchor else "",
+            "archived": row["archived"]}
 
 
 @app.post("/c/<conversation_id>/rename")
@@ -4639,33 +4717,42 @@ def prompt_header():
         return value
 
 
-def delete_conversation(conversation_id):
-    """Stop a conversation's answers and delete it."""
+@app.delete("/c/<conversation_id>")
+@app.post("/c/<conversation_id>/delete")
+def delete(conversation_id):
+    """Stop a conversation's answers and put it in the trash; the new chat shown next offers Undo."""
     owned_conversation(conversation_id)
     streams.stop_conversation(conversation_id)
     store.delete_conversation(conversation_id)
-
-
-@app.delete("/c/<conversation_id>")
-def delete(conversation_id):
-    """Delete a conversation (the page asks for confirmation first) and go to a new one."""
-    delete_conversation(conversation_id)
-    bottle.response.set_header("HX-Redirect", "/")
-    return ""
+    return go_to(f"/?deleted={conversation_id}")
 
 
 @app.get("/c/<conversation_id>/delete")
 def confirm_delete(conversation_id):
-    """Without JavaScript: a page that asks before deleting."""
+    """Without JavaScript: a page that asks before deleting (a link must not delete)."""
     no_store()
     return template("confirm_delete", conversation=owned_conversation(conversation_id))
 
 
-@app.post("/c/<conversation_id>/delete")
-def delete_by_form(conversation_id):
-    """Without JavaScript: delete, then go to a new conversation."""
-    delete_conversation(conversation_id)
-    bottle.redirect("/", 303)
+@app.post("/c/<conversation_id>/restore")
+def restore(conversation_id):
+    """Undo a delete: the conversation comes back from the trash as it was."""
+    if store.conversation(conversation_id, owner(), trashed=True) is None:
+        bottle.abort(404, "No such conversation: it was deleted for good, or it is not yours.")
+    store.mark(conversation_id, "deleted", False)
+    return go_to(f"/c/{conversation_id}")
+
+
+@app.post("/c/<conversation_id>/<action:re:pin|unpin|archive|unarchive>")
+def place(conversation_id, action):
+    """Pin a conversation on top of the list or archive it out of the list (search still finds it), or undo that."""
+    owned_conversation(conversation_id)
+    store.mark(conversation_id, "pinned" if action.endswith("pin") else "archived", not action.startswith("un"))
+    if not htmx():
+        plain_redirect(f"/c/{conversation_id}")
+    return template("conversation_head", conversation=owned_conversation(conversation_id),
+                    shares=share_links(conversation_id)) + \
+        f'<div id="conversations" hx-swap-oob="true">{conversation_lists(conversation_id)}</div>'
 
 
 @app.get("/c/<conversation_id>/export.<fmt:re:md|json>")
@@ -4892,10 +4979,7 @@ def import_conversation():
         if htmx():
             return form_error(refused.status, str(refused))
         raise bottle.HTTPError(refused.status, str(refused)) from None
-    if htmx():
-        bottle.response.set_header("HX-Redirect", f"/c/{conversation_id}")
-        return ""
-    bottle.redirect(f"/c/{conversation_id}", 303)
+    return go_to(f"/c/{conversation_id}")
 
 
 @app.get("/events")

@@ -883,7 +883,7 @@ class RedisStreams(chat.Streams):
             conversation_id = job.get("conversation") or None
             answer = chat.make_answer(stream_id, conversation_id, "".join(text["m"]).lstrip("\r\n"),
                                       "".join(text["r"]).strip(), "interrupted", notes=[chat.NOTES["interrupted"]],
-                                      model=job.get("model") or None,
+                                      model=job.get("model") or None, created=float(job.get("started") or 0) or None,
                                       elapsed=round(time.time() - float(job.get("started") or time.time()), 3))
             nav = ""
             if message_id is not None:
@@ -986,6 +986,11 @@ POSTGRESQL_STEPS = {
     CREATE TABLE shares (token TEXT PRIMARY KEY, conversation_id TEXT NOT NULL REFERENCES conversations (id)
                          ON DELETE CASCADE, created DOUBLE PRECISION NOT NULL);
     CREATE INDEX shares_by_conversation ON shares (conversation_id);
+    """,
+    "pins, archive and trash": """
+    ALTER TABLE conversations ADD COLUMN pinned DOUBLE PRECISION, ADD COLUMN archived DOUBLE PRECISION,
+        ADD COLUMN deleted DOUBLE PRECISION;
+    CREATE INDEX conversations_trash ON conversations (deleted) WHERE deleted IS NOT NULL;
     """,
 }
 
@@ -1109,7 +1114,8 @@ class PostgresDatabase:
             self.pool.put(connection)
 
     def search(self, owner, words, limit):
-        """This owner's titles and messages matching every word (as a prefix), best first: tsvector."""
+        """This owner's titles and each conversation's best message matching every word (as a prefix), best first:
+        tsvector."""
         query = " & ".join(f"{word}:*" if len(word) >= 3 else word for word in words)
         marks = "StartSel=\x01, StopSel=\x02, MaxWords=30, MinWords=10, HighlightAll=false"
         with self.transaction():
@@ -1123,21 +1129,24 @@ class PostgresDatabase:
         before picks the rows among them, ranks and highlights them.
         """
         titles = self.execute(
-            "SELECT c.id AS conversation_id, c.title, NULL::BIGINT AS message_id, NULL AS role, "
+            "SELECT c.id AS conversation_id, c.title, c.archived, NULL::BIGINT AS message_id, NULL AS role, "
             "ts_headline('simple', c.title, q, 'HighlightAll=true, StartSel=\x01, StopSel=\x02') AS snippet "
             "FROM conversations c, to_tsquery('simple', ?) q "
-            "WHERE c.owner = ? AND search_terms(c.owner, c.title) @@ search_query(?, ?) "
+            "WHERE c.owner = ? AND c.deleted IS NULL AND search_terms(c.owner, c.title) @@ search_query(?, ?) "
             "AND to_tsvector('simple', c.title) @@ q "
             "ORDER BY ts_rank(to_tsvector('simple', c.title), q) DESC LIMIT ?",
             (query, owner, owner, words, limit)).fetchall()
-        messages = self.execute(
-            "SELECT c.id AS conversation_id, c.title, m.id AS message_id, m.role, "
-            f"ts_headline('simple', m.content, q, '{marks}') AS snippet "
+        messages = self.execute(  # a conversation's best message only, headlined alone
+            "SELECT conversation_id, title, archived, message_id, role, "
+            f"ts_headline('simple', content, to_tsquery('simple', ?), '{marks}') AS snippet FROM ("
+            "SELECT DISTINCT ON (c.id) c.id AS conversation_id, c.title, c.archived, m.id AS message_id, m.role, "
+            "m.content, ts_rank(to_tsvector('simple', m.content), q) AS score "
             "FROM messages m JOIN conversations c ON c.id = m.conversation_id, to_tsquery('simple', ?) q "
-            "WHERE c.owner = ? AND m.status != 'streaming' AND search_terms(m.owner, m.content) @@ search_query(?, ?) "
+            "WHERE c.owner = ? AND c.deleted IS NULL AND m.status != 'streaming' "
+            "AND search_terms(m.owner, m.content) @@ search_query(?, ?) "
             "AND to_tsvector('simple', m.content) @@ q "
-            "ORDER BY ts_rank(to_tsvector('simple', m.content), q) DESC LIMIT ?",
-            (query, owner, owner, words, limit)).fetchall()
+            "ORDER BY c.id, score DESC, m.id) best ORDER BY score DESC LIMIT ?",
+            (query, query, owner, owner, words, limit)).fetchall()
         return (titles + messages)[:limit]
 
     def size(self):

@@ -1115,11 +1115,14 @@ def test_rename_changes_the_title(client, upstream):
 
 @pytest.mark.both_databases
 def test_delete_removes_the_rows(client, upstream):
-    """Delete removes the conversation and its messages, and sends the page to a new chat."""
+    """Delete sends the page to a new chat (which offers Undo: issue 23, test_sidebar.py); the conversation is gone
+    from its URL at once, and its rows when the trash is emptied."""
     stream_id, conversation = send_in(client, "delete me")
     read_events(client, stream_id)
     response = client.delete(f"/c/{conversation}")
-    assert response.headers["HX-Redirect"] == "/"
+    assert response.headers["HX-Redirect"] == f"/?deleted={conversation}"
+    client.get(f"/c/{conversation}", status=404)
+    assert chat.store.purge_trash(time.time() + chat.TRASH_SECONDS) == 1
     assert db_rows("SELECT count(*) FROM conversations") == [(0,)]
     assert db_rows("SELECT count(*) FROM messages") == [(0,)]
     client.get(f"/c/{conversation}", status=404)
@@ -1826,8 +1829,9 @@ def test_without_javascript_stop_rename_regenerate_and_delete_are_forms(client, 
     assert db_rows("SELECT title FROM conversations") == [("Renamed",)]
     confirm = plain.get(f"/c/{conversation}/delete")
     assert f'action="/c/{conversation}/delete"' in confirm.text
-    assert plain.post(f"/c/{conversation}/delete", status=303).headers["Location"].endswith("/")
-    assert db_rows("SELECT id FROM conversations") == []
+    location = plain.post(f"/c/{conversation}/delete", status=303).headers["Location"]
+    assert location.endswith(f"/?deleted={conversation}")  # a new chat that offers Undo (issue 23)
+    assert db_rows("SELECT deleted IS NOT NULL FROM conversations") == [(True,)]  # in the trash
 
 
 def test_pages_with_conversations_are_not_cached(client, upstream):

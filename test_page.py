@@ -5,6 +5,7 @@ from gevent import monkey; monkey.patch_all()  # noqa: E702 — before anything 
 # and the page people expect: Markdown and math while streaming, no JavaScript needed, history.
 
 import base64  # noqa: E402
+import datetime  # noqa: E402
 import html  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -780,8 +781,14 @@ def test_without_javascript_rename_and_delete_are_forms(browser, live_chat, page
         assert (confirm.get_attribute("method"), confirm.get_attribute("action")) == (
             "post", conversation_url.removeprefix(live_chat.url) + "/delete")
         confirm.get_by_role("button", name="Delete it").click()
-        page.wait_for_url(live_chat.url + "/")
+        page.wait_for_url(re.compile(r"/\?deleted=[\w-]+$"))  # a new chat offering Undo (issue 23): a form too
         assert page.locator("#conversation-list a").all_inner_texts() == ["a newer one"]
+        page.get_by_role("button", name="Undo").click()
+        page.wait_for_url(conversation_url)
+        assert page.locator("#conversation-list a").all_inner_texts() == ["a newer one", "Renamed without scripts"]
+        page.get_by_role("link", name="Delete conversation").click()
+        page.get_by_role("button", name="Delete it").click()
+        page.wait_for_url(re.compile(r"/\?deleted=[\w-]+$"))
         watch.allowed_errors.append("status of 404")  # Chromium logs the 404 it was asked to show
         assert page.goto(conversation_url).status == 404
     finally:
@@ -813,7 +820,7 @@ def test_reload_after_a_deletion_shows_the_new_answer_streaming(open_page, page_
     finished_bubble(page, type_and_send(page, "delete me"))
     page.goto(page.url + "/delete")
     page.get_by_role("button", name="Delete it").click()
-    page.wait_for_url(live_chat.url + "/")
+    page.wait_for_url(re.compile(r"/\?deleted=[\w-]+$"))  # a new chat, offering Undo (issue 23)
     body = answer("Fresh", " start.")
     page_upstream.serve(body, pause_at=after_event(body, b'"Fresh"'))
     type_and_send(page, "a new one")
@@ -1241,3 +1248,58 @@ def test_a_shared_link_opens_without_cookies_and_revoke_makes_it_404(browser, op
         assert "revoked" in shared.locator("main").inner_text()
     finally:
         visitor.close()
+
+
+# ---------------------------------------------------------------------------
+# Times and the sidebar (issue 23): local times, the reader's days, search by keyboard
+# ---------------------------------------------------------------------------
+
+def test_times_are_shown_in_the_readers_zone_and_so_are_the_sidebars_days(browser, open_page, page_upstream):
+    """In Kathmandu (UTC+5:45) a new message says "just now", its tooltip the local time of its <time datetime>;
+    the page tells the server the zone (tz=345), and the sidebar's "Today" heading precedes the link."""
+    ctx = browser.new_context(timezone_id="Asia/Kathmandu", locale="en-GB", viewport={"width": 1000, "height": 700})
+    try:
+        page = open_page(ctx).page
+        page_upstream.serve(answer("It is late here."))
+        finished_bubble(page, type_and_send(page, "what time is it"))
+        times = page.locator("#chat-messages time")
+        assert times.count() == 2 and times.all_inner_texts() == ["just now", "just now"]
+        kathmandu = datetime.timezone(datetime.timedelta(hours=5, minutes=45))
+        for n in range(2):
+            utc = datetime.datetime.fromisoformat(times.nth(n).get_attribute("datetime").replace("Z", "+00:00"))
+            assert utc.astimezone(kathmandu).strftime("%H:%M") in times.nth(n).get_attribute("title")
+        assert {c["name"]: c["value"] for c in ctx.cookies()}["tz"] == "345"
+        page.reload()
+        assert page.locator("#conversation-list h2, #conversation-list a").all_inner_texts() == [
+            "Today", "what time is it"]
+        assert page.locator("#chat-messages time").all_inner_texts() == ["just now", "just now"]  # after a load too
+    finally:
+        ctx.close()
+
+
+def test_search_lists_a_conversation_once_and_arrows_and_enter_open_a_result(open_page, page_upstream, live_chat):
+    """A conversation found by its title and its answer is one result under "Results"; ArrowDown from the search box
+    walks the results, ArrowUp goes back, Enter opens the one focused."""
+    page = open_page().page
+    for prompt in ("zebra facts", "more zebra facts"):
+        page.get_by_role("link", name="New chat").click()
+        page.wait_for_url(live_chat.url + "/")
+        page_upstream.serve(answer(f"Zebras have stripes ({prompt})."))
+        finished_bubble(page, type_and_send(page, prompt))
+    page.get_by_role("link", name="New chat").click()
+    page.wait_for_url(live_chat.url + "/")
+    page.wait_for_function("() => document.activeElement.id === 'prompt'")
+    page.keyboard.press("Control+k")
+    page.keyboard.type("zebra")
+    results = page.locator("#search-results a")
+    page.wait_for_function("() => document.querySelectorAll('#search-results a').length === 2")
+    assert page.get_by_role("heading", name="Results").is_visible()
+    hrefs = [results.nth(n).get_attribute("href") for n in range(2)]
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowDown")
+    assert page.evaluate("document.activeElement.getAttribute('href')") == hrefs[1]
+    page.keyboard.press("ArrowUp")
+    assert page.evaluate("document.activeElement.getAttribute('href')") == hrefs[0]
+    page.keyboard.press("Enter")
+    page.wait_for_url(live_chat.url + hrefs[0])
+    assert page.locator("#conversation-title").inner_text() in ("zebra facts", "more zebra facts")

@@ -89,6 +89,10 @@
   document.addEventListener("htmx:afterSwap", function (e) {
     updateComposer();
     var target = e.detail.target, trigger = e.detail.requestConfig && e.detail.requestConfig.elt;
+    if (target && target.id === "conversation-head" && trigger && byId(trigger.id)) {
+      byId(trigger.id).querySelector("button").focus();  // Pin became Unpin: the focus stays on it
+      return;
+    }
     if (!target || target.id !== "chat-messages" || !trigger || !trigger.closest) return;
     if (trigger.closest(".siblings")) {
       var arrows = target.querySelectorAll(".siblings button:not([disabled])");
@@ -242,6 +246,17 @@
       box.select();
     }
   });
+  // Search results by keyboard: ArrowDown from the box walks them (ArrowUp goes back), Enter opens one.
+  document.addEventListener("keydown", function (e) {
+    var box = byId("search");
+    if ((e.key !== "ArrowDown" && e.key !== "ArrowUp") || !box || !e.target.closest) return;
+    if (e.target !== box && !e.target.closest("#search-results")) return;
+    var links = Array.prototype.slice.call(document.querySelectorAll("#search-results a"));
+    var next = links.indexOf(e.target) + (e.key === "ArrowDown" ? 1 : -1);
+    if (!links.length || (e.target === box && e.key === "ArrowUp")) return;  // the caret's own key there
+    e.preventDefault();
+    (next < 0 ? box : links[Math.min(next, links.length - 1)]).focus();
+  });
   // A search hit opens the conversation at the matching message.
   function showTarget() {
     var id = decodeURIComponent(location.hash.slice(1));
@@ -282,6 +297,33 @@
       if (hadFocus || document.activeElement === document.body) byId("prompt").focus();
     }, 0);
   });
+
+  // Times: the server writes them in UTC; here they become the reader's own, relative while recent. The
+  // reader's zone goes to the server too (the tz cookie, minutes east of UTC): the sidebar's days are its days.
+  var zone = String(-new Date().getTimezoneOffset());
+  if (document.cookie.split("; ").indexOf("tz=" + zone) < 0) {
+    document.cookie = "tz=" + zone + "; path=/; max-age=31536000; samesite=lax";
+  }
+  function clock(d) { return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }); }
+  function localTime(el) {
+    var d = new Date(el.getAttribute("datetime")), now = new Date(), minutes = (now - d) / 60000;
+    if (isNaN(d)) return;
+    var today = new Date(now.getFullYear(), now.getMonth(), now.getDate());
+    var yesterday = new Date(now.getFullYear(), now.getMonth(), now.getDate() - 1);
+    var date = { month: "short", day: "numeric" };
+    if (d.getFullYear() !== now.getFullYear()) date.year = "numeric";
+    el.textContent = minutes < 1 ? "just now" : minutes < 60 ? Math.floor(minutes) + " min ago"
+      : d >= today ? clock(d) : d >= yesterday ? "yesterday " + clock(d)
+      : d.toLocaleDateString([], date) + ", " + clock(d);
+    el.title = d.toLocaleString([], { dateStyle: "full", timeStyle: "short" });
+  }
+  function localTimes(root) {
+    if (root.matches && root.matches("time[datetime]")) localTime(root);
+    if (root.querySelectorAll) each(root.querySelectorAll("time[datetime]"), localTime);
+  }
+  document.addEventListener("DOMContentLoaded", function () { localTimes(document); });
+  document.addEventListener("htmx:load", function (e) { localTimes(e.detail.elt); });
+  setInterval(function () { localTimes(document); }, 60000);  // "5 min ago" moves on
 
   // Copy buttons: the whole answer's Markdown source, one code block's text, or a shared link.
   document.addEventListener("click", function (e) {

@@ -12,7 +12,7 @@
 <main>
   <h1><a href="/">chat.py</a></h1>
   <h2>Delete “{{conversation['title']}}”?</h2>
-  <p>The conversation and all its messages are deleted. This cannot be undone.</p>
+  <p>The conversation and all its messages are deleted. The next page offers Undo, for an hour.</p>
   <form method="post" action="/c/{{conversation['id']}}/delete"><button type="submit">Delete it</button> <a class="button" href="/c/{{conversation['id']}}">Keep it</a></form>
 </main>
 </body>

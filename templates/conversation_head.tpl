@@ -1,5 +1,8 @@
 % if conversation:
 <h2 id="conversation-title">{{conversation['title']}}</h2>
+% if conversation['archived']:
+<p class="note">Archived: this conversation is out of the list; search still finds it.</p>
+% end
 <div class="conversation-actions">
   <details class="rename">
     <summary class="button" aria-label="Rename conversation">Rename</summary>
@@ -10,7 +13,10 @@
   </details>
   <a class="button" href="/c/{{conversation['id']}}/export.md" download>Markdown</a>
   <a class="button" href="/c/{{conversation['id']}}/export.json" download>JSON</a>
-  <a class="button" href="/c/{{conversation['id']}}/delete" hx-delete="/c/{{conversation['id']}}" hx-confirm="Delete this conversation? This cannot be undone." hx-swap="none" aria-label="Delete conversation">Delete</a>
+% for form, action in (("pin", "unpin" if conversation['pinned'] else "pin"), ("archive", "unarchive" if conversation['archived'] else "archive")):
+  <form class="place" id="{{form}}-form" method="post" action="/c/{{conversation['id']}}/{{action}}" hx-post="/c/{{conversation['id']}}/{{action}}" hx-target="#conversation-head"><button type="submit" aria-label="{{action.capitalize()}} conversation">{{action.capitalize()}}</button></form>
+% end
+  <a class="button" href="/c/{{conversation['id']}}/delete" hx-delete="/c/{{conversation['id']}}" hx-swap="none" aria-label="Delete conversation">Delete</a>
   <form method="post" action="/c/{{conversation['id']}}/share" hx-post="/c/{{conversation['id']}}/share" hx-target="#conversation-head" hx-swap="innerHTML"><button type="submit" aria-label="Share a read-only link">Share</button></form>
 </div>
 %   if get('shares'):

@@ -34,14 +34,12 @@
     <form class="search" role="search" method="get" action="/search" hx-get="/search" hx-trigger="input changed delay:250ms from:#search, submit" hx-target="#search-results" hx-swap="innerHTML" hx-push-url="false">
       <input type="search" name="q" id="search" value="{{query}}" placeholder="Search (Ctrl+K)" aria-label="Search conversations" autocomplete="off">
     </form>
-    <ul id="search-results" aria-live="polite">
+    <div id="search-results" aria-live="polite">
 % include("search_results", results=results or [], query=query)
-    </ul>
-    <ul id="conversation-list">
-% for item in conversations:
-% include("conversation_item", item=item, current=bool(conversation and item['id'] == conversation['id']))
-% end
-    </ul>
+    </div>
+    <div id="conversations">
+{{!lists}}
+    </div>
     <details class="import">
       <summary>Import a conversation</summary>
       <form method="post" action="/import" enctype="multipart/form-data">
@@ -59,6 +57,9 @@
   <code>OPENAI_BASE_URL=http://localhost:11434/v1 python chat.py</code> (Ollama) — see <code>python chat.py --help</code>.</p>
 % end
   <div id="model-server" role="status">{{!notice}}</div>
+% if deleted:
+  <div class="undo" role="status"><form method="post" action="/c/{{deleted['id']}}/restore">“{{deleted['title']}}” was deleted. <button type="submit">Undo</button></form></div>
+% end
   <div id="conversation-head">
 % include("conversation_head", conversation=conversation)
   </div>

@@ -2,5 +2,5 @@
   <details class="reasoning"><summary>Thinking…</summary><div class="reasoning-text" sse-swap="reasoning" hx-swap="beforeend"></div></details>
   <div class="content markdown live"><div class="blocks" sse-swap="block" hx-swap="beforeend"></div><div class="tokens" id="tail-{{stream_id}}" sse-swap="message" hx-swap="beforeend"></div></div>
   <div class="status" sse-swap="status" hx-swap="innerHTML"></div>
-  <div class="actions">{{!get('nav', '')}}<form class="stop-form" method="post" action="/stop?stream={{stream_id}}" hx-post="/stop?stream={{stream_id}}" hx-swap="none"><button type="submit" class="stop" aria-label="Stop generating">Stop</button></form></div>
+  <div class="actions">{{!moment(created)}}{{!get('nav', '')}}<form class="stop-form" method="post" action="/stop?stream={{stream_id}}" hx-post="/stop?stream={{stream_id}}" hx-swap="none"><button type="submit" class="stop" aria-label="Stop generating">Stop</button></form></div>
 </div>

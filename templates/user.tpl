@@ -2,6 +2,7 @@
 % include("attachments", files=files)
 % if conversation_id:
   <div class="actions">
+    {{!moment(created)}}
     {{!nav}}
     <details class="edit">
       <summary class="button" aria-label="Edit this message and send it again">Edit</summary>
