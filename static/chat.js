@@ -301,7 +301,7 @@
   // Times: the server writes them in UTC; here they become the reader's own, relative while recent. The
   // reader's zone goes to the server too (the tz cookie, minutes east of UTC): the sidebar's days are its days.
   var zone = String(-new Date().getTimezoneOffset());
-  if (document.cookie.split("; ").indexOf("tz=" + zone) < 0) {
+  if (byId("composer") && document.cookie.split("; ").indexOf("tz=" + zone) < 0) {  // a shared page sets none
     document.cookie = "tz=" + zone + "; path=/; max-age=31536000; samesite=lax";
   }
   function clock(d) { return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }); }
