@@ -5,6 +5,7 @@ from gevent import monkey; monkey.patch_all()  # noqa: E702 — before anything 
 # the conversation; noindex, no Referer, and nothing on it that names the owner, the conversation or a message.
 
 import re  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -164,7 +165,8 @@ def test_without_javascript_share_and_revoke_are_forms(upstream):
 
 @pytest.mark.both_databases
 def test_links_are_listed_per_conversation_and_die_with_it(client, upstream):
-    """Each conversation lists its own links; deleting it deletes them (ON DELETE CASCADE); ten at most."""
+    """Each conversation lists its own links; deleting it ends them at once (in the trash) and for good with the
+    trash (ON DELETE CASCADE); ten at most."""
     first, second = converse(client, "first"), converse(client, "second")
     first_links = [share(client, first), share(client, first)]
     second_link = share(client, second)
@@ -180,6 +182,7 @@ def test_links_are_listed_per_conversation_and_die_with_it(client, upstream):
     for link in first_links:
         stranger().get(link, status=404)
     stranger().get(second_link, status=200)
+    chat.store.purge_trash(time.time() + chat.TRASH_SECONDS)
     assert db_rows("SELECT COUNT(*) FROM shares WHERE conversation_id = ?", first) == [(0,)]
 
 
