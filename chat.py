@@ -1275,11 +1275,19 @@ def render_image(renderer, tokens, idx, options, env):
 def render_fence(renderer, tokens, idx, options, env):
     """A fenced code block under a bar with its language and a copy button (which then covers no code)."""
     check_deadline(env, RenderDeadline.EVERY)
-    block = renderer.fence(tokens, idx, options, env)
+    block = renderer.fence(tokens, idx, options, env).replace("<pre>", '<pre tabindex="0">', 1)  # keyboard scrolls it
     lang = html.escape(tokens[idx].info.split()[0]) if tokens[idx].info.strip() else "text"
     return ('<div class="code-block"><div class="code-bar"><span class="lang">' + lang + '</span>'
             '<button type="button" class="copy" data-copy="code" aria-label="Copy code">Copy</button></div>'
             f'{block}</div>\n')
+
+
+def render_cell_open(renderer, tokens, idx, options, env):
+    """A table column's alignment as a class: the page's CSP allows no style attribute."""
+    align = tokens[idx].attrs.pop("style", "").removeprefix("text-align:")
+    if align:
+        tokens[idx].attrSet("class", "align-" + align)
+    return renderer.renderToken(tokens, idx, options, env)
 
 
 class RenderTimeout(Exception):
@@ -1334,6 +1342,8 @@ def make_markdown(linkify):
     md.add_render_rule("link_open", render_link_open)
     md.add_render_rule("image", render_image)
     md.add_render_rule("fence", render_fence)
+    md.add_render_rule("th_open", render_cell_open)
+    md.add_render_rule("td_open", render_cell_open)
     return md
 
 

@@ -841,7 +841,7 @@ def test_demo_model_streams_markdown_answer(demo, open_sse):
     assert "> Say hello\n> to the demo" in transcript.message
     bubble = transcript.done
     assert "<ol>" in bubble or "<ul>" in bubble
-    assert '<pre><code class="language-python">' in bubble
+    assert '<pre tabindex="0"><code class="language-python">' in bubble
     assert elements(bubble, "span", cls="k")  # pygments token classes: really highlighted
     assert alerts(bubble) == []
     assert "finish: stop" in footer(bubble)

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 from testkit import (  # noqa: E402
-    DONE, FINISH, HERE, PageWatch, ROLE, after_event, answer, choice, data, wait_until, words)
+    DONE, FINISH, HERE, ChatProcess, PageWatch, ROLE, after_event, answer, choice, data, wait_until, words)
 
 
 # ---------------------------------------------------------------------------
@@ -1273,6 +1273,88 @@ def test_times_are_shown_in_the_readers_zone_and_so_are_the_sidebars_days(browse
         assert page.locator("#conversation-list h2, #conversation-list a").all_inner_texts() == [
             "Today", "what time is it"]
         assert page.locator("#chat-messages time").all_inner_texts() == ["just now", "just now"]  # after a load too
+
+
+# ---------------------------------------------------------------------------
+# Issue 23, the front end: the phone drawer, Jump to latest, shortcuts, the console, accessibility, polish
+# ---------------------------------------------------------------------------
+
+PHONE = dict(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+CSP_WATCH = """window.__csp = []; document.addEventListener('securitypolicyviolation', e =>
+    window.__csp.push(e.violatedDirective + ' ' + e.sourceFile + ':' + e.lineNumber + ' ' + e.sample));"""
+# WCAG's contrast ratio between an element's text colour and the nearest opaque background behind it.
+CONTRAST = """el => {
+  const rgb = s => s.match(/[\\d.]+/g).map(Number);
+  const lum = c => { const [r, g, b] = c.slice(0, 3).map(v => { v /= 255;
+    return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; }); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  let bg = el; while (bg && rgb(getComputedStyle(bg).backgroundColor)[3] === 0) bg = bg.parentElement;
+  const a = lum(rgb(getComputedStyle(el).color)), b = lum(rgb(getComputedStyle(bg || document.body).backgroundColor));
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); }"""
+
+
+def tap_send(page, prompt):
+    """Send by the button (on a touch screen Enter is a newline); wait for the answer to finish."""
+    before = page.locator(".msg.assistant.done").count()
+    page.fill("#prompt", prompt)
+    page.locator("#send").tap()
+    page.locator(".msg.assistant.done").nth(before).wait_for()
+
+
+def test_on_a_phone_the_menu_button_opens_the_list_as_a_drawer(browser, open_page, page_upstream, live_chat):
+    """≤ 700 px: a header button (aria-controls, aria-expanded) opens the list over the page, links in view;
+    Escape, a tap beside it or a link close it, the focus goes in and back; New chat is in the header."""
+    ctx = browser.new_context(**PHONE)
+    try:
+        page = open_page(ctx=ctx).page
+        for n in range(3):
+            page_upstream.serve(answer(f"Answer {n}."))
+            tap_send(page, f"phone question {n}")
+            if n < 2:
+                page.locator(".top .new-top").tap()
+                page.wait_for_url(live_chat.url + "/")
+        header = page.locator("header.top")
+        menu = header.locator("button[aria-controls]")
+        assert menu.is_visible() and menu.get_attribute("aria-expanded") == "false"
+        drawer = page.locator("#" + menu.get_attribute("aria-controls"))
+        assert drawer.locator("a[href^='/c/']").count() == 3
+        assert not drawer.is_visible()  # the chat comes first
+        assert header.get_by_role("link", name="New chat").is_visible()
+        placeholder = page.locator("#prompt").get_attribute("placeholder")
+        assert "button" in placeholder and "Enter" not in placeholder
+
+        menu.tap()
+        expect_attr = "() => document.querySelector('header .menu').getAttribute('aria-expanded')"
+        assert page.evaluate(expect_attr) == "true"
+        assert drawer.evaluate("e => getComputedStyle(e).position") == "fixed"
+        page.wait_for_function("() => document.getElementById('sidebar').contains(document.activeElement)")
+        for link in drawer.locator("#conversation-list a").all():
+            box = link.bounding_box()
+            assert link.is_visible() and 0 <= box["y"] and box["y"] + box["height"] <= 844, box
+        page.keyboard.press("Escape")
+        page.wait_for_function(expect_attr + " === 'false'")
+        assert not drawer.is_visible()
+        page.wait_for_function("() => document.activeElement.matches('header .menu')")
+        # A tap beside the drawer closes it and does nothing else.
+        menu.tap()
+        drawer.wait_for()
+        page.mouse.click(380, 600)
+        drawer.wait_for(state="hidden")
+        assert page.evaluate(expect_attr) == "false"
+        # A conversation link opens that conversation; the drawer is gone with the old page.
+        menu.tap()
+        first = drawer.locator("#conversation-list a").last
+        href = first.get_attribute("href")
+        page.evaluate("""() => { const old = document.getElementById('sidebar'); window.__reopened = false;
+          new MutationObserver(() => { const nav = document.getElementById('sidebar');
+            if (nav && nav !== old && nav.classList.contains('open')) window.__reopened = true; })
+          .observe(document.body, {subtree: true, childList: true, attributes: true}); }""")
+        first.tap()
+        page.wait_for_url(live_chat.url + href)
+        page.locator(".msg.user .bubble", has_text="phone question 0").wait_for()
+        page.locator("#sidebar").wait_for(state="hidden")
+        assert page.evaluate(expect_attr) == "false"
+        assert page.evaluate("window.__reopened") is False  # not even while htmx settles the new page
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 390
     finally:
         ctx.close()
 
@@ -1303,3 +1385,199 @@ def test_search_lists_a_conversation_once_and_arrows_and_enter_open_a_result(ope
     page.keyboard.press("Enter")
     page.wait_for_url(live_chat.url + hrefs[0])
     assert page.locator("#conversation-title").inner_text() in ("zebra facts", "more zebra facts")
+
+
+# ---------------------------------------------------------------------------
+def test_without_javascript_the_phone_list_stays_and_no_placeholder_promises_enter(browser, live_chat, watches):
+    """No script on a phone: no dead menu button, the folded list is there; the placeholder says nothing of Enter."""
+    watch, ctx = no_js_page(browser, live_chat, watches, viewport={"width": 390, "height": 844})
+    try:
+        page = watch.page
+        assert not page.locator("header .menu").is_visible()
+        assert page.locator("#sidebar summary", has_text="Conversations").is_visible()
+        assert page.locator("#prompt").get_attribute("placeholder") == "Message"
+    finally:
+        ctx.close()
+
+
+def test_desktop_placeholder_says_enter_sends_and_the_menu_button_is_hidden(open_page):
+    """A mouse and keyboard: Enter sends, Shift+Enter is a newline; the sidebar is beside the chat, no menu button."""
+    page = open_page().page
+    page.wait_for_function("() => document.getElementById('prompt').placeholder.includes('Enter to send')")
+    assert "Shift+Enter" in page.locator("#prompt").get_attribute("placeholder")
+    assert not page.locator("header .menu").is_visible() and page.locator("#sidebar").is_visible()
+
+
+def test_jump_to_latest_shows_a_screen_above_the_end(open_page, page_upstream):
+    """Scrolled up more than a screen: a "Jump to latest" button takes the reader down and hides at the bottom;
+    while an answer streams it appears and the reader stays where they scrolled."""
+    page = open_page().page
+    page.set_viewport_size({"width": 800, "height": 400})
+    page_upstream.serve(answer(*LONG_ANSWER))
+    finished_bubble(page, type_and_send(page, "long"))
+    jump = page.get_by_role("button", name=re.compile("latest"))
+    page.wait_for_function(AT_BOTTOM)
+    assert not jump.is_visible()
+    page.mouse.wheel(0, -100_000)
+    jump.wait_for()
+    jump.click()
+    page.wait_for_function(AT_BOTTOM)
+    jump.wait_for(state="hidden")
+    # Less than a screen up: no button yet.
+    page.mouse.wheel(0, -200)
+    page.wait_for_function("() => { const e = document.scrollingElement; "
+                          "return e.scrollHeight - e.scrollTop - e.clientHeight > 100; }")
+    assert not jump.is_visible()
+    # Streaming: the reader who scrolled up stays put, and the button takes them down.
+    page.mouse.wheel(0, 100_000)
+    page.wait_for_function(AT_BOTTOM)
+    body = answer(*LONG_ANSWER)
+    reply = page_upstream.serve(body, pause_at=after_event(body, b'"line 039'))
+    second = type_and_send(page, "again")
+    page.wait_for_function("() => document.querySelector('.streaming .tokens').textContent.includes('line 039')")
+    page.mouse.wheel(0, -100_000)
+    page.wait_for_function("() => document.scrollingElement.scrollTop === 0")
+    jump.wait_for()
+    reply.gate.set()
+    finished_bubble(page, second)
+    assert page.evaluate("document.scrollingElement.scrollTop") == 0
+    jump.click()
+    page.wait_for_function(AT_BOTTOM)
+    jump.wait_for(state="hidden")
+
+
+def test_keyboard_shortcuts(open_page, page_upstream, live_chat):
+    """? lists the shortcuts (not while typing); ArrowUp in the empty box edits the last message;
+    Ctrl+K searches; Ctrl+Shift+O starts a new chat."""
+    page = open_page().page
+    for n in range(2):
+        page_upstream.serve(answer(f"Answer {n}."))
+        finished_bubble(page, type_and_send(page, f"question {n}"))
+    page.locator("#prompt").focus()
+    page.keyboard.type("why?")
+    assert page.locator("#prompt").input_value() == "why?"
+    assert not page.locator("#shortcuts").is_visible()
+    page.locator("#prompt").fill("")
+    page.evaluate("document.activeElement.blur()")
+    page.keyboard.press("?")
+    dialog = page.get_by_role("dialog", name="Keyboard shortcuts")
+    dialog.wait_for()
+    for shortcut in ("Ctrl + Shift + O", "Ctrl + K", "Escape", "↑", "Shift + Enter"):
+        assert shortcut in dialog.inner_text(), shortcut
+    page.keyboard.press("Escape")
+    dialog.wait_for(state="hidden")
+    # ArrowUp in the empty box opens Edit on the last message of yours, its text ready.
+    page.locator("#prompt").focus()
+    page.keyboard.press("ArrowUp")
+    edits = page.locator("#chat-messages .msg.user details.edit")
+    page.wait_for_function("() => document.activeElement.matches('details.edit[open] textarea')")
+    assert edits.last.evaluate("e => e.open") and not edits.first.evaluate("e => e.open")
+    assert page.evaluate("document.activeElement.value") == "question 1"
+    # Not in a box with text: the caret moves as usual.
+    page.locator("#prompt").fill("a\nb")
+    page.locator("#prompt").press("ArrowUp")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    page.keyboard.press("Control+k")
+    page.wait_for_function("() => document.activeElement.id === 'search'")
+    page.keyboard.press("Control+Shift+O")
+    page.wait_for_url(live_chat.url + "/")
+    page.wait_for_function("() => !document.querySelector('#chat-messages .msg')")
+
+
+def test_follow_ups_log_no_console_errors_or_csp_violations(browser, open_page, page_upstream):
+    """Several follow-ups with a table (its alignment), code, math, then Regenerate and Edit: no CSP violation."""
+    ctx = browser.new_context(viewport={"width": 1000, "height": 700})
+    ctx.add_init_script(CSP_WATCH)
+    try:
+        page = open_page(ctx=ctx).page
+        table = "| left | right | centre |\n|:--|--:|:-:|\n| 1 | 2 | 3 |\n\n"
+        for n in range(3):
+            page_upstream.serve(answer(f"Answer {n}\n\n", table, "$x^2$ and **bold**\n\n```python\na or b\n```\n"))
+            finished_bubble(page, type_and_send(page, f"follow-up {n}"))
+        cell = page.locator(".msg.assistant.done td").nth(1)
+        assert cell.evaluate("e => getComputedStyle(e).textAlign") == "right"
+        page_upstream.serve(answer("Regenerated ", table))
+        page.get_by_role("button", name="Regenerate this answer").click()
+        page.locator(".msg.assistant.done .content", has_text="Regenerated").wait_for()
+        page.reload()
+        page.wait_for_function("() => window.htmx && htmx.version")
+        page_upstream.serve(answer("After a reload ", table))
+        finished_bubble(page, type_and_send(page, "one more"))
+        assert page.evaluate("window.__csp") == []
+    finally:
+        ctx.close()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_code_contrast_scrollable_code_landmarks_and_roles(browser, open_page, page_upstream, scheme):
+    """axe-core's rules of issue 23 by hand: highlighted code (operators too) reaches 4.5:1, code that scrolls
+    sideways takes the keyboard focus, the composer is a landmark, the messages are a feed."""
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme=scheme)
+    try:
+        page = open_page(ctx=ctx).page
+        code = ("```python\n# a comment\n@decorator\ndef f(a, b):\n    return a or b and not a in [1, 2.5, 'x', \"y\"]"
+                "  # " + "a very long line " * 8 + "\n```\n")
+        page_upstream.serve(answer("Code:\n\n", code))
+        finished_bubble(page, type_and_send(page, "code please"))
+        spans = page.locator(".msg.assistant.done pre code span")
+        assert page.locator(".msg.assistant.done pre code .ow").count() >= 3
+        low = [(s.get_attribute("class"), s.inner_text(), round(s.evaluate(CONTRAST), 2)) for s in spans.all()
+               if s.inner_text().strip() and s.evaluate(CONTRAST) < 4.5]
+        assert low == []
+        pre = page.locator(".msg.assistant.done pre")
+        assert pre.evaluate("e => e.scrollWidth > e.clientWidth")  # it scrolls sideways on a phone
+        assert pre.get_attribute("tabindex") == "0"
+        pre.focus()
+        page.keyboard.press("ArrowRight")
+        page.wait_for_function("() => document.querySelector('.msg.assistant.done pre').scrollLeft > 0")
+        assert page.get_by_role("form", name="Message").locator("textarea[name=prompt]").count() == 1
+        assert page.locator("#chat-messages").get_attribute("role") == "feed"
+        roles = page.locator("#chat-messages > .msg").evaluate_all("els => els.map(e => e.getAttribute('role'))")
+        assert roles == ["article", "article"]
+    finally:
+        ctx.close()
+
+
+def test_polish_sidebar_headings_math_and_dark_code(browser, open_page, page_upstream):
+    """The sidebar is wider with no gutter beside the chat; an answer's h1 ranks below the conversation title;
+    math is in the text's font; in dark the code background is grey like the bubble, not monokai's olive."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 800}, color_scheme="dark")
+    try:
+        page = open_page(ctx=ctx).page
+        page_upstream.serve(answer("# A heading\n\nThe square $x^2$ here.\n\n```python\nx = 1\n```\n"))
+        finished_bubble(page, type_and_send(page, "a long title for this conversation, long enough"))
+        sidebar, main = page.locator("#sidebar").bounding_box(), page.locator("main").bounding_box()
+        assert sidebar["width"] >= 18 * 16
+        assert abs(main["x"] - (sidebar["x"] + sidebar["width"])) <= 1, (sidebar, main)
+        title = page.locator("#conversation-list a").first
+        assert title.evaluate("e => getComputedStyle(e).textOverflow") == "ellipsis"
+        size = "e => parseFloat(getComputedStyle(e).fontSize)"
+        assert page.locator(".msg.assistant h1").evaluate(size) < page.locator("#conversation-title").evaluate(size)
+        math, text = page.locator(".msg.assistant math"), page.locator(".msg.assistant p", has=page.locator("math"))
+        family = "e => getComputedStyle(e).fontFamily"
+        assert math.evaluate(family) == text.evaluate(family)
+        assert math.evaluate(size) >= text.evaluate(size)
+        r, g, b = page.locator(".msg.assistant pre").evaluate(
+            "e => getComputedStyle(e).backgroundColor.match(/\\d+/g).map(Number)")
+        assert max(r, g, b) - min(r, g, b) <= 12, (r, g, b)  # grey, not olive
+    finally:
+        ctx.close()
+
+
+def test_the_login_button_is_solid(browser, page_upstream, tmp_path, watches):
+    """The login page's button is filled with the accent colour, not a thin outline."""
+    app = ChatProcess(tmp_path / "chat.log", OPENAI_BASE_URL=page_upstream.url, CHAT_PASSWORD="secret",
+                      NO_PROXY="127.0.0.1")
+    ctx = browser.new_context()
+    try:
+        page = ctx.new_page()
+        watches.append(PageWatch(page))
+        page.goto(app.url + "/login")
+        button = page.get_by_role("button", name="Log in")
+        fill = button.evaluate("e => getComputedStyle(e).backgroundColor")
+        page_bg = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert fill != page_bg and fill not in ("rgba(0, 0, 0, 0)", "transparent"), fill
+        assert button.evaluate(CONTRAST) >= 4.5
+    finally:
+        ctx.close()
+        app.stop()

@@ -15,6 +15,8 @@
   // screen there is no Shift: Enter is a newline there, and the Send button sends.
   var touch = window.matchMedia("(pointer: coarse)").matches;
   document.addEventListener("keydown", function (e) {
+    // Escape closes an open drawer or dialog first (the dialog closes itself), then stops the answer.
+    if (e.key === "Escape" && (drawerOpen() || document.querySelector("dialog[open]"))) return;
     if (e.key === "Escape" && answering()) { e.preventDefault(); stopAnswer(); return; }
     if (e.target.id !== "prompt" || e.key !== "Enter" || e.shiftKey || e.isComposing || e.keyCode === 229) return;
     if (touch) return;
@@ -234,12 +236,72 @@
     byId("prompt").focus();
   });
 
+  // Phones: the header's menu button opens the conversation list as a drawer over the page. Escape,
+  // a click outside or a link inside closes it, and the focus goes into it and back to the button.
+  function menuButton() { return document.querySelector(".top .menu"); }
+  function drawerOpen() { var nav = byId("sidebar"); return !!nav && nav.classList.contains("open"); }
+  function setDrawer(open) {
+    var nav = byId("sidebar"), button = menuButton();
+    if (!nav || !button) return;
+    nav.classList.toggle("open", open);
+    button.setAttribute("aria-expanded", String(open));
+    if (open) {
+      var list = nav.querySelector("details");
+      if (list) list.open = true;
+      var first = nav.querySelector("a[aria-current]") || nav.querySelector("a");
+      if (first) first.focus();
+    } else if (nav.contains(document.activeElement)) {
+      button.focus();
+    }
+  }
+  document.addEventListener("click", function (e) {
+    if (e.target.closest(".top .menu")) { setDrawer(!drawerOpen()); return; }
+    // A tap beside the drawer only closes it (capture: the page below does not act on it).
+    if (drawerOpen() && !e.target.closest("#sidebar")) { e.preventDefault(); e.stopPropagation(); setDrawer(false); }
+  }, true);
+  document.addEventListener("keydown", function (e) {
+    if (e.key === "Escape" && drawerOpen()) { e.preventDefault(); setDrawer(false); }
+  });
+  // A link in the drawer loads a page: close it before the swap, or htmx's settling would carry the open
+  // drawer's class over to the new page's list for a moment.
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    var nav = byId("sidebar");
+    if (e.detail.target === document.body && nav) nav.classList.remove("open");
+  });
+  document.addEventListener("focusin", function (e) {  // tabbing out of the drawer closes it
+    if (drawerOpen() && !e.target.closest("#sidebar")) setDrawer(false);
+  });
+
+  // Shortcuts: ? lists them (outside text fields), Ctrl+Shift+O starts a new chat (as ChatGPT does),
+  // ArrowUp in the empty message box edits your last message.
+  document.addEventListener("keydown", function (e) {
+    var dialog = byId("shortcuts");
+    if (e.key === "?" && !e.ctrlKey && !e.metaKey && !e.altKey && !editable(e.target) && dialog && !dialog.open) {
+      e.preventDefault();
+      dialog.showModal();
+    } else if ((e.ctrlKey || e.metaKey) && e.shiftKey && (e.key === "o" || e.key === "O")) {
+      e.preventDefault();
+      var link = document.querySelector(".sidebar a.new");
+      if (link) link.click(); else location.assign("/");
+    } else if (e.key === "ArrowUp" && e.target.id === "prompt" && !e.target.value && !e.isComposing) {
+      var edits = document.querySelectorAll("#chat-messages .msg.user details.edit");
+      var edit = edits[edits.length - 1];
+      if (!edit) return;
+      e.preventDefault();
+      edit.open = true;
+      var area = edit.querySelector("textarea");
+      area.focus();
+      area.setSelectionRange(area.value.length, area.value.length);
+    }
+  });
+
   // Ctrl+K (or Cmd+K) searches the conversations.
   document.addEventListener("keydown", function (e) {
     if ((e.ctrlKey || e.metaKey) && (e.key === "k" || e.key === "K")) {
       var box = byId("search");
       if (!box) return;
       e.preventDefault();
+      if (!drawerOpen() && menuButton() && menuButton().offsetParent) setDrawer(true);  // a phone: open the list
       var list = box.closest("details");
       if (list) list.open = true;
       box.focus();
@@ -274,15 +336,37 @@
     return el.scrollHeight - el.scrollTop - el.clientHeight < 48;
   }
   function scrollToEnd() { window.scrollTo(0, document.scrollingElement.scrollHeight); }
-  window.addEventListener("scroll", function () { stick = atBottom(); }, { passive: true });
-  new MutationObserver(function () { updateComposer(); if (stick) scrollToEnd(); })
+  // "Jump to latest" shows while the reader is more than a screen above the end; it follows again.
+  function updateJump() {
+    var jump = byId("jump"), el = document.scrollingElement;
+    if (jump) jump.hidden = el.scrollHeight - el.scrollTop - el.clientHeight <= el.clientHeight;
+  }
+  document.addEventListener("click", function (e) {
+    var jump = e.target.closest("#jump");
+    if (!jump) return;
+    stick = true;
+    scrollToEnd();
+    updateJump();
+    if (!touch) byId("prompt").focus({ preventScroll: true });  // the button is gone; no keyboard on a phone
+  });
+  window.addEventListener("scroll", function () { stick = atBottom(); updateJump(); }, { passive: true });
+  new MutationObserver(function () { updateComposer(); if (stick) scrollToEnd(); updateJump(); })
     .observe(document.body, { childList: true, subtree: true, characterData: true });
   document.addEventListener("htmx:historyRestore", function () { stick = true; scrollToEnd(); });
   // Opening a conversation lands at its newest message, also through the boosted sidebar.
-  document.addEventListener("DOMContentLoaded", function () { restoreDraft(); if (!showTarget()) scrollToEnd(); });
-  document.addEventListener("htmx:afterSettle", function (e) {
-    if (e.detail.elt === document.body) { restoreDraft(); stick = !location.hash; if (!showTarget()) scrollToEnd(); }
+  document.addEventListener("DOMContentLoaded", function () {
+    restoreDraft(); placeholder(); if (!showTarget()) scrollToEnd();
   });
+  document.addEventListener("htmx:afterSettle", function (e) {
+    if (e.detail.elt !== document.body) return;
+    restoreDraft(); placeholder(); stick = !location.hash; if (!showTarget()) scrollToEnd();
+  });
+  // The server's placeholder promises nothing (without script Enter is a newline); say what Enter does here.
+  function placeholder() {
+    var box = byId("prompt");
+    if (box) box.placeholder = touch ? "Message (send with the button)"
+      : "Message (Enter to send, Shift+Enter for a new line)";
+  }
 
   // The done event is about to replace a streaming bubble: say how it ended, and keep the
   // focus on the page (it was perhaps on the Stop button that is about to go).

@@ -12,7 +12,7 @@
 % if answer['error']:
   <p class="error" role="alert">{{error}}</p>
 %   if error != answer['error']:
-  <details class="error-details"><summary>The server's whole message</summary><pre>{{answer['error']}}</pre></details>
+  <details class="error-details"><summary>The server's whole message</summary><pre tabindex="0">{{answer['error']}}</pre></details>
 %   end
 % end
   <div class="actions">

@@ -17,8 +17,10 @@
 <body>
 <a class="skip-link" href="#prompt">Skip to the message box</a>
 <header class="top">
+  <button type="button" class="menu" aria-controls="sidebar" aria-expanded="false" aria-label="Conversations">☰</button>
   <h1><a href="/">chat.py</a></h1>
   <span class="upstream">{{upstream}}</span>
+  <a class="button new-top" href="/">New chat</a>
 % if user:
   <a class="account" href="/account" title="Your account and where you are signed in">{{user}}</a>
 % end
@@ -27,7 +29,7 @@
 % end
 </header>
 <div class="layout">
-<nav class="sidebar" aria-label="Conversations" hx-boost="true">
+<nav class="sidebar" id="sidebar" aria-label="Conversations" hx-boost="true">
   <details open>
     <summary>Conversations</summary>
     <a class="button new" href="/">New chat</a>
@@ -63,7 +65,7 @@
   <div id="conversation-head">
 % include("conversation_head", conversation=conversation)
   </div>
-  <div id="chat-messages" aria-label="Messages">
+  <div id="chat-messages" role="feed" aria-label="Messages">
 % for bubble in bubbles:
 {{!bubble}}
 % end
@@ -71,7 +73,7 @@
   <div id="status" class="visually-hidden" role="status" aria-live="polite"></div>
 </main>
 </div>
-<form id="composer" method="post" action="/streaming" enctype="multipart/form-data" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send"{{!' class="answering"' if answering else ''}}>
+<form id="composer" aria-label="Message" method="post" action="/streaming" enctype="multipart/form-data" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send"{{!' class="answering"' if answering else ''}}>
   <div id="form-error" aria-live="assertive">
 % if error:
     <p class="error" role="alert">{{error}}</p>
@@ -109,10 +111,24 @@
     <div id="attachment-previews" aria-live="polite"></div>
   </div>
   <div class="row">
-    <textarea name="prompt" id="prompt" rows="2" placeholder="Message (Enter to send, Shift+Enter for a new line)" aria-label="Message" autofocus>{{draft}}</textarea>
+    <textarea name="prompt" id="prompt" rows="2" placeholder="Message" aria-label="Message" autofocus>{{draft}}</textarea>
     <button type="submit" id="send" aria-label="Send message">Send</button>
     <button type="button" id="stop-answer" aria-label="Stop the answer (Escape)">Stop</button>
   </div>
+  <button type="button" id="jump" class="jump" hidden>↓ Jump to latest</button>
 </form>
+<dialog id="shortcuts" aria-labelledby="shortcuts-title">
+  <h2 id="shortcuts-title">Keyboard shortcuts</h2>
+  <dl>
+    <dt><kbd>Enter</kbd></dt><dd>Send (on a touch screen: a new line)</dd>
+    <dt><kbd>Shift</kbd> + <kbd>Enter</kbd></dt><dd>A new line</dd>
+    <dt><kbd>↑</kbd> in the empty message box</dt><dd>Edit your last message</dd>
+    <dt><kbd>Escape</kbd></dt><dd>Stop the answer</dd>
+    <dt><kbd>Ctrl</kbd> + <kbd>Shift</kbd> + <kbd>O</kbd></dt><dd>New chat</dd>
+    <dt><kbd>Ctrl</kbd> + <kbd>K</kbd></dt><dd>Search the conversations</dd>
+    <dt><kbd>?</kbd></dt><dd>This list</dd>
+  </dl>
+  <form method="dialog"><button type="submit">Close</button></form>
+</dialog>
 </body>
 </html>

@@ -18,7 +18,7 @@
 </header>
 <main>
   <div id="conversation-head"><h2 id="conversation-title">{{conversation['title']}}</h2></div>
-  <div id="chat-messages" aria-label="Messages">
+  <div id="chat-messages" role="feed" aria-label="Messages">
 % for bubble in bubbles:
 {{!bubble}}
 % end
