@@ -987,6 +987,11 @@ POSTGRESQL_STEPS = {
                          ON DELETE CASCADE, created DOUBLE PRECISION NOT NULL);
     CREATE INDEX shares_by_conversation ON shares (conversation_id);
     """,
+    "presets": """
+    CREATE TABLE presets (owner TEXT NOT NULL, name TEXT NOT NULL, model TEXT, system_prompt TEXT NOT NULL DEFAULT '',
+                          temperature DOUBLE PRECISION, top_p DOUBLE PRECISION, max_tokens INTEGER,
+                          created DOUBLE PRECISION NOT NULL, PRIMARY KEY (owner, name));
+    """,
 }
 
 
