@@ -4207,11 +4207,11 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     no_store()
     plain = bool(bottle.request.get_cookie(PLAIN_COOKIE)) and not htmx()
     bubbles, live, leaf, answering = render_bubbles(conversation, at=at, plain=plain)
+    presets = store.presets(owner())
     models = catalog.models()
     model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
     system = conversation["system_prompt"] if conversation else store.owner_system_prompt(owner())
     params = {name: conversation[name] if conversation else None for name in PARAMETERS}
-    presets = store.presets(owner())
     chosen = bottle.request.query.getunicode("preset", default="") or ""  # ?preset=NAME fills the fields with it
     preset = next((p for p in presets if p["name"] == chosen), None)
     if preset is not None:

@@ -72,7 +72,7 @@
 </div>
 <form id="composer" method="post" action="/streaming" enctype="multipart/form-data" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send"{{!' class="answering"' if answering else ''}}>
   <!-- The first submit button is what Enter in a field presses: Send, not the options panel's Save preset. -->
-  <button type="submit" class="default-send" hidden tabindex="-1" aria-hidden="true"></button>
+  <button type="submit" class="default-send" hidden tabindex="-1">Send</button>
   <div id="form-error" aria-live="assertive">
 % if error:
     <p class="error" role="alert">{{error}}</p>
