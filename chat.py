@@ -1437,11 +1437,12 @@ def split_answer(stream):
 
 
 def make_answer(bubble_id, conversation_id, text="", reasoning="", status="done", error=None, notes=(), footer="",
-                finish_reason=None, usage=None, model=None, elapsed=None, created=None):
+                finish_reason=None, usage=None, model=None, elapsed=None, created=None, message_id=None):
     """The answer record, made here only: what a finished bubble shows (render_answer) and the store keeps."""
     return {"bubble_id": bubble_id, "conversation_id": conversation_id, "text": text, "reasoning": reasoning,
             "status": status, "error": error, "notes": list(notes), "footer": footer,
-            "finish_reason": finish_reason, "usage": usage, "model": model, "elapsed": elapsed, "created": created}
+            "finish_reason": finish_reason, "usage": usage, "model": model, "elapsed": elapsed, "created": created,
+            "message_id": message_id}
 
 
 def answer_record(stream):
@@ -1451,7 +1452,7 @@ def answer_record(stream):
     return make_answer(stream.id, stream.conversation_id, text, reasoning, stream.status, stream.error,
                        answer_notes(stream), answer_footer(stream), c.finish_reason, c.usage, c.model or stream.model,
                        round((stream.finished_at or time.monotonic()) - stream.started, 3),
-                       time.time() - (time.monotonic() - stream.started))
+                       created=time.time() - (time.monotonic() - stream.started), message_id=stream.message_id)
 
 
 def render_answer(answer, last=True, nav=""):
@@ -1722,6 +1723,20 @@ MIGRATIONS = [
     ALTER TABLE conversations ADD COLUMN archived REAL;
     ALTER TABLE conversations ADD COLUMN deleted REAL;
     CREATE INDEX conversations_trash ON conversations (deleted) WHERE deleted IS NOT NULL;
+    """),
+    # Named presets of the composer's options, per owner (an anonymous browser or an account).
+    Migration("presets", sqlite="""
+    CREATE TABLE presets (
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        model TEXT,                      -- NULL: the server's default
+        system_prompt TEXT NOT NULL DEFAULT '',
+        temperature REAL,                -- NULL: the default, as in conversations
+        top_p REAL,
+        max_tokens INTEGER,
+        created REAL NOT NULL,
+        PRIMARY KEY (owner, name)
+    );
     """),
 ]
 
@@ -2078,6 +2093,7 @@ class Store:
         with self.transaction():
             gone = self.db.execute("DELETE FROM conversations WHERE owner = ?", (user["owner"],)).rowcount
             self.db.execute("DELETE FROM owner_settings WHERE owner = ?", (user["owner"],))
+            self.db.execute("DELETE FROM presets WHERE owner = ?", (user["owner"],))
             self.db.execute("DELETE FROM sessions WHERE user_name = ?", (name,))
             self.db.execute("DELETE FROM users WHERE name = ?", (name,))
         return gone
@@ -2113,6 +2129,10 @@ class Store:
                             "FROM owner_settings WHERE owner = ? ON CONFLICT (owner) DO NOTHING",
                             (new_owner, old_owner))
             self.db.execute("DELETE FROM owner_settings WHERE owner = ?", (old_owner,))
+            self.db.execute("INSERT INTO presets SELECT ?, name, model, system_prompt, temperature, top_p, max_tokens, "
+                            "created FROM presets WHERE owner = ? ON CONFLICT (owner, name) DO NOTHING",
+                            (new_owner, old_owner))
+            self.db.execute("DELETE FROM presets WHERE owner = ?", (old_owner,))
         return len(ids)
 
     # -- attachments
@@ -2299,6 +2319,29 @@ class Store:
                         "ON CONFLICT (owner) DO UPDATE SET system_prompt = excluded.system_prompt",
                         (owner, system_prompt))
 
+    def presets(self, owner):
+        """This owner's presets by name."""
+        return self.db.execute("SELECT * FROM presets WHERE owner = ? ORDER BY name", (owner,)).fetchall()
+
+    def save_preset(self, owner, name, fields):
+        """Save (or replace) a named preset: model, system_prompt and the PARAMETERS."""
+        self.db.execute("INSERT INTO presets (owner, name, model, system_prompt, temperature, top_p, max_tokens, "
+                        "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO UPDATE SET "
+                        "model = excluded.model, system_prompt = excluded.system_prompt, temperature = "
+                        "excluded.temperature, top_p = excluded.top_p, max_tokens = excluded.max_tokens",
+                        (owner, name, fields["model"], fields["system_prompt"], *(fields[n] for n in PARAMETERS),
+                         time.time()))
+
+    def delete_preset(self, owner, name):
+        """Delete one of this owner's presets."""
+        self.db.execute("DELETE FROM presets WHERE owner = ? AND name = ?", (owner, name))
+
+    def reopen_answer(self, message_id, conversation_id):
+        """Mark a stored answer streaming again (Continue writes on into it), with a lease."""
+        self.db.execute("UPDATE messages SET status = 'streaming', lease_until = ? WHERE id = ? AND conversation_id = ?",
+                        (time.time() + settings.lease_seconds, message_id, conversation_id))
+        self.update_conversation(conversation_id)
+
     def search(self, owner, words, limit=20):
         """This owner's titles, then each conversation's best message, containing every word (as a prefix), best
         first."""
@@ -2337,7 +2380,8 @@ store = Store()
 def stored_answer(row):
     """A stored assistant message as its answer record."""
     return make_answer(f"m{row['id']}", row["conversation_id"], row["content"], row["reasoning"], row["status"],
-                       row["error"], json.loads(row["notes"] or "[]"), row["footer"], created=row["created"])
+                       row["error"], json.loads(row["notes"] or "[]"), row["footer"], row["finish_reason"],
+                       created=row["created"], message_id=row["id"])
 
 
 PARAMETERS = ("temperature", "top_p", "max_tokens")  # per conversation: None means the default
@@ -2871,7 +2915,7 @@ class Stream:
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
                  "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "budget", "budget_at")
+                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "budget", "budget_at", "seed")
 
     local = True  # written by this process (RemoteAnswer: by another one)
 
@@ -2901,6 +2945,7 @@ class Stream:
         self.renewed_at = 0.0         # when the lease was last renewed without new text
         self.budget = settings.max_tokens_per_second * PACE_BURST  # tokens it may relay at once (refilled at the rate)
         self.budget_at = self.started
+        self.seed = ()                # Continue: (kind, text) of the answer so far, replayed first into the log
 
     @property
     def finished(self):
@@ -3241,6 +3286,8 @@ def relay_upstream(stream):
     """Greenlet body: read the upstream answer and publish it token by token, then finish."""
     completion, think = stream.completion, ThinkSplitter()
     try:
+        for piece in stream.seed:  # the bubble (and the stored answer) start with the text so far, then grow
+            stream.token(*piece)
         stream.model = stream.model or catalog.default()
         stream.messages, stream.dropped = fit_history(stream.history, stream.model, room=stream.params.get("max_tokens"))
         response = open_fitted(stream)
@@ -3288,6 +3335,12 @@ def open_fitted(stream):
         return open_completion(http, stream.messages, stream.model, stream.params)
     except UpstreamError as exc:
         overflow = context_overflow(exc.status, exc.body)
+        if overflow is None and exc.status == 400 and stream.history[-1]["role"] == "assistant":
+            # Continue: OpenAI-style servers refuse a trailing assistant message; ask in a user turn instead.
+            stream.history = stream.history + [{"role": "user", "content": CONTINUE_PROMPT}]
+            stream.messages, stream.dropped = fit_history(stream.history, stream.model,
+                                                          room=stream.params.get("max_tokens"))
+            return open_fitted(stream)
         if overflow is None:
             raise
         sent = stream.messages
@@ -3305,6 +3358,9 @@ def open_fitted(stream):
         stream.messages, stream.dropped = messages, dropped
         stream.resent = overflow.size or 0
         return open_completion(http, stream.messages, stream.model, stream.params)
+
+
+CONTINUE_PROMPT = "Continue exactly where you stopped."
 
 
 def fit_history(history, model, below=None, room=None):
@@ -4202,16 +4258,23 @@ def render_page(conversation=None, draft="", error=None, at=None, results=None, 
     no_store()
     plain = bool(bottle.request.get_cookie(PLAIN_COOKIE)) and not htmx()
     bubbles, live, leaf, answering = render_bubbles(conversation, at=at, plain=plain)
+    presets = store.presets(owner())
     models = catalog.models()
     model = (conversation and conversation["model"]) or settings.model or (models[0] if models else None)
     system = conversation["system_prompt"] if conversation else store.owner_system_prompt(owner())
     params = {name: conversation[name] if conversation else None for name in PARAMETERS}
+    chosen = bottle.request.query.getunicode("preset", default="") or ""  # ?preset=NAME fills the fields with it
+    preset = next((p for p in presets if p["name"] == chosen), None)
+    if preset is not None:
+        model, system, params = preset["model"] or model, preset["system_prompt"], {n: preset[n] for n in PARAMETERS}
+    # Folded unless a preset was just chosen (also after a form error): its summary lists what is set.
+    options = template("options", models=models, model=model, label=model_label, system=system, params=params,
+                       defaults={n: getattr(settings, n) for n in PARAMETERS}, presets=presets, chosen=chosen,
+                       opened=preset is not None, active_options=active_options)
     page = template("page", demo=settings.demo, upstream=settings.upstream_label(), conversation=conversation,
                     lists=conversation_lists(conversation and conversation["id"]), deleted=deleted, bubbles=bubbles,
-                    models=models, model=model, label=model_label, password=password_login(),
-                    user=bottle.request.environ.get("chat.user"), draft=draft, error=error, leaf=leaf,
-                    notice=model_notice(),
-                    system=system, params=params, defaults={n: getattr(settings, n) for n in PARAMETERS},
+                    options=options, password=password_login(), user=bottle.request.environ.get("chat.user"),
+                    draft=draft, error=error, leaf=leaf, notice=model_notice(), here=page_path(conversation),
                     results=results, query=query, answering=answering,
                     shares=share_links(conversation["id"]) if conversation else [])
     if live is None:
@@ -4240,6 +4303,17 @@ def conversation_lists(current=None):
         (archived if row["archived"] else groups.setdefault(heading, [])).append(row)
     return template("conversation_list", groups=sorted(groups.items(), key=lambda group: group[0] != "Pinned"),
                     archived=archived, current=current)
+
+
+def active_options(system, params):
+    """What the options panel's folded summary lists: the options set, by name."""
+    return (["system prompt"] if system else []) + [PARAMETER_RANGES[n][3].lower() for n in PARAMETERS
+                                                    if params[n] is not None]
+
+
+def page_path(conversation):
+    """The path of the page that shows a conversation (None: a new chat)."""
+    return f"/c/{conversation['id']}" if conversation else "/"
 
 
 def render_bubbles(conversation, at=None, plain=False):
@@ -4346,6 +4420,49 @@ def model_server():
     if catalog.fetching is not None:
         catalog.fetching.join(MODELS_DEADLINE)  # what the server says now, not what it said 15 s ago
     return model_notice()
+
+
+PRESETS_PER_OWNER = 50
+
+
+@app.post("/presets")
+def save_preset():
+    """Save the composer's options under a name: htmx gets the preset picker again, a plain form the page with it."""
+    forms = bottle.request.forms
+    name = " ".join((forms.getunicode("preset_name") or "").translate(CONTROL).split())[:80]
+    try:
+        if not name:
+            raise Refused(400, "Give the preset a name first.")
+        system = (forms.getunicode("system") or "").strip()
+        if len(system) > settings.max_prompt:
+            raise Refused(413, f"The system prompt is {len(system):,} characters long; the limit is "
+                               f"{settings.max_prompt:,}.")
+        fields = {"model": (forms.getunicode("model") or "").strip() or None, "system_prompt": system,
+                  **{n: None for n in PARAMETERS}, **form_params(forms)}
+        names = [p["name"] for p in store.presets(owner())]
+        if name not in names and len(names) >= PRESETS_PER_OWNER:
+            raise Refused(409, f"You have {PRESETS_PER_OWNER} presets, the most kept; delete one first.")
+        admit_new_owner()
+        store.save_preset(owner(), name, fields)
+    except Refused as refused:
+        return form_error(refused.status, str(refused))
+    return presets_reply(name)
+
+
+@app.post("/presets/delete")
+def delete_preset():
+    """Delete one of this browser's presets."""
+    store.delete_preset(owner(), bottle.request.forms.getunicode("preset") or "")
+    return presets_reply("")
+
+
+def presets_reply(chosen):
+    """After a preset was saved or deleted: htmx gets the picker; a plain form goes back to its page, choosing it."""
+    if not htmx():
+        conversation_id = bottle.request.forms.getunicode("conversation") or ""
+        path = page_path(conversation_id and store.conversation(conversation_id, owner()))
+        plain_redirect(path + (f"?preset={urllib.parse.quote(chosen)}" if chosen else ""))
+    return template("presets", presets=store.presets(owner()), chosen=chosen)
 
 
 @app.get("/c/<conversation_id>")
@@ -4588,6 +4705,7 @@ def start_streaming():
     if created:
         bottle.response.set_header("HX-Push-Url", f"/c/{conversation_id}")
     return template("exchange", prompt=prompt, stream_id=stream.id, conversation=conversation, asked=time.time(),
+                    active=active_options(conversation["system_prompt"], conversation),
                     created=created, question_id=question, leaf=stream.message_id,
                     lists=conversation_lists(conversation_id) if created else "",
                     files=store.attachments([question], data="text").get(question, []) if files else [])
@@ -4624,6 +4742,31 @@ def regenerate(conversation_id):
     try:
         with sending(conversation_id) as stream:  # refused: nothing changes
             start_answer(stream, conversation, question["id"])
+    except Refused as refused:
+        return form_error(refused.status, str(refused))
+    return branch_reply(conversation_id)
+
+
+@app.post("/c/<conversation_id>/continue")
+def continue_answer(conversation_id):
+    """Go on with an answer max tokens cut off: it goes back as the last assistant message, and the continuation
+    streams into the same stored answer (one message, one bubble that replays the text so far, then grows)."""
+    conversation = owned_conversation(conversation_id)
+    tree = Tree(store.messages(conversation_id))
+    target = message_field(tree)
+    if target is None or target["role"] != "assistant" or target["finish_reason"] != "length" or \
+            target["status"] != "done":
+        return form_error(409, "Only an answer cut off by its length limit can be continued.")
+    try:
+        with sending(conversation_id) as stream:
+            path = tree.path(target["parent_id"])
+            history = upstream_history(conversation, path, files_to_send(path))
+            store.reopen_answer(target["id"], conversation_id)
+            seed = [(kind, target[column]) for kind, column in (("reasoning", "reasoning"), ("message", "content"))
+                    if target[column]]
+            streams.begin(stream, history + [{"role": "assistant", "content": target["content"]}],
+                          model=conversation["model"], conversation_id=conversation_id, message_id=target["id"],
+                          params=conversation_params(conversation), seed=seed)
     except Refused as refused:
         return form_error(refused.status, str(refused))
     return branch_reply(conversation_id)
@@ -5009,9 +5152,19 @@ def events():
 @app.post("/stop")
 def stop():
     """Stop an answer; the done bubble follows on the event stream."""
-    conversation_id = streams.stop_for(bottle.request.query.getunicode("stream", default="") or "", owner())
+    stream_id = bottle.request.query.getunicode("stream", default="") or ""
+    conversation_id = streams.stop_for(stream_id, owner())
+    stream = streams.get(stream_id)
     if not htmx() and conversation_id:
-        bottle.redirect(f"/c/{conversation_id}", 303)
+        reader = Outlet()  # wait, like a page reading it, until it is stored as stopped: the page shows #answer-mN
+        if stream is not None and not stream.finished:
+            stream.readers.add(reader)
+            with gevent.Timeout(5, False):
+                while not stream.finished:
+                    reader.wait()
+            stream.readers.discard(reader)
+        at = f"#answer-m{stream.message_id}" if stream is not None and stream.message_id else ""
+        bottle.redirect(f"/c/{conversation_id}{at}", 303)
     bottle.response.status = 204
     return ""
 

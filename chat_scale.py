@@ -992,6 +992,11 @@ POSTGRESQL_STEPS = {
         ADD COLUMN deleted DOUBLE PRECISION;
     CREATE INDEX conversations_trash ON conversations (deleted) WHERE deleted IS NOT NULL;
     """,
+    "presets": """
+    CREATE TABLE presets (owner TEXT NOT NULL, name TEXT NOT NULL, model TEXT, system_prompt TEXT NOT NULL DEFAULT '',
+                          temperature DOUBLE PRECISION, top_p DOUBLE PRECISION, max_tokens INTEGER,
+                          created DOUBLE PRECISION NOT NULL, PRIMARY KEY (owner, name));
+    """,
 }
 
 

@@ -1816,8 +1816,9 @@ def test_without_javascript_stop_rename_regenerate_and_delete_are_forms(client, 
     upstream.serve(answer("x"), hang_at=0)
     conversation = plain.post("/streaming", {"prompt": "q"}, status=303).headers["Location"].rsplit("/", 1)[1]
     stream = next(iter(chat.streams.by_id.values()))
-    assert plain.post(f"/stop?stream={stream.id}", status=303).headers["Location"].endswith(f"/c/{conversation}")
-    wait_until(lambda: stream.finished, what="the stop")
+    stopped = plain.post(f"/stop?stream={stream.id}", status=303).headers["Location"]
+    assert stopped.endswith(f"/c/{conversation}#answer-m{stream.message_id}")  # lands at the answer (issue 23)
+    assert stream.finished and f'id="answer-m{stream.message_id}"' in plain.get(f"/c/{conversation}").text
     upstream.serve(answer("again"))
     plain.post(f"/c/{conversation}/regenerate", status=303)
     wait_until(lambda: db_rows("SELECT content FROM messages WHERE role = 'assistant' ORDER BY id")[-1] == ("again",),
@@ -2051,7 +2052,9 @@ def test_parameters_reach_the_upstream_only_when_set(client, upstream, monkeypat
     assert upstream.last.json["temperature"] == 0.2
     page = client.get(f"/c/{conversation}").text
     assert elements(page, "input", name="temperature")[0].attrs["value"] == "0.2"
-    assert "open" in elements(page, "details", cls="options")[0].attrs  # the panel shows what is set
+    options = elements(page, "details", cls="options")[0]  # folded (issue 23): its summary says what is set
+    assert "open" not in options.attrs and elements(page, "summary", id="options-summary")[0].text.endswith(
+        "· temperature, top p, max tokens")
     monkeypatch.setattr(chat.settings, "temperature", 0.7)
     read_events(client, send_in(client, "new chat")[0])
     assert upstream.last.json["temperature"] == 0.7 and "top_p" not in upstream.last.json

@@ -903,7 +903,7 @@ def test_regenerate_focuses_stop_and_then_the_message_box(open_page, page_upstre
     page_upstream.serve(body, pause_at=after_event(body, b'"Second"'))
     first.get_by_role("button", name="Regenerate this answer").click()
     page.locator(".msg.assistant.streaming").wait_for()  # focus moves as it is swapped in, in the same task
-    assert page.evaluate("() => document.activeElement.matches('.msg.assistant.streaming button.stop')"), \
+    assert page.evaluate("() => document.activeElement.id === 'stop-answer'"), \
         "the focus is on " + page.evaluate("() => document.activeElement.outerHTML.slice(0, 80)")
     page_upstream.release()
     page.locator(".msg.assistant.done .content").filter(has_text="Second try.").wait_for()
@@ -1581,3 +1581,67 @@ def test_the_login_button_is_solid(browser, page_upstream, tmp_path, watches):
     finally:
         ctx.close()
         app.stop()
+
+
+# ---------------------------------------------------------------------------
+# Continue, Edit's Cancel and presets (issue 23)
+# ---------------------------------------------------------------------------
+
+def test_continue_grows_the_cut_answer_and_edit_cancel_folds_in_place(open_page, page_upstream):
+    """Continue on an answer cut off by max tokens streams on in the same bubble, with one Stop on the page, and is
+    one answer after a reload; Edit stays at the right edge when opened, and its Cancel folds the box unchanged."""
+    page = open_page().page
+    page_upstream.serve(answer("Once", " upon", finish="length"))
+    finished_bubble(page, type_and_send(page, "Tell a story"))
+    body = answer(" a", " time.")
+    page_upstream.serve(body, pause_at=after_event(body, b'" a"'))
+    page.get_by_role("button", name="Continue", exact=True).click()
+    page.locator(".msg.assistant.streaming").filter(has_text="Once upon a").wait_for()
+    assert page.get_by_role("button", name="Stop generating").count() == 1  # the composer's; the bubble's hides
+    page_upstream.release()
+    page.locator(".msg.assistant.done").filter(has_text="Once upon a time.").wait_for()
+    assert page.locator(".msg.assistant").count() == 1 and page.get_by_role("button", name="Continue").count() == 0
+    assert page_upstream.last.json["messages"][-1] == {"role": "assistant", "content": "Once upon"}
+    page.reload()
+    assert page.locator(".msg.assistant .content").all_inner_texts() == ["Once upon a time."]
+    edit = page.locator(".msg.user details.edit")
+    summary = edit.locator("summary")
+    right = summary.bounding_box()["x"] + summary.bounding_box()["width"]
+    summary.click()
+    edit.locator("textarea").fill("Tell another story")
+    assert abs(summary.bounding_box()["x"] + summary.bounding_box()["width"] - right) < 2  # it did not jump
+    edit.get_by_role("link", name="Cancel").click()
+    assert not edit.evaluate("e => e.open") and edit.locator("textarea").input_value() == "Tell a story"
+    assert "#user-m" not in page.url  # folded in place: the link (for pages without JavaScript) was not followed
+
+
+
+
+def test_presets_are_saved_used_and_deleted_and_the_summary_follows(open_page, page_upstream):
+    """Enter in the preset's name saves it (not a send); Use fills the fields; the panel takes at most 40 % of the
+    window; sending folds it and its summary lists what is set, as do changes before sending; Delete removes it."""
+    page = open_page().page
+    page.locator("#options-summary").click()
+    page.fill("input[name=temperature]", "0.3")
+    page.fill("#system", "Be brief")
+    page.fill("#preset-name", "Brief")
+    page.press("#preset-name", "Enter")
+    page.locator("#preset").wait_for()
+    assert page.locator("#preset").input_value() == "Brief" and page.locator(".msg").count() == 0
+    page.fill("input[name=temperature]", "")
+    page.fill("#system", "")
+    page.get_by_role("button", name="Use", exact=True).click()
+    page.wait_for_function("() => document.querySelector('input[name=temperature]').value === '0.3'")
+    assert page.locator("#system").input_value() == "Be brief"
+    assert page.locator("#options").bounding_box()["height"] <= 0.41 * page.viewport_size["height"]
+    page_upstream.serve(answer("ok"))
+    finished_bubble(page, type_and_send(page, "hi"))  # Enter in the message box sends, after a preset was saved
+    assert page_upstream.last.json["temperature"] == 0.3 and not page.locator("#options").evaluate("e => e.open")
+    assert page.locator("#options-summary").inner_text() == "Model and options · system prompt, temperature"
+    page.locator("#options-summary").click()
+    page.fill("input[name=max_tokens]", "5")
+    page.locator("#options-summary").click()
+    assert page.locator("#options-summary").inner_text().endswith("system prompt, temperature, max tokens")
+    page.locator("#options-summary").click()
+    page.get_by_role("button", name="Delete this preset").click()
+    page.locator("#preset").wait_for(state="detached")

@@ -214,6 +214,7 @@ class FakeUpstream:
         self.props = None          # GET /props body (llama.cpp), or None for 404
         self.refuse = None         # (characters, raw response or f(characters)): refuse longer prompts
         self.strict_roles = False  # answer 400 like a strict chat template when roles do not alternate
+        self.no_trailing_assistant = False  # answer 400 like OpenAI to a request that ends with an assistant message
         self.shutdown = gevent.event.Event()
         self.server = StreamServer(("127.0.0.1", 0), self._handle)
         self.server.start()
@@ -313,6 +314,11 @@ class FakeUpstream:
             response = self.refuse[1](chars) if callable(self.refuse[1]) else self.refuse[1]
             return Reply(b"", response, chunked=False, cuts=[], action=None, action_at=None)
         roles = [m["role"] for m in messages if m["role"] != "system"]
+        if self.no_trailing_assistant and roles[-1:] == ["assistant"]:
+            body = json.dumps({"error": {"type": "invalid_request_error", "message": "The last message must be "
+                               "from the user."}}).encode()
+            return Reply(b"", b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close"
+                              b"\r\n\r\n" + body, chunked=False, cuts=[], action=None, action_at=None)
         if self.strict_roles and (roles[:1] != ["user"] or any(a == b for a, b in zip(roles, roles[1:]))):
             body = json.dumps({"error": {"code": 400, "type": "invalid_request_error", "message":
                                "Conversation roles must alternate user/assistant/user/assistant/..."}})

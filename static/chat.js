@@ -47,6 +47,41 @@
   });
 
 
+  // Edit's Cancel is a link back to the page (without JavaScript); here it only folds the edit box.
+  document.addEventListener("click", function (e) {
+    var cancel = e.target.closest("details.edit a.cancel");
+    if (!cancel) return;
+    e.preventDefault();
+    var edit = cancel.closest("details.edit");
+    edit.querySelector("form").reset();
+    edit.open = false;
+    edit.querySelector("summary").focus();
+  });
+
+  // The options' folded summary lists what is set, also as the fields change (the server's words).
+  document.addEventListener("change", function (e) {
+    var options = e.target.closest && e.target.closest("details.options");
+    var summary = options && options.querySelector("summary");
+    if (!summary) return;
+    var set = [];
+    if (byId("system").value.trim()) set.push("system prompt");
+    [["temperature", "temperature"], ["top_p", "top p"], ["max_tokens", "max tokens"]].forEach(function (p) {
+      var field = options.querySelector("input[name=" + p[0] + "]");
+      if (field && field.value.trim()) set.push(p[1]);
+    });
+    summary.textContent = "Model and options" + (set.length ? " · " + set.join(", ") : "");
+  });
+  // Enter in the preset's name saves the preset (Enter elsewhere in the composer sends).
+  document.addEventListener("keydown", function (e) {
+    if (e.target.id !== "preset-name" || e.key !== "Enter" || e.isComposing) return;
+    e.preventDefault();
+    var save = document.querySelector("#composer button.save-preset");
+    if (!save) return;
+    save.focus();  // htmx takes a focused button for the submitter until it loses the focus: then Send is again
+    save.click();
+    e.target.focus();
+  });
+
   // Drafts survive navigation, one per conversation, in this browser only.
   function draftKey() {
     var c = byId("conversation");
@@ -74,12 +109,12 @@
     if (elt.classList && elt.classList.contains("stop-form") && ok) byId("prompt").focus();  // after Stop
     if (elt.id !== "composer") return;
     // Only a successful send clears the box: on an error the user's words stay.
+    var options = document.querySelector("#composer details.options");
+    if (options) options.open = false;  // the options fold after sending, and after an error (it names the field)
     if (ok) {
       byId("prompt").value = "";
       clearDraft(sentFrom);
       clearAttachments();  // they went with the message
-      var options = document.querySelector("#composer details.options");
-      if (options) options.open = false;  // the options fold after sending
       announce("Answering…");
       stick = true;
       scrollToEnd();
@@ -103,8 +138,8 @@
     }
     var bubble = streamingBubble();
     if (bubble) {
-      var stop = bubble.querySelector("button.stop");
-      if (stop) stop.focus();
+      updateComposer();
+      byId("stop-answer").focus();  // the one Stop shown (the bubble's is for pages without JavaScript)
       announce("Answering…");
       stick = true;
       scrollToEnd();
@@ -375,7 +410,7 @@
     var stopped = /class="msg assistant done stopped"/.test(e.detail.data || "");
     announce(stopped ? "Stopped" : "Answer complete");
     var bubble = e.detail.elt && e.detail.elt.closest ? e.detail.elt.closest(".msg") : null;
-    var hadFocus = bubble && bubble.contains(document.activeElement);
+    var hadFocus = (bubble && bubble.contains(document.activeElement)) || document.activeElement === byId("stop-answer");
     setTimeout(function () {
       updateComposer();
       if (hadFocus || document.activeElement === document.body) byId("prompt").focus();

@@ -26,6 +26,9 @@
 % if answer.get('created'):
     {{!moment(answer['created'])}}
 % end
+% if answer['conversation_id'] and last and answer.get('message_id') and answer['finish_reason'] == 'length' and answer['status'] == 'done':
+    <form method="post" action="/c/{{answer['conversation_id']}}/continue" hx-post="/c/{{answer['conversation_id']}}/continue" hx-target="#chat-messages" hx-swap="innerHTML"><input type="hidden" name="message" value="{{answer['message_id']}}"><button type="submit" class="continue" aria-label="Continue">Continue</button></form>
+% end
     <span class="footer">{{answer['footer']}}</span>
   </div>
 </div>

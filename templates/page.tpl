@@ -74,6 +74,8 @@
 </main>
 </div>
 <form id="composer" aria-label="Message" method="post" action="/streaming" enctype="multipart/form-data" hx-post="/streaming" hx-target="#chat-messages" hx-swap="beforeend" hx-disabled-elt="#send"{{!' class="answering"' if answering else ''}}>
+  <!-- The first submit button is what Enter in a field presses: Send, not the options panel's Save preset. -->
+  <button type="submit" class="default-send" hidden tabindex="-1">Send</button>
   <div id="form-error" aria-live="assertive">
 % if error:
     <p class="error" role="alert">{{error}}</p>
@@ -81,30 +83,7 @@
   </div>
   <input type="hidden" name="conversation" id="conversation" value="{{conversation['id'] if conversation else ''}}">
   <input type="hidden" name="parent" id="parent" value="{{leaf or ''}}">
-% is_set = [label for label, on in (("system prompt", bool(system)), ("temperature", params['temperature'] is not None), ("top p", params['top_p'] is not None), ("max tokens", params['max_tokens'] is not None)) if on]
-  <details class="options"{{!' open' if is_set else ''}}>
-    <summary>Model and options{{' · ' + ', '.join(is_set) if is_set else ''}}</summary>
-    <label for="model">Model</label>
-% if models:
-    <select name="model" id="model">
-% else:
-    <!-- The model list is asked for in the background; fetch it once it is there. -->
-    <select name="model" id="model" hx-get="/model-options" hx-trigger="load" hx-target="this" hx-swap="innerHTML">
-% end
-% include("model_options", models=models, model=model, label=label)
-    </select>
-    <label for="system">System prompt</label>
-    <textarea name="system" id="system" rows="3" placeholder="Optional instructions for the model in this conversation">{{system}}</textarea>
-    <label class="check"><input type="checkbox" name="save_system" value="1"> Use this system prompt for new chats</label>
-    <div class="params">
-% for name, label, step, hint in (("temperature", "Temperature", "0.05", "0–2"), ("top_p", "Top p", "0.01", "0–1"), ("max_tokens", "Max tokens", "1", "1 or more")):
-      <label>{{label}}
-        <input type="number" name="{{name}}" step="{{step}}" min="0" value="{{'' if params[name] is None else params[name]}}" placeholder="{{'default: ' + str(defaults[name]) if defaults[name] is not None else "server's default"}}" aria-describedby="hint-{{name}}">
-        <span class="hint" id="hint-{{name}}">{{hint}}; blank: {{'the default' if defaults[name] is not None else "the server's default"}}</span>
-      </label>
-% end
-    </div>
-  </details>
+{{!options}}
   <div class="attach-row">
     <label for="attachment" class="attach">Attach images or text files</label>
     <input type="file" name="attachment" id="attachment" multiple>
@@ -113,7 +92,7 @@
   <div class="row">
     <textarea name="prompt" id="prompt" rows="2" placeholder="Message" aria-label="Message" autofocus>{{draft}}</textarea>
     <button type="submit" id="send" aria-label="Send message">Send</button>
-    <button type="button" id="stop-answer" aria-label="Stop the answer (Escape)">Stop</button>
+    <button type="button" id="stop-answer" aria-label="Stop generating (Escape)">Stop</button>
   </div>
   <button type="button" id="jump" class="jump" hidden>↓ Jump to latest</button>
 </form>
@@ -130,5 +109,7 @@
   </dl>
   <form method="dialog"><button type="submit">Close</button></form>
 </dialog>
+<!-- The preset picker's own form: its controls sit in the options panel (form="presets"). -->
+<form id="presets" method="get" action="{{here}}" hx-get="{{here}}" hx-select="#options" hx-target="#options" hx-swap="outerHTML"><input type="hidden" name="conversation" value="{{conversation['id'] if conversation else ''}}"></form>
 </body>
 </html>

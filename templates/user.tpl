@@ -9,7 +9,7 @@
       <form method="post" action="/c/{{conversation_id}}/edit" hx-post="/c/{{conversation_id}}/edit" hx-target="#chat-messages" hx-swap="innerHTML">
         <input type="hidden" name="message" value="{{message_id}}">
         <textarea name="prompt" rows="3" aria-label="Edited message" required>{{prompt}}</textarea>
-        <button type="submit">Send</button>
+        <div class="edit-buttons"><a class="button cancel" href="/c/{{conversation_id}}#user-m{{message_id}}">Cancel</a> <button type="submit">Send</button></div>
       </form>
     </details>
   </div>
