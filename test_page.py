@@ -1273,6 +1273,36 @@ def test_times_are_shown_in_the_readers_zone_and_so_are_the_sidebars_days(browse
         assert page.locator("#conversation-list h2, #conversation-list a").all_inner_texts() == [
             "Today", "what time is it"]
         assert page.locator("#chat-messages time").all_inner_texts() == ["just now", "just now"]  # after a load too
+    finally:
+        ctx.close()
+
+
+def test_search_lists_a_conversation_once_and_arrows_and_enter_open_a_result(open_page, page_upstream, live_chat):
+    """A conversation found by its title and its answer is one result under "Results"; ArrowDown from the search box
+    walks the results, ArrowUp goes back, Enter opens the one focused."""
+    page = open_page().page
+    for prompt in ("zebra facts", "more zebra facts"):
+        page.get_by_role("link", name="New chat").click()
+        page.wait_for_url(live_chat.url + "/")
+        page_upstream.serve(answer(f"Zebras have stripes ({prompt})."))
+        finished_bubble(page, type_and_send(page, prompt))
+    page.get_by_role("link", name="New chat").click()
+    page.wait_for_url(live_chat.url + "/")
+    page.wait_for_function("() => document.activeElement.id === 'prompt'")
+    page.keyboard.press("Control+k")
+    page.keyboard.type("zebra")
+    results = page.locator("#search-results a")
+    page.wait_for_function("() => document.querySelectorAll('#search-results a').length === 2")
+    assert page.get_by_role("heading", name="Results").is_visible()
+    hrefs = [results.nth(n).get_attribute("href") for n in range(2)]
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowDown")
+    assert page.evaluate("document.activeElement.getAttribute('href')") == hrefs[1]
+    page.keyboard.press("ArrowUp")
+    assert page.evaluate("document.activeElement.getAttribute('href')") == hrefs[0]
+    page.keyboard.press("Enter")
+    page.wait_for_url(live_chat.url + hrefs[0])
+    assert page.locator("#conversation-title").inner_text() in ("zebra facts", "more zebra facts")
 
 
 # ---------------------------------------------------------------------------
@@ -1359,35 +1389,6 @@ def test_on_a_phone_the_menu_button_opens_the_list_as_a_drawer(browser, open_pag
         ctx.close()
 
 
-def test_search_lists_a_conversation_once_and_arrows_and_enter_open_a_result(open_page, page_upstream, live_chat):
-    """A conversation found by its title and its answer is one result under "Results"; ArrowDown from the search box
-    walks the results, ArrowUp goes back, Enter opens the one focused."""
-    page = open_page().page
-    for prompt in ("zebra facts", "more zebra facts"):
-        page.get_by_role("link", name="New chat").click()
-        page.wait_for_url(live_chat.url + "/")
-        page_upstream.serve(answer(f"Zebras have stripes ({prompt})."))
-        finished_bubble(page, type_and_send(page, prompt))
-    page.get_by_role("link", name="New chat").click()
-    page.wait_for_url(live_chat.url + "/")
-    page.wait_for_function("() => document.activeElement.id === 'prompt'")
-    page.keyboard.press("Control+k")
-    page.keyboard.type("zebra")
-    results = page.locator("#search-results a")
-    page.wait_for_function("() => document.querySelectorAll('#search-results a').length === 2")
-    assert page.get_by_role("heading", name="Results").is_visible()
-    hrefs = [results.nth(n).get_attribute("href") for n in range(2)]
-    page.keyboard.press("ArrowDown")
-    page.keyboard.press("ArrowDown")
-    assert page.evaluate("document.activeElement.getAttribute('href')") == hrefs[1]
-    page.keyboard.press("ArrowUp")
-    assert page.evaluate("document.activeElement.getAttribute('href')") == hrefs[0]
-    page.keyboard.press("Enter")
-    page.wait_for_url(live_chat.url + hrefs[0])
-    assert page.locator("#conversation-title").inner_text() in ("zebra facts", "more zebra facts")
-
-
-# ---------------------------------------------------------------------------
 def test_without_javascript_the_phone_list_stays_and_no_placeholder_promises_enter(browser, live_chat, watches):
     """No script on a phone: no dead menu button, the folded list is there; the placeholder says nothing of Enter."""
     watch, ctx = no_js_page(browser, live_chat, watches, viewport={"width": 390, "height": 844})
