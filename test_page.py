@@ -10,6 +10,7 @@ import html  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
+import sqlite3  # noqa: E402
 
 import gevent  # noqa: E402
 import pytest  # noqa: E402
@@ -1646,3 +1647,79 @@ def test_presets_are_saved_used_and_deleted_and_the_summary_follows(open_page, p
     page.locator("#options-summary").click()
     page.get_by_role("button", name="Delete this preset").click()
     page.locator("#preset").wait_for(state="detached")
+
+
+# ---------------------------------------------------------------------------
+# The README's screenshots of issue 23: the phone drawer and a shared conversation
+# ---------------------------------------------------------------------------
+
+def test_screenshot_of_the_phone_drawer(browser, live_chat, page_upstream, tmp_path):
+    """On a phone the drawer opens over a conversation, its titles under Pinned, Today, Yesterday and Previous 7 days
+    (two conversations made older in chat.py's file); with CHAT_UPDATE_SCREENSHOT the README's picture is kept."""
+    ctx = browser.new_context(**PHONE, device_scale_factor=1)
+    try:
+        page = ctx.new_page()
+        page.set_default_timeout(10_000)
+        watch = PageWatch(page)
+        page.goto(live_chat.url + "/")
+        page.wait_for_function("() => window.htmx && htmx.version")
+        ids = []
+        questions = ["Plan a three-day trip to Lisbon", "Why does my pytest fixture run twice?",
+                     "A quick weeknight curry", "Summarise SQLite's WAL mode", "What does `a or b` return in Python?"]
+        for n, question in enumerate(questions):
+            if n:
+                page.locator(".top .new-top").tap()
+                page.wait_for_url(live_chat.url + "/")
+            last = n == len(questions) - 1
+            page_upstream.serve(answer("It returns `a` when `a` is truthy, else `b`:\n\n", "```python\n",
+                                       "name = given or 'friend'\nprint(f'Hello, {name}!')\n", "```\n")
+                                if last else answer(f"Answer {n}."))
+            tap_send(page, question)
+            ids.append(page.url.rsplit("/", 1)[1])
+        now = datetime.datetime.now().timestamp()
+        with sqlite3.connect(live_chat.log_path.parent / "chat.db") as db:
+            db.execute("UPDATE conversations SET pinned = ? WHERE id = ?", (now, ids[0]))
+            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now - 86400 * 1.2, ids[1]))
+            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now - 86400 * 4, ids[2]))
+        page.reload()
+        page.wait_for_function("() => window.htmx && htmx.version")
+        page.locator("header .menu").click()  # a tap would leave the touch highlight in the picture
+        drawer = page.locator("#sidebar")
+        drawer.wait_for()
+        headings = drawer.locator("#conversations").get_by_role("heading").all_inner_texts()
+        assert headings == ["Pinned", "Today", "Yesterday", "Previous 7 days"], headings
+        shot = tmp_path / "phone-drawer.png"
+        page.screenshot(path=str(shot))
+        if os.environ.get("CHAT_UPDATE_SCREENSHOT"):
+            page.screenshot(path=str(HERE / "static" / "screenshot-phone-drawer.png"))
+        assert watch.unexpected_errors() == []
+    finally:
+        ctx.close()
+
+
+def test_screenshot_of_a_shared_conversation(browser, open_page, page_upstream, tmp_path):
+    """A shared link opened with no cookie at desktop width: the question and the rendered answer with code, and
+    nothing else; with CHAT_UPDATE_SCREENSHOT the README's picture is kept."""
+    page = open_page().page
+    page_upstream.serve(answer("Count the words with a `Counter`, then take the **most common**:\n\n", "```python\n",
+                               "from collections import Counter\n\n",
+                               "def top_words(text, n=3):\n    words = text.lower().split()\n",
+                               "    return Counter(words).most_common(n)\n", "```\n\n",
+                               "| call | result |\n|:--|:--|\n| `top_words('a b a')` | `[('a', 2), ('b', 1)]` |\n"))
+    finished_bubble(page, type_and_send(page, "How do I find the most common words in a text?"))
+    page.get_by_role("button", name="Share").click()
+    url = page.locator(".shares a").get_attribute("href")
+    visitor = browser.new_context(viewport={"width": 1000, "height": 540}, device_scale_factor=1)
+    try:
+        shared = visitor.new_page()
+        watch = PageWatch(shared)
+        assert shared.goto(url).status == 200
+        shared.locator(".msg.assistant pre code .kn").first.wait_for()
+        assert shared.locator("#prompt, nav").count() == 0 and visitor.cookies() == []
+        shot = tmp_path / "shared.png"
+        shared.screenshot(path=str(shot))
+        if os.environ.get("CHAT_UPDATE_SCREENSHOT"):
+            shared.screenshot(path=str(HERE / "static" / "screenshot-shared.png"))
+        assert watch.unexpected_errors() == []
+    finally:
+        visitor.close()

@@ -125,6 +125,11 @@
   // button that was pressed is gone). Switching versions (‹ ›) keeps the focus on the arrows.
   document.addEventListener("htmx:afterSwap", function (e) {
     updateComposer();
+    var feed = byId("chat-messages");  // a feed once it holds messages (an empty feed is an ARIA error)
+    if (feed && !feed.hasAttribute("role") && feed.querySelector(".msg")) {
+      feed.setAttribute("role", "feed");
+      feed.setAttribute("aria-label", "Messages");
+    }
     var target = e.detail.target, trigger = e.detail.requestConfig && e.detail.requestConfig.elt;
     if (target && target.id === "conversation-head" && trigger && byId(trigger.id)) {
       byId(trigger.id).querySelector("button").focus();  // Pin became Unpin: the focus stays on it

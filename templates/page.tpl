@@ -65,7 +65,7 @@
   <div id="conversation-head">
 % include("conversation_head", conversation=conversation)
   </div>
-  <div id="chat-messages" role="feed" aria-label="Messages">
+  <div id="chat-messages"{{!' role="feed" aria-label="Messages"' if bubbles else ''}}>
 % for bubble in bubbles:
 {{!bubble}}
 % end
