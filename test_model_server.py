@@ -98,10 +98,11 @@ def test_the_notice_comes_with_the_model_options_when_the_first_fetch_is_slow(cl
 def test_the_notice_clears_when_the_server_is_back(client, upstream, monkeypatch):
     """/model-server (what the notice polls) answers the notice while the server is down, then nothing."""
     monkeypatch.setattr(chat, "MODELS_RETRY", 0)
-    upstream.models = [503, 503, FakeUpstream.MODELS]
+    upstream.models = [503, 503, 503, FakeUpstream.MODELS]
     assert "Cannot reach" in notice(page_once_listed(client))  # the first answer; the page asked again
-    assert "Cannot reach" in client.get("/model-server").text  # the second: still down
-    assert client.get("/model-server").text == ""  # the third: back, and the notice goes (no trigger is left)
+    wait_until(lambda: chat.catalog.fetching is None, timeout=5, what="the page's own second fetch")
+    assert "Cannot reach" in client.get("/model-server").text  # the third: still down
+    assert client.get("/model-server").text == ""  # the fourth: back, and the notice goes (no trigger is left)
     assert notice(client.get("/").text) is None
 
 
