@@ -1319,6 +1319,28 @@ def check_deadline(env, weight=1):
         deadline.check(weight)
 
 
+def hide_open_code(state, silent):
+    """Inline rule, in an unfinished block only: backticks whose closing run has not arrived yet are not shown."""
+    if state.src[state.pos] != "`" or not state.env.get("tail"):
+        return False
+    end = state.pos
+    while end < state.posMax and state.src[end] == "`":
+        end += 1
+    if re.search(f"(?<!`){state.src[state.pos:end]}(?!`)", state.src[end:state.posMax]):
+        return False  # closed: a code span
+    state.pos = end
+    return True
+
+
+def hide_open_marks(state):
+    """Inline rule, in an unfinished block only: an emphasis mark not closed yet is not shown (no stray * or _)."""
+    if state.env.get("tail"):
+        for delimiters in [state.delimiters] + [m["delimiters"] for m in state.tokens_meta if m and "delimiters" in m]:
+            for mark in delimiters:
+                if mark.open and mark.end < 0 and state.tokens[mark.token].type == "text":
+                    state.tokens[mark.token].content = ""
+
+
 def deadline_rule(state, *_):
     """A rule that matches nothing, tried first at every position: a render stops soon after its deadline."""
     check_deadline(state.env)
@@ -1336,6 +1358,8 @@ def make_markdown(linkify):
     # As a terminator too, the deadline is checked at every line of a paragraph, list, quote or table.
     md.block.ruler.before("table", "deadline", deadline_rule, {"alt": ["paragraph", "reference", "blockquote", "list"]})
     md.inline.ruler.before("text", "deadline", deadline_rule)
+    md.inline.ruler.before("backticks", "open_code", hide_open_code)
+    md.inline.ruler2.before("fragments_join", "open_marks", hide_open_marks)
     for rule in ("math_inline", "math_inline_double", "math_block", "math_block_label"):
         md.add_render_rule(rule, render_math)
     md.add_render_rule("text", render_text_token)
@@ -1354,10 +1378,11 @@ HUB_SLICE, RENDER_SLICE, RENDER_BUDGET = 0.03, 0.1, 0.9
 TOO_SLOW = object()  # what safe_markdown gives for a text it could not render within its budget
 
 
-def render_markdown(text, budget=None):
-    """Answer text as safe HTML (raw HTML escaped, javascript: links refused); RenderTimeout past budget CPU seconds."""
-    linkify = "://" in text and len(text) <= LINKIFY_LIMIT
-    env = {} if budget is None else {"deadline": RenderDeadline(budget)}
+def render_markdown(text, budget=None, tail=False):
+    """Answer text as safe HTML (raw HTML escaped, javascript: links refused); RenderTimeout past budget CPU seconds;
+    tail: the text is an unfinished block (marks not closed yet are hidden)."""
+    linkify = "://" in text and len(text) <= LINKIFY_LIMIT and not tail  # a bare URL is linked once its block ends
+    env = {"tail": tail, "deadline": None if budget is None else RenderDeadline(budget)}
     return (markdown if linkify else markdown_without_linkify).render(text, env)
 
 
@@ -1473,10 +1498,10 @@ def render_answer(answer, last=True, nav=""):
 
 
 @functools.lru_cache(maxsize=32)
-def safe_markdown(text, budget=RENDER_SLICE):
+def safe_markdown(text, budget=RENDER_SLICE, tail=False):
     """render_markdown(), cached, with None instead of an exception (also in a thread); TOO_SLOW past budget."""
     try:
-        return render_markdown(text, budget)
+        return render_markdown(text, budget, tail)
     except RenderTimeout:
         return TOO_SLOW
     except Exception:  # noqa: BLE001
@@ -2695,6 +2720,36 @@ def block_frame(stream_id, block_html, tail, event_id):
                               f'{html.escape(tail, quote=False)}</span></div>', event_id)
 
 
+# The unfinished block is sent rendered too ("tail" events, no id: not logged, never replayed) when a token may change
+# its Markdown (a mark, a new line), up to TAIL_LIMIT bytes (past that it stays plain until it ends), at most every
+# TAIL_EVERY seconds or TAIL_SHARE times what the last render took. An open fence is rendered by its first line: its
+# code goes on as plain text inside the code box until the fence closes.
+TAIL_LIMIT, TAIL_EVERY, TAIL_SHARE = 2048, 0.2, 50
+TAIL_MARKS = re.compile(r"[*_`~$\\)\n]")  # what may open or close Markdown (one class: 0.1 µs, alternatives 0.7)
+_TAIL_END = re.compile(r"(?:</code>(?=</pre>))?(?:</(?:p|li|h\d|blockquote|[ou]l|t[dhr]|t(?:head|body)|table|pre|div)>"
+                       r"\s*)*$")
+_BARE_MARKER = re.compile(r"[ \t]*(?:[-+*>#=_|`~]+|\d{1,9}[.)]?)?[ \t]*")  # a line that is no more than a mark yet
+
+
+def tail_frame(text, fence=None):
+    """The tail event of an unfinished block (fence: its opening marker, if it is one): its HTML, ending in a
+    "tail-end" span, inside the last paragraph, item or code box, where the tokens after it go on; or None."""
+    if fence:
+        cut = text.index("\n", text.index(fence)) + 1
+        source, rest = text[:cut], text[cut:]
+    else:  # a last line that is a mark alone, or an opening fence, waits: "1." or "```py" is not shown raw
+        line = text.rfind("\n") + 1
+        cut = line if _FENCE.match(text, line) or _BARE_MARKER.fullmatch(text, line) else len(text)
+        source = text[:cut].rstrip()
+        rest = text[len(source):cut]  # the spaces Markdown drops at the end, which the next token follows
+    rendered = safe_markdown.__wrapped__(source, HUB_SLICE, True)  # not cached: every tail is new
+    if rendered is None or rendered is TOO_SLOW:
+        return None
+    at = _TAIL_END.search(rendered).start()
+    head = rendered[:at].removesuffix("\n") if fence else rendered[:at].rstrip("*_~`")  # no stray mark at its end
+    return sse_frame("tail", f'{head}<span class="tail-end">{html.escape(rest, quote=False)}</span>{rendered[at:]}')
+
+
 def storage_note(exc):
     """The sentence under an answer the store could not save."""
     if is_disk_full(exc):
@@ -2915,7 +2970,8 @@ class Stream:
     __slots__ = ("id", "history", "messages", "model", "owner", "conversation_id", "message_id", "dropped",
                  "log", "readers", "completion", "saved", "started", "first_byte_at", "first_token_at",
                  "finished_at", "last_activity", "left_at", "greenlet", "status", "error", "tokens", "resent",
-                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "budget", "budget_at", "seed")
+                 "chars", "notes", "blocks", "bubble", "params", "told_at", "renewed_at", "budget", "budget_at", "seed",
+                 "tail_at", "tail_due", "tail_timer")
 
     local = True  # written by this process (RemoteAnswer: by another one)
 
@@ -2946,6 +3002,7 @@ class Stream:
         self.budget = settings.max_tokens_per_second * PACE_BURST  # tokens it may relay at once (refilled at the rate)
         self.budget_at = self.started
         self.seed = ()                # Continue: (kind, text) of the answer so far, replayed first into the log
+        self.tail_at, self.tail_due, self.tail_timer = 0.0, False, None  # the next tail render; one waiting; its timer
 
     @property
     def finished(self):
@@ -2974,8 +3031,13 @@ class Stream:
         event_id = self.log.append(kind, text)
         streams.publish(self, event_id, kind, text)  # frames it only if someone reads
         if kind == "message":
-            for block in self.blocks.feed(text):
+            blocks, kind_was, head = self.blocks, self.blocks.kind, self.blocks.head
+            fresh = len(head) < 4 or head[0] in " `~" and _FENCE.match(head)  # a line begins: an item, a fence...
+            for block in blocks.feed(text):
                 self.publish_block(block)
+            if self.tail_due or blocks.kind != kind_was or blocks.kind != "fence" and (
+                    fresh or TAIL_MARKS.search(text)):
+                self.show_tail()
         if self.chars > settings.max_answer_chars:
             raise AnswerLimit(f"The answer reached chat.py's limit of {settings.max_answer_chars:,} "
                               "characters and was cut off there.")
@@ -2990,8 +3052,36 @@ class Stream:
         if self.budget < 0:
             gevent.sleep(-self.budget / rate)
 
+    def show_tail(self, later=False):
+        """Send readers the unfinished block rendered, unless too long; if one was sent just now, a bit later."""
+        if later:
+            self.tail_timer = None
+            if not self.tail_due:
+                return
+        now = time.monotonic()
+        if self.finished_at is not None or not streams.anyone_reading(self):
+            self.tail_due = False
+        elif now < self.tail_at:
+            self.tail_due = True
+            if self.tail_timer is None:
+                self.tail_timer = gevent.spawn_later(self.tail_at - now, self.show_tail, True)
+        else:
+            self.tail_due = False
+            frame = self.tail()
+            self.tail_at = now + max(TAIL_EVERY, TAIL_SHARE * (time.monotonic() - now))
+            if frame is not None:
+                streams.publish(self, None, "tail", frame)
+
+    def tail(self):
+        """The tail frame of the unfinished block now, or None (too long, or it cannot be rendered)."""
+        message, start, fence = self.log.text["message"], self.blocks.offset, self.blocks.kind == "fence"
+        if not (fence or 0 < len(message) - start <= TAIL_LIMIT):
+            return None
+        return tail_frame(message[start:].decode(), fence and self.blocks.fence)
+
     def publish_block(self, block):
         """Render a finished Markdown block once, log where it ends, and send it with the new tail."""
+        self.tail_at = 0.0  # the next block's first render goes at once
         rendered = render_block(block)
         event_id = self.log.append_block(self.blocks.offset)
         if streams.anyone_reading(self):
@@ -3266,10 +3356,13 @@ def stream_events(stream, last_id, environ=None):
     reader = Outlet()
     stream.readers.add(reader)
     try:
+        tail = stream.tail()  # the unfinished block as it stands at `logged`
         yield SSE_HELLO
         reader.connect(environ)
         streams.before_showing()
         yield from stream.log.frames(last_id, logged)
+        if tail is not None:
+            yield tail
         while True:
             frames = b"".join(reader.wait())
             streams.before_showing()
@@ -3753,10 +3846,10 @@ def demo_caller(environ):
 app = App()
 
 
-def form_error(status, message):
-    """A readable error for the form; htmx is configured to show 4xx bodies in #form-error."""
+def form_error(status, message, reload=None):
+    """A readable error for the form (reload: a link to the page again); htmx shows 4xx bodies in #form-error."""
     bottle.response.status = status
-    return template("form_error", message=message)
+    return template("form_error", message=message, reload=reload)
 
 
 # -- who is asking: client address, owner cookie, optional password, same-origin writes
@@ -4683,13 +4776,12 @@ def start_streaming():
         with sending(conversation_id or None) as stream:
             if created:
                 conversation_id = store.create_conversation(owner(), make_title(prompt or files[0].name))
-            else:
-                owned_conversation(conversation_id)
+            parent = form_parent(forms, owned_conversation(conversation_id))  # refused before anything changes
             if forms.get("save_system") and "system_prompt" in changes:
                 store.save_owner_system_prompt(owner(), changes["system_prompt"])
             store.update_conversation(conversation_id, **{k: v for k, v in changes.items() if v is not None}, **params)
             conversation = store.conversation(conversation_id, owner())
-            question = store.add_message(conversation_id, "user", prompt, parent_id=form_parent(forms, conversation))
+            question = store.add_message(conversation_id, "user", prompt, parent_id=parent)
             store.add_attachments(question, files)
             start_answer(stream, conversation, question)
     except Refused as refused:
@@ -4697,7 +4789,7 @@ def start_streaming():
             bottle.response.status = refused.status
             conversation = store.conversation(conversation_id, owner()) if conversation_id else None
             return render_page(conversation, draft=prompt, error=str(refused))
-        return form_error(refused.status, str(refused))
+        return form_error(refused.status, str(refused), str(refused) == BEHIND and f"/c/{conversation_id}")
     if not htmx():
         plain_redirect(f"/c/{conversation_id}")
     if bottle.request.get_cookie(PLAIN_COOKIE):
@@ -4711,14 +4803,20 @@ def start_streaming():
                     files=store.attachments([question], data="text").get(question, []) if files else [])
 
 
+BEHIND = "This conversation has new messages from another tab. Reload to see them, then send."
+
+
 def form_parent(forms, conversation):
-    """The message a new question follows: the end of the branch the page shows, else the conversation's leaf."""
+    """The message a new question follows: the end of the branch the page shows, else the conversation's leaf;
+    refused (409) if turns were added after it on the branch shown now (another tab): that would fork unseen."""
     tree = Tree(store.messages(conversation["id"]))
     try:
         parent = int(forms.getunicode("parent") or 0)
     except ValueError:
         parent = 0
-    if parent in tree.rows:
+    if parent in tree.rows:  # ‹ ›, Edit and Regenerate move the leaf and the page's parent with it: no refusal
+        if parent != conversation["leaf_id"] and any(r["id"] == parent for r in tree.path(conversation["leaf_id"])):
+            raise Refused(409, BEHIND)
         return parent
     return conversation["leaf_id"] if conversation["leaf_id"] in tree.rows else tree.newest_leaf()
 

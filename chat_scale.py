@@ -198,7 +198,7 @@ FLUSH_EVERY = 0.003  # seconds: the writer's shortest interval between calls to 
 EVENTS_PER_CALL = 512  # at most, in one call to Redis: packing and running it stay well under a millisecond
 OUTBOX_LIMIT = 4096   # events a relay may have waiting for the writer before it waits too
 BUSY_CALLS = 1000     # calls to Redis in a second (~10 % of a core) above which the writer batches
-KIND_CODES = {"message": "m", "reasoning": "r", "block": "b", "done": "d", "status": "s"}
+KIND_CODES = {"message": "m", "reasoning": "r", "block": "b", "done": "d", "status": "s", "tail": "t"}
 REREAD_LOG = -1  # put in a reader's queue: read the log again from your last id
 
 

@@ -95,6 +95,13 @@ def finished_bubble(page, stream_id, timeout=10_000):
     return bubble
 
 
+def shown(scope=""):
+    """JavaScript for the unfinished part of a live answer as shown (null if none): its rendered tail (which holds
+    the tokens since its last render) or its plain tokens, trimmed; `scope` narrows to one bubble."""
+    return (f"(l => l && [...l.children].filter(c => !c.matches('.blocks')).map(c => c.textContent).join('')"
+            f".trim())(document.querySelector('{scope} .live'))")
+
+
 def record_streamed_tokens(page):
     """From now on, keep every message payload the page receives (window.__tokens)."""
     page.evaluate("""() => { window.__tokens = [];
@@ -115,7 +122,7 @@ def test_page_shows_tokens_while_the_upstream_streams(open_page, page_upstream):
     reply = page_upstream.serve(body, pause_at=after_event(body, b'" there"'))
     page = open_page().page
     stream_id = type_and_send(page, "Say hello")
-    page.wait_for_function("() => document.querySelector('.tokens').textContent === 'Hello there'")
+    page.wait_for_function(f"() => {shown()} === 'Hello there'")
     assert not page_upstream.last.answered.is_set() and not reply.gate.is_set()
     page_upstream.release()
     bubble = finished_bubble(page, stream_id)
@@ -162,7 +169,7 @@ def test_cut_connection_resumes_without_loss_or_repeat(open_page, page_upstream,
         page = watch.page
         record_streamed_tokens(page)
         stream_id = type_and_send(page, "count")
-        page.wait_for_function("() => document.querySelector('.tokens').textContent.endsWith(' w19')")
+        page.wait_for_function(f"() => {shown()}?.endsWith(' w19')")
         proxy.cut()
         wait_until(lambda: proxy.events_requests == 2, timeout=5, what="the browser to reconnect")
         page_upstream.release()
@@ -202,7 +209,7 @@ def test_stop_closes_the_upstream_and_keeps_the_partial_answer(open_page, page_u
     page_upstream.serve(body, hang_at=after_event(body, b'" answer"'))
     page = open_page().page
     stream_id = type_and_send(page, "go")
-    page.wait_for_function("() => document.querySelector('.tokens').textContent === 'Partial answer'")
+    page.wait_for_function(f"() => {shown()} === 'Partial answer'")
     page.get_by_role("button", name="Stop generating").click()
     wait_until(page_upstream.last.client_closed.is_set, timeout=1.0, what="the upstream to see its connection closed")
     bubble = finished_bubble(page, stream_id)
@@ -217,7 +224,7 @@ def test_send_becomes_stop_while_an_answer_streams(open_page, page_upstream):
     page_upstream.serve(body, pause_at=after_event(body, b'" beta"'))
     page = open_page().page
     first = type_and_send(page, "one")
-    page.wait_for_function("() => document.querySelector('.tokens').textContent === 'Alpha beta'")
+    page.wait_for_function(f"() => {shown()} === 'Alpha beta'")
     assert page.locator("#send").is_hidden() and page.locator("#stop-answer").is_visible()
     page.fill("#prompt", "two")
     page.press("#prompt", "Enter")
@@ -240,8 +247,7 @@ def test_three_tabs_at_once(open_page, page_upstream):
     tabs = [open_page().page for _ in range(3)]
     ids = [type_and_send(tab, f"tab {n}") for n, tab in enumerate(tabs)]
     for tab in tabs:
-        tab.wait_for_function("() => document.querySelector('.tokens') && "
-                              "document.querySelector('.tokens').textContent === 'Tab answer'")
+        tab.wait_for_function(f"() => {shown()} === 'Tab answer'")
     page_upstream.release()
     for tab, stream_id in zip(tabs, ids):
         assert finished_bubble(tab, stream_id).locator(".content").inner_text() == "Tab answer done."
@@ -302,7 +308,7 @@ def test_autoscroll_follows_only_at_the_bottom(open_page, page_upstream):
     page.set_viewport_size({"width": 800, "height": 400})
     stream_id = type_and_send(page, "long")
     at_bottom = "() => { const e = document.scrollingElement; return e.scrollHeight - e.scrollTop - e.clientHeight < 48; }"
-    page.wait_for_function("() => document.querySelector('.tokens').textContent.includes('line 039')")
+    page.wait_for_function(f"() => {shown()}?.includes('line 039')")
     page.wait_for_function(at_bottom)
     page.mouse.wheel(0, -100_000)
     page.wait_for_function("() => document.scrollingElement.scrollTop === 0")
@@ -398,7 +404,7 @@ def test_screenshot_mid_stream_with_markdown_and_math(browser, live_chat, page_u
         watch = PageWatch(page)
         page.goto(live_chat.url + "/")
         type_and_send(page, "How do I solve a quadratic equation?")
-        page.wait_for_function("() => document.querySelector('.live .tokens').textContent.endsWith('roots are')")
+        page.wait_for_function(f"() => {shown()}?.endsWith('roots are')")
         live = page.locator(".msg.streaming")
         assert live.locator(".blocks math").count() >= 3 and live.locator(".blocks .code-block").count() == 1
         assert live.locator(".blocks ol li").count() == 2
@@ -427,13 +433,12 @@ def test_reload_mid_answer_shows_everything_once(open_page, page_upstream, conte
     page_upstream.serve(body, pause_at=after_event(body, b'" r14"'))
     page = open_page().page
     type_and_send(page, "reload me")
-    page.wait_for_function("() => document.querySelector('.tokens').textContent.endsWith(' r14')")
-    before = page.inner_text(".tokens")
+    page.wait_for_function(f"() => {shown()}?.endsWith(' r14')")
+    before = page.evaluate(shown())
     assert re.search(r"/c/[\w-]+$", page.url), "the new conversation's URL was pushed"
     page.reload()
-    page.wait_for_function("() => document.querySelector('.tokens') && "
-                           "document.querySelector('.tokens').textContent.endsWith(' r14')")
-    assert page.inner_text(".tokens") == before
+    page.wait_for_function(f"() => {shown()}?.endsWith(' r14')")
+    assert page.evaluate(shown()) == before
     page_upstream.release()
     page.locator(".msg.assistant.done").wait_for()
     assert streamed_text(page) == "".join(parts)
@@ -449,7 +454,7 @@ def test_two_browsers_cannot_see_each_others_conversations(browser, open_page, p
     page_upstream.serve(body, pause_at=after_event(body, b'"Mine"'))
     page = open_page().page
     stream_id = type_and_send(page, "private")
-    page.wait_for_function("() => document.querySelector('.tokens').textContent === 'Mine'")
+    page.wait_for_function(f"() => {shown()} === 'Mine'")
     conversation_url = page.url
     other = browser.new_context()
     try:
@@ -601,7 +606,7 @@ def test_markdown_blocks_render_while_the_answer_streams(open_page, page_upstrea
     stream_id = type_and_send(page, "blocks please")
     live = page.locator(f"#answer-{stream_id}.streaming")
     live.locator(".blocks .code-block").wait_for()
-    page.wait_for_function(f"() => document.getElementById('tail-{stream_id}').textContent === 'More te'")
+    page.wait_for_function(f"() => {shown(f'#answer-{stream_id}')} === 'More te'")
     assert not reply.gate.is_set() and not page_upstream.last.answered.is_set()
     blocks = live.locator(".content.markdown.live .blocks")
     assert blocks.locator(".md-block").count() == 2
@@ -626,16 +631,16 @@ def test_no_visible_jump_when_the_answer_ends(open_page, page_upstream):
     page_upstream.serve(body, pause_at=body.index(FINISH))
     page = open_page().page
     stream_id = type_and_send(page, "no jump")
-    page.wait_for_function(f"() => document.getElementById('tail-{stream_id}').textContent.endsWith('few tokens.')")
+    page.wait_for_function(f"() => {shown(f'#answer-{stream_id}')}?.endsWith('few tokens.')")
     page.wait_for_timeout(200)  # nothing more is coming before done: let the last events settle
     live = page.locator(f"#answer-{stream_id}.streaming .content")
     before_text, before_height = live.inner_text(), live.bounding_box()["height"]
-    tail = page.locator(f"#tail-{stream_id}").inner_text()
+    tail = page.evaluate(shown(f"#answer-{stream_id}"))
     page_upstream.release()
     done = finished_bubble(page, stream_id).locator(".content")
     after_text, after_height = done.inner_text(), done.bounding_box()["height"]
-    assert tail.strip() == "The last paragraph is plain text, and it streams in a few tokens.", \
-        "only the unfinished last paragraph is plain text"
+    assert tail == "The last paragraph is plain text, and it streams in a few tokens.", \
+        "only the unfinished last paragraph is outside the finished blocks"
     assert words(before_text) == words(after_text)
     assert abs(before_height - after_height) <= 3, (before_height, after_height)
 
@@ -804,10 +809,10 @@ def test_reload_after_regenerate_shows_the_new_answer_streaming(open_page, page_
     body = answer("Second", " try.")
     page_upstream.serve(body, pause_at=after_event(body, b'"Second"'))
     first.get_by_role("button", name="Regenerate this answer").click()
-    page.locator(".msg.assistant.streaming .tokens").filter(has_text="Second").wait_for()
+    page.locator(".msg.assistant.streaming .live").filter(has_text="Second").wait_for()
     page.reload()
     page.locator(".msg.assistant").wait_for()
-    assert page.locator(".msg.assistant.streaming .tokens").filter(has_text="Second").count() == 1, \
+    assert page.locator(".msg.assistant.streaming .live").filter(has_text="Second").count() == 1, \
         page.locator(".msg.assistant").evaluate("e => e.outerHTML")
     page_upstream.release()
     page.locator(".msg.assistant.done .content").filter(has_text="Second try.").wait_for()
@@ -825,10 +830,10 @@ def test_reload_after_a_deletion_shows_the_new_answer_streaming(open_page, page_
     body = answer("Fresh", " start.")
     page_upstream.serve(body, pause_at=after_event(body, b'"Fresh"'))
     type_and_send(page, "a new one")
-    page.locator(".msg.assistant.streaming .tokens").filter(has_text="Fresh").wait_for()
+    page.locator(".msg.assistant.streaming .live").filter(has_text="Fresh").wait_for()
     page.reload()
     page.locator(".msg.assistant").wait_for()
-    assert page.locator(".msg.assistant.streaming .tokens").filter(has_text="Fresh").count() == 1, \
+    assert page.locator(".msg.assistant.streaming .live").filter(has_text="Fresh").count() == 1, \
         page.locator(".msg.assistant").evaluate("e => e.outerHTML")
     page_upstream.release()
     page.locator(".msg.assistant.done .content").filter(has_text="Fresh start.").wait_for()
@@ -841,18 +846,18 @@ def test_back_after_leaving_a_streaming_answer_shows_it_once(open_page, page_ups
     page_upstream.serve(body, pause_at=after_event(body, b'" b5"'))
     page = open_page().page
     type_and_send(page, "go back")
-    page.wait_for_function("() => document.querySelector('.tokens').textContent.endsWith(' b5')")
+    page.wait_for_function(f"() => {shown()}?.endsWith(' b5')")
     conversation_url = page.url
     page.get_by_role("link", name="New chat").click()
     page.wait_for_url(live_chat.url + "/")
     page.locator(".msg").first.wait_for(state="detached")
     page.go_back()
     page.wait_for_url(conversation_url)
-    page.wait_for_function("() => [...document.querySelectorAll('.tokens')].some(t => t.textContent.endsWith(' b5'))")
+    page.wait_for_function(f"() => {shown()}?.endsWith(' b5')")
     page.wait_for_timeout(300)  # an observation window for a second copy arriving
     assert page.locator(".msg.assistant").count() == 1
     assert page.locator(".msg.user").count() == 1
-    assert page.locator(".msg.assistant .tokens").text_content() == "".join(parts[:6])
+    assert page.evaluate(shown()) == "".join(parts[:6]).strip()
     page_upstream.release()
     page.locator(".msg.assistant.done").wait_for()
     page.wait_for_timeout(300)  # and for a late duplicate
@@ -1723,3 +1728,35 @@ def test_screenshot_of_a_shared_conversation(browser, open_page, page_upstream, 
         assert watch.unexpected_errors() == []
     finally:
         visitor.close()
+
+
+# ---------------------------------------------------------------------------
+# The unfinished block renders too (issue 23)
+# ---------------------------------------------------------------------------
+
+def test_the_unfinished_block_renders_while_the_upstream_holds(open_page, page_upstream):
+    """Held mid-paragraph: a closed **bold** is <strong> and an open ** is not shown; held in an open fence: the
+    code streams in a monospace pre code box, no ``` shown; each done bubble has the same text."""
+    body = answer("A paragraph with ", "**bold**", " words and an", " **op")
+    page_upstream.serve(body, pause_at=after_event(body, b'" **op"'))
+    page = open_page().page
+    stream_id = type_and_send(page, "bold, held")
+    tail = page.locator(f"#answer-{stream_id} .live .tail")
+    tail.locator("p strong").filter(has_text="bold").wait_for()
+    page.wait_for_function(f"() => {shown(f'#answer-{stream_id}')} === 'A paragraph with bold words and an op'")
+    assert page.locator(f"#answer-{stream_id} .blocks .md-block").count() == 0  # all of it is the unfinished block
+    page_upstream.release()
+    finished_bubble(page, stream_id)
+
+    body = answer("Here:\n\n", "```python\n", "x = 1\n", "y = ", "2")
+    page_upstream.serve(body, pause_at=after_event(body, b'"2"'))
+    stream_id = type_and_send(page, "code, held")
+    code = page.locator(f"#answer-{stream_id} .live .tail pre code")
+    code.filter(has_text="y = 2").wait_for()
+    assert code.inner_text() == "x = 1\ny = 2"
+    assert "mono" in code.evaluate("c => getComputedStyle(c).fontFamily")
+    assert page.locator(f"#answer-{stream_id} .tail .code-bar .lang").inner_text() == "python"
+    assert "```" not in page.locator(f"#answer-{stream_id} .content").inner_text()
+    page_upstream.release()
+    done = finished_bubble(page, stream_id)
+    assert done.locator("pre code").inner_text() == "x = 1\ny = 2\n"

@@ -447,7 +447,10 @@ class Transcript:
 
     def __init__(self, raw, headers=None):
         self.raw, self.headers = raw, headers or {}
-        self.events, self.comments = parse_sse(raw)
+        events, self.comments = parse_sse(raw)
+        # The unfinished block rendered (no id, not replayed): apart, so the logged events read as they always did.
+        self.tails = [e for e in events if e.event == "tail"]
+        self.events = [e for e in events if e.event != "tail"]
 
     @property
     def message(self):

@@ -448,6 +448,23 @@
   document.addEventListener("DOMContentLoaded", function () { localTimes(document); });
   document.addEventListener("htmx:load", function (e) { localTimes(e.detail.elt); });
   setInterval(function () { localTimes(document); }, 60000);  // "5 min ago" moves on
+  // The unfinished Markdown block comes rendered now and then (a "tail" event, chat.py's tail_frame): the
+  // tokens after it go on inside its last paragraph or code box, where its "tail-end" span stands. A
+  // finished block takes its place, and the tokens start again below it.
+  document.addEventListener("htmx:sseBeforeMessage", function (e) {
+    var type = e.detail && e.detail.type, elt = e.detail && e.detail.elt;
+    if (type !== "tail" && type !== "block") return;
+    var live = elt && elt.closest ? elt.closest(".live") : null, tail = live && live.querySelector(".tail");
+    if (!tail) return;
+    var tokens = live.querySelector(".tokens");
+    live.appendChild(tokens);
+    tail.textContent = "";
+    if (type === "block") return;
+    e.preventDefault();
+    tail.innerHTML = e.detail.data;
+    var end = tail.querySelector(".tail-end");
+    if (end) { tokens.textContent = end.textContent; end.replaceWith(tokens); }
+  });
 
   // Copy buttons: the whole answer's Markdown source, one code block's text, or a shared link.
   document.addEventListener("click", function (e) {

@@ -1,1 +1,5 @@
-<p class="error" role="alert">{{message}}</p>
+<p class="error" role="alert">{{message}}
+% if get("reload"):
+<a href="{{reload}}">Reload</a>
+% end
+</p>
