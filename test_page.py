@@ -1441,7 +1441,7 @@ def test_jump_to_latest_shows_a_screen_above_the_end(open_page, page_upstream):
     body = answer(*LONG_ANSWER)
     reply = page_upstream.serve(body, pause_at=after_event(body, b'"line 039'))
     second = type_and_send(page, "again")
-    page.wait_for_function("() => document.querySelector('.streaming .tokens').textContent.includes('line 039')")
+    page.wait_for_function("() => document.querySelector('.streaming .live').textContent.includes('line 039')")
     page.mouse.wheel(0, -100_000)
     page.wait_for_function("() => document.scrollingElement.scrollTop === 0")
     jump.wait_for()

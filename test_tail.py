@@ -59,7 +59,7 @@ def test_an_open_fence_is_a_code_box_of_its_first_line_with_the_code_as_text():
     """Only the opening line is rendered (the bar, the language); the code so far is plain text in the box."""
     fragment, rest = rendered("```python\nx = 1 < 2\ny = ", "```")
     assert '<span class="lang">python</span>' in fragment and "```" not in fragment
-    assert '<pre><code class="language-python"><span class="tail-end">x = 1 &lt; 2\ny = </span></code></pre>' \
+    assert '<pre tabindex="0"><code class="language-python"><span class="tail-end">x = 1 &lt; 2\ny = </span></code></pre>' \
         in fragment and rest == "x = 1 < 2\ny = "
 
 
