@@ -1661,7 +1661,7 @@ def test_presets_are_saved_used_and_deleted_and_the_summary_follows(open_page, p
 def test_screenshot_of_the_phone_drawer(browser, live_chat, page_upstream, tmp_path):
     """On a phone the drawer opens over a conversation, its titles under Pinned, Today, Yesterday and Previous 7 days
     (two conversations made older in chat.py's file); with CHAT_UPDATE_SCREENSHOT the README's picture is kept."""
-    ctx = browser.new_context(**PHONE, device_scale_factor=1)
+    ctx = browser.new_context(**PHONE, device_scale_factor=1, timezone_id="UTC")
     try:
         page = ctx.new_page()
         page.set_default_timeout(10_000)
@@ -1682,10 +1682,11 @@ def test_screenshot_of_the_phone_drawer(browser, live_chat, page_upstream, tmp_p
             tap_send(page, question)
             ids.append(page.url.rsplit("/", 1)[1])
         now = datetime.datetime.now().timestamp()
+        midnight = now // 86400 * 86400  # the browser's zone is UTC here: yesterday is yesterday whatever the hour
         with sqlite3.connect(live_chat.log_path.parent / "chat.db") as db:
             db.execute("UPDATE conversations SET pinned = ? WHERE id = ?", (now, ids[0]))
-            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now - 86400 * 1.2, ids[1]))
-            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now - 86400 * 4, ids[2]))
+            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (midnight - 86400 / 2, ids[1]))
+            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (midnight - 86400 * 3.5, ids[2]))
         page.reload()
         page.wait_for_function("() => window.htmx && htmx.version")
         page.locator("header .menu").click()  # a tap would leave the touch highlight in the picture
