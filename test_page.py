@@ -1658,6 +1658,14 @@ def test_presets_are_saved_used_and_deleted_and_the_summary_follows(open_page, p
 # The README's screenshots of issue 23: the phone drawer and a shared conversation
 # ---------------------------------------------------------------------------
 
+def keep_screenshot(page, folder, name):
+    """Screenshot the page into the test's folder, and over the README's static/screenshot-NAME.png with
+    CHAT_UPDATE_SCREENSHOT."""
+    page.screenshot(path=str(folder / f"{name}.png"))
+    if os.environ.get("CHAT_UPDATE_SCREENSHOT"):
+        page.screenshot(path=str(HERE / "static" / f"screenshot-{name}.png"))
+
+
 def test_screenshot_of_the_phone_drawer(browser, live_chat, page_upstream, tmp_path):
     """On a phone the drawer opens over a conversation, its titles under Pinned, Today, Yesterday and Previous 7 days
     (two conversations made older in chat.py's file); with CHAT_UPDATE_SCREENSHOT the README's picture is kept."""
@@ -1694,10 +1702,7 @@ def test_screenshot_of_the_phone_drawer(browser, live_chat, page_upstream, tmp_p
         drawer.wait_for()
         headings = drawer.locator("#conversations").get_by_role("heading").all_inner_texts()
         assert headings == ["Pinned", "Today", "Yesterday", "Previous 7 days"], headings
-        shot = tmp_path / "phone-drawer.png"
-        page.screenshot(path=str(shot))
-        if os.environ.get("CHAT_UPDATE_SCREENSHOT"):
-            page.screenshot(path=str(HERE / "static" / "screenshot-phone-drawer.png"))
+        keep_screenshot(page, tmp_path, "phone-drawer")
         assert watch.unexpected_errors() == []
     finally:
         ctx.close()
@@ -1722,10 +1727,7 @@ def test_screenshot_of_a_shared_conversation(browser, open_page, page_upstream, 
         assert shared.goto(url).status == 200
         shared.locator(".msg.assistant pre code .kn").first.wait_for()
         assert shared.locator("#prompt, nav").count() == 0 and visitor.cookies() == []
-        shot = tmp_path / "shared.png"
-        shared.screenshot(path=str(shot))
-        if os.environ.get("CHAT_UPDATE_SCREENSHOT"):
-            shared.screenshot(path=str(HERE / "static" / "screenshot-shared.png"))
+        keep_screenshot(shared, tmp_path, "shared")
         assert watch.unexpected_errors() == []
     finally:
         visitor.close()
