@@ -1290,6 +1290,8 @@ def test_search_lists_a_conversation_once_and_arrows_and_enter_open_a_result(ope
     for prompt in ("zebra facts", "more zebra facts"):
         page.get_by_role("link", name="New chat").click()
         page.wait_for_url(live_chat.url + "/")
+        # The new page is swapped in after its URL changes: typed before that, the words would go with the old one.
+        page.wait_for_function("() => document.activeElement.id === 'prompt' && !document.querySelector('.msg')")
         page_upstream.serve(answer(f"Zebras have stripes ({prompt})."))
         finished_bubble(page, type_and_send(page, prompt))
     page.get_by_role("link", name="New chat").click()
