@@ -47,13 +47,12 @@ monkey.patch_all()
 import argparse, array, base64, binascii, bisect, collections, contextlib, fcntl, functools, gc, hashlib  # noqa: E402
 import hmac, html, io, ipaddress, json, logging, math, os, random, re, resource, secrets, signal, socket  # noqa: E402
 import sqlite3, struct, sys, termios, time, urllib.parse, zlib  # noqa: E402
-from http.client import HTTPException  # noqa: E402
+from http.client import HTTPException, IncompleteRead  # noqa: E402
 from xml.etree import ElementTree  # noqa: E402
 
 import bottle, latex2mathml.converter, requests, urllib3.exceptions  # noqa: E402
 import gevent, gevent.event, gevent.local, gevent.lock, gevent.queue, gevent.threadpool  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
-from gevent.queue import Queue  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 from markdown_it.common.utils import escapeHtml  # noqa: E402
 from mdit_py_plugins.dollarmath import dollarmath_plugin  # noqa: E402
@@ -696,41 +695,151 @@ def connection_problem(exc):
 
 
 def read_completion(response, completion, on_read=None):
-    """Yield (kind, text) deltas from a streaming response as soon as their bytes arrive."""
+    """Yield (kind, text) deltas from a streaming response as soon as their bytes arrive; closes the response."""
     ctype = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if ctype == "application/json":  # the server ignored stream:true and answered one whole completion
-        body = response.raw.read(MAX_JSON_BODY + 1, decode_content=True)
-        if len(body) > MAX_JSON_BODY:
-            raise UpstreamError(f"The model server sent a whole answer of more than {MAX_JSON_BODY >> 20} MiB; "
-                                "gave up reading it.")
-        yield from completion.apply("message", body.decode("utf-8", "replace"))
-        completion.done_marker = completion.error is None
+    if ctype in ("application/json", "text/html"):
+        with response:
+            yield from whole_completion(response, ctype, completion)
         return
+    body = SocketBody.reader(response)  # it takes the socket and closes the response when it can
+    del response  # which goes, with its request's body (the whole conversation): KBs an answer
+    lines, sse, busy = LineSplitter(), SSEParser(), TurnShare()
+    with contextlib.closing(body):
+        while not completion.finished:
+            data = body.read(65536)
+            if on_read:
+                on_read()  # keep-alive comments count as life too
+            busy.give_way_if_due()  # lines that make no event (comments, unknown fields) flood as well
+            for line in lines.feed(data) if data else lines.close() + [b""]:  # at EOF: an unended line and event
+                event = sse.feed(line)
+                if event:
+                    busy.give_way_if_due()  # an upstream that always has data ready (hundreds of events a read)
+                    yield from completion.apply(*event)
+                    if completion.finished:
+                        return
+            if not data:
+                return
+
+
+def whole_completion(response, ctype, completion):
+    """The deltas of a server that ignored stream:true (one JSON completion), or the error of one that sent a page."""
     if ctype == "text/html":
         raise UpstreamError("The model server answered with a web page instead of a stream: "
                             + body_message(response.raw.read(65536, decode_content=True)))
-    lines, sse, busy = LineSplitter(), SSEParser(), TurnShare()
-    raw = response.raw  # read1(): what has arrived; no Content-Encoding: http.client's (urllib3's costs ~10 % CPU)
-    fp = getattr(raw, "_fp", None)
-    if fp is not None and not response.headers.get("Content-Encoding"):
-        read1 = fp.read1
-    else:
-        def read1(size):
-            return raw.read1(size, decode_content=True)
-    while not completion.finished:
-        data = read1(65536)
-        if on_read:
-            on_read()  # keep-alive comments count as life too
-        busy.give_way_if_due()  # lines that make no event (comments, unknown fields) flood as well
-        for line in lines.feed(data) if data else lines.close() + [b""]:  # at EOF: an unended line and event count
-            event = sse.feed(line)
-            if event:
-                busy.give_way_if_due()  # an upstream that always has data ready (hundreds of events a read)
-                yield from completion.apply(*event)
-                if completion.finished:
-                    return
-        if not data:
-            return
+    body = response.raw.read(MAX_JSON_BODY + 1, decode_content=True)
+    if len(body) > MAX_JSON_BODY:
+        raise UpstreamError(f"The model server sent a whole answer of more than {MAX_JSON_BODY >> 20} MiB; "
+                            "gave up reading it.")
+    yield from completion.apply("message", body.decode("utf-8", "replace"))
+    completion.done_marker = completion.error is None
+
+
+class SocketBody:
+    """A response body read straight from its socket and de-chunked here: one recv per read, no Python layers
+    between, and a shallow stack for a waiting relay (through http.client, a greenlet waiting for the next token
+    keeps C frames of BufferedReader calling back into Python: KBs of saved stack per idle stream)."""
+
+    __slots__ = ("sock", "chunked", "left", "data", "crlf", "done", "wait")
+    MAX_SIZE_LINE = 4096  # a chunk-size line, its extensions included
+
+    def __init__(self, sock, chunked, length, data):
+        self.sock, self.chunked, self.data, self.done = sock, chunked, data, False
+        # gevent's own wait for a plain socket (TLS may hold decrypted bytes while the socket has none)
+        self.wait = getattr(sock, "_wait", None) if hasattr(sock, "_read_event") and not hasattr(sock, "pending") \
+            else None
+        self.left = None if chunked else length  # chunked: bytes left in this chunk, None: a size line is next
+        self.crlf = False  # chunked: the CRLF after a chunk's data is next
+
+    @classmethod
+    def reader(cls, response):
+        """A SocketBody that owns the response's socket, when http.client has read nothing of the body yet and
+        nothing needs decoding; else a reader through urllib3 (with read and close)."""
+        raw = response.raw
+        fp, connection = getattr(raw, "_fp", None), getattr(raw, "_connection", None)
+        sock = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)
+        if sock is None or getattr(connection, "sock", None) is not sock or response.headers.get(
+                "Content-Encoding") or getattr(fp, "chunk_left", 0) is not None:
+            return UrllibBody(response)
+        buffered = fp.fp.read1(1 << 16) if fp.length != 0 else b""  # what came with the headers (or one read)
+        fp.fp = connection.sock = None  # http.client's 8 KB buffer goes; closing the response leaves the socket to us
+        body = cls(sock, fp.chunked, fp.length, buffered)
+        response.close()
+        return body
+
+    def close(self):
+        """Close the socket (the upstream sees the answer was abandoned, if it was)."""
+        self.sock.close()
+
+    def read(self, size):
+        """The body bytes that have arrived (waiting for some), b"" at its end."""
+        while True:
+            if self.data or self.done:
+                out = self.decode()
+                if out or self.done:
+                    return out
+            if self.wait is not None:
+                self.wait(self.sock._read_event)  # then recv: no failed recv (and its exception) per token
+            more = self.sock.recv(max(size, 1 << 16))
+            if not more:
+                if self.chunked or self.left:
+                    raise IncompleteRead(b"")  # as http.client says it: the answer broke off
+                self.done = True
+            self.data = self.data + more if self.data else more
+
+    def decode(self):
+        """Take the body bytes out of what was received (all of it unless chunked)."""
+        data, self.data = self.data, b""
+        if not self.chunked:
+            if self.left is not None:
+                data = data[:self.left]
+                self.left -= len(data)
+                self.done = self.done or not self.left
+            return data
+        out, at = [], 0
+        while at < len(data) and not self.done:
+            if self.crlf:
+                if len(data) - at < 2:
+                    break
+                if data[at:at + 2] != b"\r\n":
+                    raise IncompleteRead(b"")
+                at, self.crlf = at + 2, False
+            elif self.left is None:
+                end = data.find(b"\n", at, at + self.MAX_SIZE_LINE)
+                if end < 0:
+                    if len(data) - at >= self.MAX_SIZE_LINE:
+                        raise IncompleteRead(b"")
+                    break
+                self.left = int(data[at:end].split(b";", 1)[0].strip() or b"x", 16)  # ValueError: broke off
+                if self.left < 0:
+                    raise IncompleteRead(b"")
+                at = end + 1
+                self.done = self.left == 0  # trailers are not read: nothing follows the last chunk for us
+            else:
+                piece = data[at:at + self.left]
+                out.append(piece)
+                at += len(piece)
+                self.left -= len(piece)
+                if not self.left:
+                    self.left, self.crlf = None, True
+        self.data = data[at:]
+        return b"".join(out)
+
+
+class UrllibBody:
+    """A response body read through urllib3 (decoded: gzip...), for what SocketBody does not take."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response):
+        self.response = response
+
+    def read(self, size):
+        """What has arrived, decoded; b"" at the end."""
+        return self.response.raw.read1(size, decode_content=True)
+
+    def close(self):
+        """Close the response."""
+        self.response.close()
 
 
 def auth_headers():
@@ -1061,18 +1170,47 @@ def pause_if_behind(sock):
     return True
 
 
+class TurnWrites:
+    """Frames for idle readers, written once per turn of the loop: first the hook (the journal: one write for every
+    token of the turn, before anyone is shown them), then one write per reader, whatever it got in the turn."""
+
+    def __init__(self):
+        self.outlets, self.before = [], None  # before: the registry's before_showing, set once it is made
+
+    def add(self, outlet, frame):
+        """Hold a frame for an idle outlet until the end of this turn of the loop."""
+        if not outlet.pending:
+            if not self.outlets:
+                gevent.get_hub().loop.run_callback(self.write)
+            self.outlets.append(outlet)
+        outlet.pending.append(frame)
+
+    def write(self):
+        """In the hub, after this turn's greenlets ran: the hook, then each outlet's frames in one write."""
+        outlets, self.outlets = self.outlets, []
+        if self.before is not None:
+            self.before()
+        for outlet in outlets:
+            outlet.put_pending()
+
+
+turn_writes = TurnWrites()
+
+
 class Outlet:
     """One reader of a live answer: a queue, and while its greenlet waits idle, its socket, written by the publisher."""
 
-    __slots__ = ("queue", "handler", "chunked", "idle", "rest")
+    __slots__ = ("queue", "ready", "handler", "chunked", "idle", "rest", "pending")
     SEND_REST = object()  # queued when only the rest of a frame is left to send
 
     def __init__(self):
-        self.queue = Queue()
+        self.queue = []      # what its greenlet is to send, in order (a list and an Event: a Queue weighs 2.5 KB)
+        self.ready = gevent.event.Event()  # set when the queue gets something
         self.handler = None  # gevent's handler of the response, once its headers are out
         self.chunked = False
         self.idle = False    # its greenlet waits on the queue and everything so far is sent
         self.rest = b""      # the end of a frame the socket did not take: sent first by the greenlet
+        self.pending = []    # frames for this turn's one write (TurnWrites)
 
     def connect(self, environ):
         """After the response's first write: frames may now be written straight to its connection."""
@@ -1098,25 +1236,41 @@ class Outlet:
         return True
 
     def put(self, frame, direct=True):
-        """Send a frame now if the reader is idle (and direct: not the done frame, which ends it), else queue it."""
-        if not (direct and self.idle and self.send_now(frame)):
+        """Send a frame at the end of this turn if the reader is idle (and direct: not the done frame, which ends
+        it), else queue it."""
+        if direct and self.idle:
+            turn_writes.add(self, frame)
+        else:
             self.enqueue(frame)
 
+    def put_pending(self):
+        """Send this turn's frames in one write if the reader is still idle, else queue them."""
+        if self.pending:
+            data, self.pending = b"".join(self.pending), []
+            if not (self.idle and self.send_now(data)):
+                self.enqueue(data)
+
     def enqueue(self, item):
-        """Queue an item for the reader's greenlet; what follows is queued too, until the greenlet has sent it."""
+        """Queue an item for the reader's greenlet (after this turn's frames); what follows is queued too."""
         self.idle = False
-        self.queue.put_nowait(item)
+        if self.pending:
+            self.queue.append(b"".join(self.pending))
+            self.pending = []
+        self.queue.append(item)
+        self.ready.set()
 
     def wait(self, timeout=None):
         """In the reader's greenlet: wait for what is queued and return it all, rest sent first; Empty after timeout."""
         self.send_rest()
-        self.idle = self.handler is not None and not self.queue.qsize()
-        try:
-            items = [self.queue.get(timeout=timeout)]
-        finally:
-            self.idle = False
-        while self.queue.qsize():
-            items.append(self.queue.get_nowait())
+        if not self.queue:
+            self.idle = self.handler is not None
+            self.ready.clear()
+            try:
+                if not self.ready.wait(timeout):
+                    raise gevent.queue.Empty
+            finally:
+                self.idle = False
+        items, self.queue = self.queue, []
         self.send_rest()  # a frame cut short while this waited goes before everything queued after it
         return [item for item in items if item is not self.SEND_REST]
 
@@ -3163,8 +3317,7 @@ class Streams:
             self.journal.write(stream, kind, payload)
         if stream.readers:
             frame = token_frame(kind, payload, event_id) if kind in ("message", "reasoning") else payload
-            self.before_showing()  # some readers are written to right here
-            for reader in stream.readers:
+            for reader in stream.readers:  # idle ones at the end of the turn, after before_showing()
                 reader.put(frame, kind != "done")  # done goes through the queue: it ends the reader
 
     def before_showing(self):
@@ -3367,7 +3520,7 @@ def stream_events(stream, last_id, environ=None):
             frames = b"".join(reader.wait())
             streams.before_showing()
             yield in_turn(frames)
-            if stream.finished and not reader.queue.qsize():  # then the done frame was in this batch
+            if stream.finished and not reader.queue:  # then the done frame was in this batch
                 return
             reader.pause_if_behind()
     finally:
@@ -3383,9 +3536,9 @@ def relay_upstream(stream):
             stream.token(*piece)
         stream.model = stream.model or catalog.default()
         stream.messages, stream.dropped = fit_history(stream.history, stream.model, room=stream.params.get("max_tokens"))
-        response = open_fitted(stream)
-        with response:
-            for kind, text in read_completion(response, completion, stream.touch):
+        deltas = read_completion(open_fitted(stream), completion, stream.touch)  # it owns (and closes) the response
+        with contextlib.closing(deltas):
+            for kind, text in deltas:
                 for piece in (think.feed(text) if kind == "content" else [("reasoning", text)]):
                     stream.token(*piece)
         for piece in think.close():
@@ -3520,6 +3673,7 @@ def open_streams(url):
 
 
 streams = open_streams(settings.redis_url)
+turn_writes.before = lambda: streams.before_showing()  # late-bound: the registry serving now (tests swap it)
 
 
 # ---------------------------------------------------------------------------
@@ -5321,6 +5475,13 @@ def demo_only():
 
 class Handler(WSGIHandler):
     """gevent's request handler, with a deadline on each request's head (slowloris)."""
+
+    RFILE_BUFFER = 2048  # a browser's request head fits; gevent's 8 KB buffer is held by every open stream
+
+    def __init__(self, sock, address, server):
+        super().__init__(sock, address, server)
+        self.rfile.close()
+        self.rfile = sock.makefile("rb", self.RFILE_BUFFER)
 
     def read_requestline(self):
         """Wait for a request (idle time is bounded by the socket timeout), then start the head's deadline."""

@@ -12,6 +12,11 @@ client (bench/client.py). Prints one table and writes bench/results/scale.json.
 Pinning: a single chat.py process runs on core 0 and the harness (client, upstream) on
 core 1, as in run.py. Two workers run on both cores, sharing core 1 with the harness: on a
 2-core machine that is what "every core" means, and the harness's share is printed.
+
+    python bench/scale.py --workers max  # only tokens/s of --workers 1, 2, 4 … half the cores; offline, needs redis-server
+On 2 cores this shows little: it is meant for a quiet many-core machine, carried there with its wheels (pip download
+-r requirements.txt -r requirements-scale.txt -r bench/requirements.txt -d wheels; pip install --no-index --find-links
+wheels -r …) and Debian's redis-server.
 """
 
 import argparse
@@ -184,20 +189,23 @@ def read_events(sock, until_id=None):
 # Scenarios
 # ---------------------------------------------------------------------------
 
-def load(name, chat, upstream, logdir, chats, params, rate, window, redis=None, ramp=None):
-    """Run the load client against a chat.py; its window figures."""
-    sc = {"name": name, "kind": "stream", "chats": chats, "params": params, "rate": rate,
-          "ramp": ramp if ramp is not None else max(0.5, chats / 100), "settle": 2.0, "window": window}
+def client_cmd(name, chat, upstream, logdir, chats, params, rate, window, redis=None, ramp=None):
+    """The load client's command line and its result file, for one chat.py."""
+    ramp = ramp if ramp is not None else max(0.5, chats / 100)
     out = os.path.join(logdir, f"client-{name}.json")
     cmd = [PY, os.path.join(HERE, "client.py"), "--url", f"http://127.0.0.1:{chat.port}", "--kind", "stream",
-           "--chats", str(chats), "--params", params, "--rate", str(rate or 0), "--ramp", str(sc["ramp"]),
+           "--chats", str(chats), "--params", params, "--rate", str(rate or 0), "--ramp", str(ramp),
            "--settle", "2", "--window", str(window), "--server-pid", str(chat.pid),
-           "--upstream-pid", str(upstream.pid), "--out", out, "--deadline", str(window + sc["ramp"] + 60)]
+           "--upstream-pid", str(upstream.pid), "--out", out, "--deadline", str(window + ramp + 60)]
     if redis is not None:
         cmd += ["--also-pid", str(redis.pid)]
-    proc = run.spawn(cmd, 1, os.path.join(logdir, f"client-{name}.log"))
+    return cmd, out, ramp
+
+
+def client_result(proc, out, name, logdir, wait_s):
+    """Wait for a load client (killed after wait_s), then its JSON."""
     try:
-        proc.wait(window + sc["ramp"] + 90)
+        proc.wait(wait_s)
     except subprocess.TimeoutExpired:
         pass
     run.kill(proc)
@@ -206,6 +214,13 @@ def load(name, chat, upstream, logdir, chats, params, rate, window, redis=None, 
             return json.load(f)
     except (OSError, ValueError):
         return {"error": f"no result; see {logdir}/client-{name}.log"}
+
+
+def load(name, chat, upstream, logdir, chats, params, rate, window, redis=None, ramp=None):
+    """Run the load client against a chat.py; its window figures."""
+    cmd, out, ramp = client_cmd(name, chat, upstream, logdir, chats, params, rate, window, redis, ramp)
+    proc = run.spawn(cmd, 1, os.path.join(logdir, f"client-{name}.log"))
+    return client_result(proc, out, name, logdir, window + ramp + 90)
 
 
 def resume_across(a, b, trials):
@@ -266,6 +281,107 @@ def storage_time(chat, requests_count):
         with open_events(chat.port, stream_id, cookie) as sock:
             read_events(sock)
     return {"post_ms": percentiles(posts)}
+
+
+def worker_counts(spec):
+    """--workers: "1,2,4" or "max" (1, 2, 4, … up to half the cores, and half the cores itself)."""
+    if spec == "max":
+        top, counts = max(1, (os.cpu_count() or 2) // 2), [1]
+        while counts[-1] * 2 <= top:
+            counts.append(counts[-1] * 2)
+        return counts + ([top] if counts[-1] != top else [])
+    counts = [int(x) for x in spec.split(",") if x.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("a list such as 1,2,4, or max")
+    return counts
+
+
+def unpin(proc):
+    """Let a helper pinned to core 1 (as on 2 cores) run anywhere: on many cores, the upstream and redis-server
+    sharing one core would cap the bigger runs before chat.py does."""
+    cores = os.cpu_count() or 2
+    if cores > 2 and shutil.which("taskset"):
+        subprocess.run(["taskset", "-a", "-p", "-c", f"0-{cores - 1}", str(proc.pid)], capture_output=True)
+
+
+def spread_load(name, chat, upstream, redis, logdir, chats, params, window, clients):
+    """Several load clients at once, each pinned to its own core from the last one down; their window figures."""
+    cores = os.cpu_count() or 2
+    running = []
+    for i in range(clients):
+        share = chats // clients + (i < chats % clients)  # the remainder goes to the first clients
+        part = f"{name}-{i + 1}"
+        cmd, out, ramp = client_cmd(part, chat, upstream, logdir, share, params, None, window, redis, ramp=0.5)
+        running.append((run.spawn(cmd, max(0, cores - 1 - i), os.path.join(logdir, f"client-{part}.log")), out, part))
+    end = time.monotonic() + window + 0.5 + 90
+    return [client_result(proc, out, part, logdir, max(1.0, end - time.monotonic())) for proc, out, part in running]
+
+
+def combine(parts):
+    """One row from the clients' figures: tokens/s summed, the worst p99, CPU shares averaged over their windows."""
+    good = [p for p in parts if "error" not in p and p.get("tokens_per_s") is not None]
+    if len(good) < len(parts):
+        return {"error": "; ".join(p.get("error", "no tokens/s") for p in parts if p not in good)}
+    def mean(values):
+        """The mean of the known values, or None."""
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+    p99s = [(p.get("latency_ms") or {}).get("p99") for p in good]
+    row = {
+        "tokens_per_s": sum(p["tokens_per_s"] for p in good),
+        "p99_ms_worst_client": max((v for v in p99s if v is not None), default=None),
+        # each client samples the same processes over (nearly) the same window: the mean is their CPU
+        "server_cpu_cores": mean(p.get("server_cpu_util") for p in good),
+        "redis_cpu_cores": mean(p["also_cpu_us_per_token"] * p["tokens_per_s"] / 1e6 if p.get("also_cpu_us_per_token")
+                                is not None else None for p in good),
+        # the client's harness share is its own CPU plus the upstream's
+        "upstream_cpu_cores": mean(p["harness_cpu_util"] - p["client_cpu_util"] if p.get("harness_cpu_util")
+                                   is not None and p.get("client_cpu_util") is not None else None for p in good),
+        "busiest_client_cpu_cores": max((p.get("client_cpu_util") or 0 for p in good), default=None),
+    }
+    # what the cores did beyond our processes: a many-core figure means little unless the machine was quiet
+    busy = mean(sum(c["busy"] for c in p["cores"].values()) if p.get("cores") else None for p in good)
+    ours = [row["server_cpu_cores"], row["redis_cpu_cores"], row["upstream_cpu_cores"]]
+    row["other_cpu_cores"] = (max(0.0, busy - sum(ours) - sum(p.get("client_cpu_util") or 0 for p in good))
+                              if busy is not None and None not in ours else None)
+    return row
+
+
+def workers_scenario(args):
+    """Tokens/s at saturation for chat.py --workers N on Redis, N from --workers; prints and writes the table."""
+    counts, cores = args.workers, os.cpu_count() or 2
+    window = 4.0 if args.quick else 8.0
+    burst = "mode=burst tokens=5000 batch=10"  # as the saturation scenario: unpaced, chat.py is the bottleneck
+    logdir = os.path.join(HERE, "results", "logs")
+    os.makedirs(logdir, exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix="chat-scale-")
+    results = {"machine": run.machine(), "scenario": "workers", "workers": counts, "params": burst,
+               "chats_per_worker": 40, "window": window, "runs": {}}
+    try:
+        upstream = run.start_upstream(logdir)
+        redis = start_redis(tmpdir, logdir)
+        unpin(upstream)
+        unpin(redis)
+        for n in counts:
+            clients = max(1, min(n, cores - n))  # as many clients as workers, on the cores they leave free
+            print(f"{n} worker(s), {40 * n} chats, {clients} load client(s) …", flush=True)
+            # core=None: N=1 runs unpinned too, as the workers do, so every N is treated alike
+            chat = start_chat(f"workers{n}", upstream, logdir, tmpdir, core=None, workers=n, redis=redis.url)
+            parts = spread_load(f"workers{n}", chat, upstream, redis, logdir, 40 * n, burst, window, clients)
+            run.kill(chat)
+            results["runs"][str(n)] = dict(combine(parts), workers=n, chats=40 * n, clients=clients, parts=parts)
+    finally:
+        for child in list(run.CHILDREN):
+            run.kill(child)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    results["table"] = workers_report(results)
+    print()
+    print(results["table"])
+    out = args.out or os.path.join(HERE, "results", "scale-workers.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\n(every figure: {out}; logs: {logdir})")
 
 
 # ---------------------------------------------------------------------------
@@ -341,14 +457,52 @@ def report(results):
     return "\n".join(lines)
 
 
+def workers_report(results):
+    """The --workers table, as Markdown."""
+    runs = results["runs"]
+    base_n = 1 if "1" in runs else results["workers"][0]
+    base = runs[str(base_n)].get("tokens_per_s")
+    def pct(cores):
+        """A CPU share in % of one core."""
+        return None if cores is None else cores * 100
+
+    lines = [f"| workers | chats | tokens/s | × {base_n} worker(s) | per worker | p99 added latency, ms (worst client) | "
+             "chat.py CPU, % of a core | redis-server CPU, % | upstream CPU, % | load clients (busiest, %) | "
+             "other processes' CPU, % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in results["workers"]:
+        r = runs[str(n)]
+        if "error" in r:
+            lines.append(f"| {n} | {r['chats']} | {r['error']} | | | | | | | | |")
+            continue
+        times = r["tokens_per_s"] / base if base else None
+        lines.append(f"| {n} | {r['chats']:,} | {num(r['tokens_per_s'])} | {num(times, 2)}× | "
+                     f"{num(times * base_n / n if times else None, 2)} | {ms(r['p99_ms_worst_client'])} | "
+                     f"{num(pct(r['server_cpu_cores']))} | {num(pct(r['redis_cpu_cores']))} | "
+                     f"{num(pct(r['upstream_cpu_cores']))} | {r['clients']} ({num(pct(r['busiest_client_cpu_cores']))}) | "
+                     f"{num(pct(r['other_cpu_cores']))} |")
+    lines.append(f"\n{results['machine']['cores']} cores, {results['params']}, 40 chats per worker, "
+                 f"{results['window']:g} s window. The load is split over several client processes: tokens/s are "
+                 "their sum, the p99 the worst client's. The workers run unpinned (1 too), each client on a core of "
+                 "its own from the last one down" + ("; redis-server and the upstream unpinned." if
+                                                     results["machine"]["cores"] > 2 else
+                                                     "; redis-server and the upstream on core 1 (on 2 cores "
+                                                     "everything shares the two)."))
+    return "\n".join(lines)
+
+
 def main():
     """Run every scenario once, print the table, write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes and windows (about 1.5 minutes)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "scale.json"))
+    ap.add_argument("--workers", metavar="LIST", type=worker_counts,
+                    help="only the many-core scenario: chat.py --workers N for each N (1,2,4,8 or max)")
+    ap.add_argument("--out", help="the JSON result (bench/results/scale.json; scale-workers.json with --workers)")
     args = ap.parse_args()
     if not shutil.which("redis-server"):
         sys.exit("redis-server is missing: apt-get install redis-server")
+    if args.workers:
+        return workers_scenario(args)
+    args.out = args.out or os.path.join(HERE, "results", "scale.json")
     window = 4.0 if args.quick else 8.0
     sizes = {"burst": 40, "paced": [100] if args.quick else [100, 500], "resume": 10 if args.quick else 40,
              "readers": [0, 100] if args.quick else [0, 100, 500], "answers": 50 if args.quick else 200,
