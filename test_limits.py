@@ -412,6 +412,21 @@ def test_a_reader_that_keeps_up_is_written_straight_from_the_relay(server, upstr
     assert 1 <= len(calls) <= len(parts) + 10
 
 
+def test_a_turns_tokens_go_to_the_journal_first_then_to_each_reader_in_one_write(server, upstream, monkeypatch):
+    """What a turn of the loop brings is shown only after the journal has it (kill -9 loses nothing a reader saw):
+    the hook runs before every write to a waiting reader, and the reader gets one write per turn, so 200 tokens
+    read at once go out in far fewer writes."""
+    order, before, send_now = [], chat.Streams.before_showing, chat.Outlet.send_now
+    monkeypatch.setattr(chat.Streams, "before_showing", lambda self: order.append("journal") or before(self))
+    monkeypatch.setattr(chat.Outlet, "send_now", lambda self, data: order.append("reader") or send_now(self, data))
+    parts = [f"t{n} " for n in range(200)]
+    _, raw = read_a_waiting_reader(server, upstream, parts)
+    assert span_text(dechunk(raw).decode()) == "".join(parts)
+    writes = [n for n, what in enumerate(order) if what == "reader"]
+    assert 1 <= len(writes) < len(parts) / 2
+    assert all(order[n - 1] == "journal" for n in writes)
+
+
 def test_a_reader_whose_socket_fills_mid_frame_gets_the_rest_first_then_everything_in_order(
         server, upstream, monkeypatch):
     """When the kernel takes only part of a frame written straight to a reader, the reader's own greenlet sends

@@ -11,19 +11,23 @@ import gc  # noqa: E402
 import html  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import socket  # noqa: E402
 import sqlite3  # noqa: E402
+import ssl  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import gevent.server  # noqa: E402
 import pytest  # noqa: E402
 import requests  # noqa: E402
 
 import chat  # noqa: E402
 from testkit import (  # noqa: E402
     ChatProcess, FakeUpstream, HX, ROLE, Transcript, after_event, alerts, answer, choice, data, notes, read_events,
-    reasoning_text, send_in, source_text, wait_until)
+    reasoning_text, send, send_in, source_text, wait_until)
 
 
 # ---------------------------------------------------------------------------
@@ -623,3 +627,127 @@ def test_a_hostile_400_kb_answer_leaves_other_chats_and_healthz_fast(tmp_path):
         if app:
             app.stop()
         upstream.stop()
+
+
+# ---------------------------------------------------------------------------
+# The body read straight from its socket (SocketBody, issue 24)
+# ---------------------------------------------------------------------------
+
+def socket_body(wire, chunked=True, length=None, pieces=1):
+    """A SocketBody reading wire from a socketpair, written in `pieces` writes; returns (body, write greenlet)."""
+    ours, theirs = socket.socketpair()
+    cuts = sorted({len(wire) * n // pieces for n in range(1, pieces)})
+
+    def write():
+        start = 0
+        for cut in [*cuts, len(wire)]:
+            theirs.sendall(wire[start:cut])
+            start = cut
+            gevent.sleep(0)  # each piece its own read
+        theirs.close()
+    return chat.SocketBody(ours, chunked, length, b""), gevent.spawn(write)
+
+
+def read_all(body):
+    """Everything the body gives until its end."""
+    out = []
+    while True:
+        data = body.read(65536)
+        if not data:
+            return b"".join(out)
+        out.append(data)
+
+
+@pytest.mark.parametrize("pieces", [1, 7, 10_000])
+def test_a_chunked_body_read_from_its_socket_comes_out_whole_whatever_the_reads(pieces):
+    """De-chunked here: sizes in either case, extensions, a zero-size last chunk with trailers; cut anywhere."""
+    parts = [b"data: one\n\n", b"data: two\r\n\r\n" * 30, b"x" * 4099]
+    wire = b"".join(b"%X;ext=1\r\n%s\r\n" % (len(p), p) if n % 2 else b"%x\r\n%s\r\n" % (len(p), p)
+                    for n, p in enumerate(parts)) + b"0\r\nTrailer: yes\r\n\r\n"
+    body, writer = socket_body(wire, pieces=min(pieces, len(wire)))
+    assert read_all(body) == b"".join(parts)
+    writer.join()
+
+
+@pytest.mark.parametrize("wire", [b"zz\r\ndata\r\n", b"-5\r\nxx\r\n", b"5\r\nab", b"3\r\nabcX\r\n", b"5" * 5000])
+def test_a_broken_chunked_body_is_an_answer_that_broke_off(wire):
+    """A size that is not hex, a negative one, a body cut mid-chunk, a chunk without its CRLF, a size line without
+    end: the read raises what the relay reports as "the connection broke off" (never hangs, never returns junk)."""
+    body, writer = socket_body(wire)
+    with pytest.raises((ValueError, chat.IncompleteRead)):
+        read_all(body)
+    writer.join()
+
+
+def test_a_body_with_a_length_ends_there_and_one_without_at_the_close():
+    """Content-Length: exactly that many bytes, whatever follows; close-delimited: everything until EOF."""
+    body, writer = socket_body(b"hello world and more", chunked=False, length=11, pieces=3)
+    assert read_all(body) == b"hello world"
+    writer.join()
+    body, writer = socket_body(b"all of it", chunked=False, length=None, pieces=3)
+    assert read_all(body) == b"all of it"
+    writer.join()
+
+
+def test_the_relay_keeps_no_response_while_it_streams_and_reads_gzip_through_urllib3(client, upstream, monkeypatch):
+    """While an answer streams, the relay holds the upstream's socket only: no requests Response (nor its request,
+    a copy of the conversation) stays alive. A gzip-encoded body is read (and decoded) through urllib3."""
+    body = answer("Hello", " there")
+    upstream.serve(body, pause_at=after_event(body, b'"role"'))
+    stream_id = send(client)
+    stream = chat.streams.get(stream_id)
+    wait_until(lambda: stream.first_byte_at is not None, what="the upstream's first bytes")
+    gc.collect()
+    live = [o for o in gc.get_objects() if isinstance(o, requests.Response)
+            and (o.url or "").endswith("/chat/completions")]
+    upstream.release()
+    assert live == []
+    assert read_events(client, stream_id).message == "Hello there"
+    kinds = []
+    original = chat.SocketBody.reader.__func__
+    monkeypatch.setattr(chat.SocketBody, "reader", classmethod(
+        lambda cls, response: kinds.append(type(body := original(cls, response)).__name__) or body))
+    upstream.serve(zlib.compress(answer("Zipped", " words"), wbits=31), transfer="length",
+                   headers=[("Content-Encoding", "gzip")])
+    assert read_events(client, send(client)).message == "Zipped words"
+    assert kinds == ["UrllibBody"]
+
+
+def test_a_tls_upstream_is_read_through_http_client(client, monkeypatch, tmp_path):
+    """A TLS socket cannot be duplicated: an https model server's body is read through http.client (which
+    decrypts), every token arrives, and the answer is done."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    body = answer("Over", " TLS")
+    reply = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+             + b"".join(b"%x\r\n%s\r\n" % (len(p + b"\n\n"), p + b"\n\n") for p in body.split(b"\n\n") if p)
+             + b"0\r\n\r\n")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+
+    def handle(sock, _address):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536) or b"\r\n\r\n"
+        length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        sock.sendall(reply)
+        sock.close()
+    tls = gevent.server.StreamServer(("127.0.0.1", 0), handle, ssl_context=context)
+    tls.start()
+    kinds, original = [], chat.SocketBody.reader.__func__
+    monkeypatch.setattr(chat.SocketBody, "reader", classmethod(
+        lambda cls, response: kinds.append(type(body := original(cls, response)).__name__) or body))
+    try:
+        monkeypatch.setattr(chat.settings, "base_url", f"https://127.0.0.1:{tls.server_port}/v1")
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+        transcript = read_events(client, send(client))
+    finally:
+        tls.stop()
+    assert transcript.message == "Over TLS"
+    assert not alerts(transcript.done)
+    assert kinds == ["UrllibBody"]
