@@ -371,13 +371,22 @@ def workers_scenario(args):
             run.kill(chat)
             results["runs"][str(n)] = dict(combine(parts), workers=n, chats=40 * n, clients=clients, parts=parts)
     finally:
-        for child in list(run.CHILDREN):
-            run.kill(child)
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    results["table"] = workers_report(results)
+        clean_up(tmpdir)
+    publish(results, workers_report(results), args.out or os.path.join(HERE, "results", "scale-workers.json"), logdir)
+
+
+def clean_up(tmpdir):
+    """Stop every process the run started and delete its temporary folder."""
+    for child in list(run.CHILDREN):
+        run.kill(child)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def publish(results, table, out, logdir):
+    """Print the table and write every figure to out as JSON."""
+    results["table"] = table
     print()
-    print(results["table"])
-    out = args.out or os.path.join(HERE, "results", "scale-workers.json")
+    print(table)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
@@ -556,16 +565,8 @@ def main():
         else:
             print("no PostgreSQL here (apt-get install postgresql): its figures are left out")
     finally:
-        for child in list(run.CHILDREN):
-            run.kill(child)
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    results["table"] = report(results)
-    print()
-    print(results["table"])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\n(every figure: {args.out}; logs: {logdir})")
+        clean_up(tmpdir)
+    publish(results, report(results), args.out, logdir)
 
 
 if __name__ == "__main__":
