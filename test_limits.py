@@ -574,6 +574,32 @@ def test_the_storage_quota_refuses_and_writes_nothing(client, upstream, monkeypa
     assert len(db_rows("SELECT id FROM messages")) == 2
 
 
+def test_the_quota_is_measured_once_for_sends_far_below_it_and_again_near_it_or_after_a_delete(
+        client, upstream, monkeypatch):
+    """Measuring an owner reads every byte they have, on the connection everyone shares: sends far below the quota
+    (even if each added the most a send can) use one measurement for OWNER_USAGE_EVERY seconds; near the quota every
+    send is measured, so none gets past it; and a refusal is measured, so deleting makes room at once."""
+    measured = []
+    monkeypatch.setattr(chat.Store, "owner_usage", lambda self, owner, real=chat.Store.owner_usage: measured.append(
+        owner) or real(self, owner))
+    conversation = None
+    for _ in range(3):
+        stream_id, conversation = send_in(client, "far below", conversation)
+        read_events(client, stream_id)
+    assert len(measured) == 1
+    monkeypatch.setattr(chat.settings, "owner_quota", chat.send_allowance() * 3)  # two more sends may not fit
+    stream_id, _ = send_in(client, "near", conversation)
+    read_events(client, stream_id)
+    assert len(measured) == 2
+    monkeypatch.setattr(chat.settings, "owner_quota", 10)  # the four questions and answers hold more
+    assert "Delete some" in client.post("/streaming", {"prompt": "over", "conversation": conversation},
+                                        headers=HX, status=507).text
+    assert len(measured) == 3
+    client.post(f"/c/{conversation}/delete", headers=HX)
+    send_in(client, "room again")  # no 507: measured again, the deleted conversation is not counted
+    assert len(measured) == 4
+
+
 def test_a_trickling_or_huge_model_list_never_holds_the_page(server, upstream, monkeypatch):
     """Attack 8: /v1/models trickling or 2 MB: the page is served at once, the fetch gives up within its deadline and size cap."""
     monkeypatch.setattr(chat.settings, "model", None)
