@@ -780,7 +780,7 @@ class SocketBody:
                     return out
             if self.wait is not None:
                 self.wait(self.sock._read_event)  # then recv: no failed recv (and its exception) per token
-            more = self.sock.recv(max(size, 1 << 16))
+            more = self.sock.recv(size)
             if not more:
                 if self.chunked or self.left:
                     raise IncompleteRead(b"")  # as http.client says it: the answer broke off
@@ -4699,11 +4699,7 @@ def save_preset():
     try:
         if not name:
             raise Refused(400, "Give the preset a name first.")
-        system = (forms.getunicode("system") or "").strip()
-        if len(system) > settings.max_prompt:
-            raise Refused(413, f"The system prompt is {len(system):,} characters long; the limit is "
-                               f"{settings.max_prompt:,}.")
-        fields = {"model": (forms.getunicode("model") or "").strip() or None, "system_prompt": system,
+        fields = {"model": (forms.getunicode("model") or "").strip() or None, "system_prompt": form_system(forms),
                   **{n: None for n in PARAMETERS}, **form_params(forms)}
         names = [p["name"] for p in store.presets(owner())]
         if name not in names and len(names) >= PRESETS_PER_OWNER:
@@ -4850,6 +4846,15 @@ PARAMETER_RANGES = {"temperature": (float, 0.0, 2.0, "Temperature"), "top_p": (f
                     "max_tokens": (int, 1, 1_000_000, "Max tokens")}
 
 
+def form_system(forms):
+    """The form's system prompt, or Refused (413) past CHAT_MAX_PROMPT."""
+    system = (forms.getunicode("system") or "").strip()
+    if len(system) > settings.max_prompt:
+        raise Refused(413, f"The system prompt is {len(system):,} characters long; the limit is "
+                           f"{settings.max_prompt:,}.")
+    return system
+
+
 def form_params(forms):
     """The sampling parameters a form sets (blank: None, the default); a field left out changes nothing."""
     params = {}
@@ -4946,10 +4951,7 @@ def start_streaming():
         check_prompt(prompt or ("…" if files else ""))  # a picture alone is a question too
         changes = {"model": (forms.getunicode("model") or "").strip() or None}
         if forms.get("system") is not None:
-            changes["system_prompt"] = (forms.getunicode("system") or "").strip()
-            if len(changes["system_prompt"]) > settings.max_prompt:
-                raise Refused(413, f"The system prompt is {len(changes['system_prompt']):,} characters long; "
-                                   f"the limit is {settings.max_prompt:,}.")
+            changes["system_prompt"] = form_system(forms)
         params = form_params(forms)
         created = not conversation_id
         with sending(conversation_id or None) as stream:
